@@ -1,0 +1,8 @@
+"""Configs: the YAML schema, overrides, validation and the layer plan (no TensorFlow here)."""
+
+from .loader import ConfigError, apply_overrides, dump_config, load_config, read_yaml
+from .plan import PlannedLayer, layer_table, plan_layers
+from .schema import BNSettings, Config
+
+__all__ = ["BNSettings", "Config", "ConfigError", "PlannedLayer", "apply_overrides", "dump_config", "layer_table",
+           "load_config", "plan_layers", "read_yaml"]

@@ -1,0 +1,294 @@
+"""Read a YAML config, apply command-line overrides, validate, and explain every problem in one line.
+
+Errors name the dotted path of the offending key (`model.layers[2].bn.decay: must be in [0, 1), got 1.5`)
+so that a user can find it in the file. TensorFlow is never imported here: `convbn validate` and
+`convbn --help` stay fast.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import ConvbnError
+from . import schema
+
+
+class ConfigError(ConvbnError):
+    """A config that cannot be used; `problems` holds one line per problem."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+    @property
+    def lines(self):
+        return self.problems
+
+
+# --------------------------------------------------------------------------- YAML and overrides
+
+def read_yaml(path) -> dict:
+    """Parse a config file with yaml.safe_load (no Python tags), insisting on a mapping at the top."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, expected a YAML file"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {_yaml_problem(e)}"]) from None
+    if raw is None:
+        raise ConfigError([f"{path}: empty file; expected a mapping with at least a `model:` section"])
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping, got {_type_name(raw)}"])
+    return raw
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())  # one line, whatever PyYAML put in it
+
+
+_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(-?\d+)\]")
+
+
+def parse_key(key: str) -> list:
+    """`model.layers[0].filters` -> ['model', 'layers', 0, 'filters']."""
+    parts, pos = [], 0
+    while pos < len(key):
+        if parts and key[pos] == ".":
+            pos += 1
+        m = _TOKEN.match(key, pos)
+        if not m:
+            raise ValueError(f"cannot parse key {key!r} at position {pos}")
+        parts.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+        pos = m.end()
+    if not parts:
+        raise ValueError("empty key")
+    return parts
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Set `key=value` pairs in the raw config; values are YAML scalars (`0.9`, `true`, `[3, 3]`, `null`)."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=1")
+            continue
+        try:
+            parts = parse_key(key.strip())
+            value = yaml.safe_load(text) if text.strip() else None
+        except ValueError as e:
+            problems.append(f"override {item!r}: {e}")
+            continue
+        except yaml.YAMLError as e:
+            problems.append(f"override {item!r}: value is not valid YAML: {_yaml_problem(e)}")
+            continue
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            nxt = parts[depth + 1]
+            node, err = _step(node, part, create={} if isinstance(nxt, str) else None)
+            if err:
+                problems.append(f"override {item!r}: {format_loc(parts[:depth + 1])}: {err}")
+                break
+        else:
+            last = parts[-1]
+            if isinstance(last, int):
+                if not isinstance(node, list) or not -len(node) <= last < len(node):
+                    problems.append(f"override {item!r}: {format_loc(parts)}: no such list item")
+                    continue
+            elif not isinstance(node, dict):
+                problems.append(f"override {item!r}: {format_loc(parts[:-1])}: is not a mapping")
+                continue
+            node[last] = value
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def _step(node, part, create):
+    if isinstance(part, int):
+        if not isinstance(node, list):
+            return None, "is not a list"
+        if not -len(node) <= part < len(node):
+            return None, f"no such list item (the list has {len(node)})"
+        return node[part], None
+    if not isinstance(node, dict):
+        return None, "is not a mapping"
+    if part not in node or node[part] is None:
+        if create is None:
+            return None, "no such list"
+        node[part] = create
+    return node[part], None
+
+
+class _FlowListDumper(yaml.SafeDumper):
+    """Short lists of numbers on one line (`kernel: [5, 5]`), everything else in block style."""
+
+
+_FlowListDumper.add_representer(
+    list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v,
+                                            flow_style=all(isinstance(i, (int, float)) for i in v)))
+
+
+def dump_config(cfg) -> str:
+    """The resolved config as YAML (every default filled in): what validate prints and runs record."""
+    return yaml.dump(cfg.model_dump(mode="json"), Dumper=_FlowListDumper, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- validation
+
+def load_config(path=None, overrides=(), *, raw: dict | None = None) -> schema.Config:
+    """Load, override and validate a config; raise ConfigError listing every problem.
+
+    `raw` takes an already parsed mapping instead of a file. Shape checks that can be made before
+    training (kernels larger than their input, dense layers fed 4-D tensors, ...) run here too.
+    """
+    if raw is None:
+        raw = read_yaml(path)
+    raw = apply_overrides(raw, overrides)
+    out = raw.setdefault("output", {})
+    if isinstance(out, dict) and out.get("name") is None and path is not None:
+        out["name"] = _safe_name(Path(path).stem)
+    try:
+        cfg = schema.Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+    from .plan import plan_layers  # noqa: WPS433  (plan imports this module's ConfigError)
+
+    plan_layers(cfg)  # raises ConfigError on shape problems
+    return cfg
+
+
+def _safe_name(stem: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "run"
+    return name[:128]
+
+
+def format_loc(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _clean_loc(loc):
+    """Drop the discriminator tags pydantic adds after a layer index (`layers[2].conv.bn` -> `layers[2].bn`)."""
+    out = []
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and i >= 2 and isinstance(loc[i - 1], int) and loc[i - 2] == "layers" \
+                and part in schema.LAYER_CLASSES:
+            continue
+        out.append(part)
+    return out
+
+
+def _type_name(v) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _got(v) -> str:
+    if isinstance(v, (dict, list)):
+        return _type_name(v)
+    if isinstance(v, str):
+        return repr(v if len(v) <= 40 else v[:37] + "...")
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    return str(v)
+
+
+def _model_at(loc):
+    """The pydantic model class found at `loc` (for listing the keys it accepts); None if unknown."""
+    cls = schema.Config
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            continue  # a list item: its type was taken at the list's key
+        if i >= 1 and isinstance(loc[i - 1], int) and part in schema.LAYER_CLASSES:
+            cls = schema.LAYER_CLASSES[part]  # pydantic's discriminator tag tells which layer class
+            continue
+        field = cls.model_fields.get(part) if cls is not None else None
+        if field is None:
+            return None
+        cls = _model_in(field.annotation)
+    return cls
+
+
+def _model_in(tp):
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(e: ValidationError) -> list[str]:
+    lines = []
+    for err in e.errors(include_url=False):
+        loc = _clean_loc(err["loc"])
+        kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+        if kind == "extra_forbidden":
+            holder = _model_at(err["loc"][:-1])
+            known = [k for k in holder.model_fields] if holder is not None else []
+            msg = "unknown key" + (f" (expected one of: {', '.join(known)})" if known else "")
+        elif kind == "missing":
+            msg = "required key missing"
+        elif kind == "value_error":
+            msg = str(ctx.get("error", err["msg"]))
+        elif kind == "literal_error":
+            msg = f"must be one of {ctx.get('expected')}, got {_got(value)}"
+        elif kind == "union_tag_invalid":
+            loc = loc + ["type"]
+            msg = f"unknown layer type {_got(ctx.get('tag'))} (expected one of: {', '.join(schema.LAYER_CLASSES)})"
+        elif kind == "union_tag_not_found":
+            loc = loc + ["type"]
+            msg = f"required key missing (one of: {', '.join(schema.LAYER_CLASSES)})"
+        elif kind in ("model_type", "model_attributes_type", "dict_type"):
+            msg = f"must be a mapping, got {_got(value)}"
+        elif kind == "list_type":
+            msg = f"must be a list, got {_got(value)}"
+        elif kind in ("int_type", "int_from_float"):
+            msg = f"must be an integer, got {_got(value)}"
+        elif kind == "float_type":
+            msg = f"must be a number, got {_got(value)}"
+        elif kind == "bool_type":
+            msg = f"must be true or false, got {_got(value)}"
+        elif kind == "string_type":
+            msg = f"must be a string, got {_got(value)}"
+        elif kind == "string_pattern_mismatch":
+            msg = f"may contain only letters, digits, '.', '_' and '-', got {_got(value)}"
+        elif kind in ("too_short", "too_long"):
+            lo, hi = ctx.get("min_length"), ctx.get("max_length")
+            if kind == "too_short" and not hi:
+                msg = f"must have at least {lo} item(s)"
+            else:
+                n = ctx.get("actual_length")
+                msg = f"must have {'at least %s' % lo if kind == 'too_short' else 'at most %s' % hi} items, got {n}"
+                if loc and loc[-1] in ("kernel", "stride", "dilation", "size"):
+                    msg = f"must be an integer or a list of 2 integers, got {n} items"
+        else:  # anything else: pydantic's own words, on one line
+            msg = " ".join(err["msg"].split())
+        if len(loc) >= 2 and isinstance(loc[-1], int) and loc[-2] in _PAIR_KEYS:
+            loc = loc[:-1]  # `stride: 0` was expanded to [0, 0]; report it once, at the key
+        line = f"{format_loc(loc)}: {msg}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+_PAIR_KEYS = ("kernel", "stride", "dilation", "size")

@@ -1,0 +1,232 @@
+"""The config schema: what a convbn YAML file may say, with types, ranges and defaults.
+
+pydantic does the validation. Every model forbids unknown keys, so that a typo (`epsilion:`) is an
+error rather than a silently ignored setting, and is strict, so that `"3"` is not an int and `yes`
+in quotes is not a bool. Ranges are checked by `In(...)` so that the message reads like the docs:
+`must be in [0, 1), got 1.5`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28, 1)  # MNIST and Fashion-MNIST: 28x28 grey-scale
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+def In(lo=None, hi=None, *, lo_open=False, hi_open=False, kind=float):
+    """A number type checked against [lo, hi] (either end open or absent), with a readable message."""
+
+    def fmt(x):
+        return f"{x:g}" if isinstance(x, float) else str(x)
+
+    def check(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+        bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
+        if bad_lo or bad_hi:
+            if lo is not None and hi is not None:
+                rng = f"{'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}{')' if hi_open else ']'}"
+                raise ValueError(f"must be in {rng}, got {fmt(v)}")
+            op, bound = (">" if lo_open else ">=", lo) if lo is not None else ("<" if hi_open else "<=", hi)
+            raise ValueError(f"must be {op} {fmt(bound)}, got {fmt(v)}")
+        return v
+
+    return Annotated[kind, AfterValidator(check)]
+
+
+Fraction = In(0, 1, hi_open=True)  # [0, 1)
+Positive = In(0, lo_open=True)
+PosInt = In(1, kind=int)
+
+
+def _pair(v):
+    # `kernel: 5` means 5x5; a two-element list gives height and width.
+    return [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+IntPair = Annotated[list[PosInt], BeforeValidator(_pair), Field(min_length=2, max_length=2)]
+Activation = Optional[Literal["relu", "relu6", "elu", "gelu", "swish", "tanh", "sigmoid", "linear"]]
+
+
+class RenormClipping(Strict):
+    rmax: In(1) = 3.0
+    rmin: In(0, 1, lo_open=True) = 1 / 3
+    dmax: In(0) = 5.0
+
+
+class BNSettings(Strict):
+    """Batch-norm settings, with the names of TF1's `batch_norm(normalizer_params=...)`.
+
+    `decay` is the moving-average decay: moving = decay * moving + (1 - decay) * batch statistic.
+    Keras calls the same number `momentum`.
+    """
+
+    epsilon: Positive = 1e-3
+    center: bool = True
+    scale: bool = True
+    decay: Fraction = 0.99
+    # fused: TensorFlow's FusedBatchNormV3 kernel (4-D conv outputs only); keras: keras.layers.BatchNormalization;
+    # auto: fused where it can serve, keras elsewhere.
+    impl: Literal["auto", "fused", "keras"] = "auto"
+    renorm: bool = False  # batch renormalization (Ioffe 2017); Keras-only, so it implies impl keras
+    renorm_momentum: Fraction = 0.99
+    renorm_clipping: Optional[RenormClipping] = None
+
+
+class BNOverride(Strict):
+    """A layer's `bn:` mapping: any subset of BNSettings, laid over `model.bn`."""
+
+    epsilon: Optional[Positive] = None
+    center: Optional[bool] = None
+    scale: Optional[bool] = None
+    decay: Optional[Fraction] = None
+    impl: Optional[Literal["auto", "fused", "keras"]] = None
+    renorm: Optional[bool] = None
+    renorm_momentum: Optional[Fraction] = None
+    renorm_clipping: Optional[RenormClipping] = None
+
+
+def _bn_switch(v):
+    # `bn: true` = model.bn as it is, `bn: false` (or null) = no BN, a mapping = model.bn with keys replaced.
+    if v is True:
+        return {}
+    if v is False or v is None:
+        return None
+    if isinstance(v, (dict, BNOverride)):
+        return v
+    raise ValueError(f"must be true, false or a mapping of BN settings, got {v!r}")
+
+
+def _bn_dump(v):
+    return False if v is None else (v.model_dump(exclude_none=True) or True)
+
+
+LayerBN = Annotated[Optional[BNOverride], BeforeValidator(_bn_switch), PlainSerializer(_bn_dump)]
+
+
+class ConvLayer(Strict):
+    type: Literal["conv"]
+    filters: In(1, 65536, kind=int)
+    kernel: IntPair = 3
+    stride: IntPair = 1
+    padding: Literal["same", "valid"] = "same"
+    dilation: IntPair = 1
+    activation: Activation = "relu"
+    bn: LayerBN = True
+
+
+class PoolLayer(Strict):
+    type: Literal["pool"]
+    kind: Literal["max", "avg"] = "max"
+    size: IntPair = 2
+    stride: Optional[IntPair] = None  # null: same as size
+    padding: Literal["same", "valid"] = "valid"
+
+
+class DropoutLayer(Strict):
+    type: Literal["dropout"]
+    rate: Fraction
+
+
+class FlattenLayer(Strict):
+    type: Literal["flatten"]
+
+
+class GlobalPoolLayer(Strict):
+    type: Literal["global_pool"]
+    kind: Literal["max", "avg"] = "avg"
+
+
+class DenseLayer(Strict):
+    type: Literal["dense"]
+    units: In(1, 1_000_000, kind=int)
+    activation: Activation = None
+    bn: LayerBN = False
+
+
+LAYER_CLASSES = {c.model_fields["type"].annotation.__args__[0]: c
+                 for c in (ConvLayer, PoolLayer, DropoutLayer, FlattenLayer, GlobalPoolLayer, DenseLayer)}
+Layer = Annotated[
+    ConvLayer | PoolLayer | DropoutLayer | FlattenLayer | GlobalPoolLayer | DenseLayer,
+    Field(discriminator="type"),
+]
+
+
+class Augment(Strict):
+    shift: In(0, 0.5) = 0.0  # largest random shift, as a fraction of height and width
+    rotation: In(0, 180) = 0.0  # largest random rotation, degrees
+
+
+class DataConfig(Strict):
+    dataset: Literal["mnist", "fashion_mnist"] = "mnist"
+    batch_size: In(1, 65536, kind=int) = 128
+    val_split: Fraction = 0.1  # fraction of the training set held out for validation (the last images)
+    normalize: Literal["scale", "standardize"] = "scale"  # scale: x/255; standardize: (x/255 - mean) / std
+    augment: Optional[Augment] = None
+    # Use only the first N training / test images (quick trials and tests); null: all of them.
+    max_train: Optional[PosInt] = None
+    max_test: Optional[PosInt] = None
+
+
+class ModelConfig(Strict):
+    input_shape: Annotated[list[PosInt], Field(min_length=3, max_length=3)] = list(IMAGE_SHAPE)  # H, W, C
+    data_format: Literal["channels_last", "channels_first"] = "channels_last"
+    bn: BNSettings = BNSettings()
+    layers: Annotated[list[Layer], Field(min_length=1)]
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "momentum", "adam", "adamw"] = "adam"
+    lr: In(0, 100, lo_open=True) = 1e-3
+    weight_decay: Fraction = 0.0  # decoupled weight decay (Keras optimizers' `weight_decay`)
+    momentum: Fraction = 0.9  # for `momentum`
+    nesterov: bool = False
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "cosine", "one_cycle"] = "constant"
+    warmup: Fraction = 0.0  # cosine: fraction of all steps spent in linear warm-up
+    pct_start: In(0, 1, lo_open=True, hi_open=True) = 0.25  # one_cycle: fraction of steps rising to the peak lr
+    div_factor: In(1) = 25.0  # one_cycle: start lr = lr / div_factor
+    final_div_factor: In(1) = 1e4  # one_cycle: final lr = start lr / final_div_factor
+
+
+class TrainConfig(Strict):
+    epochs: In(1, 100000, kind=int) = 10
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: Fraction = 0.0
+    seed: In(0, 2**31 - 1, kind=int) = 0
+    deterministic: bool = False  # TensorFlow op determinism: same seed, same weights
+    jit_compile: bool = False  # XLA; measured slower on CPU, so off by default
+
+
+class OutputConfig(Strict):
+    root: Annotated[str, Field(min_length=1)] = "runs"
+    name: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=128)]] = None  # null: file stem
+    keep_checkpoints: In(1, 1000, kind=int) = 3
+
+
+class Config(Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+
+def resolve_bn(model_bn: BNSettings, layer_bn: Optional[BNOverride]) -> Optional[BNSettings]:
+    """A layer's effective BN settings: None for no BN, else model.bn with the layer's keys laid over it."""
+    if layer_bn is None:
+        return None
+    merged = model_bn.model_dump()
+    merged.update(layer_bn.model_dump(exclude_none=True))
+    return BNSettings.model_validate(merged)

@@ -1,0 +1,120 @@
+"""The tf.data input pipeline: splits, per-epoch shuffling, batching, scaling, augmentation, prefetch.
+
+Shuffling and augmentation are functions of (seed, epoch, batch index) only, never of hidden random
+state, so that a run resumed in the middle of an epoch sees exactly the batches an uninterrupted run
+would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from ..config.schema import Config
+
+# Published per-pixel mean and std of the training sets (pixels in [0, 1]); used by `normalize: standardize`.
+STATS = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}
+
+
+@dataclass
+class Splits:
+    """uint8 images (N, 28, 28, 1) and int32 labels for each split, kept in memory as tensors."""
+
+    x_train: tf.Tensor
+    y_train: tf.Tensor
+    x_val: tf.Tensor
+    y_val: tf.Tensor
+    x_test: tf.Tensor
+    y_test: tf.Tensor
+
+    def size(self, split: str) -> int:
+        return int(getattr(self, f"y_{split}").shape[0])
+
+
+def make_splits(arrays: dict, cfg: Config) -> Splits:
+    """Hold out the last `val_split` of the (possibly truncated) training set for validation."""
+    d = cfg.data
+    x, y = arrays["x_train"], arrays["y_train"]
+    if d.max_train:
+        x, y = x[: d.max_train], y[: d.max_train]
+    n_val = int(round(len(y) * d.val_split))
+    xt, yt = arrays["x_test"], arrays["y_test"]
+    if d.max_test:
+        xt, yt = xt[: d.max_test], yt[: d.max_test]
+
+    def t(img, lab):
+        return tf.constant(np.asarray(img, np.uint8)[..., None]), tf.constant(np.asarray(lab, np.int32))
+
+    cut = len(y) - n_val
+    return Splits(*t(x[:cut], y[:cut]), *t(x[cut:], y[cut:]), *t(xt, yt))
+
+
+def normalizer(cfg: Config):
+    """Pixel batch (0..255, uint8 or float) -> float32 batch, as `data.normalize` says."""
+    if cfg.data.normalize == "scale":
+        return lambda x: tf.cast(x, tf.float32) * (1.0 / 255.0)
+    mean, std = STATS[cfg.data.dataset]
+    return lambda x: (tf.cast(x, tf.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    # Training drops the last partial batch: a batch of a handful of images gives BN noisy statistics.
+    return max(1, n // batch_size) if n >= batch_size else 1
+
+
+def train_dataset(splits: Splits, cfg: Config, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
+    """One epoch of training batches; the order depends only on (seed, epoch)."""
+    n, bs = splits.size("train"), cfg.data.batch_size
+    steps = steps_per_epoch(n, bs)
+    order = np.random.default_rng([cfg.train.seed, epoch]).permutation(n)[: steps * bs if n >= bs else n]
+    ds = tf.data.Dataset.from_tensor_slices(order.astype(np.int32)).batch(bs)
+    ds = ds.enumerate().skip(skip_batches)
+    norm = normalizer(cfg)
+    aug = cfg.data.augment
+    x_all, y_all = splits.x_train, splits.y_train
+    seed = cfg.train.seed
+
+    def load(i, idx):
+        x = tf.cast(tf.gather(x_all, idx), tf.float32)
+        if aug is not None and (aug.shift > 0 or aug.rotation > 0):
+            # before normalizing, so that the uncovered border is filled with black (0), as in the images
+            x = augment(x, aug.shift, aug.rotation, tf.stack([tf.cast(seed, tf.int64) * 100003 + epoch, i]))
+        return norm(x), tf.gather(y_all, idx)
+
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(splits: Splits, cfg: Config, split: str, batch_size: int | None = None) -> tf.data.Dataset:
+    x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
+    norm = normalizer(cfg)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size or max(cfg.data.batch_size, 500))
+    return ds.map(lambda a, b: (norm(a), b), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def augment(x, shift: float, rotation_deg: float, seed):
+    """Random shift and rotation of a batch (N, H, W, C), from a stateless seed.
+
+    Keras' RandomTranslation/RandomRotation draw from a seed generator whose state a resumed run would
+    not replay; this builds the same kind of affine transform from stateless draws and applies it with
+    TensorFlow's ImageProjectiveTransformV3 op (the op those Keras layers use on this backend).
+    """
+    n = tf.shape(x)[0]
+    h, w = tf.cast(tf.shape(x)[1], tf.float32), tf.cast(tf.shape(x)[2], tf.float32)
+    draws = tf.random.stateless_uniform([n, 3], seed=seed, minval=-1.0, maxval=1.0)
+    angle = draws[:, 0] * (rotation_deg * math.pi / 180.0)
+    dx, dy = draws[:, 1] * shift * w, draws[:, 2] * shift * h
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    # Output pixel (u, v) reads input R^-1 ((u, v) - c - d) + c: rotate about the centre, then shift by d.
+    a0, a1, b0, b1 = cos, sin, -sin, cos
+    ox, oy = -(dx + cx), -(dy + cy)
+    tx = a0 * ox + a1 * oy + cx
+    ty = b0 * ox + b1 * oy + cy
+    zeros = tf.zeros_like(cos)
+    transforms = tf.stack([a0, a1, tx, b0, b1, ty, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x, transforms=transforms, output_shape=tf.shape(x)[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")

@@ -1,0 +1,32 @@
+"""Import TensorFlow quietly: its C++ start-up lines (oneDNN, CUDA probing) go to /dev/null unless --verbose.
+
+Only the commands that need TensorFlow call this, so `convbn --help` and `convbn validate` never load it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def import_tensorflow(verbose: bool = False):
+    if "tensorflow" in sys.modules or verbose:
+        import tensorflow as tf
+
+        return tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Some of TensorFlow's start-up messages are printed by C++ before its log level is read, so
+    # TF_CPP_MIN_LOG_LEVEL alone does not silence them: point file descriptor 2 at /dev/null while importing.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+        import keras  # noqa: F401  (Keras prints its own notices on first import)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    tf.get_logger().setLevel("ERROR")
+    return tf

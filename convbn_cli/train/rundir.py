@@ -1,0 +1,115 @@
+"""The run directory, `runs/<name>/<n>/`: what a training run writes and where.
+
+    config.yaml            the resolved config (every default filled in); eval/inspect rebuild the model from it
+    checkpoints/ckpt-<step>  last `keep_checkpoints` checkpoints (tf.train.CheckpointManager)
+    checkpoints/best/      the checkpoint with the best validation accuracy so far
+    metrics.jsonl, .csv    one row per epoch
+    bn_stats/epoch_<k>.json  every BN layer's per-channel gamma, beta, moving mean and moving variance
+    tensorboard/           event files: scalars, and histograms of each BN layer's gamma and beta
+    results.json           test loss and accuracy at the end of training
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+from ..config import ConfigError, dump_config, load_config
+from ..errors import ConvbnError
+from ..files import write_json_atomic, write_text_atomic
+
+METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
+                  "epoch_time_s", "wall_time_s", "checkpoint"]
+
+
+class RunDirError(ConvbnError):
+    """A run directory (or a file in it) that cannot be used."""
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    # Paths -----------------------------------------------------------------------------------------
+    config = property(lambda self: self.path / "config.yaml")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    best = property(lambda self: self.path / "checkpoints" / "best")
+    metrics_jsonl = property(lambda self: self.path / "metrics.jsonl")
+    metrics_csv = property(lambda self: self.path / "metrics.csv")
+    bn_stats = property(lambda self: self.path / "bn_stats")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    results = property(lambda self: self.path / "results.json")
+
+    @classmethod
+    def create(cls, root, name) -> "RunDir":
+        """Make `root/name/<n>` with the next free n. os.mkdir is atomic, so two runs started at the same
+        moment with the same name get different numbers instead of sharing a directory."""
+        parent = Path(root) / name
+        parent.mkdir(parents=True, exist_ok=True)
+        taken = [int(p.name) for p in parent.iterdir() if p.name.isdigit()]
+        n = max(taken, default=0) + 1
+        while True:
+            try:
+                (parent / str(n)).mkdir()
+                return cls(parent / str(n))
+            except FileExistsError:
+                n += 1
+
+    @classmethod
+    def open(cls, path) -> "RunDir":
+        run = cls(path)
+        if not run.path.is_dir():
+            raise RunDirError(f"{run.path}: no such run directory")
+        if not run.config.is_file():
+            raise RunDirError(f"{run.path}: not a run directory (config.yaml is missing)")
+        return run
+
+    # Files -----------------------------------------------------------------------------------------
+    def write_config(self, cfg) -> None:
+        write_text_atomic(self.config, dump_config(cfg))
+
+    def load_config(self, overrides=()):
+        try:
+            return load_config(self.config, overrides)
+        except ConfigError as e:
+            raise RunDirError(f"{self.config}: " + "; ".join(e.problems)) from None
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_jsonl.is_file():
+            return []
+        rows = []
+        for n, line in enumerate(self.metrics_jsonl.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise RunDirError(f"{self.metrics_jsonl}: line {n} is not valid JSON") from None
+        return rows
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Rewrite both metric files whole (atomically): a few hundred rows at most, and never half a row."""
+        write_text_atomic(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        write_text_atomic(self.metrics_csv, buf.getvalue())
+
+    def write_bn_stats(self, epoch: int, stats: dict) -> None:
+        write_json_atomic(self.bn_stats / f"epoch_{epoch}.json", {"epoch": epoch, "layers": stats})
+
+    def write_results(self, results: dict) -> None:
+        write_json_atomic(self.results, results)
+
+
+def checkpoint_step(prefix) -> int:
+    m = re.search(r"ckpt-(\d+)$", str(prefix))
+    return int(m.group(1)) if m else -1
+
+
+def is_run_dir(path) -> bool:
+    return os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isdir(os.path.join(path, "checkpoints"))

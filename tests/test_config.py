@@ -1,0 +1,187 @@
+"""Config schema, overrides, shape checks and `convbn validate` (which must never import TensorFlow)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import CONFIGS, run_cli
+from convbn_cli.cli import main
+from convbn_cli.config import ConfigError, load_config, plan_layers
+from convbn_cli.config.loader import apply_overrides, parse_key
+
+BASE = {
+    "model": {
+        "layers": [
+            {"type": "conv", "filters": 8, "kernel": 5},
+            {"type": "pool", "size": 2},
+            {"type": "conv", "filters": 16, "kernel": 3, "bn": {"decay": 0.9}},
+            {"type": "flatten"},
+            {"type": "dense", "units": 10},
+        ]
+    }
+}
+
+
+def problems(raw):
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=raw)
+    return e.value.problems
+
+
+def with_changes(*pairs):
+    raw = copy.deepcopy(BASE)
+    return apply_overrides(raw, [f"{k}={v}" for k, v in pairs])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.output.name == path.stem
+    assert plan_layers(cfg)[-1].out_shape == (10,)
+
+
+BAD = [
+    (with_changes(("model.layers[2].bn.decay", "1.5")), ["model.layers[2].bn.decay: must be in [0, 1), got 1.5"]),
+    (with_changes(("model.bn.epsilon", "0")), ["model.bn.epsilon: must be > 0, got 0"]),
+    (with_changes(("model.bn.epsilon", ".nan")), ["model.bn.epsilon: must be a finite number, got nan"]),
+    (with_changes(("model.layers[0].filters", "'8'")), ["model.layers[0].filters: must be an integer, got '8'"]),
+    (with_changes(("model.layers[0].filters", "0")), ["model.layers[0].filters: must be in [1, 65536], got 0"]),
+    (with_changes(("model.layers[0].padding", "full")),
+     ["model.layers[0].padding: must be one of 'same' or 'valid', got 'full'"]),
+    (with_changes(("model.layers[0].kernel", "[5, 5, 5]")),
+     ["model.layers[0].kernel: must be an integer or a list of 2 integers, got 3 items"]),
+    (with_changes(("model.layers[0].filterz", "3")),
+     ["model.layers[0].filterz: unknown key (expected one of: type, filters, kernel, stride, padding, dilation, "
+      "activation, bn)"]),
+    (with_changes(("model.layers[1].type", "convv")),
+     ["model.layers[1].type: unknown layer type 'convv' (expected one of: conv, pool, dropout, flatten, "
+      "global_pool, dense)"]),
+    (with_changes(("model.layers[0].bn", "7")),
+     ["model.layers[0].bn: must be true, false or a mapping of BN settings, got 7"]),
+    (with_changes(("model.layers[0].bn.center", "'yes'")),
+     ["model.layers[0].bn.center: must be true or false, got 'yes'"]),
+    (with_changes(("data.dataset", "cifar10")),
+     ["data.dataset: must be one of 'mnist' or 'fashion_mnist', got 'cifar10'"]),
+    (with_changes(("data.val_split", "1")), ["data.val_split: must be in [0, 1), got 1"]),
+    (with_changes(("train.epochs", "0")), ["train.epochs: must be in [1, 100000], got 0"]),
+    (with_changes(("train.optimizer.lr", "-0.1")), ["train.optimizer.lr: must be in (0, 100], got -0.1"]),
+    (with_changes(("train.optimizer.name", "rmsprop")),
+     ["train.optimizer.name: must be one of 'sgd', 'momentum', 'adam' or 'adamw', got 'rmsprop'"]),
+    (with_changes(("train.schedule", "cosine")), ["train.schedule: must be a mapping, got 'cosine'"]),
+    (with_changes(("output.name", "'a/b'")),
+     ["output.name: may contain only letters, digits, '.', '_' and '-', got 'a/b'"]),
+    (with_changes(("tran.epochs", "1")), ["tran: unknown key (expected one of: data, model, train, output)"]),
+    ({"data": {}}, ["model: required key missing"]),
+    (with_changes(("model.layers", "[]")), ["model.layers: must have at least 1 item(s)"]),
+    # several problems at once: one line each
+    (with_changes(("model.bn.decay", "2"), ("train.seed", "-1")),
+     ["model.bn.decay: must be in [0, 1), got 2", "train.seed: must be in [0, 2147483647], got -1"]),
+    # shape problems, known before training
+    (with_changes(("model.layers[0].kernel", "29"), ("model.layers[0].padding", "valid")),
+     ["model.layers[0] (conv1): kernel 29x29 is larger than its 28x28 input with padding 'valid'"]),
+    (with_changes(("model.layers[1].size", "40")),
+     ["model.layers[1] (pool1): pool 40x40 collapses its 28x28 input to nothing with padding 'valid'"]),
+    (with_changes(("model.layers[3].type", "dropout"), ("model.layers[3].rate", "0.5")),
+     ["model.layers[4] (dense1): gets a 4-D input (14x14x16); put a flatten or global_pool layer before it"]),
+    (with_changes(("model.layers[4].units", "12")),
+     ["model.layers[4]: the last layer must be a dense layer with 10 units (the class logits), "
+      "got a dense layer with 12 units"]),
+    (with_changes(("model.layers[4].bn", "{impl: fused}")),
+     ["model.layers[4].bn.impl: fused BN needs the 4-D output of a conv layer; use keras or auto for dense layers"]),
+    (with_changes(("model.layers[0].stride", "2"), ("model.layers[0].dilation", "2")),
+     ["model.layers[0] (conv1): stride and dilation cannot both be above 1 (TensorFlow's convolution does not "
+      "support it)"]),
+    (with_changes(("model.input_shape", "[32, 32, 3]")),
+     ["model.input_shape: mnist gives 28x28x1 images (height, width, channels), got 32x32x3"]),
+]
+
+
+@pytest.mark.parametrize("raw,expected", BAD, ids=[b[1][0].split(":")[0] for b in BAD])
+def test_bad_configs_are_rejected_with_exact_messages(raw, expected):
+    assert problems(raw) == expected
+
+
+def test_overrides_are_yaml_scalars_and_reach_nested_list_items():
+    cfg = load_config(raw=copy.deepcopy(BASE), overrides=[
+        "train.epochs=1", "model.bn.decay=0.9", "model.layers[0].filters=16", "model.layers[0].kernel=[3, 5]",
+        "model.layers[2].bn=false", "train.deterministic=true", "data.max_train=null"])
+    assert cfg.train.epochs == 1 and cfg.model.bn.decay == 0.9
+    assert cfg.model.layers[0].filters == 16 and cfg.model.layers[0].kernel == [3, 5]
+    assert cfg.model.layers[2].bn is None and cfg.train.deterministic is True and cfg.data.max_train is None
+    plan = plan_layers(cfg)
+    assert plan[0].bn.decay == 0.9 and plan[2].bn is None and plan[2].use_bias
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=copy.deepcopy(BASE), overrides=["train.epochs", "model.layers[9].filters=3", "a..b=1"])
+    assert e.value.problems == [
+        "override 'train.epochs': expected KEY=VALUE, e.g. train.epochs=1",
+        "override 'model.layers[9].filters=3': model.layers[9]: no such list item (the list has 5)",
+        "override 'a..b=1': cannot parse key 'a..b' at position 2",
+    ]
+    assert parse_key("model.layers[0].bn.decay") == ["model", "layers", 0, "bn", "decay"]
+
+
+def test_layer_bn_overrides_model_defaults_and_bias_follows_center():
+    raw = copy.deepcopy(BASE)
+    raw["model"]["bn"] = {"decay": 0.999, "epsilon": 1e-5}
+    raw["model"]["layers"][2]["bn"] = {"center": False}
+    plan = plan_layers(load_config(raw=raw))
+    assert (plan[0].bn.decay, plan[0].bn.epsilon, plan[0].use_bias) == (0.999, 1e-5, False)
+    assert (plan[2].bn.decay, plan[2].bn.center, plan[2].use_bias) == (0.999, False, True)
+    assert plan[2].bn_params == (16, 32)  # gamma only (no beta), plus moving mean and variance
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "empty file"),
+    ("- 1\n- 2\n", "the top level must be a mapping, got a list"),
+    ("model: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    ("model: [unclosed\n", "not valid YAML: line 2"),
+])
+def test_unusable_yaml_files_give_one_line(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    result = CliRunner().invoke(main, ["validate", str(p)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(p) in lines[0]
+
+
+def test_validate_prints_resolved_config_and_layer_table(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    result = CliRunner().invoke(main, ["validate", str(p), "model.layers[0].filters=12"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.output.split("\n\n")[0])
+    assert resolved["model"]["layers"][0]["filters"] == 12 and resolved["output"]["name"] == "c"
+    table = result.output.split("\n\n")[1]
+    assert "conv1_bn" in table and "12 channels x (gamma, beta, mean, var)" in table
+    # conv1 5x5x1x12 with no bias (BN's beta replaces it)
+    assert [ln for ln in table.splitlines() if ln.startswith("conv1 ")][0].split()[3] == "300"
+
+
+def test_validate_and_help_never_import_tensorflow():
+    code = ("import sys; from click.testing import CliRunner; from convbn_cli.cli import main; "
+            "r = CliRunner().invoke(main, ['validate', sys.argv[1]]); r2 = CliRunner().invoke(main, ['--help']); "
+            "assert r.exit_code == 0 and r2.exit_code == 0, r.output; "
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code, str(CONFIGS[0])], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_validate_exit_code_2_from_a_real_process(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: {layers: [{type: conv, filters: 8, bn: {decay: 1.5}}, {type: dense, units: 10}]}\n")
+    r = run_cli("validate", p)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: model.layers[0].bn.decay: must be in [0, 1), got 1.5"
+    assert "Traceback" not in r.stderr

