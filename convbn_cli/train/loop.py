@@ -96,7 +96,10 @@ def make_checkpoint(model, optimizer):
         "step_in_epoch": tf.Variable(0, dtype=tf.int64, trainable=False),  # batches done in the current epoch
         "best_val_acc": tf.Variable(-1.0, dtype=tf.float64, trainable=False),
     }
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **state)
+    # Keras does not make its layers' random-seed states (dropout's SeedGenerator) checkpoint dependencies of the
+    # model; without them a resumed run would draw different dropout masks than an uninterrupted one.
+    seeds = {f"seed_{i}": v.value for i, v in enumerate(v for v in model.variables if "seed_generator" in v.path)}
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **state, **seeds)
     return ckpt, state
 
 
@@ -173,18 +176,18 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
                 global_step = epoch * steps + done
                 if on_step is not None:
                     on_step(global_step)
-                if done % PROGRESS_EVERY == 0 or done == steps:
-                    _check_finite(sums, epoch, done, manager)
+                if global_step % PROGRESS_EVERY == 0 or done == steps:
+                    _check_finite(sums, epoch, global_step, manager)
                     bar.set_postfix(_postfix(sums, t0, done - skip, cfg.data.batch_size), refresh=False)
                 if stop.signum is not None:
                     bar.close()
-                    _check_finite(sums, epoch, done, manager)
+                    _check_finite(sums, epoch, global_step, manager)
                     state["epoch"].assign(epoch)
                     state["step_in_epoch"].assign(done)
                     path = manager.save(checkpoint_number=int(optimizer.iterations.numpy()))
                     raise Interrupted(stop.signum, path)
             bar.close()
-            _check_finite(sums, epoch, done, manager)
+            _check_finite(sums, epoch, epoch * steps + done, manager)
             epoch_time = time.time() - t0
             seen = float(sums["count"].numpy())
             row = {"epoch": epoch + 1, "step": int(optimizer.iterations.numpy()),
@@ -259,11 +262,11 @@ def _restore_latest(ckpt, manager, log):
     return None
 
 
-def _check_finite(sums, epoch, done, manager):
+def _check_finite(sums, epoch, step, manager):
     loss = float(sums["loss"].numpy())
     if not math.isfinite(loss):
         last = manager.latest_checkpoint or "none (no epoch finished)"
-        raise Diverged(f"loss became non-finite ({loss}) in epoch {epoch + 1} by step {done}; training stopped. "
+        raise Diverged(f"loss became non-finite ({loss}) in epoch {epoch + 1}, by step {step}; training stopped. "
                        f"Last good checkpoint: {last}. Lower train.optimizer.lr or check the data.")
 
 

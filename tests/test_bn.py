@@ -1,0 +1,161 @@
+"""BN is right by construction: per-channel statistics, (filters,) parameters, moving statistics updated only in
+training, and the fused layer agreeing with Keras' BatchNormalization and with a NumPy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+import keras  # noqa: E402
+
+from conftest import tiny_raw  # noqa: E402
+from convbn_cli.config import load_config  # noqa: E402
+from convbn_cli.model import FusedBatchNorm, bn_layers, build_model  # noqa: E402
+
+LAYOUTS = {"channels_last": -1, "channels_first": 1}
+
+
+def make_bn(impl, axis, **kw):
+    cls = FusedBatchNorm if impl == "fused" else keras.layers.BatchNormalization
+    return cls(axis=axis, **kw)
+
+
+def numpy_bn_train(x, axis, gamma, beta, eps):
+    """Reference: normalize each channel over every other axis with its biased batch variance."""
+    red = tuple(i for i in range(4) if i != axis % 4)
+    mean, var = x.mean(red), x.var(red)  # np.var is the biased (divide by n) variance
+    shape = [1, 1, 1, 1]
+    shape[axis % 4] = -1
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * gamma.reshape(shape) + beta.reshape(shape)
+    return y, mean, var
+
+
+def sample(layout, seed=0):
+    rng = np.random.default_rng(seed)
+    # channels with very different means and scales, so that per-activation or global statistics would show
+    x = rng.normal(size=(6, 5, 7, 4)) * np.array([0.1, 1.0, 5.0, 20.0]) + np.array([-3.0, 0.0, 2.0, 50.0])
+    x = x.astype(np.float32)
+    return x if layout == "channels_last" else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("impl", ["fused", "keras"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_output_is_normalized_per_channel_over_n_h_w(impl, layout):
+    axis = LAYOUTS[layout]
+    x = sample(layout)
+    bn = make_bn(impl, axis, epsilon=1e-5)
+    y = bn(x, training=True).numpy()  # gamma=1, beta=0 at initialization: y is the normalized x
+    red = tuple(i for i in range(4) if i != axis % 4)
+    np.testing.assert_allclose(y.mean(red), 0.0, atol=1e-4)
+    np.testing.assert_allclose(y.var(red), 1.0, atol=2e-3)
+    # one statistic per channel, not per activation: a single position is not normalized on its own
+    assert np.abs(y.mean(0)).max() > 0.1
+    for w in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance):
+        assert tuple(w.shape) == (4,)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fused_and_keras_agree_with_each_other_and_numpy(layout):
+    axis = LAYOUTS[layout]
+    x = sample(layout, seed=1)
+    rng = np.random.default_rng(2)
+    gamma, beta = rng.uniform(0.5, 2, 4).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    weight = tf.constant(rng.normal(size=x.shape).astype(np.float32))  # makes the loss channel- and position-aware
+    outs = {}
+    for impl in ("fused", "keras"):
+        bn = make_bn(impl, axis, momentum=0.8, epsilon=1e-3)
+        bn.build(x.shape)
+        bn.gamma.assign(gamma)
+        bn.beta.assign(beta)
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = bn(xt, training=True)
+            loss = tf.reduce_sum(tf.square(y) * weight)
+        gx, gg, gb = tape.gradient(loss, [xt, bn.gamma, bn.beta])
+        outs[impl] = dict(y=y.numpy(), gx=gx.numpy(), gg=gg.numpy(), gb=gb.numpy(),
+                          mm=bn.moving_mean.numpy(), mv=bn.moving_variance.numpy(),
+                          infer=bn(x, training=False).numpy())
+    f, k = outs["fused"], outs["keras"]
+    for key in f:
+        np.testing.assert_allclose(f[key], k[key], rtol=2e-4, atol=2e-4, err_msg=key)
+    ref_y, mean, var = numpy_bn_train(x.astype(np.float64), axis, gamma, beta, 1e-3)
+    np.testing.assert_allclose(f["y"], ref_y, rtol=1e-4, atol=1e-4)
+    # the moving-statistics convention: biased batch variance, moving = decay * moving + (1 - decay) * batch
+    np.testing.assert_allclose(f["mm"], 0.8 * 0 + 0.2 * mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f["mv"], 0.8 * 1 + 0.2 * var, rtol=1e-5)
+    # inference uses the moving statistics
+    shape = [1, 1, 1, 1]
+    shape[axis % 4] = -1
+    ref_inf = (x - f["mm"].reshape(shape)) / np.sqrt(f["mv"].reshape(shape) + 1e-3) * gamma.reshape(shape) \
+        + beta.reshape(shape)
+    np.testing.assert_allclose(f["infer"], ref_inf, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["fused", "keras"])
+def test_center_and_scale_off(impl):
+    x = sample("channels_last")
+    bn = make_bn(impl, -1, center=False, scale=False)
+    y = bn(x, training=True).numpy()
+    assert bn.gamma is None and bn.beta is None
+    np.testing.assert_allclose(y.mean((0, 1, 2)), 0, atol=1e-4)
+
+
+def _model(tmp_path, **over):
+    return build_model(load_config(raw=tiny_raw(tmp_path, **over)))
+
+
+def test_model_bn_params_have_shape_filters_and_no_redundant_conv_bias(tmp_path):
+    model = _model(tmp_path)
+    assert [layer.name for layer in model.layers][1:] == [
+        "conv1", "conv1_bn", "conv1_relu", "conv2", "conv2_bn", "conv2_relu", "global_pool1", "dense1"]
+    for name, filters in (("conv1", 4), ("conv2", 6)):
+        assert model.get_layer(name).bias is None  # BN's beta is the shift; a conv bias would be redundant
+        bn = model.get_layer(f"{name}_bn")
+        assert isinstance(bn, FusedBatchNorm)
+        for w in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance):
+            assert tuple(w.shape) == (filters,)
+    raw_over = {"model.bn": {"center": False, "impl": "keras"}}
+    model = _model(tmp_path, **raw_over)
+    assert model.get_layer("conv1").bias is not None  # no beta: the conv keeps its bias
+    assert isinstance(model.get_layer("conv1_bn"), keras.layers.BatchNormalization)
+
+
+def test_moving_statistics_change_in_training_steps_only(tmp_path):
+    model = _model(tmp_path)
+    x = tf.constant(np.random.default_rng(0).uniform(size=(16, 28, 28, 1)).astype(np.float32))
+
+    def snapshot():
+        return [v.numpy().copy() for layer in bn_layers(model) for v in (layer.moving_mean, layer.moving_variance)]
+
+    before = snapshot()
+    model(x, training=False)
+    model.predict(x, verbose=0)
+    after_inference = snapshot()
+    assert all(np.array_equal(a, b) for a, b in zip(before, after_inference))
+    model(x, training=True)
+    after_training = snapshot()
+    assert all(not np.allclose(a, b) for a, b in zip(before, after_training))
+
+
+def test_channels_first_model_matches_channels_last(tmp_path):
+    last = _model(tmp_path)
+    first = _model(tmp_path, **{"model.data_format": "channels_first"})
+    assert first.get_layer("conv1_bn").axis == 1
+    for a, b in zip(last.weights, first.weights):
+        b.assign(a)
+    x = np.random.default_rng(3).uniform(size=(8, 28, 28, 1)).astype(np.float32)
+    for training in (False, True):
+        np.testing.assert_allclose(last(x, training=training), first(x, training=training), atol=1e-4)
+    np.testing.assert_allclose(last.get_layer("conv2_bn").moving_mean, first.get_layer("conv2_bn").moving_mean,
+                               atol=1e-5)
+
+
+def test_dense_bn_is_per_unit_keras(tmp_path):
+    raw = tiny_raw(tmp_path)
+    raw["model"]["layers"][-1:-1] = [{"type": "dense", "units": 12, "activation": "relu", "bn": True}]
+    model = build_model(load_config(raw=raw))
+    bn = model.get_layer("dense1_bn")
+    assert isinstance(bn, keras.layers.BatchNormalization) and tuple(bn.gamma.shape) == (12,)
+    assert model.get_layer("dense1").bias is None and model.get_layer("dense2").bias is not None
