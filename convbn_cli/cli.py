@@ -128,6 +128,109 @@ def train(ctx, config, overrides, resume, no_progress):
         RunDir(result.run_dir).write_config(cfg)  # record the new epoch count
 
 
+# --------------------------------------------------------------------------- eval and inspect-bn
+
+TARGET_HELP = "a run directory, a checkpoint prefix (runs/x/1/checkpoints/ckpt-420) or an exported .keras model"
+
+
+@main.command("eval")
+@click.argument("target", metavar="TARGET")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "latest"]), default="best", show_default=True,
+              help="Which checkpoint of a run directory.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--bn-stats", type=click.Choice(["moving", "batch"]), default="moving", show_default=True,
+              help="moving: BN's moving averages (correct inference); batch: each batch's own statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+@handle_errors
+def eval_cmd(ctx, target, which, split, bn_stats, as_json, no_progress):
+    """Accuracy, loss, per-class accuracy and confusion matrix of TARGET (""" + TARGET_HELP + """)."""
+    _tf(ctx)
+    from .analysis import evaluate
+
+    r = evaluate(target, which=which, split=split, bn_stats=bn_stats, progress=not no_progress and not as_json,
+                 log=lambda m: click.echo(m, err=True))
+    if as_json:
+        import json
+
+        click.echo(json.dumps({**r, "per_class_accuracy": r["per_class_accuracy"].tolist(),
+                               "confusion": r["confusion"].tolist()}, indent=2))
+        return
+    click.echo(f"checkpoint: {r['checkpoint']}")
+    click.echo(f"split: {r['split']} ({r['images']} images), BN statistics: {r['bn_stats']}")
+    click.echo(f"loss {r['loss']:.4f}, accuracy {r['accuracy']:.4%}")
+    click.echo("per-class accuracy: " + "  ".join(f"{c}: {a:.2%}" for c, a in enumerate(r["per_class_accuracy"])))
+    click.echo("confusion matrix (rows: true class, columns: predicted):")
+    width = max(5, len(str(r["confusion"].max())) + 1)
+    click.echo("     " + "".join(str(c).rjust(width) for c in range(10)))
+    for c, row in enumerate(r["confusion"]):
+        click.echo(f"  {c}: " + "".join(str(v).rjust(width) for v in row))
+
+
+def _thresholds(ctx, param, value):
+    try:
+        return [float(t) for t in value.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@main.command("inspect-bn")
+@click.argument("target", metavar="TARGET")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "latest"]), default="best", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--layer", "layers", multiple=True, metavar="NAME", help="Only this BN layer (repeatable).")
+@click.option("--dead-threshold", type=float, default=1e-2, show_default=True,
+              help="Channels with |gamma| below this are counted as dead in the summary.")
+@click.option("--rank", is_flag=True, help="Order channels by |gamma| (Network Slimming's importance signal).")
+@click.option("--thresholds", default="0.01,0.05,0.1", callback=_thresholds, show_default=True,
+              help="With --rank: report the fraction of channels with |gamma| below each.")
+@click.option("--compare", "other", metavar="OTHER", help="Show per-channel differences OTHER - TARGET.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Also draw per-layer bar charts of gamma, beta and moving variance.")
+@click.pass_context
+@handle_errors
+def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresholds, other, plot_path):
+    """Per-channel gamma, beta, moving mean/variance and the inference affine map of every BN layer in TARGET."""
+    _tf(ctx)
+    from .analysis import inspection as ib
+
+    result = ib.inspect_bn(target, which=which, layers=list(layers) or None)
+    diff = ib.compare(result, ib.inspect_bn(other, which=which, layers=list(layers) or None)) if other else None
+    ranks = {n: ib.rank(layer, thresholds) for n, layer in result["layers"].items()} if rank else None
+    if fmt == "json":
+        import json
+
+        out = ib.to_json(result, dead_threshold)
+        for name in out["layers"]:
+            if ranks:
+                out["layers"][name]["rank"] = {"order": ranks[name]["order"].tolist(),
+                                               "fraction_below": ranks[name]["below"]}
+            if diff is not None and name in diff:
+                out["layers"][name]["difference"] = {q: v.tolist() for q, v in diff[name].items()}
+        click.echo(json.dumps(out, indent=2))
+    elif fmt == "csv":
+        import csv
+
+        rows = ib.diff_csv_rows(diff) if diff is not None else ib.csv_rows(result)
+        import io
+
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        click.echo(buf.getvalue(), nl=False)
+    else:
+        order = {n: r["order"] for n, r in ranks.items()} if ranks else None
+        click.echo(ib.table(result, dead_threshold, order, diff))
+        if ranks:
+            click.echo("")
+            for name, r in ranks.items():
+                click.echo(f"{name}: fraction of channels with |gamma| below "
+                           + ", ".join(f"{t:g}: {f:.1%}" for t, f in r["below"].items()))
+    if plot_path:
+        ib.plot(result, plot_path, dead_threshold)
+        click.echo(f"plot written to {plot_path}", err=True)
+
+
 # --------------------------------------------------------------------------- data
 
 @main.group()

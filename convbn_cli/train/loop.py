@@ -160,7 +160,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         sums["correct"].assign_add(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), y), tf.float64)))
         sums["count"].assign_add(n)
 
-    evaluate = make_evaluator(model, loss_fn)
+    evaluate = make_evaluator(model)  # plain cross-entropy, as `convbn eval` reports it
     tb = tf.summary.create_file_writer(str(run.tensorboard))
     t_start = time.time() - (metrics[-1]["wall_time_s"] if metrics else 0.0)
     with _StopFlag() as stop:
@@ -224,9 +224,12 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     return TrainResult(run.path, metrics, test["loss"], test["accuracy"], model)
 
 
-def make_evaluator(model, loss_fn=None):
-    """A function dataset -> {loss, accuracy, count}, running the model in inference mode (moving BN stats)."""
-    loss_fn = loss_fn or keras.losses.CategoricalCrossentropy(from_logits=True)
+def make_evaluator(model):
+    """A function dataset -> {loss, accuracy, count}, running the model in inference mode (moving BN stats).
+
+    The loss is plain cross-entropy (no label smoothing), so validation and test losses compare across configs.
+    """
+    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True)
 
     @tf.function(reduce_retracing=True)
     def step(x, y):

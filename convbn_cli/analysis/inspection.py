@@ -1,0 +1,150 @@
+"""Every BN layer's per-channel parameters, read from a checkpoint, and what BN does with them at inference.
+
+At inference BN is an affine map per channel: y = scale * x + shift with
+    scale = gamma / sqrt(moving_variance + epsilon),   shift = beta - moving_mean * scale.
+|gamma| is also the channel-importance signal of Network Slimming (Liu et al. 2017): a channel whose gamma
+is near zero contributes (almost) only a constant and can be pruned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..model import bn_layers
+from ..train.checkpoints import CheckpointError, load
+
+QUANTITIES = ("gamma", "beta", "moving_mean", "moving_variance", "scale", "shift")
+
+
+def bn_parameters(model) -> dict:
+    """{layer name: {gamma, beta, moving_mean, moving_variance, scale, shift: arrays (channels,), epsilon, ...}}."""
+    out = {}
+    for layer in bn_layers(model):
+        mean = np.asarray(layer.moving_mean.numpy(), np.float64)
+        var = np.asarray(layer.moving_variance.numpy(), np.float64)
+        gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones_like(mean)
+        beta = np.asarray(layer.beta.numpy(), np.float64) if layer.center else np.zeros_like(mean)
+        scale = gamma / np.sqrt(var + layer.epsilon)
+        out[layer.name] = {
+            "channels": int(mean.shape[0]), "epsilon": float(layer.epsilon), "decay": float(layer.momentum),
+            "center": bool(layer.center), "scale_learned": bool(layer.scale),
+            "impl": "fused" if type(layer).__name__ == "FusedBatchNorm" else "keras",
+            "gamma": gamma, "beta": beta, "moving_mean": mean, "moving_variance": var,
+            "scale": scale, "shift": beta - mean * scale,
+        }
+    return out
+
+
+def inspect_bn(target, *, which="best", layers=None) -> dict:
+    """{checkpoint, layers: {name: ...}} for a run directory or checkpoint prefix (see bn_parameters).
+
+    The values come from restoring the checkpoint into the model its run's config describes; a checkpoint
+    without moving statistics fails the restore (every variable must be found) rather than showing 0 and 1.
+    """
+    _, model, prefix, _ = load(target, which)
+    params = bn_parameters(model)
+    if not params:
+        raise CheckpointError(f"{prefix}: the model has no BN layers")
+    if layers:
+        unknown = [n for n in layers if n not in params]
+        if unknown:
+            raise CheckpointError(f"no BN layer named {', '.join(unknown)} (the model has: {', '.join(params)})")
+        params = {n: params[n] for n in layers}
+    return {"checkpoint": prefix, "layers": params}
+
+
+def summary(layer: dict, dead_threshold: float) -> dict:
+    g = np.abs(layer["gamma"])
+    return {"channels": layer["channels"], "mean_abs_gamma": float(g.mean()), "min_abs_gamma": float(g.min()),
+            "max_abs_gamma": float(g.max()), "dead": int((g < dead_threshold).sum())}
+
+
+def rank(layer: dict, thresholds) -> dict:
+    """Channels ordered by |gamma|, largest first, and the fraction of channels below each threshold."""
+    g = np.abs(layer["gamma"])
+    return {"order": np.argsort(-g, kind="stable"),
+            "below": {float(t): float((g < t).mean()) for t in thresholds}}
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Per-channel differences b - a for every BN layer the two inspections share (same channel counts)."""
+    out = {}
+    for name, la in a["layers"].items():
+        lb = b["layers"].get(name)
+        if lb is None:
+            continue
+        if lb["channels"] != la["channels"]:
+            raise CheckpointError(f"{name}: {la['channels']} channels in one checkpoint, {lb['channels']} in the other")
+        out[name] = {q: lb[q] - la[q] for q in QUANTITIES}
+    if not out:
+        raise CheckpointError("the two checkpoints share no BN layer")
+    return out
+
+
+def to_json(result: dict, dead_threshold: float = 1e-2) -> dict:
+    """JSON-ready copy: arrays become lists, and each layer gets its summary."""
+    layers = {}
+    for name, layer in result["layers"].items():
+        layers[name] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in layer.items()}
+        layers[name]["summary"] = summary(layer, dead_threshold)
+    return {"checkpoint": result["checkpoint"], "layers": layers}
+
+
+def csv_rows(result: dict):
+    yield ["layer", "channel", *QUANTITIES]
+    for name, layer in result["layers"].items():
+        for c in range(layer["channels"]):
+            yield [name, c, *(repr(float(layer[q][c])) for q in QUANTITIES)]
+
+
+def diff_csv_rows(diff: dict):
+    yield ["layer", "channel", *("d_" + q for q in QUANTITIES)]
+    for name, d in diff.items():
+        for c in range(len(d["gamma"])):
+            yield [name, c, *(repr(float(d[q][c])) for q in QUANTITIES)]
+
+
+def table(result: dict, dead_threshold: float = 1e-2, order=None, diff=None) -> str:
+    """An aligned terminal table, one section per layer with a summary line."""
+    lines = [f"checkpoint: {result['checkpoint']}"]
+    for name, layer in result["layers"].items():
+        s = summary(layer, dead_threshold)
+        lines += ["", f"{name}  ({layer['impl']}, {s['channels']} channels, epsilon {layer['epsilon']:g}, "
+                      f"decay {layer['decay']:g})",
+                  f"  |gamma| mean {s['mean_abs_gamma']:.4g}, min {s['min_abs_gamma']:.4g}, max "
+                  f"{s['max_abs_gamma']:.4g}; {s['dead']} channel(s) with |gamma| < {dead_threshold:g}"]
+        source = diff[name] if diff is not None else layer
+        header = ["channel", *(("d_" + q) if diff is not None else q for q in QUANTITIES)]
+        rows = [header]
+        channels = order[name] if order is not None else range(layer["channels"])
+        for c in channels:
+            rows.append([str(c), *(f"{source[q][c]:+.5f}" if diff is not None else f"{source[q][c]:.5f}"
+                                   for q in QUANTITIES)])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path, dead_threshold: float = 1e-2) -> None:
+    """Bar charts per layer (one row each): gamma, beta and moving variance for every channel."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"]
+    fig, axes = plt.subplots(len(layers), 3, figsize=(15, 2.8 * len(layers) + 0.6), squeeze=False)
+    for row, (name, layer) in zip(axes, layers.items()):
+        x = np.arange(layer["channels"])
+        for ax, q, color in zip(row, ("gamma", "beta", "moving_variance"), ("tab:blue", "tab:orange", "tab:green")):
+            ax.bar(x, layer[q], color=color, width=0.85)
+            ax.set_title(f"{name}: {q.replace('_', ' ')}", fontsize=10)
+            ax.set_xlabel("channel")
+            ax.axhline(0, color="black", linewidth=0.5)
+            if q == "gamma":
+                for t in (dead_threshold, -dead_threshold):
+                    ax.axhline(t, color="red", linewidth=0.6, linestyle="--")
+    fig.suptitle(f"per-channel BN parameters - {result['checkpoint']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

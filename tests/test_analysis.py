@@ -1,0 +1,192 @@
+"""`convbn eval` and `convbn inspect-bn`: numbers true to the checkpoint, formats that round-trip, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+tf = pytest.importorskip("tensorflow")
+import keras  # noqa: E402
+
+from conftest import tiny_raw  # noqa: E402
+from convbn_cli.analysis import compare, evaluate, inspect_bn  # noqa: E402
+from convbn_cli.cli import main  # noqa: E402
+from convbn_cli.config import load_config  # noqa: E402
+from convbn_cli.data.formats import read_npz  # noqa: E402
+from convbn_cli.data.pipeline import eval_dataset, make_splits  # noqa: E402
+from convbn_cli.model import bn_layers, build_model  # noqa: E402
+from convbn_cli.train import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_cache):
+    return read_npz(mnist_cache / "mnist.npz")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist):
+    """A tiny conv-BN net trained briefly on 2,000 real MNIST images, with decay 0.99 (moving averages lag)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    raw = tiny_raw(tmp, **{"data.max_train": 2000, "data.max_test": 1000, "model.bn": {"decay": 0.99}})
+    cfg = load_config(raw=raw)
+    result = train(cfg, data=mnist, log=lambda m: None, progress=False)
+    return cfg, result
+
+
+@pytest.fixture
+def cli(mnist_cache):
+    runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
+    return lambda *args: runner.invoke(main, [str(a) for a in args])
+
+
+def latest(result):
+    return tf.train.latest_checkpoint(str(result.run_dir / "checkpoints"))
+
+
+def test_inspect_numbers_equal_the_checkpoint_variables(trained):
+    cfg, result = trained
+    prefix = latest(result)
+    got = inspect_bn(result.run_dir, which="latest")
+    assert got["checkpoint"] == prefix and list(got["layers"]) == ["conv1_bn", "conv2_bn"]
+    # the live model at the end of training is what the latest checkpoint saved
+    reader = tf.train.load_checkpoint(prefix)
+    for layer in bn_layers(result.model):
+        mine = got["layers"][layer.name]
+        idx = result.model.layers.index(layer)
+        for q in ("moving_mean", "moving_variance"):  # read straight from the checkpoint file
+            raw = reader.get_tensor(f"model/_operations/{idx}/{q}/.ATTRIBUTES/VARIABLE_VALUE")
+            np.testing.assert_array_equal(mine[q].astype(np.float32), raw)
+        for q in ("gamma", "beta"):
+            np.testing.assert_array_equal(mine[q].astype(np.float32), getattr(layer, q).numpy())
+        scale = mine["gamma"] / np.sqrt(mine["moving_variance"] + layer.epsilon)
+        np.testing.assert_allclose(mine["scale"], scale)
+        np.testing.assert_allclose(mine["shift"], mine["beta"] - mine["moving_mean"] * scale)
+        # and the affine map is what the layer does at inference
+        x = np.random.default_rng(0).normal(size=(2, 3, 3, mine["channels"])).astype(np.float32)
+        np.testing.assert_allclose(layer(x, training=False), x * mine["scale"] + mine["shift"], rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_eval_accuracy_equals_a_hand_run_keras_evaluation(trained, mnist):
+    cfg, result = trained
+    prefix = latest(result)
+    r = evaluate(prefix, data=mnist)
+    model = build_model(cfg)
+    tf.train.Checkpoint(model=model).restore(prefix).expect_partial()
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    loss, acc = model.evaluate(eval_dataset(make_splits(mnist, cfg), cfg, "test"), verbose=0)
+    assert r["images"] == 1000 and r["accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert r["loss"] == pytest.approx(loss, rel=1e-4)
+    assert r["confusion"].sum() == 1000 and r["confusion"].shape == (10, 10)
+    per_class = r["confusion"].diagonal() / r["confusion"].sum(1)
+    np.testing.assert_allclose(r["per_class_accuracy"], per_class)
+
+
+def test_batch_statistics_differ_from_moving_ones_and_leave_the_model_alone(trained, mnist):
+    _, result = trained
+    moving = evaluate(result.run_dir, data=mnist, which="latest")
+    batch = evaluate(result.run_dir, data=mnist, which="latest", bn_stats="batch")
+    # 2 short epochs at decay 0.99: the moving averages still remember their start (0 and 1)
+    assert batch["accuracy"] != moving["accuracy"] and batch["loss"] != pytest.approx(moving["loss"])
+    assert evaluate(result.run_dir, data=mnist, which="latest")["accuracy"] == moving["accuracy"]
+
+
+def test_eval_cli_text_and_json(trained, cli):
+    _, result = trained
+    r = cli("eval", result.run_dir, "--json", "--split", "val")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)  # progress and data-source lines go to stderr
+    assert out["split"] == "val" and out["images"] == 400 and sum(map(sum, out["confusion"])) == 400
+    assert "best" in out["checkpoint"]
+    text = cli("eval", result.run_dir, "--checkpoint", "latest", "--no-progress")
+    assert text.exit_code == 0 and "confusion matrix" in text.output and "per-class accuracy: 0:" in text.output
+
+
+def test_inspect_json_and_csv_round_trip(trained, cli):
+    _, result = trained
+    api = inspect_bn(result.run_dir)
+    j = cli("inspect-bn", result.run_dir, "--format", "json")
+    assert j.exit_code == 0, j.output
+    data = json.loads(j.stdout)
+    for name, layer in api["layers"].items():
+        for q in ("gamma", "beta", "moving_mean", "moving_variance", "scale", "shift"):
+            np.testing.assert_array_equal(np.array(data["layers"][name][q]), layer[q])
+        assert data["layers"][name]["summary"]["channels"] == layer["channels"]
+    c = cli("inspect-bn", result.run_dir, "--format", "csv", "--layer", "conv2_bn")
+    rows = list(csv.DictReader(io.StringIO(c.stdout)))
+    assert len(rows) == 6 and {r["layer"] for r in rows} == {"conv2_bn"}
+    for r in rows:
+        ch = int(r["channel"])
+        assert float(r["moving_variance"]) == api["layers"]["conv2_bn"]["moving_variance"][ch]
+        assert float(r["gamma"]) == api["layers"]["conv2_bn"]["gamma"][ch]
+
+
+def test_inspect_table_rank_compare_and_plot(trained, cli, tmp_path):
+    _, result = trained
+    prefixes = tf.train.get_checkpoint_state(str(result.run_dir / "checkpoints")).all_model_checkpoint_paths
+    first, last = prefixes[0], prefixes[-1]
+    t = cli("inspect-bn", first, "--rank", "--dead-threshold", "0.5")
+    assert t.exit_code == 0, t.output
+    assert "conv1_bn  (fused, 4 channels, epsilon 0.001, decay 0.99)" in t.output
+    assert "fraction of channels with |gamma| below 0.01:" in t.output
+    gammas = np.abs(inspect_bn(first)["layers"]["conv2_bn"]["gamma"])
+    section = t.output.split("conv2_bn  (")[1].splitlines()
+    listed = [int(line.split()[0]) for line in section[3:9]]
+    assert listed == list(np.argsort(-gammas, kind="stable"))  # ordered by |gamma|, largest first
+    diff = compare(inspect_bn(first), inspect_bn(last))
+    np.testing.assert_allclose(diff["conv1_bn"]["gamma"],
+                               inspect_bn(last)["layers"]["conv1_bn"]["gamma"]
+                               - inspect_bn(first)["layers"]["conv1_bn"]["gamma"])
+    cmp = cli("inspect-bn", first, "--compare", last, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(cmp.stdout)))
+    assert len(rows) == 10 and float(rows[0]["d_gamma"]) == diff["conv1_bn"]["gamma"][0]
+    png = tmp_path / "bn.png"
+    p = cli("inspect-bn", result.run_dir, "--plot", png)
+    assert p.exit_code == 0, p.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)
+    assert img.shape[0] > 300 and img.shape[1] > 800 and img[..., :3].std() > 0.05  # not blank
+
+
+def test_bad_targets_give_one_line_and_exit_2(trained, cli, tmp_path, mnist):
+    cfg, result = trained
+    prefix = latest(result)
+    # a checkpoint from another architecture, under a run directory whose config differs
+    other = tmp_path / "other"
+    shutil.copytree(result.run_dir, other)
+    conf = yaml.safe_load((other / "config.yaml").read_text())
+    conf["model"]["layers"][0]["filters"] = 5
+    (other / "config.yaml").write_text(yaml.safe_dump(conf))
+    # a truncated checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(result.run_dir, broken)
+    for data_file in (broken / "checkpoints").glob("*.data-*"):
+        data_file.write_bytes(data_file.read_bytes()[:100])
+    no_config = tmp_path / "noconfig"
+    shutil.copytree(result.run_dir, no_config)
+    (no_config / "config.yaml").unlink()
+    cases = [
+        (tmp_path / "missing", "no such run directory or checkpoint"),
+        (no_config, "not a run directory (config.yaml is missing)"),
+        (other, "cannot restore this model from it"),
+        (str(broken / "checkpoints" / "ckpt-") + prefix.rsplit("-", 1)[1], "cannot restore this model from it"),
+        (prefix + ".index", "give the checkpoint prefix without its extension"),
+    ]
+    for target, message in cases:
+        for command in (["eval", target, "--checkpoint", "latest"], ["inspect-bn", target, "--checkpoint", "latest"]):
+            r = cli(*command)
+            assert r.exit_code == 2, (command, r.output)
+            errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+            assert len(errors) == 1 and message in errors[0], (command, r.output)
+            assert "Traceback" not in r.output
+    r = cli("inspect-bn", result.run_dir, "--layer", "conv9_bn")
+    assert r.exit_code == 2 and "no BN layer named conv9_bn (the model has: conv1_bn, conv2_bn)" in r.output
