@@ -231,6 +231,60 @@ def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresh
         click.echo(f"plot written to {plot_path}", err=True)
 
 
+# --------------------------------------------------------------------------- recalibrate and export
+
+@main.command()
+@click.argument("target", metavar="TARGET")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "latest"]), default="best", show_default=True)
+@click.option("--batches", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Training batches to average the BN statistics over.")
+@click.option("--full", is_flag=True, help="One whole pass over the training split instead of --batches.")
+@click.option("--split", type=click.Choice(["val", "test"]), default=None,
+              help="Where to report accuracy before and after (default: val if the run has one, else test).")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+@handle_errors
+def recalibrate(ctx, target, which, batches, full, split, no_progress):
+    """Precise BN: recompute every BN layer's moving mean and variance with the weights frozen.
+
+    The result is a new checkpoint in the run's checkpoints/recalibrated/; the original is never changed.
+    """
+    _tf(ctx)
+    from .analysis.recalibrate import recalibrate as run_recalibrate
+
+    r = run_recalibrate(target, which=which, batches=None if full else batches, split=split,
+                        progress=not no_progress, log=lambda m: click.echo(m, err=True))
+    click.echo(f"recalibrated {len(r['layers'])} BN layer(s) of {r['source']} over {r['batches']} batches")
+    click.echo(f"{r['split']} accuracy: before {r['before']['accuracy']:.4%} (loss {r['before']['loss']:.4f}), "
+               f"after {r['after']['accuracy']:.4%} (loss {r['after']['loss']:.4f})")
+    click.echo(f"saved {r['checkpoint']}")
+
+
+@main.command("export")
+@click.argument("target", metavar="TARGET")
+@click.option("--format", "fmt", type=click.Choice(["keras", "savedmodel", "tflite"]), default="keras",
+              show_default=True)
+@click.option("--fold-bn", is_flag=True, help="Fold each BN into the conv/dense layer before it.")
+@click.option("--output", type=click.Path(), help="Where to write (default: RUN_DIR/export/...).")
+@click.option("--checkpoint", "which", type=click.Choice(["best", "latest"]), default="best", show_default=True)
+@click.pass_context
+@handle_errors
+def export_cmd(ctx, target, fmt, fold_bn, output, which):
+    """Export TARGET with standard Keras/TensorFlow layers only, checked against the original model."""
+    _tf(ctx)
+    from .export import export
+
+    r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, log=lambda m: click.echo(m, err=True))
+    if r["folded"]:
+        click.echo(f"folded into the preceding conv/dense: {', '.join(r['folded'])}")
+    if r["kept"]:
+        click.echo(f"BN layers kept{' (not directly after a conv/dense)' if fold_bn else ''}: {', '.join(r['kept'])}")
+    click.echo(f"max |logit difference| on {r['checked_images']} test images: {r['max_abs_logit_diff']:.2e}")
+    click.echo(f"inference throughput: original {r['throughput_original']:.0f} img/s, exported "
+               f"{r['throughput_exported']:.0f} img/s")
+    click.echo(f"wrote {r['path']}")
+
+
 # --------------------------------------------------------------------------- data
 
 @main.group()

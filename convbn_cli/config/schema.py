@@ -200,6 +200,10 @@ class ScheduleConfig(Strict):
     final_div_factor: In(1) = 1e4  # one_cycle: final lr = start lr / final_div_factor
 
 
+class PreciseBN(Strict):
+    batches: In(1, 1_000_000, kind=int) = 200  # training batches to average the BN statistics over
+
+
 class TrainConfig(Strict):
     epochs: In(1, 100000, kind=int) = 10
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -208,6 +212,8 @@ class TrainConfig(Strict):
     seed: In(0, 2**31 - 1, kind=int) = 0
     deterministic: bool = False  # TensorFlow op determinism: same seed, same weights
     jit_compile: bool = False  # XLA; measured slower on CPU, so off by default
+    # Recompute the BN statistics with the final weights after training (see `convbn recalibrate`).
+    precise_bn: Optional[PreciseBN] = None
 
 
 class OutputConfig(Strict):

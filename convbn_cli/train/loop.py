@@ -25,6 +25,7 @@ from ..data.pipeline import eval_dataset, make_splits, steps_per_epoch, train_da
 from ..model import build_model
 from ..model.stats import bn_statistics
 from .optim import current_lr, make_optimizer
+from .precise_bn import calibration_batches, recalibrate_model, save_recalibrated
 from .rundir import RunDir, RunDirError, checkpoint_step
 
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
@@ -218,9 +219,18 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
             log(_epoch_line(row, cfg.train.epochs))
             skip = 0
     test = evaluate(eval_dataset(splits, cfg, "test"))
-    run.write_results({"test_loss": test["loss"], "test_acc": test["accuracy"], "epochs": cfg.train.epochs,
-                       "wall_time_s": time.time() - t_start, "checkpoint": str(manager.latest_checkpoint)})
+    results = {"test_loss": test["loss"], "test_acc": test["accuracy"], "epochs": cfg.train.epochs,
+               "wall_time_s": time.time() - t_start, "checkpoint": str(manager.latest_checkpoint)}
     log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4%}  ({run.path})")
+    if cfg.train.precise_bn is not None:
+        recalibrate_model(model, calibration_batches(splits, cfg, cfg.train.precise_bn.batches), progress=progress)
+        path = save_recalibrated(model, run, manager.latest_checkpoint)
+        test = evaluate(eval_dataset(splits, cfg, "test"))
+        results.update(test_loss=test["loss"], test_acc=test["accuracy"], checkpoint=path,
+                       before_precise_bn={"test_loss": results["test_loss"], "test_acc": results["test_acc"]})
+        log(f"precise BN ({cfg.train.precise_bn.batches} batches): test loss {test['loss']:.4f}, "
+            f"accuracy {test['accuracy']:.4%}  ({path})")
+    run.write_results(results)
     return TrainResult(run.path, metrics, test["loss"], test["accuracy"], model)
 
 
