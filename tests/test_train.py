@@ -85,7 +85,7 @@ def test_interrupt_then_resume_equals_uninterrupted(finished, tmp_path, syntheti
     _, straight = finished
     cfg = with_dropout(tmp_path, "b")
 
-    def ctrl_c_at_step_21(step):
+    def ctrl_c_at_step_21(step, model):
         if step == 21:  # in the middle of epoch 2
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -107,29 +107,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, syntheti
     cfg = load_config(raw=tiny_raw(tmp_path))
     holder = {}
 
-    def poison(step):
+    def poison(step, model):
         if step == 17:  # epoch 1 is done and checkpointed
             run = RunDir(cfg.output.root + "/tiny/1")
             holder["hashes"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                                 for p in run.checkpoints.iterdir() if p.is_file()}
         if step == 18:
-            kernel = holder["model"].get_layer("conv1").kernel
+            kernel = model.get_layer("conv1").kernel
             kernel.assign(tf.fill(kernel.shape, np.nan))
 
-    import convbn_cli.train.loop as loop
-
-    real_build = loop.build_model
-
-    def keep(cfg_, plan):
-        holder["model"] = real_build(cfg_, plan)
-        return holder["model"]
-
-    loop.build_model = keep
-    try:
-        with pytest.raises(Diverged, match=r"non-finite .* epoch 2, by step 20.*Last good checkpoint: .*ckpt-16"):
-            train(cfg, data=synthetic, log=quiet, progress=False, on_step=poison)
-    finally:
-        loop.build_model = real_build
+    with pytest.raises(Diverged, match=r"non-finite .* epoch 2, by step 20.*Last good checkpoint: .*ckpt-16"):
+        train(cfg, data=synthetic, log=quiet, progress=False, on_step=poison)
     run = RunDir(cfg.output.root + "/tiny/1")
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.checkpoints.iterdir() if p.is_file()}
     assert after == holder["hashes"]  # nothing written over the good checkpoint

@@ -212,6 +212,9 @@ class TrainConfig(Strict):
     seed: In(0, 2**31 - 1, kind=int) = 0
     deterministic: bool = False  # TensorFlow op determinism: same seed, same weights
     jit_compile: bool = False  # XLA; measured slower on CPU, so off by default
+    # mixed_bfloat16: convolutions and matrix products in bfloat16 (variables, BN statistics and the logits stay
+    # float32). Much faster on CPUs with AMX/AVX512-BF16 and on recent GPUs; slower on CPUs without them.
+    precision: Literal["float32", "mixed_bfloat16"] = "float32"
     # Recompute the BN statistics with the final weights after training (see `convbn recalibrate`).
     precise_bn: Optional[PreciseBN] = None
 

@@ -45,11 +45,15 @@ class FusedBatchNorm(keras.layers.Layer):
         channels = input_shape[self.axis]
         shape = (channels,)
         # Same names and initializers as keras.layers.BatchNormalization, so weights move between the two.
-        self.gamma = self.add_weight(shape=shape, name="gamma", initializer="ones") if self.scale else None
-        self.beta = self.add_weight(shape=shape, name="beta", initializer="zeros") if self.center else None
-        self.moving_mean = self.add_weight(shape=shape, name="moving_mean", initializer="zeros", trainable=False)
-        self.moving_variance = self.add_weight(shape=shape, name="moving_variance", initializer="ones",
-                                               trainable=False)
+        # autocast=False: under a mixed-precision policy the fused kernel takes bfloat16/float16 inputs but wants
+        # float32 scale, offset and statistics (Keras' own BN keeps its variables float32 the same way).
+        def weight(name, init, trainable=True):
+            return self.add_weight(shape=shape, name=name, initializer=init, trainable=trainable, autocast=False)
+
+        self.gamma = weight("gamma", "ones") if self.scale else None
+        self.beta = weight("beta", "zeros") if self.center else None
+        self.moving_mean = weight("moving_mean", "zeros", trainable=False)
+        self.moving_variance = weight("moving_variance", "ones", trainable=False)
         self.channels = channels
 
     def call(self, inputs, training=None):

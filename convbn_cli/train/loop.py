@@ -109,7 +109,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     """Train `cfg` and write a run directory; or, with `resume=RUN_DIR`, continue that run.
 
     data: arrays in Keras' mnist.npz layout (x_train, y_train, x_test, y_test); fetched when None.
-    on_step: called as on_step(global_step) after every training step (tests use it to interrupt).
+    on_step: called as on_step(global_step, model) after every training step (tests and benchmarks use it).
     """
     if resume is not None:
         run = RunDir.open(resume)
@@ -122,7 +122,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         data = fetch(cfg.data.dataset, log=log, progress=progress)
     splits = make_splits(data, cfg)
     plan = plan_layers(cfg)
-    model = build_model(cfg, plan)
+    model = build_model(cfg, plan, precision=cfg.train.precision)
     steps = steps_per_epoch(splits.size("train"), cfg.data.batch_size)
     total_steps = steps * cfg.train.epochs
     optimizer = make_optimizer(cfg.train, total_steps)
@@ -146,20 +146,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     if start_epoch >= cfg.train.epochs:
         log(f"{run.path}: already trained {start_epoch} of {cfg.train.epochs} epochs; nothing to do")
 
-    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.train.label_smoothing)
-    sums = {k: tf.Variable(0.0, dtype=tf.float64, trainable=False) for k in ("loss", "correct", "count")}
-
-    @tf.function(jit_compile=cfg.train.jit_compile or None, reduce_retracing=True)
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)  # BN: batch statistics, moving averages updated
-            loss = loss_fn(tf.one_hot(y, 10), logits)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        n = tf.cast(tf.shape(y)[0], tf.float64)
-        sums["loss"].assign_add(tf.cast(loss, tf.float64) * n)
-        sums["correct"].assign_add(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), y), tf.float64)))
-        sums["count"].assign_add(n)
+    train_step, sums = make_train_step(model, optimizer, cfg.train)
 
     evaluate = make_evaluator(model)  # plain cross-entropy, as `convbn eval` reports it
     tb = tf.summary.create_file_writer(str(run.tensorboard))
@@ -176,7 +163,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
                 bar.update(1)
                 global_step = epoch * steps + done
                 if on_step is not None:
-                    on_step(global_step)
+                    on_step(global_step, model)
                 if global_step % PROGRESS_EVERY == 0 or done == steps:
                     _check_finite(sums, epoch, global_step, manager)
                     bar.set_postfix(_postfix(sums, t0, done - skip, cfg.data.batch_size), refresh=False)
@@ -232,6 +219,29 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
             f"accuracy {test['accuracy']:.4%}  ({path})")
     run.write_results(results)
     return TrainResult(run.path, metrics, test["loss"], test["accuracy"], model)
+
+
+def make_train_step(model, optimizer, train_cfg):
+    """(train_step(x, y), sums): one compiled optimization step that also adds to running loss/accuracy sums.
+
+    The sums live in variables, so that reading them (every PROGRESS_EVERY steps) is the only host sync.
+    """
+    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=train_cfg.label_smoothing)
+    sums = {k: tf.Variable(0.0, dtype=tf.float64, trainable=False) for k in ("loss", "correct", "count")}
+
+    @tf.function(jit_compile=train_cfg.jit_compile or None, reduce_retracing=True)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)  # BN: batch statistics, moving averages updated
+            loss = loss_fn(tf.one_hot(y, 10), logits)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        n = tf.cast(tf.shape(y)[0], tf.float64)
+        sums["loss"].assign_add(tf.cast(loss, tf.float64) * n)
+        sums["correct"].assign_add(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), y), tf.float64)))
+        sums["count"].assign_add(n)
+
+    return train_step, sums
 
 
 def make_evaluator(model):

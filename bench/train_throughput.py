@@ -1,0 +1,218 @@
+"""Training throughput: convbn's training step vs the plain Keras 3 way (and PyTorch eager, if installed).
+
+The same network, batch 128, the same number of steps; every contender runs in this one process, in
+alternating rounds after a warm-up, so that machine noise affects all alike. Reported: median images/s
+per contender and the ratios.
+
+    python bench/train_throughput.py [--net mnist_bn|classic|both] [--steps 60] [--rounds 5]
+
+Contenders:
+  convbn   convbn's compiled train step (FusedBatchNorm on conv layers) fed by convbn's tf.data pipeline
+  convbn-bf16  the same with train.precision: mixed_bfloat16 (bfloat16 compute, float32 variables and BN stats)
+  keras    keras.Sequential with keras.layers.BatchNormalization, compile() with default settings, model.fit
+           on in-memory NumPy arrays - what a user would write by hand
+  torch    the same network in PyTorch eager mode on the CPU (only if torch is installed; never a dependency)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from convbn_cli.tf_setup import import_tensorflow  # noqa: E402
+
+tf = import_tensorflow()
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from convbn_cli.config import load_config  # noqa: E402
+from convbn_cli.data.pipeline import make_splits, train_dataset  # noqa: E402
+from convbn_cli.model import build_model  # noqa: E402
+from convbn_cli.train.loop import make_train_step  # noqa: E402
+from convbn_cli.train.optim import make_optimizer  # noqa: E402
+
+BATCH = 128
+
+# The classic network of the BN-on-conv question: 2 x (conv5x5-BN-ReLU-maxpool) + dense-BN-ReLU + dense.
+CLASSIC = {
+    "model": {"bn": {"decay": 0.99}, "layers": [
+        {"type": "conv", "filters": 32, "kernel": 5}, {"type": "pool", "size": 2},
+        {"type": "conv", "filters": 64, "kernel": 5}, {"type": "pool", "size": 2},
+        {"type": "flatten"}, {"type": "dense", "units": 256, "activation": "relu", "bn": True},
+        {"type": "dense", "units": 10}]},
+    "train": {"optimizer": {"name": "adam", "lr": 0.001}},
+    "data": {"batch_size": BATCH, "val_split": 0.0},
+}
+
+
+def config(net):
+    if net == "classic":
+        return load_config(raw=CLASSIC)
+    return load_config(ROOT / "configs" / "mnist_bn.yaml",
+                       [f"data.batch_size={BATCH}", "data.val_split=0", "train.label_smoothing=0",
+                        "train.schedule.name=constant"])
+
+
+def fake_mnist(n):
+    rng = np.random.default_rng(0)
+    return {"x_train": rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), "y_train": rng.integers(0, 10, n),
+            "x_test": np.zeros((1, 28, 28), np.uint8), "y_test": np.zeros(1, np.int64)}
+
+
+# --------------------------------------------------------------------------- contenders
+
+def convbn_contender(cfg, arrays, steps, precision="float32"):
+    model = build_model(cfg, precision=precision)
+    optimizer = make_optimizer(cfg.train, total_steps=10**6)
+    train_step, _ = make_train_step(model, optimizer, cfg.train)
+    splits = make_splits(arrays, cfg)
+    epoch = [0]
+
+    def run():
+        epoch[0] += 1
+        n = 0
+        for x, y in train_dataset(splits, cfg, epoch[0]).take(steps):
+            train_step(x, y)
+            n += 1
+        float(optimizer.iterations.numpy())  # wait for the last step
+        return n * BATCH
+
+    return run
+
+
+def keras_layers(cfg):
+    """The same network as plain Keras layers: Conv2D(use_bias) + BatchNormalization + ReLU, as people write it."""
+    out = [keras.Input((28, 28, 1))]
+    for s in cfg.model.layers:
+        if s.type == "conv":
+            out += [keras.layers.Conv2D(s.filters, tuple(s.kernel), padding=s.padding, use_bias=False),
+                    keras.layers.BatchNormalization(momentum=0.99), keras.layers.ReLU()]
+        elif s.type == "pool":
+            out.append(keras.layers.MaxPooling2D(tuple(s.size)))
+        elif s.type == "flatten":
+            out.append(keras.layers.Flatten())
+        elif s.type == "dropout":
+            out.append(keras.layers.Dropout(s.rate))
+        elif s.type == "dense":
+            if s.bn is not None:
+                out += [keras.layers.Dense(s.units, use_bias=False), keras.layers.BatchNormalization(momentum=0.99),
+                        keras.layers.ReLU()]
+            else:
+                out.append(keras.layers.Dense(s.units))
+    return out
+
+
+def keras_contender(cfg, arrays, steps):
+    model = keras.Sequential(keras_layers(cfg))
+    model.compile(optimizer=keras.optimizers.Adam(cfg.train.optimizer.lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    x = (arrays["x_train"][: steps * BATCH, :, :, None] / 255.0).astype(np.float32)
+    y = arrays["y_train"][: steps * BATCH]
+
+    def run():
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=True)
+        return len(y)
+
+    return run
+
+
+def torch_contender(cfg, arrays, steps):
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    layers, c, hw, flat = [], 1, 28, None
+    for s in cfg.model.layers:
+        if s.type == "conv":
+            k = s.kernel[0]
+            layers += [nn.Conv2d(c, s.filters, k, padding=k // 2 if s.padding == "same" else 0, bias=False),
+                       nn.BatchNorm2d(s.filters, momentum=0.01, eps=1e-3), nn.ReLU()]
+            c = s.filters
+            hw = hw if s.padding == "same" else hw - k + 1
+        elif s.type == "pool":
+            layers.append(nn.MaxPool2d(s.size[0]))
+            hw //= s.size[0]
+        elif s.type == "flatten":
+            layers.append(nn.Flatten())
+            flat = c * hw * hw
+        elif s.type == "dropout":
+            layers.append(nn.Dropout(s.rate))
+        elif s.type == "dense":
+            if s.bn is not None:
+                layers += [nn.Linear(flat, s.units, bias=False), nn.BatchNorm1d(s.units, momentum=0.01, eps=1e-3),
+                           nn.ReLU()]
+            else:
+                layers.append(nn.Linear(flat, s.units))
+            flat = s.units
+    model = nn.Sequential(*layers)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.optimizer.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.from_numpy((arrays["x_train"][: steps * BATCH, None] / 255.0).astype(np.float32))
+    y = torch.from_numpy(arrays["y_train"][: steps * BATCH].astype(np.int64))
+
+    def run():
+        model.train()
+        perm = torch.randperm(len(y))
+        for i in range(steps):
+            idx = perm[i * BATCH:(i + 1) * BATCH]
+            opt.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+        return steps * BATCH
+
+    return run
+
+
+def measure(run):
+    t0 = time.perf_counter()
+    n = run()
+    return n / (time.perf_counter() - t0)
+
+
+def bench(net, steps, rounds):
+    cfg = config(net)
+    arrays = fake_mnist(steps * BATCH)
+    contenders = {"convbn": convbn_contender(cfg, arrays, steps), "keras": keras_contender(cfg, arrays, steps),
+                  "convbn-bf16": convbn_contender(cfg, arrays, steps, "mixed_bfloat16")}
+    try:
+        contenders["torch"] = torch_contender(cfg, arrays, steps)
+    except ImportError:
+        pass
+    for run in contenders.values():  # warm-up: tracing, allocations
+        run()
+    rates = {k: [] for k in contenders}
+    for _ in range(rounds):
+        for name, run in contenders.items():
+            rates[name].append(measure(run))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\nnetwork: {net} ({sum(int(np.prod(w.shape)) for w in build_model(cfg).trainable_weights):,} "
+          f"trainable parameters), batch {BATCH}, {steps} steps x {rounds} alternating rounds")
+    for name in contenders:
+        print(f"  {name:7s} {med[name]:8.0f} images/s   (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
+    for name in ("convbn", "convbn-bf16"):
+        print(f"  {name} / keras model.fit: {med[name] / med['keras']:.2f}x"
+              + (f";  {name} / torch eager: {med[name] / med['torch']:.2f}x" if "torch" in med else ""))
+    return med
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--net", choices=["mnist_bn", "classic", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    import os
+
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs")
+    for net in (["mnist_bn", "classic"] if args.net == "both" else [args.net]):
+        bench(net, args.steps, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
