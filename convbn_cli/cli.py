@@ -35,6 +35,9 @@ def handle_errors(fn):
                 click.echo(str(e), err=True)
                 sys.exit(e.exit_code)
             fail(e.lines, e.exit_code)
+        except OSError as e:  # the machine said no: a full disk, a path that cannot be written, ...
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"{where}{e.strerror or e}")
 
     return wrapper
 

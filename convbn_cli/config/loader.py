@@ -179,9 +179,15 @@ def _safe_name(stem: str) -> str:
 
 
 def format_loc(loc) -> str:
+    """('model', 'layers', 2, 'bn') -> model.layers[2].bn; a key that is no identifier is quoted: data['a b']."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(part)):
+            out += f"[{str(part)!r}]"
+        else:
+            out += f".{part}" if out else str(part)
     return out or "(top level)"
 
 

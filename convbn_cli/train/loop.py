@@ -113,6 +113,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     """
     if resume is not None:
         run = RunDir.open(resume)
+        run.remove_stale_temporaries()
     else:
         run = RunDir.create(cfg.output.root, cfg.output.name or "run")
         run.write_config(cfg)
@@ -182,6 +183,12 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
                    "train_loss": float(sums["loss"].numpy()) / max(seen, 1.0),
                    "train_acc": float(sums["correct"].numpy()) / max(seen, 1.0)}
             val = evaluate(eval_dataset(splits, cfg, "val")) if splits.size("val") else None
+            if val is not None and not math.isfinite(val["loss"]):
+                # finite training loss but weights that already overflow at inference: not a checkpoint to keep
+                raise Diverged(f"validation loss became non-finite ({val['loss']}) after epoch {epoch + 1}; "
+                               f"training stopped. Last good checkpoint: "
+                               f"{manager.latest_checkpoint or 'none (no epoch finished)'}. "
+                               "Lower train.optimizer.lr or check the data.")
             row.update(val_loss=val["loss"] if val else None, val_acc=val["accuracy"] if val else None,
                        lr=current_lr(optimizer), images_per_s=seen / max(epoch_time, 1e-9),
                        epoch_time_s=epoch_time, wall_time_s=time.time() - t_start)

@@ -49,15 +49,21 @@ class RunDir:
         """Make `root/name/<n>` with the next free n. os.mkdir is atomic, so two runs started at the same
         moment with the same name get different numbers instead of sharing a directory."""
         parent = Path(root) / name
-        parent.mkdir(parents=True, exist_ok=True)
-        taken = [int(p.name) for p in parent.iterdir() if p.name.isdigit()]
-        n = max(taken, default=0) + 1
-        while True:
-            try:
-                (parent / str(n)).mkdir()
-                return cls(parent / str(n))
-            except FileExistsError:
-                n += 1
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            taken = [int(p.name) for p in parent.iterdir() if p.name.isdigit()]
+            n = max(taken, default=0) + 1
+            while True:
+                try:
+                    (parent / str(n)).mkdir()
+                    return cls(parent / str(n))
+                except FileExistsError:
+                    n += 1
+        except OSError as e:
+            if isinstance(e, FileExistsError):
+                e.strerror = "exists and is not a directory"
+            raise RunDirError(f"output.root: cannot create a run directory under {parent}: "
+                              f"{e.strerror or e}") from None
 
     @classmethod
     def open(cls, path) -> "RunDir":
@@ -67,6 +73,14 @@ class RunDir:
         if not run.config.is_file():
             raise RunDirError(f"{run.path}: not a run directory (config.yaml is missing)")
         return run
+
+    def remove_stale_temporaries(self) -> list:
+        """Delete the temporary files of atomic writes that a killed process left behind (never a real file)."""
+        stale = [p for folder in (self.path, self.bn_stats) if folder.is_dir()
+                 for p in folder.glob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink()
+        return stale
 
     # Files -----------------------------------------------------------------------------------------
     def write_config(self, cfg) -> None:
