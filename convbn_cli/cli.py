@@ -96,21 +96,30 @@ def format_layer_table(rows) -> str:
 @click.option("--resume", "resume", type=click.Path(file_okay=False), metavar="RUN_DIR",
               help="Continue the run in RUN_DIR from its latest checkpoint (train.epochs=N may raise the epochs).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (they are off anyway when not on a terminal).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Start K local worker processes (127.0.0.1) under MultiWorkerMirroredStrategy.")
 @click.pass_context
 @handle_errors
-def train(ctx, config, overrides, resume, no_progress):
+def train(ctx, config, overrides, resume, no_progress, workers):
     """Train the network CONFIG describes, with KEY=VALUE overrides (e.g. train.epochs=1 model.bn.decay=0.9).
 
     Writes runs/<name>/<n>/: config.yaml, checkpoints/, metrics.jsonl/.csv, bn_stats/, tensorboard/.
     """
     from .config import load_config
 
+    if resume and config is not None:  # `train --resume DIR train.epochs=5`: Click filled CONFIG with the override
+        overrides, config = (config, *overrides), None
+    if workers and workers > 1:
+        from .launcher import launch_workers
+
+        args = (["--resume", resume] if resume else [config]) + list(overrides) + ["--no-progress"]
+        sys.exit(launch_workers(workers, [a for a in args if a is not None], log=lambda m: click.echo(m, err=True)))
     if resume:
-        if config is not None:  # `train --resume DIR train.epochs=5`: Click filled CONFIG with the override
-            overrides = (config, *overrides)
-        bad = [o for o in overrides if not o.split("=", 1)[0].strip() == "train.epochs"]
+        # the weights do not depend on these; anything else would not fit the checkpoint or the run's metrics
+        bad = [o for o in overrides if o.split("=", 1)[0].strip() != "train.epochs"
+               and not o.split("=", 1)[0].strip().startswith("distribute.")]
         if bad:
-            fail(f"--resume: only train.epochs may change when resuming, got {', '.join(bad)}")
+            fail(f"--resume: only train.epochs and distribute.* may change when resuming, got {', '.join(bad)}")
         from .train.rundir import RunDir, RunDirError
 
         try:

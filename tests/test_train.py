@@ -169,4 +169,4 @@ def test_cli_resume_refuses_other_overrides_and_missing_dirs(tmp_path):
     r = run_cli("train", "--resume", tmp_path / "nope")
     assert r.returncode == 2 and "no such run directory" in r.stderr
     r = run_cli("train", "--resume", tmp_path, "model.bn.decay=0.5")
-    assert r.returncode == 2 and "only train.epochs may change when resuming" in r.stderr
+    assert r.returncode == 2 and "only train.epochs and distribute.* may change when resuming" in r.stderr

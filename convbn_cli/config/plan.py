@@ -58,6 +58,7 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
         problems.append(f"model.input_shape: {cfg.data.dataset} gives {h}x{w}x{c} images (height, width, channels), "
                         f"got {'x'.join(map(str, cfg.model.input_shape))}")
     shape = tuple(cfg.model.input_shape)
+    sync_bn = cfg.distribute.strategy != "none" and cfg.distribute.sync_bn
     counters: dict[str, int] = {}
     plan = []
     for i, spec in enumerate(cfg.model.layers):
@@ -109,6 +110,11 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
         layer = PlannedLayer(i, name, spec, shape, out, params, use_bias, bn)
         if bn is not None and not bad:
             layer.bn_impl, why = _bn_impl(bn, kind, explicit=spec.bn.impl is not None)
+            if sync_bn:
+                if bn.impl == "fused" and (spec.bn.impl == "fused" or kind == "conv"):
+                    why = ("the fused kernel cannot all-reduce statistics across replicas; use keras or auto, "
+                           "or distribute.sync_bn: false")
+                layer.bn_impl = "sync"
             if why:
                 problems.append(f"model.layers[{i}].bn.impl: {why}")
         if bad:

@@ -168,7 +168,7 @@ class Augment(Strict):
 
 class DataConfig(Strict):
     dataset: Literal["mnist", "fashion_mnist"] = "mnist"
-    batch_size: In(1, 65536, kind=int) = 128
+    batch_size: In(1, 65536, kind=int) = 128  # per replica: the global batch is batch_size x replicas
     val_split: Fraction = 0.1  # fraction of the training set held out for validation (the last images)
     normalize: Literal["scale", "standardize"] = "scale"  # scale: x/255; standardize: (x/255 - mean) / std
     augment: Optional[Augment] = None
@@ -219,6 +219,12 @@ class TrainConfig(Strict):
     precise_bn: Optional[PreciseBN] = None
 
 
+class DistributeConfig(Strict):
+    strategy: Literal["none", "mirrored", "multi_worker"] = "none"
+    sync_bn: bool = True  # all-reduce BN statistics across replicas (Keras' synchronized BatchNormalization)
+    cpu_replicas: Optional[In(1, 64, kind=int)] = None  # split the CPU into K logical devices (for trying mirrored)
+
+
 class OutputConfig(Strict):
     root: Annotated[str, Field(min_length=1)] = "runs"
     name: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=128)]] = None  # null: file stem
@@ -229,6 +235,7 @@ class Config(Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+    distribute: DistributeConfig = DistributeConfig()
     output: OutputConfig = OutputConfig()
 
 

@@ -65,9 +65,11 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size) if n >= batch_size else 1
 
 
-def train_dataset(splits: Splits, cfg: Config, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
-    """One epoch of training batches; the order depends only on (seed, epoch)."""
-    n, bs = splits.size("train"), cfg.data.batch_size
+def train_dataset(splits: Splits, cfg: Config, epoch: int, skip_batches: int = 0,
+                  batch_size: int | None = None) -> tf.data.Dataset:
+    """One epoch of training batches (of `batch_size`, default data.batch_size; under a strategy the global
+    batch); the order depends only on (seed, epoch)."""
+    n, bs = splits.size("train"), batch_size or cfg.data.batch_size
     steps = steps_per_epoch(n, bs)
     order = np.random.default_rng([cfg.train.seed, epoch]).permutation(n)[: steps * bs if n >= bs else n]
     ds = tf.data.Dataset.from_tensor_slices(order.astype(np.int32)).batch(bs)

@@ -19,10 +19,10 @@ def bn_layer(bn, impl: str, axis: int, name: str, dtype=None):
     if impl == "fused":
         return FusedBatchNorm(axis=axis, momentum=bn.decay, epsilon=bn.epsilon, center=bn.center,
                               scale=bn.scale, name=name, dtype=dtype)
-    extra = {}
+    extra = {"synchronized": True} if impl == "sync" else {}  # all-reduced statistics under tf.distribute
     if bn.renorm:
         extra = dict(renorm=True, renorm_momentum=bn.renorm_momentum,
-                     renorm_clipping=bn.renorm_clipping.model_dump() if bn.renorm_clipping else None)
+                     renorm_clipping=bn.renorm_clipping.model_dump() if bn.renorm_clipping else None, **extra)
     return keras.layers.BatchNormalization(axis=axis, momentum=bn.decay, epsilon=bn.epsilon, center=bn.center,
                                            scale=bn.scale, name=name, dtype=dtype, **extra)
 

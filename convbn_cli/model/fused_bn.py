@@ -47,8 +47,11 @@ class FusedBatchNorm(keras.layers.Layer):
         # Same names and initializers as keras.layers.BatchNormalization, so weights move between the two.
         # autocast=False: under a mixed-precision policy the fused kernel takes bfloat16/float16 inputs but wants
         # float32 scale, offset and statistics (Keras' own BN keeps its variables float32 the same way).
+        # aggregation="mean": under tf.distribute without synchronized BN, each replica's moving-statistics update
+        # is averaged into the mirrored variable.
         def weight(name, init, trainable=True):
-            return self.add_weight(shape=shape, name=name, initializer=init, trainable=trainable, autocast=False)
+            return self.add_weight(shape=shape, name=name, initializer=init, trainable=trainable, autocast=False,
+                                   aggregation="mean")
 
         self.gamma = weight("gamma", "ones") if self.scale else None
         self.beta = weight("beta", "zeros") if self.center else None

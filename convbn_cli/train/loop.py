@@ -8,6 +8,7 @@ bad is written.
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ..model import build_model
 from ..model.stats import bn_statistics
 from .optim import current_lr, make_optimizer
 from .precise_bn import calibration_batches, recalibrate_model, save_recalibrated
+from . import distribute
 from .rundir import RunDir, RunDirError, checkpoint_step
 
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
@@ -111,34 +113,66 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     data: arrays in Keras' mnist.npz layout (x_train, y_train, x_test, y_test); fetched when None.
     on_step: called as on_step(global_step, model) after every training step (tests and benchmarks use it).
     """
+    distribute.setup_devices(cfg)
+    strategy = distribute.make_strategy(cfg)
+    chief = distribute.is_chief(strategy)
+    scratch = None
+    if not chief:
+        # every worker takes part in saving (a collective); only the chief's files are kept
+        scratch = distribute.temporary_run_root()
+        log = _silent
+        progress = False
     if resume is not None:
-        run = RunDir.open(resume)
-        run.remove_stale_temporaries()
+        source = RunDir.open(resume)
+        run = source if chief else RunDir.create(scratch, "worker")
+        if chief:
+            run.remove_stale_temporaries()
     else:
-        run = RunDir.create(cfg.output.root, cfg.output.name or "run")
+        run = RunDir.create(cfg.output.root if chief else scratch, cfg.output.name or "run")
         run.write_config(cfg)
         log(f"run directory: {run.path}")
+    try:
+        return _train(cfg, run, strategy, data, resume, log, progress, on_step)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _silent(*_):
+    pass
+
+
+def _train(cfg, run, strategy, data, resume, log, progress, on_step):
     seed_everything(cfg)
     if data is None:
         data = fetch(cfg.data.dataset, log=log, progress=progress)
     splits = make_splits(data, cfg)
     plan = plan_layers(cfg)
-    model = build_model(cfg, plan, precision=cfg.train.precision)
-    steps = steps_per_epoch(splits.size("train"), cfg.data.batch_size)
-    total_steps = steps * cfg.train.epochs
-    optimizer = make_optimizer(cfg.train, total_steps)
-    optimizer.build(model.trainable_variables)  # create slots now, so a restore fills them instead of deferring
-    ckpt, state = make_checkpoint(model, optimizer)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg.data.batch_size * replicas
+    if replicas > 1:
+        log(f"{replicas} replicas ({type(strategy).__name__}), global batch {global_batch}, "
+            f"BN statistics {'synchronized' if cfg.distribute.sync_bn else 'per replica'}")
+    with strategy.scope():
+        model = build_model(cfg, plan, precision=cfg.train.precision)
+        steps = steps_per_epoch(splits.size("train"), global_batch)
+        total_steps = steps * cfg.train.epochs
+        optimizer = make_optimizer(cfg.train, total_steps)
+        optimizer.build(model.trainable_variables)  # create slots now, so a restore fills them
+        ckpt, state = make_checkpoint(model, optimizer)
     manager = tf.train.CheckpointManager(ckpt, run.checkpoints, max_to_keep=cfg.output.keep_checkpoints,
                                          checkpoint_name="ckpt")
     best_manager = tf.train.CheckpointManager(ckpt, run.best, max_to_keep=1, checkpoint_name="ckpt")
     metrics = []
     if resume is not None:
-        restored = _restore_latest(ckpt, manager, log)
+        # a non-chief worker reads the chief's checkpoints and writes its own copy to scratch space
+        source = manager if Path(resume).resolve() == run.path.resolve() else tf.train.CheckpointManager(
+            ckpt, Path(resume) / "checkpoints", max_to_keep=None, checkpoint_name="ckpt")
+        restored = _restore_latest(ckpt, source, log)
         if restored is None:
             log("no checkpoint yet: starting from the beginning")
         done_epochs = int(state["epoch"].numpy())
-        metrics = [r for r in run.read_metrics() if r["epoch"] <= done_epochs]
+        metrics = [r for r in RunDir(resume).read_metrics() if r["epoch"] <= done_epochs]
         if restored and done_epochs and not state["step_in_epoch"].numpy() \
                 and not (run.bn_stats / f"epoch_{done_epochs}.json").is_file():
             run.write_bn_stats(done_epochs, bn_statistics(model))  # killed before it was written
@@ -147,7 +181,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     if start_epoch >= cfg.train.epochs:
         log(f"{run.path}: already trained {start_epoch} of {cfg.train.epochs} epochs; nothing to do")
 
-    train_step, sums = make_train_step(model, optimizer, cfg.train)
+    with strategy.scope():
+        train_step, sums = make_train_step(model, optimizer, cfg.train, strategy, global_batch)
 
     evaluate = make_evaluator(model)  # plain cross-entropy, as `convbn eval` reports it
     tb = tf.summary.create_file_writer(str(run.tensorboard))
@@ -158,7 +193,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
                 v.assign(0.0)
             bar = _bar(progress, steps, epoch, cfg.train.epochs, skip)
             t0, done = time.time(), skip
-            for x, y in train_dataset(splits, cfg, epoch, skip_batches=skip):
+            for x, y in _distributed(strategy, train_dataset(splits, cfg, epoch, skip, global_batch)):
                 train_step(x, y)
                 done += 1
                 bar.update(1)
@@ -167,7 +202,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
                     on_step(global_step, model)
                 if global_step % PROGRESS_EVERY == 0 or done == steps:
                     _check_finite(sums, epoch, global_step, manager)
-                    bar.set_postfix(_postfix(sums, t0, done - skip, cfg.data.batch_size), refresh=False)
+                    bar.set_postfix(_postfix(sums, t0, done - skip, global_batch), refresh=False)
                 if stop.signum is not None:
                     bar.close()
                     _check_finite(sums, epoch, global_step, manager)
@@ -228,27 +263,47 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     return TrainResult(run.path, metrics, test["loss"], test["accuracy"], model)
 
 
-def make_train_step(model, optimizer, train_cfg):
+def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=None):
     """(train_step(x, y), sums): one compiled optimization step that also adds to running loss/accuracy sums.
 
-    The sums live in variables, so that reading them (every PROGRESS_EVERY steps) is the only host sync.
+    Under a tf.distribute strategy each replica averages its per-example losses over the *global* batch
+    (tf.nn.compute_average_loss), so the gradients the optimizer all-reduces add up to the gradient of the
+    global batch's mean loss: the same step one device would take on the whole batch.
+    The sums live in variables (summed across replicas when read), so reading them every PROGRESS_EVERY
+    steps is the only host sync.
     """
-    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=train_cfg.label_smoothing)
-    sums = {k: tf.Variable(0.0, dtype=tf.float64, trainable=False) for k in ("loss", "correct", "count")}
+    strategy = strategy or tf.distribute.get_strategy()
+    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=train_cfg.label_smoothing,
+                                                   reduction=None)
+    sums = {k: tf.Variable(0.0, dtype=tf.float64, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                           aggregation=tf.VariableAggregation.SUM) for k in ("loss", "correct", "count")}
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)  # BN: batch statistics, moving averages updated
+            per_example = loss_fn(tf.one_hot(y, 10), logits)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch or tf.shape(y)[0])
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        sums["loss"].assign_add(tf.reduce_sum(tf.cast(per_example, tf.float64)))
+        sums["correct"].assign_add(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), y), tf.float64)))
+        sums["count"].assign_add(tf.cast(tf.shape(y)[0], tf.float64))
 
     @tf.function(jit_compile=train_cfg.jit_compile or None, reduce_retracing=True)
     def train_step(x, y):
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)  # BN: batch statistics, moving averages updated
-            loss = loss_fn(tf.one_hot(y, 10), logits)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        n = tf.cast(tf.shape(y)[0], tf.float64)
-        sums["loss"].assign_add(tf.cast(loss, tf.float64) * n)
-        sums["correct"].assign_add(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), y), tf.float64)))
-        sums["count"].assign_add(n)
+        strategy.run(replica_step, args=(x, y))
 
     return train_step, sums
+
+
+def _distributed(strategy, dataset):
+    """Hand each replica its slice of every global batch (the dataset itself as it is, without a strategy)."""
+    if strategy.num_replicas_in_sync == 1 and not hasattr(strategy, "cluster_resolver"):
+        return dataset
+    options = tf.data.Options()
+    # the data are in memory, not in files: shard each global batch by elements across the workers
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
 def make_evaluator(model):

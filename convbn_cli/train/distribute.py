@@ -1,0 +1,76 @@
+"""Data-parallel training on TensorFlow's own engine (tf.distribute), and a local launcher for several workers.
+
+With data parallelism each replica sees only its part of the global batch. Without synchronized BN each
+replica normalizes with the statistics of its own slice (noisier than the batch size the user configured);
+with `distribute.sync_bn` (default) the per-channel sums are all-reduced across replicas, so every replica
+normalizes with the statistics of the whole global batch, exactly as one device would. That all-reduce is
+Keras' `BatchNormalization(synchronized=True)`; the fused kernel cannot all-reduce, so under a strategy
+with sync BN every BN layer uses the Keras layer.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from ..errors import ConvbnError
+
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("CONVBN_COLLECTIVE_TIMEOUT", "120"))
+
+
+def setup_devices(cfg) -> None:
+    """Split the host CPU into `cpu_replicas` logical devices (must happen before TensorFlow starts its runtime)."""
+    import tensorflow as tf
+
+    k = cfg.distribute.cpu_replicas
+    if not k:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * k)
+    except RuntimeError:  # the runtime already started in this process (e.g. a second run in one session)
+        if len(tf.config.list_logical_devices("CPU")) != k:
+            raise ConvbnError(f"distribute.cpu_replicas: TensorFlow already started in this process with "
+                              f"{len(tf.config.list_logical_devices('CPU'))} CPU device(s); run in a fresh "
+                              f"process to get {k}") from None
+
+
+def make_strategy(cfg):
+    """The tf.distribute strategy the config asks for (the default, no-op strategy for `none`)."""
+    import tensorflow as tf
+
+    d = cfg.distribute
+    if d.strategy == "none":
+        return tf.distribute.get_strategy()
+    if d.strategy == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            return tf.distribute.MirroredStrategy()  # all GPUs, NCCL all-reduce
+        cpus = [c.name for c in tf.config.list_logical_devices("CPU")]
+        # NCCL is GPU-only; on CPU devices reduce through one device
+        return tf.distribute.MirroredStrategy(cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
+    if "TF_CONFIG" not in os.environ:
+        raise ConvbnError("distribute.strategy: multi_worker needs TF_CONFIG describing the cluster "
+                          "(or use `convbn train --workers K` to start K local workers)")
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_S)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    spec = resolver.cluster_spec().as_dict()
+    if "chief" in spec:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def worker_name(strategy) -> str:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return f"{resolver.task_type} {resolver.task_id}" if resolver is not None and resolver.task_type else "local"
+
+
+def temporary_run_root() -> str:
+    """Where a non-chief worker writes what the strategy makes every worker write (removed at the end)."""
+    return tempfile.mkdtemp(prefix="convbn-worker-")
