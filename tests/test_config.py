@@ -75,7 +75,7 @@ BAD = [
     (with_changes(("train.schedule", "cosine")), ["train.schedule: must be a mapping, got 'cosine'"]),
     (with_changes(("output.name", "'a/b'")),
      ["output.name: may contain only letters, digits, '.', '_' and '-', got 'a/b'"]),
-    (with_changes(("tran.epochs", "1")), ["tran: unknown key (expected one of: data, model, train, output)"]),
+    (with_changes(("tran.epochs", "1")), ["tran: unknown key (expected one of: data, model, train, distribute, output)"]),
     ({"data": {}}, ["model: required key missing"]),
     (with_changes(("model.layers", "[]")), ["model.layers: must have at least 1 item(s)"]),
     # several problems at once: one line each

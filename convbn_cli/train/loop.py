@@ -298,7 +298,7 @@ def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=Non
 
 def _distributed(strategy, dataset):
     """Hand each replica its slice of every global batch (the dataset itself as it is, without a strategy)."""
-    if strategy.num_replicas_in_sync == 1 and not hasattr(strategy, "cluster_resolver"):
+    if strategy.num_replicas_in_sync == 1 and getattr(strategy, "cluster_resolver", None) is None:
         return dataset
     options = tf.data.Options()
     # the data are in memory, not in files: shard each global batch by elements across the workers
