@@ -123,8 +123,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         log = _silent
         progress = False
     if resume is not None:
-        source = RunDir.open(resume)
-        run = source if chief else RunDir.create(scratch, "worker")
+        run = RunDir.open(resume) if chief else RunDir.create(scratch, "worker")
         if chief:
             run.remove_stale_temporaries()
     else:
@@ -220,10 +219,7 @@ def _train(cfg, run, strategy, data, resume, log, progress, on_step):
             val = evaluate(eval_dataset(splits, cfg, "val")) if splits.size("val") else None
             if val is not None and not math.isfinite(val["loss"]):
                 # finite training loss but weights that already overflow at inference: not a checkpoint to keep
-                raise Diverged(f"validation loss became non-finite ({val['loss']}) after epoch {epoch + 1}; "
-                               f"training stopped. Last good checkpoint: "
-                               f"{manager.latest_checkpoint or 'none (no epoch finished)'}. "
-                               "Lower train.optimizer.lr or check the data.")
+                raise _diverged(f"validation loss became non-finite ({val['loss']}) after epoch {epoch + 1}", manager)
             row.update(val_loss=val["loss"] if val else None, val_acc=val["accuracy"] if val else None,
                        lr=current_lr(optimizer), images_per_s=seen / max(epoch_time, 1e-9),
                        epoch_time_s=epoch_time, wall_time_s=time.time() - t_start)
@@ -350,9 +346,13 @@ def _restore_latest(ckpt, manager, log):
 def _check_finite(sums, epoch, step, manager):
     loss = float(sums["loss"].numpy())
     if not math.isfinite(loss):
-        last = manager.latest_checkpoint or "none (no epoch finished)"
-        raise Diverged(f"loss became non-finite ({loss}) in epoch {epoch + 1}, by step {step}; training stopped. "
-                       f"Last good checkpoint: {last}. Lower train.optimizer.lr or check the data.")
+        raise _diverged(f"loss became non-finite ({loss}) in epoch {epoch + 1}, by step {step}", manager)
+
+
+def _diverged(what, manager) -> Diverged:
+    last = manager.latest_checkpoint or "none (no epoch finished)"
+    return Diverged(f"{what}; training stopped. Last good checkpoint: {last}. Lower train.optimizer.lr or check "
+                    "the data.")
 
 
 def _bar(progress, steps, epoch, epochs, skip):
