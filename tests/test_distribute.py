@@ -167,3 +167,20 @@ def test_a_dead_worker_fails_the_run_naming_it(tmp_path, mnist_cache, monkeypatc
         launcher.launch_workers(2, [str(p), "--no-progress"], log=lambda m: None)
     assert time.time() - t0 < 60
     assert all(proc.poll() is not None for proc in started)  # nothing left running
+
+
+def test_resume_under_a_strategy(tmp_path, mnist_cache):
+    """A mirrored run (2 logical CPUs, sync BN) stopped after one epoch continues from its checkpoint."""
+    raw = tiny_raw(tmp_path, **{"data.max_train": 640, "data.max_test": 200, "train.epochs": 1,
+                                "distribute": {"strategy": "mirrored", "cpu_replicas": 2}})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    env = {"CONVBN_DATA_DIR": str(mnist_cache)}
+    first = run_cli("train", p, "--no-progress", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny" / "1"
+    again = run_cli("train", "--resume", run, "train.epochs=2", "--no-progress", env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "2 replicas (MirroredStrategy)" in again.stdout
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["step"] == 2 * rows[0]["step"]
