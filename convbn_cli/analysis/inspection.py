@@ -1,7 +1,6 @@
-"""Every BN layer's per-channel parameters, read from a checkpoint, and what BN does with them at inference.
+"""Every BN layer's per-channel parameters, read from a checkpoint, and what BN does with them at inference
+(the affine map scale * x + shift; see model/stats.py).
 
-At inference BN is an affine map per channel: y = scale * x + shift with
-    scale = gamma / sqrt(moving_variance + epsilon),   shift = beta - moving_mean * scale.
 |gamma| is also the channel-importance signal of Network Slimming (Liu et al. 2017): a channel whose gamma
 is near zero contributes (almost) only a constant and can be pruned.
 """
@@ -10,33 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model import bn_layers
+from ..model.stats import bn_parameters
 from ..train.checkpoints import CheckpointError, load
 
 QUANTITIES = ("gamma", "beta", "moving_mean", "moving_variance", "scale", "shift")
 
 
-def bn_parameters(model) -> dict:
-    """{layer name: {gamma, beta, moving_mean, moving_variance, scale, shift: arrays (channels,), epsilon, ...}}."""
-    out = {}
-    for layer in bn_layers(model):
-        mean = np.asarray(layer.moving_mean.numpy(), np.float64)
-        var = np.asarray(layer.moving_variance.numpy(), np.float64)
-        gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones_like(mean)
-        beta = np.asarray(layer.beta.numpy(), np.float64) if layer.center else np.zeros_like(mean)
-        scale = gamma / np.sqrt(var + layer.epsilon)
-        out[layer.name] = {
-            "channels": int(mean.shape[0]), "epsilon": float(layer.epsilon), "decay": float(layer.momentum),
-            "center": bool(layer.center), "scale_learned": bool(layer.scale),
-            "impl": "fused" if type(layer).__name__ == "FusedBatchNorm" else "keras",
-            "gamma": gamma, "beta": beta, "moving_mean": mean, "moving_variance": var,
-            "scale": scale, "shift": beta - mean * scale,
-        }
-    return out
-
-
 def inspect_bn(target, *, which="best", layers=None) -> dict:
-    """{checkpoint, layers: {name: ...}} for a run directory or checkpoint prefix (see bn_parameters).
+    """{checkpoint, layers: {name: ...}} for a run directory or checkpoint prefix (see model.stats.bn_parameters).
 
     The values come from restoring the checkpoint into the model its run's config describes; a checkpoint
     without moving statistics fails the restore (every variable must be found) rather than showing 0 and 1.

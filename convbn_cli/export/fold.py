@@ -16,28 +16,21 @@ import keras
 import numpy as np
 
 from ..model import FusedBatchNorm
+from ..model.stats import bn_layer_parameters
 
 FOLDABLE = (keras.layers.Conv2D, keras.layers.Dense)
 BN_TYPES = (FusedBatchNorm, keras.layers.BatchNormalization)
 
 
-def _bn_values(bn):
-    mean = bn.moving_mean.numpy().astype(np.float64)
-    var = bn.moving_variance.numpy().astype(np.float64)
-    gamma = bn.gamma.numpy().astype(np.float64) if bn.scale else np.ones_like(mean)
-    beta = bn.beta.numpy().astype(np.float64) if bn.center else np.zeros_like(mean)
-    return gamma, beta, mean, var
-
-
 def fold_into(spec: dict, bn) -> dict:
     """Fold `bn` into the conv/dense layer described by spec {"cls", "config", "weights"}; returns a new spec."""
-    gamma, beta, mean, var = _bn_values(bn)
-    s = gamma / np.sqrt(var + bn.epsilon)
+    p = bn_layer_parameters(bn)
+    s = p["scale"]  # gamma / sqrt(var + eps)
     kernel = spec["weights"][0].astype(np.float64)
-    bias = spec["weights"][1].astype(np.float64) if spec["config"].get("use_bias") else np.zeros_like(mean)
+    bias = spec["weights"][1].astype(np.float64) if spec["config"].get("use_bias") else np.zeros_like(s)
     # Keras keeps the output channels on the kernel's last axis for Conv2D (either data_format) and Dense.
     new_kernel = (kernel * s).astype(np.float32)
-    new_bias = (beta + (bias - mean) * s).astype(np.float32)
+    new_bias = (p["beta"] + (bias - p["moving_mean"]) * s).astype(np.float32)
     return {"cls": spec["cls"], "config": {**spec["config"], "use_bias": True}, "weights": [new_kernel, new_bias]}
 
 

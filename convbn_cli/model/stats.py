@@ -1,4 +1,8 @@
-"""Per-channel BN statistics of a live model, as plain lists (for bn_stats/*.json and TensorBoard)."""
+"""Per-channel BN parameters of a live model: what bn_stats/*.json, TensorBoard, inspect-bn and BN folding read.
+
+At inference BN is an affine map per channel, y = scale * x + shift, with
+    scale = gamma / sqrt(moving_variance + epsilon),   shift = beta - moving_mean * scale.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,28 @@ import numpy as np
 from .builder import bn_layers
 
 
+def bn_layer_parameters(layer) -> dict:
+    """One BN layer's per-channel arrays (float64): gamma, beta, moving mean/variance, and the inference map."""
+    mean = np.asarray(layer.moving_mean.numpy(), np.float64)
+    var = np.asarray(layer.moving_variance.numpy(), np.float64)
+    gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones_like(mean)
+    beta = np.asarray(layer.beta.numpy(), np.float64) if layer.center else np.zeros_like(mean)
+    scale = gamma / np.sqrt(var + layer.epsilon)
+    return {
+        "channels": int(mean.shape[0]), "epsilon": float(layer.epsilon), "decay": float(layer.momentum),
+        "center": bool(layer.center), "scale_learned": bool(layer.scale),
+        "impl": "fused" if type(layer).__name__ == "FusedBatchNorm" else "keras",
+        "gamma": gamma, "beta": beta, "moving_mean": mean, "moving_variance": var,
+        "scale": scale, "shift": beta - mean * scale,
+    }
+
+
+def bn_parameters(model) -> dict:
+    """{layer name: bn_layer_parameters(layer)} for every BN layer of the model, in order."""
+    return {layer.name: bn_layer_parameters(layer) for layer in bn_layers(model)}
+
+
 def bn_statistics(model) -> dict:
-    """{layer name: {gamma, beta, moving_mean, moving_variance (lists, one entry per channel), epsilon, ...}}."""
-    out = {}
-    for layer in bn_layers(model):
-        c = int(layer.moving_mean.shape[0])
-        gamma = layer.gamma.numpy() if layer.scale else np.ones(c, np.float32)
-        beta = layer.beta.numpy() if layer.center else np.zeros(c, np.float32)
-        out[layer.name] = {
-            "impl": "fused" if type(layer).__name__ == "FusedBatchNorm" else "keras",
-            "channels": c,
-            "epsilon": float(layer.epsilon),
-            "decay": float(layer.momentum),
-            "center": bool(layer.center),
-            "scale": bool(layer.scale),
-            "gamma": gamma.tolist(),
-            "beta": beta.tolist(),
-            "moving_mean": layer.moving_mean.numpy().tolist(),
-            "moving_variance": layer.moving_variance.numpy().tolist(),
-        }
-    return out
+    """bn_parameters with the arrays as lists (JSON-ready)."""
+    return {name: {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in p.items()}
+            for name, p in bn_parameters(model).items()}
