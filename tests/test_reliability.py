@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CONFIGS, REPO, run_cli, tiny_raw
+from conftest import CONFIGS, run_cli, tiny_raw
 from convbn_cli.cli import main
 
 SHIPPED = [yaml.safe_load(p.read_text()) for p in CONFIGS]
