@@ -44,7 +44,7 @@ def handle_errors(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="convbn")
-@click.option("--verbose", is_flag=True, help="Show TensorFlow's own log output and full tracebacks.")
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log output.")
 @click.pass_context
 def main(ctx, verbose):
     """Train conv nets with per-channel batch normalization on MNIST-like data, and inspect every filter's BN."""
@@ -145,7 +145,7 @@ def train(ctx, config, overrides, resume, no_progress, workers):
 TARGET_HELP = "a run directory, a checkpoint prefix (runs/x/1/checkpoints/ckpt-420) or an exported .keras model"
 
 
-@main.command("eval")
+@main.command("eval", help="Accuracy, loss, per-class accuracy and confusion matrix of TARGET: " + TARGET_HELP + ".")
 @click.argument("target", metavar="TARGET")
 @click.option("--checkpoint", "which", type=click.Choice(["best", "latest"]), default="best", show_default=True,
               help="Which checkpoint of a run directory.")
@@ -157,7 +157,6 @@ TARGET_HELP = "a run directory, a checkpoint prefix (runs/x/1/checkpoints/ckpt-4
 @click.pass_context
 @handle_errors
 def eval_cmd(ctx, target, which, split, bn_stats, as_json, no_progress):
-    """Accuracy, loss, per-class accuracy and confusion matrix of TARGET (""" + TARGET_HELP + """)."""
     _tf(ctx)
     from .analysis import evaluate
 
