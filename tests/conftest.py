@@ -35,6 +35,14 @@ def mnist_cache(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def mnist(mnist_cache):
+    """The real MNIST arrays (Keras' npz layout), read once from the session's cache."""
+    from convbn_cli.data.formats import read_npz
+
+    return read_npz(mnist_cache / "mnist.npz")
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     """An empty cache directory for this test only."""

@@ -19,15 +19,9 @@ from conftest import tiny_raw  # noqa: E402
 from convbn_cli.analysis import compare, evaluate, inspect_bn  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
-from convbn_cli.data.formats import read_npz  # noqa: E402
 from convbn_cli.data.pipeline import eval_dataset, make_splits  # noqa: E402
 from convbn_cli.model import bn_layers, build_model  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def mnist(mnist_cache):
-    return read_npz(mnist_cache / "mnist.npz")
 
 
 @pytest.fixture(scope="module")

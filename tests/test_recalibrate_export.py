@@ -19,18 +19,12 @@ from conftest import tiny_raw  # noqa: E402
 from convbn_cli.analysis.recalibrate import recalibrate  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
-from convbn_cli.data.formats import read_npz  # noqa: E402
 from convbn_cli.data.pipeline import make_splits, normalizer  # noqa: E402
 from convbn_cli.export import export, standard_model  # noqa: E402
 from convbn_cli.model import FusedBatchNorm, bn_layers, build_model  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
 from convbn_cli.train.checkpoints import load  # noqa: E402
 from convbn_cli.train.precise_bn import recalibrate_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def mnist(mnist_cache):
-    return read_npz(mnist_cache / "mnist.npz")
 
 
 @pytest.fixture(scope="module")

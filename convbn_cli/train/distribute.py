@@ -66,11 +66,6 @@ def is_chief(strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0
 
 
-def worker_name(strategy) -> str:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    return f"{resolver.task_type} {resolver.task_id}" if resolver is not None and resolver.task_type else "local"
-
-
 def temporary_run_root() -> str:
     """Where a non-chief worker writes what the strategy makes every worker write (removed at the end)."""
     return tempfile.mkdtemp(prefix="convbn-worker-")

@@ -159,6 +159,7 @@ def _train(cfg, run, strategy, data, resume, log, progress, on_step):
         optimizer = make_optimizer(cfg.train, total_steps)
         optimizer.build(model.trainable_variables)  # create slots now, so a restore fills them
         ckpt, state = make_checkpoint(model, optimizer)
+        train_step, sums = make_train_step(model, optimizer, cfg.train, strategy, global_batch)
     manager = tf.train.CheckpointManager(ckpt, run.checkpoints, max_to_keep=cfg.output.keep_checkpoints,
                                          checkpoint_name="ckpt")
     best_manager = tf.train.CheckpointManager(ckpt, run.best, max_to_keep=1, checkpoint_name="ckpt")
@@ -180,8 +181,6 @@ def _train(cfg, run, strategy, data, resume, log, progress, on_step):
     if start_epoch >= cfg.train.epochs:
         log(f"{run.path}: already trained {start_epoch} of {cfg.train.epochs} epochs; nothing to do")
 
-    with strategy.scope():
-        train_step, sums = make_train_step(model, optimizer, cfg.train, strategy, global_batch)
 
     evaluate = make_evaluator(model)  # plain cross-entropy, as `convbn eval` reports it
     tb = tf.summary.create_file_writer(str(run.tensorboard))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from pathlib import Path
 
@@ -124,6 +123,3 @@ def checkpoint_step(prefix) -> int:
     m = re.search(r"ckpt-(\d+)$", str(prefix))
     return int(m.group(1)) if m else -1
 
-
-def is_run_dir(path) -> bool:
-    return os.path.isfile(os.path.join(path, "config.yaml")) and os.path.isdir(os.path.join(path, "checkpoints"))
