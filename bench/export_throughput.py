@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.export import standard_model  # noqa: E402
 from convbn_cli.model import bn_layers, build_model  # noqa: E402
-from convbn_cli.train.checkpoints import load  # noqa: E402
+from convbn_cli.runs.target import open_target  # noqa: E402
 
 
 def images_per_s(fn, x, seconds):
@@ -46,7 +46,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=1.5)
     args = ap.parse_args()
     if args.run_dir:
-        _, model, source, _ = load(args.run_dir)
+        target = open_target(args.run_dir)
+        model, source = target.model, target.source
     else:
         model = build_model(load_config(Path(__file__).resolve().parents[1] / "configs" / "mnist_bn.yaml"))
         rng = np.random.default_rng(0)

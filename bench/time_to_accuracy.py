@@ -38,7 +38,8 @@ def one_run(config, seed, every, target, out, overrides=()):
     import_tensorflow()
     from convbn_cli.config import load_config
     from convbn_cli.data.pipeline import eval_dataset, make_splits
-    from convbn_cli.train import make_evaluator, train
+    from convbn_cli.model import Evaluator
+    from convbn_cli.train import train
 
     cfg = load_config(config, [*overrides, f"train.seed={seed}", f"output.root={tempfile.mkdtemp()}"])
     state = {"eval_s": 0.0, "evals": []}
@@ -52,7 +53,7 @@ def one_run(config, seed, every, target, out, overrides=()):
         if "evaluate" not in state:
             from convbn_cli.data import fetch
 
-            state["evaluate"] = make_evaluator(model)
+            state["evaluate"] = Evaluator(model, cfg.dataset.num_classes)
             splits = make_splits(fetch(cfg.data.dataset, log=lambda m: None), cfg)
             state["test"] = eval_dataset(splits, cfg, "test", 2000)
         acc = state["evaluate"](state["test"])["accuracy"]

@@ -1,14 +1,31 @@
 """The errors convbn reports to users: one line each, with the exit code the CLI ends with.
 
-Kept free of TensorFlow so that the CLI can catch them without importing it.
+Kept free of TensorFlow so that the CLI can catch them without importing it. The exit codes (README, "Exit
+codes"): 0 done; 2 bad input; 3 training diverged; 128 + signal number when interrupted; 1 anything else.
 """
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 
 
 class ConvbnError(Exception):
-    """A problem a user can fix (bad config, data file, checkpoint, run directory): exit code 2."""
+    """A problem a user can fix (bad config, data file, checkpoint, run directory). Subclasses may set another
+    `exit_code` (see the module docstring); `lines` are printed one per line, each prefixed with "error: "."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
     @property
     def lines(self):
         return [str(self)]
+
+
+class ConfigError(ConvbnError):
+    """A config that cannot be used; `problems` holds one line per problem, each naming its dotted key."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+    @property
+    def lines(self):
+        return self.problems

@@ -1,24 +1,35 @@
-"""Small file helpers shared by every command: atomic writes, so a kill at any moment leaves either the old
-file or the complete new one, never a half-written one."""
+"""Atomic writes, the one way convbn writes a file or a directory: a kill at any moment leaves either the old
+file or the complete new one, never a half-written one.
+
+Everything is first written to a temporary name in the same directory (so the final rename stays on one file
+system, where it is atomic) and then renamed into place; a failure removes the temporary.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 
-def write_text_atomic(path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w"):
+    """Open a temporary file beside `path` for writing; on success it is synced and renamed over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        # mkstemp makes the file 0600; give it the mode any other new file would get (the umask's)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
     except BaseException:
         if os.path.exists(tmp):
@@ -26,5 +37,34 @@ def write_text_atomic(path, text: str) -> None:
         raise
 
 
+def write_text_atomic(path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
 def write_json_atomic(path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def staged(path):
+    """Yield a temporary path beside `path` (for a file or a whole directory, e.g. a SavedModel); move it into
+    place only if the block succeeds. A failed write then leaves nothing half-written at `path`, and an earlier
+    file or directory at `path` is replaced only by a complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp / path.name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        (tmp / path.name).rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

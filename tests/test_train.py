@@ -18,7 +18,9 @@ tf = pytest.importorskip("tensorflow")
 
 from conftest import run_cli, tiny_raw  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
-from convbn_cli.train import Diverged, Interrupted, RunDir, checkpoints, train  # noqa: E402
+from convbn_cli.runs import RunDir  # noqa: E402
+from convbn_cli.runs.target import open_target  # noqa: E402
+from convbn_cli.train import Diverged, Interrupted, train  # noqa: E402
 
 
 def quiet(*_):
@@ -122,7 +124,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, syntheti
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.checkpoints.iterdir() if p.is_file()}
     assert after == holder["hashes"]  # nothing written over the good checkpoint
     assert [r["epoch"] for r in run.read_metrics()] == [1]
-    _, model, prefix, _ = checkpoints.load(run.path, "latest")
+    target = open_target(run.path, "latest")
+    model, prefix = target.model, target.source
     assert prefix.endswith("ckpt-16") and all(np.isfinite(w).all() for w in weights(model))
 
 

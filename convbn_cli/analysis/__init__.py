@@ -1,6 +1,8 @@
-"""After training: evaluate checkpoints and inspect every BN layer's per-channel parameters."""
+"""After training: evaluate targets, inspect every BN layer's per-channel parameters, recalibrate (precise BN).
+Imports TensorFlow; reads runs and targets through `convbn_cli.runs`, never `convbn_cli.train`."""
 
 from .evaluate import evaluate
 from .inspection import compare, inspect_bn
+from .recalibrate import recalibrate
 
-__all__ = ["compare", "evaluate", "inspect_bn"]
+__all__ = ["compare", "evaluate", "inspect_bn", "recalibrate"]

@@ -10,19 +10,29 @@ from __future__ import annotations
 import numpy as np
 
 from ..model.stats import bn_parameters
-from ..train.checkpoints import CheckpointError, load
+from ..runs.checkpoints import CheckpointError
+from ..runs.target import open_target
 
 QUANTITIES = ("gamma", "beta", "moving_mean", "moving_variance", "scale", "shift")
 
 
 def inspect_bn(target, *, which="best", layers=None) -> dict:
-    """{checkpoint, layers: {name: ...}} for a run directory or checkpoint prefix (see model.stats.bn_parameters).
+    """Every BN layer's per-channel parameters (see model.stats.bn_parameters).
 
     The values come from restoring the checkpoint into the model its run's config describes; a checkpoint
     without moving statistics fails the restore (every variable must be found) rather than showing 0 and 1.
+
+    Args:
+        target: a run directory, checkpoint prefix or .keras model.
+        which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
+        layers: only these BN layers (names); None: all.
+
+    Returns:
+        {"checkpoint": source, "layers": {name: {gamma, beta, moving_mean, moving_variance, scale, shift, ...}}}.
     """
-    _, model, prefix, _ = load(target, which)
-    params = bn_parameters(model)
+    t = open_target(target, which)
+    prefix = t.source
+    params = bn_parameters(t.model)
     if not params:
         raise CheckpointError(f"{prefix}: the model has no BN layers")
     if layers:

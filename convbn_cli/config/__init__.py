@@ -1,6 +1,7 @@
 """Configs: the YAML schema, overrides, validation and the layer plan (no TensorFlow here)."""
 
-from .loader import ConfigError, apply_overrides, dump_config, load_config, read_yaml
+from ..errors import ConfigError
+from .loader import apply_overrides, dump_config, load_config, read_yaml
 from .plan import PlannedLayer, layer_table, plan_layers
 from .schema import BNSettings, Config
 

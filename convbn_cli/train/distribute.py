@@ -1,4 +1,5 @@
-"""Data-parallel training on TensorFlow's own engine (tf.distribute), and a local launcher for several workers.
+"""Data-parallel training on TensorFlow's own engine (tf.distribute): devices, the strategy, who is chief.
+(The `--workers K` launcher, which needs no TensorFlow, is convbn_cli/launcher.py.)
 
 With data parallelism each replica sees only its part of the global batch. Without synchronized BN each
 replica normalizes with the statistics of its own slice (noisier than the batch size the user configured);

@@ -1,8 +1,10 @@
-"""Training: data -> model -> tf.function train step -> validation -> checkpoints, metrics and BN statistics.
+"""Training: data -> model -> tf.function train step -> validation -> checkpoints, in named phases.
 
-The loop is written out (rather than `model.fit`) so that it can resume in the middle of an epoch with
-the exact batches and optimizer state, save on Ctrl-C, and stop on a non-finite loss before anything
-bad is written.
+The loop is written out (rather than `model.fit`) so that it can resume in the middle of an epoch with the
+exact batches and optimizer state, save on Ctrl-C, and stop on a non-finite loss before anything bad is
+written. The phases are Trainer methods (setup, restore, run_epoch, end_of_epoch, finish); everything
+around them (metrics files, BN statistics, TensorBoard, console, progress bar, the signal checkpoint) is a
+subscriber to the trainer's events (events.py).
 """
 
 from __future__ import annotations
@@ -15,22 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from ..config import plan_layers
 from ..config.schema import Config
 from ..data import fetch
-from ..errors import ConvbnError
-from ..data.pipeline import eval_dataset, make_splits, steps_per_epoch, train_dataset
-from ..model import build_model
+from ..data.pipeline import calibration_batches, eval_dataset, make_splits, steps_per_epoch, train_dataset
+from ..errors import EXIT_DIVERGED, ConvbnError
+from ..model import Evaluator, build_model, recalibrate_model
 from ..model.stats import bn_statistics
+from ..runs import RunDir, open_for_resume
+from ..runs.checkpoints import restore_latest, save_recalibrated, training_managers
+from . import distribute, events
 from .optim import current_lr, make_optimizer
-from .precise_bn import calibration_batches, recalibrate_model, save_recalibrated
-from . import distribute
-from .rundir import RunDir, RunDirError, checkpoint_step
-
-PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
 
 class Interrupted(ConvbnError):
@@ -47,7 +46,7 @@ class Interrupted(ConvbnError):
 class Diverged(ConvbnError):
     """The loss became NaN or infinite; nothing from the bad steps was saved."""
 
-    exit_code = 3
+    exit_code = EXIT_DIVERGED
 
 
 @dataclass
@@ -57,32 +56,6 @@ class TrainResult:
     test_loss: float = float("nan")
     test_acc: float = float("nan")
     model: object = None
-
-
-class _StopFlag:
-    """Turn SIGINT/SIGTERM into a flag checked between steps, so a signal never lands inside a checkpoint
-    write. A second Ctrl-C raises KeyboardInterrupt at once, for a loop that does not come back."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def seed_everything(cfg: Config) -> None:
@@ -108,30 +81,48 @@ def make_checkpoint(model, optimizer):
 
 def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, progress: bool = True,
           on_step=None) -> TrainResult:
-    """Train `cfg` and write a run directory; or, with `resume=RUN_DIR`, continue that run.
+    """Train the network `cfg` describes and write a run directory; or continue a run.
 
-    data: arrays in Keras' mnist.npz layout (x_train, y_train, x_test, y_test); fetched when None.
-    on_step: called as on_step(global_step, model) after every training step (tests and benchmarks use it).
+    Args:
+        cfg: a validated config (`load_config`).
+        data: arrays in Keras' mnist.npz layout (x_train, y_train, x_test, y_test); fetched when None.
+        resume: a run directory (path) or an opened `runs.Resume` to continue from its latest checkpoint.
+        log: where the per-epoch lines go.
+        progress: show progress bars (on a terminal).
+        on_step: called as on_step(global_step, model) after every training step (tests and benchmarks).
+
+    Returns:
+        TrainResult: run_dir, metrics (one dict per epoch), test_loss, test_acc and the trained model.
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM arrived (a checkpoint was saved); Diverged: the loss became non-finite.
     """
     distribute.setup_devices(cfg)
     strategy = distribute.make_strategy(cfg)
     chief = distribute.is_chief(strategy)
-    scratch = None
-    if not chief:
-        # every worker takes part in saving (a collective); only the chief's files are kept
-        scratch = distribute.temporary_run_root()
-        log = _silent
-        progress = False
+    scratch = None if chief else distribute.temporary_run_root()
+    if not chief:  # every worker takes part in saving (a collective); only the chief's files are kept
+        log, progress = _silent, False
+    if resume is not None and not hasattr(resume, "run"):
+        resume = open_for_resume(resume)
     if resume is not None:
-        run = RunDir.open(resume) if chief else RunDir.create(scratch, "worker")
+        run = resume.run if chief else RunDir.create(scratch, "worker")
         if chief:
             run.remove_stale_temporaries()
     else:
         run = RunDir.create(cfg.output.root if chief else scratch, cfg.output.name or "run")
         run.write_config(cfg)
         log(f"run directory: {run.path}")
+    subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Console(log)]
+    subscribers += [events.ProgressBar()] if progress else []
+    subscribers += [events.StepCallback(on_step)] if on_step is not None else []
+    subscribers.append(events.StopOnSignal())  # last: a signal sent by an earlier subscriber is seen at once
+    trainer = Trainer(cfg, run, strategy, subscribers, log, progress)
     try:
-        return _train(cfg, run, strategy, data, resume, log, progress, on_step)
+        result = trainer.fit(data, resume)
+        if chief and resume is not None and resume.overrides:
+            run.write_config(cfg)  # record the new epoch count
+        return result
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -141,121 +132,168 @@ def _silent(*_):
     pass
 
 
-def _train(cfg, run, strategy, data, resume, log, progress, on_step):
-    seed_everything(cfg)
-    if data is None:
-        data = fetch(cfg.data.dataset, log=log, progress=progress)
-    splits = make_splits(data, cfg)
-    plan = plan_layers(cfg)
-    replicas = strategy.num_replicas_in_sync
-    global_batch = cfg.data.batch_size * replicas
-    if replicas > 1:
-        log(f"{replicas} replicas ({type(strategy).__name__}), global batch {global_batch}, "
-            f"BN statistics {'synchronized' if cfg.distribute.sync_bn else 'per replica'}")
-    with strategy.scope():
-        model = build_model(cfg, plan, precision=cfg.train.precision)
-        steps = steps_per_epoch(splits.size("train"), global_batch)
-        total_steps = steps * cfg.train.epochs
-        optimizer = make_optimizer(cfg.train, total_steps)
-        optimizer.build(model.trainable_variables)  # create slots now, so a restore fills them
-        ckpt, state = make_checkpoint(model, optimizer)
-        train_step, sums = make_train_step(model, optimizer, cfg.train, strategy, global_batch)
-    manager = tf.train.CheckpointManager(ckpt, run.checkpoints, max_to_keep=cfg.output.keep_checkpoints,
-                                         checkpoint_name="ckpt")
-    best_manager = tf.train.CheckpointManager(ckpt, run.best, max_to_keep=1, checkpoint_name="ckpt")
-    metrics = []
-    if resume is not None:
+class Trainer:
+    """One training run, phase by phase; `fit` runs them all."""
+
+    def __init__(self, cfg: Config, run: RunDir, strategy, subscribers, log=print, progress=True):
+        self.cfg, self.run, self.strategy, self.subscribers = cfg, run, strategy, subscribers
+        self.log, self.progress = log, progress
+        self.epochs = cfg.train.epochs
+        self.metrics, self.restored, self.last_sums = [], None, None
+        self.epoch = self.start_epoch = self.skip = 0
+
+    def publish(self, event, *args):
+        for s in self.subscribers:
+            getattr(s, event)(self, *args)
+
+    def fit(self, data, resume) -> TrainResult:
+        try:
+            self.setup(data)
+            if resume is not None:
+                self.restore(resume.run.path)
+            self.publish("on_start")
+            if self.start_epoch >= self.epochs:
+                self.log(f"{self.run.path}: already trained {self.start_epoch} of {self.epochs} epochs; nothing to do")
+            for epoch in range(self.start_epoch, self.epochs):
+                row = self.run_epoch(epoch)
+                self.end_of_epoch(row)
+                self.skip = 0
+            return self.finish()
+        finally:
+            self.publish("on_close")
+
+    # ------------------------------------------------------------------ phases
+
+    def setup(self, data):
+        """Seeds, data splits, model, optimizer, train step and checkpoint managers."""
+        cfg = self.cfg
+        seed_everything(cfg)
+        if data is None:
+            data = fetch(cfg.data.dataset, log=self.log, progress=self.progress)
+        self.splits = make_splits(data, cfg)
+        replicas = self.strategy.num_replicas_in_sync
+        self.global_batch = cfg.data.batch_size * replicas
+        if replicas > 1:
+            self.log(f"{replicas} replicas ({type(self.strategy).__name__}), global batch {self.global_batch}, "
+                     f"BN statistics {'synchronized' if cfg.distribute.sync_bn else 'per replica'}")
+        with self.strategy.scope():
+            self.model = build_model(cfg, plan_layers(cfg), precision=cfg.train.precision)
+            self.steps = steps_per_epoch(self.splits.size("train"), self.global_batch)
+            self.optimizer = make_optimizer(cfg.train, self.steps * self.epochs)
+            self.optimizer.build(self.model.trainable_variables)  # create slots now, so a restore fills them
+            self.ckpt, self.state = make_checkpoint(self.model, self.optimizer)
+            self.train_step, self.sums = make_train_step(self.model, self.optimizer, cfg.train, self.strategy,
+                                                         self.global_batch)
+        self.manager, self.best_manager = training_managers(self.ckpt, self.run, cfg.output.keep_checkpoints)
+        self.evaluate = Evaluator(self.model, cfg.dataset.num_classes)
+        self.t_start = time.time()
+
+    def restore(self, source: Path):
+        """The latest checkpoint that loads, and the metrics of the epochs it has done."""
         # a non-chief worker reads the chief's checkpoints and writes its own copy to scratch space
-        source = manager if Path(resume).resolve() == run.path.resolve() else tf.train.CheckpointManager(
-            ckpt, Path(resume) / "checkpoints", max_to_keep=None, checkpoint_name="ckpt")
-        restored = _restore_latest(ckpt, source, log)
-        if restored is None:
-            log("no checkpoint yet: starting from the beginning")
-        done_epochs = int(state["epoch"].numpy())
-        metrics = [r for r in RunDir(resume).read_metrics() if r["epoch"] <= done_epochs]
-        if restored and done_epochs and not state["step_in_epoch"].numpy() \
-                and not (run.bn_stats / f"epoch_{done_epochs}.json").is_file():
-            run.write_bn_stats(done_epochs, bn_statistics(model))  # killed before it was written
-    start_epoch = int(state["epoch"].numpy())
-    skip = int(state["step_in_epoch"].numpy())
-    if start_epoch >= cfg.train.epochs:
-        log(f"{run.path}: already trained {start_epoch} of {cfg.train.epochs} epochs; nothing to do")
+        manager = self.manager if source.resolve() == self.run.path.resolve() else tf.train.CheckpointManager(
+            self.ckpt, source / "checkpoints", max_to_keep=None, checkpoint_name="ckpt")
+        self.restored = restore_latest(self.ckpt, manager, self.log)
+        if self.restored is None:
+            self.log("no checkpoint yet: starting from the beginning")
+        self.start_epoch = self.epoch = int(self.state["epoch"].numpy())
+        self.skip = int(self.state["step_in_epoch"].numpy())
+        self.metrics = [r for r in RunDir(source).read_metrics() if r["epoch"] <= self.start_epoch]
+        self.t_start = time.time() - (self.metrics[-1]["wall_time_s"] if self.metrics else 0.0)
 
+    def run_epoch(self, epoch) -> dict:
+        """The epoch's training steps (from `skip` on, after a resume); returns its training metrics."""
+        self.epoch = epoch
+        for v in self.sums.values():
+            v.assign(0.0)
+        self.publish("on_epoch_start", epoch)
+        t0, done = time.time(), self.skip
+        batches = train_dataset(self.splits, self.cfg, epoch, self.skip, self.global_batch)
+        for x, y in _distributed(self.strategy, batches):
+            self.train_step(x, y)
+            done += 1
+            step = epoch * self.steps + done
+            if step % events.PROGRESS_EVERY == 0 or done == self.steps:
+                self.check_finite(step)
+            self.done_in_epoch = done
+            self.publish("on_step", step)
+        self.check_finite(epoch * self.steps + done)
+        sums, epoch_time = self.read_sums(), time.time() - t0
+        seen = max(sums["count"], 1.0)
+        return {"epoch": epoch + 1, "step": int(self.optimizer.iterations.numpy()),
+                "train_loss": sums["loss"] / seen, "train_acc": sums["correct"] / seen,
+                "images_per_s": sums["count"] / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
 
-    evaluate = make_evaluator(model)  # plain cross-entropy, as `convbn eval` reports it
-    tb = tf.summary.create_file_writer(str(run.tensorboard))
-    t_start = time.time() - (metrics[-1]["wall_time_s"] if metrics else 0.0)
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            for v in sums.values():
-                v.assign(0.0)
-            bar = _bar(progress, steps, epoch, cfg.train.epochs, skip)
-            t0, done = time.time(), skip
-            for x, y in _distributed(strategy, train_dataset(splits, cfg, epoch, skip, global_batch)):
-                train_step(x, y)
-                done += 1
-                bar.update(1)
-                global_step = epoch * steps + done
-                if on_step is not None:
-                    on_step(global_step, model)
-                if global_step % PROGRESS_EVERY == 0 or done == steps:
-                    _check_finite(sums, epoch, global_step, manager)
-                    bar.set_postfix(_postfix(sums, t0, done - skip, global_batch), refresh=False)
-                if stop.signum is not None:
-                    bar.close()
-                    _check_finite(sums, epoch, global_step, manager)
-                    state["epoch"].assign(epoch)
-                    state["step_in_epoch"].assign(done)
-                    path = manager.save(checkpoint_number=int(optimizer.iterations.numpy()))
-                    raise Interrupted(stop.signum, path)
-            bar.close()
-            _check_finite(sums, epoch, epoch * steps + done, manager)
-            epoch_time = time.time() - t0
-            seen = float(sums["count"].numpy())
-            row = {"epoch": epoch + 1, "step": int(optimizer.iterations.numpy()),
-                   "train_loss": float(sums["loss"].numpy()) / max(seen, 1.0),
-                   "train_acc": float(sums["correct"].numpy()) / max(seen, 1.0)}
-            val = evaluate(eval_dataset(splits, cfg, "val")) if splits.size("val") else None
-            if val is not None and not math.isfinite(val["loss"]):
-                # finite training loss but weights that already overflow at inference: not a checkpoint to keep
-                raise _diverged(f"validation loss became non-finite ({val['loss']}) after epoch {epoch + 1}", manager)
-            row.update(val_loss=val["loss"] if val else None, val_acc=val["accuracy"] if val else None,
-                       lr=current_lr(optimizer), images_per_s=seen / max(epoch_time, 1e-9),
-                       epoch_time_s=epoch_time, wall_time_s=time.time() - t_start)
-            state["epoch"].assign(epoch + 1)
-            state["step_in_epoch"].assign(0)
-            score = row["val_acc"] if row["val_acc"] is not None else row["train_acc"]
-            improved = score > float(state["best_val_acc"].numpy())
-            if improved:
-                state["best_val_acc"].assign(score)
-            # The metrics row first, then the checkpoint: a kill in between leaves a row for an epoch that has
-            # no checkpoint yet, and --resume drops that row and runs the epoch again, so every epoch is in
-            # metrics.jsonl exactly once.
-            row["checkpoint"] = f"ckpt-{row['step']}"
-            metrics.append(row)
-            run.write_metrics(metrics)
-            manager.save(checkpoint_number=row["step"])
-            if improved:
-                best_manager.save(checkpoint_number=row["step"])
-            stats = bn_statistics(model)
-            run.write_bn_stats(epoch + 1, stats)
-            _tensorboard(tb, row, stats)
-            log(_epoch_line(row, cfg.train.epochs))
-            skip = 0
-    test = evaluate(eval_dataset(splits, cfg, "test"))
-    results = {"test_loss": test["loss"], "test_acc": test["accuracy"], "epochs": cfg.train.epochs,
-               "wall_time_s": time.time() - t_start, "checkpoint": str(manager.latest_checkpoint)}
-    log(f"test: loss {test['loss']:.4f}, accuracy {test['accuracy']:.4%}  ({run.path})")
-    if cfg.train.precise_bn is not None:
-        recalibrate_model(model, calibration_batches(splits, cfg, cfg.train.precise_bn.batches), progress=progress)
-        path = save_recalibrated(model, run, manager.latest_checkpoint)
-        test = evaluate(eval_dataset(splits, cfg, "test"))
-        results.update(test_loss=test["loss"], test_acc=test["accuracy"], checkpoint=path,
-                       before_precise_bn={"test_loss": results["test_loss"], "test_acc": results["test_acc"]})
-        log(f"precise BN ({cfg.train.precise_bn.batches} batches): test loss {test['loss']:.4f}, "
-            f"accuracy {test['accuracy']:.4%}  ({path})")
-    run.write_results(results)
-    return TrainResult(run.path, metrics, test["loss"], test["accuracy"], model)
+    def end_of_epoch(self, row):
+        """Validate, then metrics, checkpoints (latest, and best when it improved), BN statistics and the rest."""
+        splits = self.splits
+        val = self.evaluate(eval_dataset(splits, self.cfg, "val")) if splits.size("val") else None
+        if val is not None and not math.isfinite(val["loss"]):
+            # finite training loss but weights that already overflow at inference: not a checkpoint to keep
+            raise self.diverged(f"validation loss became non-finite ({val['loss']}) after epoch {row['epoch']}")
+        row = {**{k: row[k] for k in ("epoch", "step", "train_loss", "train_acc")},
+               "val_loss": val["loss"] if val else None, "val_acc": val["accuracy"] if val else None,
+               "lr": current_lr(self.optimizer), "images_per_s": row["images_per_s"],
+               "epoch_time_s": row["epoch_time_s"], "wall_time_s": time.time() - self.t_start,
+               "checkpoint": f"ckpt-{row['step']}"}
+        self.state["epoch"].assign(row["epoch"])
+        self.state["step_in_epoch"].assign(0)
+        score = row["val_acc"] if row["val_acc"] is not None else row["train_acc"]
+        improved = score > float(self.state["best_val_acc"].numpy())
+        if improved:
+            self.state["best_val_acc"].assign(score)
+        self.metrics.append(row)
+        self.publish("on_epoch_metrics", row)  # durable before the checkpoint (see events.MetricsFiles)
+        self.manager.save(checkpoint_number=row["step"])
+        if improved:
+            self.best_manager.save(checkpoint_number=row["step"])
+        self.publish("on_epoch_end", row)
+
+    def finish(self) -> TrainResult:
+        """Test accuracy; precise BN if configured; results.json."""
+        test = self.evaluate(eval_dataset(self.splits, self.cfg, "test"))
+        results = {"test_loss": test["loss"], "test_acc": test["accuracy"], "epochs": self.epochs,
+                   "wall_time_s": time.time() - self.t_start, "checkpoint": str(self.manager.latest_checkpoint)}
+        precise = self.cfg.train.precise_bn
+        if precise is not None:
+            recalibrate_model(self.model, calibration_batches(self.splits, self.cfg, precise.batches),
+                              progress=self.progress)
+            path = save_recalibrated(self.model, self.run, self.manager.latest_checkpoint)
+            before = {"test_loss": results["test_loss"], "test_acc": results["test_acc"]}
+            test = self.evaluate(eval_dataset(self.splits, self.cfg, "test"))
+            results.update(test_loss=test["loss"], test_acc=test["accuracy"], checkpoint=path,
+                           before_precise_bn=before)
+        self.publish("on_finish", results)
+        self.run.write_results(results)
+        return TrainResult(self.run.path, self.metrics, test["loss"], test["accuracy"], self.model)
+
+    # ------------------------------------------------------------------ helpers for the phases and subscribers
+
+    def read_sums(self) -> dict:
+        """The running loss/correct/count sums of the epoch (one host sync)."""
+        self.last_sums = {k: float(v.numpy()) for k, v in self.sums.items()}
+        return self.last_sums
+
+    def check_finite(self, step):
+        loss = self.read_sums()["loss"]
+        if not math.isfinite(loss):
+            raise self.diverged(f"loss became non-finite ({loss}) in epoch {self.epoch + 1}, by step {step}")
+
+    def diverged(self, what) -> Diverged:
+        last = self.manager.latest_checkpoint or "none (no epoch finished)"
+        return Diverged(f"{what}; training stopped. Last good checkpoint: {last}. Lower train.optimizer.lr or "
+                        "check the data.")
+
+    def interrupt(self, signum):
+        """Save a checkpoint at the current step and stop (called between steps by events.StopOnSignal)."""
+        self.check_finite(self.epoch * self.steps + self.done_in_epoch)
+        self.state["epoch"].assign(self.epoch)
+        self.state["step_in_epoch"].assign(self.done_in_epoch)
+        path = self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
+        raise Interrupted(signum, path)
+
+    def bn_statistics(self) -> dict:
+        return bn_statistics(self.model)
 
 
 def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=None):
@@ -276,7 +314,7 @@ def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=Non
     def replica_step(x, y):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)  # BN: batch statistics, moving averages updated
-            per_example = loss_fn(tf.one_hot(y, 10), logits)
+            per_example = loss_fn(tf.one_hot(y, tf.shape(logits)[-1]), logits)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch or tf.shape(y)[0])
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -299,88 +337,3 @@ def _distributed(strategy, dataset):
     # the data are in memory, not in files: shard each global batch by elements across the workers
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
-
-
-def make_evaluator(model):
-    """A function dataset -> {loss, accuracy, count}, running the model in inference mode (moving BN stats).
-
-    The loss is plain cross-entropy (no label smoothing), so validation and test losses compare across configs.
-    """
-    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True)
-
-    @tf.function(reduce_retracing=True)
-    def step(x, y):
-        logits = model(x, training=False)
-        loss = loss_fn(tf.one_hot(y, 10), logits) * tf.cast(tf.shape(y)[0], tf.float32)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), y), tf.float32))
-        return loss, correct
-
-    def run(ds):
-        loss = correct = count = 0.0
-        for x, y in ds:
-            lo, co = step(x, y)
-            loss += float(lo)
-            correct += float(co)
-            count += int(y.shape[0])
-        return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1), "count": int(count)}
-
-    return run
-
-
-def _restore_latest(ckpt, manager, log):
-    """Restore the newest checkpoint that loads; an unreadable newest one (a kill mid-write) falls back."""
-    for path in reversed(manager.checkpoints):
-        try:
-            ckpt.restore(path).assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as e:
-            log(f"cannot restore {path} ({type(e).__name__}); trying an older checkpoint")
-            continue
-        log(f"resumed from {path} (step {checkpoint_step(path)})")
-        return path
-    if manager.checkpoints:
-        raise RunDirError(f"{manager.directory}: no checkpoint could be restored")
-    return None
-
-
-def _check_finite(sums, epoch, step, manager):
-    loss = float(sums["loss"].numpy())
-    if not math.isfinite(loss):
-        raise _diverged(f"loss became non-finite ({loss}) in epoch {epoch + 1}, by step {step}", manager)
-
-
-def _diverged(what, manager) -> Diverged:
-    last = manager.latest_checkpoint or "none (no epoch finished)"
-    return Diverged(f"{what}; training stopped. Last good checkpoint: {last}. Lower train.optimizer.lr or check "
-                    "the data.")
-
-
-def _bar(progress, steps, epoch, epochs, skip):
-    from tqdm import tqdm
-
-    # disable=None: a bar on a terminal, silence in logs and CI (the per-epoch line is printed anyway)
-    return tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                disable=None if progress else True, dynamic_ncols=True)
-
-
-def _postfix(sums, t0, steps_run, batch_size):
-    n = max(float(sums["count"].numpy()), 1.0)
-    return {"loss": f"{float(sums['loss'].numpy()) / n:.4f}", "acc": f"{float(sums['correct'].numpy()) / n:.4f}",
-            "img/s": f"{steps_run * batch_size / max(time.time() - t0, 1e-9):.0f}"}
-
-
-def _epoch_line(row, epochs):
-    val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4%}" if row["val_acc"] is not None
-           else "no validation split")
-    return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4%}, "
-            f"{val}, lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s, {row['epoch_time_s']:.1f}s")
-
-
-def _tensorboard(writer, row, stats):
-    with writer.as_default(step=row["epoch"]):
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
-            if row.get(key) is not None:
-                tf.summary.scalar(key.replace("_", "/", 1) if key.startswith(("train", "val")) else key, row[key])
-        for name, s in stats.items():
-            tf.summary.histogram(f"{name}/gamma", np.asarray(s["gamma"]))
-            tf.summary.histogram(f"{name}/beta", np.asarray(s["beta"]))
-    writer.flush()

@@ -1,12 +1,15 @@
-"""The run directory, `runs/<name>/<n>/`: what a training run writes and where.
+"""The run directory, `runs/<name>/<n>/`: what a training run writes and where (the one place that knows).
 
-    config.yaml            the resolved config (every default filled in); eval/inspect rebuild the model from it
-    checkpoints/ckpt-<step>  last `keep_checkpoints` checkpoints (tf.train.CheckpointManager)
-    checkpoints/best/      the checkpoint with the best validation accuracy so far
-    metrics.jsonl, .csv    one row per epoch
-    bn_stats/epoch_<k>.json  every BN layer's per-channel gamma, beta, moving mean and moving variance
-    tensorboard/           event files: scalars, and histograms of each BN layer's gamma and beta
-    results.json           test loss and accuracy at the end of training
+    config.yaml                  the resolved config (every default filled in); every command rebuilds the model from it
+    checkpoints/ckpt-<step>      the last `keep_checkpoints` checkpoints, named by training step
+    checkpoints/best/ckpt-<step> the checkpoint with the best validation accuracy so far
+    checkpoints/recalibrated/ckpt-<n>  precise-BN checkpoints (n = 1, 2, ...), each with a .source file naming
+                                 the checkpoint it was recalibrated from
+    metrics.jsonl, .csv          one row per epoch
+    bn_stats/epoch_<k>.json      every BN layer's per-channel gamma, beta, moving mean and moving variance
+    tensorboard/                 event files: scalars, and histograms of each BN layer's gamma and beta
+    results.json                 test loss and accuracy at the end of training
+    export/                      `convbn export`'s default destination
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import json
 import re
 from pathlib import Path
 
-from ..config import ConfigError, dump_config, load_config
-from ..errors import ConvbnError
+from ..config import dump_config, load_config
+from ..errors import ConfigError, ConvbnError
 from ..files import write_json_atomic, write_text_atomic
 
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
@@ -37,6 +40,8 @@ class RunDir:
     config = property(lambda self: self.path / "config.yaml")
     checkpoints = property(lambda self: self.path / "checkpoints")
     best = property(lambda self: self.path / "checkpoints" / "best")
+    recalibrated = property(lambda self: self.path / "checkpoints" / "recalibrated")
+    export = property(lambda self: self.path / "export")
     metrics_jsonl = property(lambda self: self.path / "metrics.jsonl")
     metrics_csv = property(lambda self: self.path / "metrics.csv")
     bn_stats = property(lambda self: self.path / "bn_stats")
@@ -50,8 +55,7 @@ class RunDir:
         parent = Path(root) / name
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            taken = [int(p.name) for p in parent.iterdir() if p.name.isdigit()]
-            n = max(taken, default=0) + 1
+            n = next_number(parent, r"(\d+)")
             while True:
                 try:
                     (parent / str(n)).mkdir()
@@ -86,6 +90,7 @@ class RunDir:
         write_text_atomic(self.config, dump_config(cfg))
 
     def load_config(self, overrides=()):
+        """The run's resolved config (with `overrides` laid over it); a broken file is a RunDirError."""
         try:
             return load_config(self.config, overrides)
         except ConfigError as e:
@@ -119,7 +124,16 @@ class RunDir:
         write_json_atomic(self.results, results)
 
 
+def next_number(folder: Path, pattern: str) -> int:
+    """One more than the largest number that `pattern`'s group captures in the names in `folder` (1 if none):
+    the numbering of run directories and of recalibrated checkpoints."""
+    taken = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else ())
+             if (m := re.fullmatch(pattern, p.name))]
+    return max(taken, default=0) + 1
+
+
 def checkpoint_step(prefix) -> int:
+    """The number in a checkpoint prefix `.../ckpt-<n>` (the training step, or n for recalibrated ones)."""
     m = re.search(r"ckpt-(\d+)$", str(prefix))
     return int(m.group(1)) if m else -1
 

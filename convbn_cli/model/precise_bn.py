@@ -18,41 +18,34 @@ way costs one pass over the N batches per BN layer, which is cheap for these net
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from ..data.pipeline import train_dataset
-from ..model import bn_layers
-
-
-def _reduction_axes(layer, ndim):
-    axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
-    axis = axis % ndim
-    return [i for i in range(ndim) if i != axis]
+from .bn import bn_layers, reduction_axes
+from .graph import input_model
 
 
 def recalibrate_model(model, batches, progress=False) -> dict:
     """Set each BN layer's moving mean/variance to the average of per-batch statistics over `batches`.
 
-    `batches`: a re-iterable of input batches (e.g. a list of tensors, or a tf.data.Dataset of (x, y)).
-    Returns {layer name: (old mean, old var, new mean, new var)} as NumPy arrays.
+    Args:
+        model: a Keras model (functional, Sequential, or convbn's own); its BN layers are changed in place.
+        batches: a re-iterable of input batches (a list of tensors, or a tf.data.Dataset of (x, y)).
+        progress: show a progress bar per layer.
+
+    Returns:
+        {layer name: (old mean, old var, new mean, new var)} as NumPy arrays.
     """
     changes = {}
-    layers = model.layers[1:]  # the models convbn builds are chains: layer i feeds layer i+1
     for bn in bn_layers(model):
-        stop = layers.index(bn)
+        upstream = input_model(model, bn)  # the model up to this BN's input: works on any functional graph
 
         @tf.function(reduce_retracing=True)
-        def moments(x, stop=stop, bn=bn):
-            for layer in layers[:stop]:
-                x = layer(x, training=False)  # earlier BN layers: already recalibrated, inference mode
-            axes = _reduction_axes(bn, len(x.shape))
-            mean, var = tf.nn.moments(x, axes)  # biased variance, as in training
-            return mean, var
+        def moments(x, upstream=upstream, bn=bn):
+            h = upstream(x, training=False)  # earlier BN layers: already recalibrated, inference mode
+            # statistics in float32 whatever the compute precision (tf.nn.moments would keep bfloat16)
+            return tf.nn.moments(tf.cast(h, tf.float32), reduction_axes(bn, len(h.shape)))  # biased variance
 
         means, variances = [], []
         for item in tqdm(batches, desc=f"precise BN {bn.name}", leave=False, disable=None if progress else True):
@@ -68,24 +61,3 @@ def recalibrate_model(model, batches, progress=False) -> dict:
         bn.moving_variance.assign(new_var.astype(np.float32))
         changes[bn.name] = (*old, new_mean, new_var)
     return changes
-
-
-def calibration_batches(splits, cfg, batches: int | None):
-    """N training batches (None: one pass over the training split), in a fixed order of their own.
-
-    The order is the one the training pipeline would give in epoch `train.epochs` (one past the last), so it
-    is reproducible and its augmentation, if any, is the training one.
-    """
-    ds = train_dataset(splits, cfg, epoch=cfg.train.epochs)
-    return ds if batches is None else ds.take(batches)
-
-
-def save_recalibrated(model, run, source_prefix) -> str:
-    """Save the model as `checkpoints/recalibrated/ckpt-<n>`, n the next free number: never over anything."""
-    folder = run.checkpoints / "recalibrated"
-    taken = [int(m.group(1)) for p in folder.glob("ckpt-*.index") if (m := re.match(r"ckpt-(\d+)\.index$", p.name))]
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), folder, max_to_keep=None,
-                                         checkpoint_name="ckpt")
-    path = manager.save(checkpoint_number=max(taken, default=0) + 1)
-    (Path(path + ".source")).write_text(f"{source_prefix}\n")  # which checkpoint this was recalibrated from
-    return path

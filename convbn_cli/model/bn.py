@@ -1,0 +1,54 @@
+"""What a BN layer is, decided in one place (after fvcore's precise_bn: one BN type tuple, one query).
+
+Every module that looks for BN layers (statistics, inspect-bn, precise BN, folding, the batch-statistics
+forward) asks here, so that convbn's fused layer, Keras' layer and Keras' synchronized layer are always
+treated alike.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from .fused_bn import FusedBatchNorm
+
+BN_TYPES = (FusedBatchNorm, keras.layers.BatchNormalization)
+
+
+def is_bn(layer) -> bool:
+    return isinstance(layer, BN_TYPES)
+
+
+def bn_layers(model) -> list:
+    """The model's BN layers (fused or Keras), in the model's (topological) layer order."""
+    return [layer for layer in model.layers if is_bn(layer)]
+
+
+def bn_impl(layer) -> str:
+    """"fused" (convbn's FusedBatchNorm), "sync" (Keras' synchronized BN) or "keras"."""
+    if isinstance(layer, FusedBatchNorm):
+        return "fused"
+    return "sync" if getattr(layer, "synchronized", False) else "keras"
+
+
+def channel_axis(layer, ndim: int) -> int:
+    axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+    return axis % ndim
+
+
+def reduction_axes(layer, ndim: int) -> list[int]:
+    """The axes BN reduces over: all but the channel axis (batch, height and width for a conv output)."""
+    axis = channel_axis(layer, ndim)
+    return [i for i in range(ndim) if i != axis]
+
+
+def make_bn_layer(bn, impl: str, axis: int, name: str, dtype=None):
+    """The BN layer for one conv/dense output; `bn` holds the TF1-style settings (decay = Keras momentum)."""
+    if impl == "fused":
+        return FusedBatchNorm(axis=axis, momentum=bn.decay, epsilon=bn.epsilon, center=bn.center,
+                              scale=bn.scale, name=name, dtype=dtype)
+    extra = {"synchronized": True} if impl == "sync" else {}  # all-reduced statistics under tf.distribute
+    if bn.renorm:
+        extra = dict(renorm=True, renorm_momentum=bn.renorm_momentum,
+                     renorm_clipping=bn.renorm_clipping.model_dump() if bn.renorm_clipping else None, **extra)
+    return keras.layers.BatchNormalization(axis=axis, momentum=bn.decay, epsilon=bn.epsilon, center=bn.center,
+                                           scale=bn.scale, name=name, dtype=dtype, **extra)

@@ -1,0 +1,66 @@
+"""Walking a Keras model's graph: what feeds a layer, a sub-model up to a layer's input, and a forward pass in
+which each layer gets its own `training` flag. These work on functional graphs (branches, merges), not only
+on the chains convbn builds, so that precise BN, the batch-statistics forward and BN folding serve any model.
+"""
+
+from __future__ import annotations
+
+import keras
+
+
+def producer(layer):
+    """The layer whose output `layer` takes as its (single) input, or None (the model's input, or several)."""
+    try:
+        tensor = layer.input
+    except (AttributeError, ValueError):  # several inbound nodes (a shared layer): no single answer
+        return None
+    if isinstance(tensor, (list, tuple)):
+        return None
+    history = getattr(tensor, "_keras_history", None)
+    op = history[0] if history else None
+    return None if op is None or isinstance(op, keras.layers.InputLayer) else op
+
+
+def consumers(model, layer) -> list:
+    """The layers of `model` that take `layer`'s output as their input."""
+    out = []
+    for other in model.layers:
+        try:
+            inputs = other.input
+        except (AttributeError, ValueError):
+            continue
+        for t in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+            history = getattr(t, "_keras_history", None)
+            if history and history[0] is layer:
+                out.append(other)
+                break
+    return out
+
+
+def input_model(model, layer) -> keras.Model:
+    """A model sharing `model`'s layers that maps the model's input to `layer`'s input."""
+    return keras.Model(model.inputs, layer.input)
+
+
+def run_graph(model, x, training_for):
+    """The model's output for `x`, calling every layer `l` with training=training_for(l).
+
+    Keras gives one `training` flag to a whole model; this walks its graph so that, e.g., BN layers use batch
+    statistics while dropout stays off. (Keras' `_run_through_graph` is what `Functional.call` itself uses;
+    it is the one private call here, as no public API takes a per-layer flag.)
+    """
+
+    def operation_fn(op):
+        def call(*args, **kwargs):
+            if getattr(op, "_call_has_training_arg", False):
+                kwargs["training"] = training_for(op)
+            return op(*args, **kwargs)
+
+        return call
+
+    if isinstance(model, keras.Sequential):
+        for layer in model.layers:
+            x = operation_fn(layer)(x)
+        return x
+    outputs = model._run_through_graph(x, operation_fn=operation_fn)
+    return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs

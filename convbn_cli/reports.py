@@ -1,0 +1,157 @@
+"""What the commands print: each result as a small report with `to_json()` (machine-readable) and `render()`
+(for people). The commands (cli.py) only pick one; the numbers come from the importable modules."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2)
+
+
+@dataclass
+class LayerTable:
+    """`convbn validate`: the resolved config and the layer table."""
+
+    config_yaml: str
+    rows: list
+
+    def render(self) -> str:
+        head = ("layer", "type", "output shape", "params", "")
+        cells = [head] + [(n, t, "x".join(map(str, s)), f"{p:,}", note) for n, t, s, p, note in self.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) if i != 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r[:4], widths)))
+                 + ("  " + r[4] if r[4] else "") for r in cells]
+        lines.insert(1, "-" * len(lines[0]))
+        lines.append(f"total parameters: {sum(r[3] for r in self.rows):,}")
+        return self.config_yaml.rstrip() + "\n\n" + "\n".join(lines)
+
+
+@dataclass
+class EvalReport:
+    """`convbn eval`: loss, accuracy, per-class accuracy and the confusion matrix."""
+
+    result: dict
+
+    def to_json(self) -> dict:
+        r = self.result
+        return {**r, "per_class_accuracy": r["per_class_accuracy"].tolist(), "confusion": r["confusion"].tolist()}
+
+    def render(self) -> str:
+        r = self.result
+        names = r.get("class_names") or [str(c) for c in range(len(r["confusion"]))]
+        lines = [f"checkpoint: {r['checkpoint']}",
+                 f"split: {r['split']} ({r['images']} images), BN statistics: {r['bn_stats']}",
+                 f"loss {r['loss']:.4f}, accuracy {r['accuracy']:.4%}",
+                 "per-class accuracy: " + "  ".join(f"{n}: {a:.2%}" for n, a in zip(names, r["per_class_accuracy"])),
+                 "confusion matrix (rows: true class, columns: predicted):"]
+        width = max(5, len(str(r["confusion"].max())) + 1)
+        label = max(len(n) for n in names)
+        lines.append(" " * (label + 4) + "".join(str(c).rjust(width) for c in range(len(names))))
+        for c, row in enumerate(r["confusion"]):
+            lines.append(f"  {names[c].rjust(label)}: " + "".join(str(v).rjust(width) for v in row))
+        if any(n != str(i) for i, n in enumerate(names)):
+            lines.append("columns: " + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+        return "\n".join(lines)
+
+
+@dataclass
+class InspectReport:
+    """`convbn inspect-bn`: per-channel BN parameters, with optional ranking and comparison."""
+
+    result: dict
+    dead_threshold: float = 1e-2
+    ranks: dict | None = None  # {layer: {"order", "below"}} with --rank
+    diff: dict | None = None  # {layer: {quantity: array}} with --compare
+
+    def to_json(self) -> dict:
+        from .analysis import inspection as ib
+
+        out = ib.to_json(self.result, self.dead_threshold)
+        for name in out["layers"]:
+            if self.ranks:
+                out["layers"][name]["rank"] = {"order": self.ranks[name]["order"].tolist(),
+                                               "fraction_below": self.ranks[name]["below"]}
+            if self.diff is not None and name in self.diff:
+                out["layers"][name]["difference"] = {q: v.tolist() for q, v in self.diff[name].items()}
+        return out
+
+    def to_csv(self) -> str:
+        from .analysis import inspection as ib
+
+        rows = ib.diff_csv_rows(self.diff) if self.diff is not None else ib.csv_rows(self.result)
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        return buf.getvalue()
+
+    def render(self) -> str:
+        from .analysis import inspection as ib
+
+        order = {n: r["order"] for n, r in self.ranks.items()} if self.ranks else None
+        text = ib.table(self.result, self.dead_threshold, order, self.diff)
+        if self.ranks:
+            text += "\n\n" + "\n".join(
+                f"{name}: fraction of channels with |gamma| below " + ", ".join(f"{t:g}: {f:.1%}"
+                                                                                 for t, f in r["below"].items())
+                for name, r in self.ranks.items())
+        return text
+
+
+@dataclass
+class RecalibrateReport:
+    result: dict
+
+    def render(self) -> str:
+        r = self.result
+        return "\n".join([
+            f"recalibrated {len(r['layers'])} BN layer(s) of {r['source']} over {r['batches']} batches",
+            f"{r['split']} accuracy: before {r['before']['accuracy']:.4%} (loss {r['before']['loss']:.4f}), "
+            f"after {r['after']['accuracy']:.4%} (loss {r['after']['loss']:.4f})",
+            f"saved {r['checkpoint']}"])
+
+
+@dataclass
+class ExportReport:
+    result: dict
+    fold_bn: bool = False
+
+    def to_json(self) -> dict:
+        return dict(self.result)
+
+    def render(self) -> str:
+        r, lines = self.result, []
+        if r["folded"]:
+            lines.append(f"folded into the preceding conv/dense: {', '.join(r['folded'])}")
+        if r["kept"]:
+            why = " (not directly after a conv/dense)" if self.fold_bn else ""
+            lines.append(f"BN layers kept{why}: {', '.join(r['kept'])}")
+        lines += [f"max |logit difference| on {r['checked_images']} test images: {r['max_abs_logit_diff']:.2e}",
+                  f"inference throughput: original {r['throughput_original']:.0f} img/s, exported "
+                  f"{r['throughput_exported']:.0f} img/s",
+                  f"wrote {r['path']}"]
+        return "\n".join(lines)
+
+
+@dataclass
+class DataInfoReport:
+    cache_dir: str
+    datasets: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"cache_dir": self.cache_dir, "datasets": self.datasets}
+
+    def render(self) -> str:
+        lines = [f"cache directory: {self.cache_dir}"]
+        for i in self.datasets:
+            if not i["cached"]:
+                state = "not cached (convbn data fetch " + i["dataset"] + ")"
+            elif i.get("verified"):
+                state = f"cached, verified, {i['shapes']['x_train'][0]} train / {i['shapes']['x_test'][0]} test images"
+            else:
+                state = f"cached but unusable: {i['problem']}"
+            lines.append(f"  {i['dataset']}: {state}")
+        return "\n".join(lines)

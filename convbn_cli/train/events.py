@@ -1,0 +1,168 @@
+"""What happens around the training loop, as subscribers to its events: the metrics files, the per-epoch BN
+statistics, TensorBoard, the console, the progress bar and the checkpoint on SIGINT/SIGTERM.
+
+The trainer (loop.py) calls, in order:
+    on_start(trainer)                  after setup and restore, before the first step
+    on_epoch_start(trainer, epoch)     (epoch counts from 0)
+    on_step(trainer, step)             after every training step (`step`: global step, from 1)
+    on_epoch_metrics(trainer, row)     the epoch's metrics row, *before* its checkpoint is saved
+    on_epoch_end(trainer, row)         after the checkpoint is saved
+    on_finish(trainer, results)        after the test evaluation (and precise BN), before results.json
+    on_close(trainer)                  always, last, also after an error
+A subscriber implements the ones it needs; adding per-epoch work (plots, early stopping) means adding one.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+
+PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
+
+
+class Subscriber:
+    def on_start(self, trainer): pass
+    def on_epoch_start(self, trainer, epoch): pass
+    def on_step(self, trainer, step): pass
+    def on_epoch_metrics(self, trainer, row): pass
+    def on_epoch_end(self, trainer, row): pass
+    def on_finish(self, trainer, results): pass
+    def on_close(self, trainer): pass
+
+
+class MetricsFiles(Subscriber):
+    """metrics.jsonl and metrics.csv, rewritten whole each epoch. Written before the epoch's checkpoint: a kill in
+    between leaves a row for an epoch that has no checkpoint yet, and --resume drops that row and runs the epoch
+    again, so every epoch is in metrics.jsonl exactly once."""
+
+    def on_epoch_metrics(self, trainer, row):
+        trainer.run.write_metrics(trainer.metrics)
+
+
+class BNStatsFiles(Subscriber):
+    """bn_stats/epoch_<k>.json: every BN layer's per-channel parameters after each epoch."""
+
+    def on_start(self, trainer):
+        done = trainer.start_epoch
+        if trainer.restored and done and not trainer.skip and not (trainer.run.bn_stats / f"epoch_{done}.json").is_file():
+            trainer.run.write_bn_stats(done, trainer.bn_statistics())  # killed before it was written
+
+    def on_epoch_end(self, trainer, row):
+        trainer.run.write_bn_stats(row["epoch"], trainer.bn_statistics())
+
+
+class TensorBoard(Subscriber):
+    """Scalars, and histograms of each BN layer's gamma and beta (`tensorboard --logdir runs`)."""
+
+    SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s")
+
+    def on_start(self, trainer):
+        import tensorflow as tf
+
+        self.tf = tf
+        self.writer = tf.summary.create_file_writer(str(trainer.run.tensorboard))
+
+    def on_epoch_end(self, trainer, row):
+        tf = self.tf
+        with self.writer.as_default(step=row["epoch"]):
+            for key in self.SCALARS:
+                if row.get(key) is not None:
+                    tf.summary.scalar(key.replace("_", "/", 1) if key.startswith(("train", "val")) else key, row[key])
+            for name, s in trainer.bn_statistics().items():
+                tf.summary.histogram(f"{name}/gamma", np.asarray(s["gamma"]))
+                tf.summary.histogram(f"{name}/beta", np.asarray(s["beta"]))
+        self.writer.flush()
+
+
+class Console(Subscriber):
+    """One line per epoch, and the test result."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def on_epoch_end(self, trainer, row):
+        val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4%}" if row["val_acc"] is not None
+               else "no validation split")
+        self.log(f"epoch {row['epoch']}/{trainer.epochs}: train loss {row['train_loss']:.4f} acc "
+                 f"{row['train_acc']:.4%}, {val}, lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s, "
+                 f"{row['epoch_time_s']:.1f}s")
+
+    def on_finish(self, trainer, results):
+        before = results.get("before_precise_bn")
+        if before:
+            self.log(f"test: loss {before['test_loss']:.4f}, accuracy {before['test_acc']:.4%}  ({trainer.run.path})")
+            self.log(f"precise BN ({trainer.cfg.train.precise_bn.batches} batches): test loss "
+                     f"{results['test_loss']:.4f}, accuracy {results['test_acc']:.4%}  ({results['checkpoint']})")
+        else:
+            self.log(f"test: loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.4%}  ({trainer.run.path})")
+
+
+class ProgressBar(Subscriber):
+    """A tqdm bar per epoch on a terminal (silent in logs and CI, where the per-epoch line is printed anyway)."""
+
+    def on_epoch_start(self, trainer, epoch):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=trainer.steps, initial=trainer.skip, desc=f"epoch {epoch + 1}/{trainer.epochs}",
+                        unit="batch", leave=False, disable=None, dynamic_ncols=True)
+        self.t0, self.first = time.time(), trainer.skip
+
+    def on_step(self, trainer, step):
+        self.bar.update(1)
+        done = step - trainer.epoch * trainer.steps
+        if step % PROGRESS_EVERY == 0 or done == trainer.steps:
+            sums = trainer.read_sums()
+            n = max(sums["count"], 1.0)
+            rate = (done - self.first) * trainer.global_batch / max(time.time() - self.t0, 1e-9)
+            self.bar.set_postfix({"loss": f"{sums['loss'] / n:.4f}", "acc": f"{sums['correct'] / n:.4f}",
+                                  "img/s": f"{rate:.0f}"}, refresh=False)
+
+    def on_epoch_metrics(self, trainer, row):
+        self.bar.close()
+
+    def on_close(self, trainer):
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+
+
+class StopOnSignal(Subscriber):
+    """Turn SIGINT/SIGTERM into a flag checked between steps, so that a signal never lands inside a checkpoint
+    write; at the next step the trainer saves a checkpoint and stops (Interrupted, exit 128 + signal). A second
+    Ctrl-C raises KeyboardInterrupt at once, for a loop that does not come back."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def on_start(self, trainer):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def on_step(self, trainer, step):
+        if self.signum is not None:
+            trainer.interrupt(self.signum)
+
+    def on_close(self, trainer):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+
+class StepCallback(Subscriber):
+    """Calls fn(global_step, model) after every step (the Python API's `on_step`; tests and benchmarks)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_step(self, trainer, step):
+        self.fn(step, trainer.model)
