@@ -73,9 +73,11 @@ class InspectReport:
 
         out = ib.to_json(self.result, self.dead_threshold)
         for name in out["layers"]:
-            if self.ranks:
-                out["layers"][name]["rank"] = {"order": self.ranks[name]["order"].tolist(),
-                                               "fraction_below": self.ranks[name]["below"]}
+            r = self.ranks.get(name) if self.ranks else None
+            if r is not None:
+                out["layers"][name]["rank"] = {"order": r["order"].tolist(), "fraction_below": r["below"]}
+            elif self.ranks:
+                out["layers"][name]["rank"] = None  # gamma fixed (scale: false): nothing to rank
             if self.diff is not None and name in self.diff:
                 out["layers"][name]["difference"] = {q: v.tolist() for q, v in self.diff[name].items()}
         return out
@@ -83,7 +85,7 @@ class InspectReport:
     def to_csv(self) -> str:
         from .analysis import inspection as ib
 
-        rows = ib.diff_csv_rows(self.diff) if self.diff is not None else ib.csv_rows(self.result)
+        rows = ib.diff_csv_rows(self.diff, self.result) if self.diff is not None else ib.csv_rows(self.result)
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(rows)
         return buf.getvalue()
@@ -91,10 +93,11 @@ class InspectReport:
     def render(self) -> str:
         from .analysis import inspection as ib
 
-        order = {n: r["order"] for n, r in self.ranks.items()} if self.ranks else None
+        order = {n: r["order"] for n, r in self.ranks.items() if r is not None} if self.ranks else None
         text = ib.table(self.result, self.dead_threshold, order, self.diff)
         if self.ranks:
             text += "\n\n" + "\n".join(
+                f"{name}: gamma fixed (scale: false), not ranked" if r is None else
                 f"{name}: fraction of channels with |gamma| below " + ", ".join(f"{t:g}: {f:.1%}"
                                                                                  for t, f in r["below"].items())
                 for name, r in self.ranks.items())

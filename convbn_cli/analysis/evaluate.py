@@ -8,7 +8,7 @@ side by side with the correct inference mode.
 from __future__ import annotations
 
 from ..data.pipeline import eval_dataset
-from ..model import Evaluator
+from ..model import Evaluator, bn_layers
 from ..runs.checkpoints import CheckpointError
 from ..runs.target import open_target
 
@@ -29,6 +29,9 @@ def evaluate(target, *, which="best", split="test", bn_stats="moving", data=None
         rows the true class and columns the predicted one; plus checkpoint, split, bn_stats, images, class_names.
     """
     t = open_target(target, which, tflite=bn_stats == "moving")
+    if bn_stats == "batch" and not bn_layers(t.model):
+        raise CheckpointError(f"{t.source}: --bn-stats batch needs BN layers and this model has none (folded into "
+                              "the convolutions?); its result would be the moving-statistics one")
     splits = t.splits(data, log, progress)
     cfg = t.config
     if splits.size(split) == 0:

@@ -84,6 +84,7 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
             why = _resolve_bn_impl(layer, sync_bn)
             if why:
                 problems.append(f"model.layers[{i}].bn.impl: {why}")
+            problems += _bn_problems(layer, f"model.layers[{i}]", cfg.data.batch_size)
         plan.append(layer)
         shape = out
     if not problems:
@@ -127,6 +128,23 @@ def _resolve_bn_impl(layer: PlannedLayer, sync_bn: bool) -> Optional[str]:
                    "or distribute.sync_bn: false")
         layer.bn_impl = "sync"
     return why
+
+
+def _bn_problems(layer: PlannedLayer, where: str, batch_size: int) -> list[str]:
+    """Settings under which a BN layer cannot normalize (or cannot be built)."""
+    problems = []
+    spatial = layer.out_shape[:-1]  # (H, W) for a conv output, () for a dense one
+    values = batch_size * (spatial[0] * spatial[1] if spatial else 1)
+    if values < 2:
+        # one value per channel: the batch mean is that value and the variance 0, so BN outputs exactly beta
+        size = f" x {spatial[0]}x{spatial[1]}" if spatial else ""
+        problems.append(f"{where} ({layer.bn_name}): normalizes over {values} value per channel (data.batch_size "
+                        f"{batch_size}{size}), so it outputs beta whatever the input; use data.batch_size >= 2 "
+                        "or bn: false")
+    if layer.bn.renorm and layer.bn.moving_variance == "unbiased":
+        problems.append(f"{where}.bn.moving_variance: unbiased is not available with renorm (Keras' renorm keeps "
+                        "its own moving statistics)")
+    return problems
 
 
 def layer_table(plan: list[PlannedLayer]) -> list[tuple]:

@@ -79,6 +79,9 @@ class BNSettings(Strict):
     renorm: bool = False  # batch renormalization (Ioffe 2017); Keras-only, so it implies impl keras
     renorm_momentum: Fraction = 0.99
     renorm_clipping: Optional[RenormClipping] = None
+    # what the moving variance averages: the biased batch variance (Keras 3; divided by n) or the unbiased one
+    # (TF1's fused batch_norm, PyTorch's running_var; divided by n - 1). Normalization always uses the biased one.
+    moving_variance: Literal["biased", "unbiased"] = "biased"
 
 
 class BNOverride(Strict):
@@ -92,6 +95,7 @@ class BNOverride(Strict):
     renorm: Optional[bool] = None
     renorm_momentum: Optional[Fraction] = None
     renorm_clipping: Optional[RenormClipping] = None
+    moving_variance: Optional[Literal["biased", "unbiased"]] = None
 
 
 def _bn_switch(v):
@@ -176,9 +180,12 @@ class ConvLayer(LayerSpec):
     def keras_layer(self, planned, data_format, dtype):
         import keras
 
-        return keras.layers.Conv2D(self.filters, tuple(self.kernel), strides=tuple(self.stride), padding=self.padding,
-                                   dilation_rate=tuple(self.dilation), use_bias=planned.use_bias,
-                                   data_format=data_format, name=planned.name, dtype=dtype)
+        from ..model.conv import Conv2D  # Keras' own, except for a channels_first bias (see model/conv.py)
+
+        conv = Conv2D if data_format == "channels_first" and planned.use_bias else keras.layers.Conv2D
+        return conv(self.filters, tuple(self.kernel), strides=tuple(self.stride), padding=self.padding,
+                    dilation_rate=tuple(self.dilation), use_bias=planned.use_bias, data_format=data_format,
+                    name=planned.name, dtype=dtype)
 
 
 class PoolLayer(LayerSpec):

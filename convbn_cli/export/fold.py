@@ -50,25 +50,28 @@ def foldable_pairs(model) -> dict:
 def standard_model(model: keras.Model, fold_bn: bool = False):
     """(new model, folded BN names, kept BN names): only Keras' own layers, weights copied.
 
-    A FusedBatchNorm that is not folded becomes keras.layers.BatchNormalization with the same weights, so the
-    result loads anywhere without convbn. Works on any functional graph (the model is cloned layer by layer).
+    A FusedBatchNorm that is not folded becomes keras.layers.BatchNormalization with the same weights, and
+    convbn's Keras subclasses become Keras' own classes, so the result loads anywhere without convbn. A convbn
+    channels_first model (NHWC images permuted to NCHW first) is rebuilt in channels_last, which computes the
+    same function with the same weights (Keras keeps conv kernels as HWIO in both layouts, and Flatten in
+    channels-last order) and avoids Keras' channels_first conv-bias bug (model/conv.py).
+    Works on any functional graph (the model is cloned layer by layer).
     """
     pairs = foldable_pairs(model) if fold_bn else {}
     folded_into = {id(conv): bn for bn, conv in pairs.items()}
+    to_last = _permutes_to_channels_first(model)
     weights, folded, kept = {}, [], []
 
     def clone(layer):
+        if layer is to_last:
+            return _PassThrough(layer.name)
         if is_bn(layer):
             if layer in pairs:
                 folded.append(layer.name)
                 return _PassThrough(layer.name)
             kept.append(layer.name)
-        config, w = layer.get_config(), layer.get_weights()
-        cls = type(layer)
-        if isinstance(layer, FusedBatchNorm):
-            config = {"name": layer.name, "axis": layer.axis, "momentum": layer.momentum, "epsilon": layer.epsilon,
-                      "center": layer.center, "scale": layer.scale}
-            cls = keras.layers.BatchNormalization
+        cls, config = standard_config(layer, to_channels_last=to_last is not None)
+        w = layer.get_weights()
         bn = folded_into.get(id(layer))
         if bn is not None:
             kernel, bias = fold_weights(w[0], w[1] if config.get("use_bias") else None, bn_layer_parameters(bn))
@@ -86,6 +89,30 @@ def standard_model(model: keras.Model, fold_bn: bool = False):
 
     new = keras.models.clone_model(model, clone_function=clone, call_function=call)
     return keras.Model(new.input, new.output, name="convbn_export"), folded, kept
+
+
+def standard_config(layer, to_channels_last=False):
+    """(Keras class, config) that rebuilds `layer` from Keras' own layers, optionally in channels_last."""
+    config = layer.get_config()
+    cls = next(c for c in type(layer).__mro__ if c.__module__.startswith("keras"))  # convbn's subclasses -> Keras'
+    if isinstance(layer, FusedBatchNorm):
+        cls, config = keras.layers.BatchNormalization, {k: config[k] for k in ("name", "axis", "momentum", "epsilon",
+                                                                                "center", "scale")}
+    config.pop("moving_variance", None)  # convbn's own option: it shapes training only
+    if to_channels_last:
+        if config.get("data_format") == "channels_first":
+            config["data_format"] = "channels_last"
+        if is_bn(layer) and len(layer.input.shape) == 4:
+            config["axis"] = -1
+    return cls, config
+
+
+def _permutes_to_channels_first(model):
+    """convbn's channels_first models start with Permute((3, 1, 2)) right after the input: that layer, or None."""
+    first = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)][:1]
+    if first and isinstance(first[0], keras.layers.Permute) and tuple(first[0].dims) == (3, 1, 2):
+        return first[0]
+    return None
 
 
 class _PassThrough:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras
 
 from .fused_bn import FusedBatchNorm
+from .keras_bn import BatchNormalization
 
 BN_TYPES = (FusedBatchNorm, keras.layers.BatchNormalization)
 
@@ -30,6 +31,11 @@ def bn_impl(layer) -> str:
     return "sync" if getattr(layer, "synchronized", False) else "keras"
 
 
+def moving_variance_rule(layer) -> str:
+    """"biased" (Keras 3, the default) or "unbiased" (TF1's fused batch_norm): what the moving variance averages."""
+    return getattr(layer, "moving_variance_rule", "biased")
+
+
 def channel_axis(layer, ndim: int) -> int:
     axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
     return axis % ndim
@@ -43,12 +49,12 @@ def reduction_axes(layer, ndim: int) -> list[int]:
 
 def make_bn_layer(bn, impl: str, axis: int, name: str, dtype=None):
     """The BN layer for one conv/dense output; `bn` holds the TF1-style settings (decay = Keras momentum)."""
+    common = dict(axis=axis, momentum=bn.decay, epsilon=bn.epsilon, center=bn.center, scale=bn.scale,
+                  moving_variance=bn.moving_variance, name=name, dtype=dtype)
     if impl == "fused":
-        return FusedBatchNorm(axis=axis, momentum=bn.decay, epsilon=bn.epsilon, center=bn.center,
-                              scale=bn.scale, name=name, dtype=dtype)
+        return FusedBatchNorm(**common)
     extra = {"synchronized": True} if impl == "sync" else {}  # all-reduced statistics under tf.distribute
     if bn.renorm:
         extra = dict(renorm=True, renorm_momentum=bn.renorm_momentum,
                      renorm_clipping=bn.renorm_clipping.model_dump() if bn.renorm_clipping else None, **extra)
-    return keras.layers.BatchNormalization(axis=axis, momentum=bn.decay, epsilon=bn.epsilon, center=bn.center,
-                                           scale=bn.scale, name=name, dtype=dtype, **extra)
+    return BatchNormalization(**common, **extra)  # Keras' layer with convbn's corrections (keras_bn.py)

@@ -11,7 +11,9 @@ result, same gradients, and the same moving-statistics update:
 
 where batch_variance is the *biased* variance over (batch, height, width), i.e. divided by n = N*H*W,
 exactly as Keras 3 does. The fused kernel reports the Bessel-corrected variance (divided by n - 1), so
-it is scaled back by (n - 1)/n before the update. convbn uses the biased convention everywhere.
+it is scaled back by (n - 1)/n before the update. With `moving_variance="unbiased"` (TF1's fused batch_norm,
+PyTorch's running_var) the Bessel-corrected one goes into the moving average as it is; normalization always
+uses the biased variance.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ import tensorflow as tf
 class FusedBatchNorm(keras.layers.Layer):
     """Batch normalization of a 4-D tensor, per channel, on the fused kernel. Channel axis 3 or 1."""
 
-    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, **kwargs):
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, moving_variance="biased",
+                 **kwargs):
         super().__init__(**kwargs)
+        if moving_variance not in ("biased", "unbiased"):
+            raise ValueError(f"moving_variance must be 'biased' or 'unbiased', got {moving_variance!r}")
+        self.moving_variance_rule = moving_variance
         if axis not in (-1, 3, 1):
             raise ValueError(f"FusedBatchNorm normalizes channels on axis -1/3 (NHWC) or 1 (NCHW), got {axis}")
         self.axis = 1 if axis == 1 else -1
@@ -69,7 +75,8 @@ class FusedBatchNorm(keras.layers.Layer):
                 x, gamma, beta, epsilon=self.epsilon, data_format=self.data_format, is_training=True)
             shape = tf.shape(x)
             n = tf.cast(tf.reduce_prod(shape) // shape[self.axis], tf.float32)
-            var = var * ((n - 1.0) / tf.maximum(n, 1.0))  # Bessel-corrected -> biased (see module docstring)
+            if self.moving_variance_rule == "biased":
+                var = var * ((n - 1.0) / tf.maximum(n, 1.0))  # Bessel-corrected -> biased (see module docstring)
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(self.moving_variance * self.momentum + var * (1.0 - self.momentum))
             return y
@@ -83,4 +90,4 @@ class FusedBatchNorm(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon,
-                "center": self.center, "scale": self.scale}
+                "center": self.center, "scale": self.scale, "moving_variance": self.moving_variance_rule}

@@ -5,8 +5,8 @@ behind the final weights, worst with a high decay (TF1's default 0.999) and shor
 begin at mean 0 / variance 1, which takes ~1/(1 - decay) steps to forget. Averaging the batch statistics
 of N batches under the final weights gives the statistics the final model actually sees.
 
-Convention (the one training uses): each batch contributes its mean and its biased variance (divided by
-n = N*H*W); the new moving mean is the plain average of the batch means and the new moving variance the
+Convention (the one training uses): each batch contributes its mean and its variance, biased (divided by
+n = N*H*W) or unbiased (n - 1) as the layer's `moving_variance` says; the new moving mean is the plain average of the batch means and the new moving variance the
 plain average of the batch variances.
 
 Order: layer by layer. Layer k is recalibrated with layers 1..k-1 already recalibrated and in inference
@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from .bn import bn_layers, reduction_axes
+from .bn import bn_layers, moving_variance_rule, reduction_axes
 from .graph import input_model
 
 
@@ -41,11 +41,17 @@ def recalibrate_model(model, batches, progress=False) -> dict:
     for bn in bn_layers(model):
         upstream = input_model(model, bn)  # the model up to this BN's input: works on any functional graph
 
+        unbiased = moving_variance_rule(bn) == "unbiased"
+
         @tf.function(reduce_retracing=True)
-        def moments(x, upstream=upstream, bn=bn):
+        def moments(x, upstream=upstream, bn=bn, unbiased=unbiased):
             h = upstream(x, training=False)  # earlier BN layers: already recalibrated, inference mode
             # statistics in float32 whatever the compute precision (tf.nn.moments would keep bfloat16)
-            return tf.nn.moments(tf.cast(h, tf.float32), reduction_axes(bn, len(h.shape)))  # biased variance
+            mean, var = tf.nn.moments(tf.cast(h, tf.float32), reduction_axes(bn, len(h.shape)))  # biased
+            if unbiased:  # the layer's own convention (bn.moving_variance: unbiased, as TF1)
+                n = tf.cast(tf.size(h), tf.float32) / tf.cast(tf.size(mean), tf.float32)
+                var = var * n / tf.maximum(n - 1.0, 1.0)
+            return mean, var
 
         means, variances = [], []
         for item in tqdm(batches, desc=f"precise BN {bn.name}", leave=False, disable=None if progress else True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bn import bn_impl, bn_layers
+from .bn import bn_impl, bn_layers, moving_variance_rule
 
 
 def bn_layer_parameters(layer) -> dict:
@@ -21,7 +21,7 @@ def bn_layer_parameters(layer) -> dict:
     return {
         "channels": int(mean.shape[0]), "epsilon": float(layer.epsilon), "decay": float(layer.momentum),
         "center": bool(layer.center), "scale_learned": bool(layer.scale),
-        "impl": bn_impl(layer),
+        "impl": bn_impl(layer), "moving_variance_rule": moving_variance_rule(layer),
         "gamma": gamma, "beta": beta, "moving_mean": mean, "moving_variance": var,
         "scale": scale, "shift": beta - mean * scale,
     }
