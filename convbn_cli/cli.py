@@ -7,7 +7,9 @@ its exit code (errors.py); no traceback for bad input. TensorFlow is imported in
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -23,13 +25,27 @@ def fail(lines, code):
 
 
 class ConvbnGroup(click.Group):
-    """The command group, with the one error handler every command shares."""
+    """The command group, with the one error handler every command shares. While a command runs, SIGTERM
+    raises Terminated (as Ctrl-C raises KeyboardInterrupt), so that every `finally` cleans up and the exit code
+    says which signal ended it (130 or 143); training turns both into a checkpoint first (train/events.py)."""
 
     def invoke(self, ctx):
-        from .errors import EXIT_BAD_INPUT, ConvbnError
+        import signal
+
+        from .errors import EXIT_BAD_INPUT, ConvbnError, Terminated
+
+        def terminate(signum, frame):
+            raise Terminated(signum)
 
         try:
+            old = signal.signal(signal.SIGTERM, terminate)
+        except ValueError:  # not the main thread
+            old = None
+        try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted by SIGINT", err=True)
+            sys.exit(130)
         except ConvbnError as e:
             if e.exit_code > 128:  # interrupted: not an error, the checkpoint is saved
                 click.echo(str(e), err=True)
@@ -38,6 +54,9 @@ class ConvbnGroup(click.Group):
         except OSError as e:  # the machine said no: a full disk, a path that cannot be written, ...
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}", EXIT_BAD_INPUT)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
 
 # --------------------------------------------------------------------------- shared options
@@ -54,6 +73,7 @@ checkpoint_option = click.option(
 no_progress_option = click.option("--no-progress", is_flag=True,
                                   help="No progress bars (they are off anyway when not on a terminal).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 TARGET_HELP = "a run directory, a checkpoint prefix (runs/x/1/checkpoints/ckpt-420) or an exported .keras model"
 
 
@@ -87,10 +107,12 @@ def validate(config, overrides):
     Exit 0 if the config is usable, 2 with one line per problem if not. Never imports TensorFlow.
     """
     from .config import dump_config, layer_table, load_config, plan_layers
+    from .config.plan import estimate
     from .reports import LayerTable
 
     cfg = load_config(config, overrides)
-    click.echo(LayerTable(dump_config(cfg), layer_table(plan_layers(cfg))).render())
+    plan = plan_layers(cfg)
+    click.echo(LayerTable(dump_config(cfg), layer_table(plan), estimate(plan, cfg.data.batch_size)).render())
 
 
 @main.command()
@@ -109,22 +131,23 @@ def train(ctx, config, overrides, resume, no_progress, workers):
     """
     from .config import load_config
     from .errors import ConvbnError
+    from .launcher import SUPERVISED_ENV, check_tf_config, launch_workers, supervise
     from .runs import open_for_resume
 
     if resume and config is not None:  # `train --resume DIR train.epochs=5`: Click filled CONFIG with the override
         overrides, config = (config, *overrides), None
-    if workers and workers > 1:
-        from .launcher import launch_workers
-
-        args = (["--resume", resume] if resume else [config]) + list(overrides) + ["--no-progress"]
-        sys.exit(launch_workers(workers, [a for a in args if a is not None], log=_stderr))
-    if resume:
-        resume = open_for_resume(resume, overrides)
-        cfg = resume.config
-    elif config is None:
+    if not resume and config is None:
         raise ConvbnError("missing CONFIG (e.g. convbn train configs/mnist_bn.yaml), or --resume RUN_DIR")
-    else:
-        cfg = load_config(config, overrides)
+    # the input is checked here, once: bad input is exit 2 before any worker process starts
+    resume = open_for_resume(resume, overrides) if resume else None
+    cfg = resume.config if resume else load_config(config, overrides)
+    args = (["--resume", str(resume.run.path)] if resume else [config]) + list(overrides)
+    if workers and workers > 1:
+        sys.exit(launch_workers(workers, args + ["--no-progress"], log=_stderr))
+    if cfg.distribute.strategy == "multi_worker" and not os.environ.get(SUPERVISED_ENV):
+        # one worker of a cluster: train in a child process whose start-up this one watches (launcher.py)
+        peers = check_tf_config(os.environ.get("TF_CONFIG"))
+        sys.exit(supervise(args + (["--no-progress"] if no_progress else []), peers))
     _tf(ctx)
     from .train import train as run_training
 
@@ -176,12 +199,21 @@ def _thresholds(ctx, param, value):
 @click.pass_context
 def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresholds, other, plot_path):
     """Per-channel gamma, beta, moving mean/variance and the inference affine map of every BN layer in TARGET."""
+    if plot_path and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
+        raise click.BadParameter(f"{plot_path}: the picture's name must end in one of {', '.join(PLOT_SUFFIXES)}",
+                                 param_hint="--plot")
     _tf(ctx)
     from .analysis import inspection as ib
     from .reports import InspectReport, dumps
 
     result = ib.inspect_bn(target, which=which, layers=list(layers) or None)
-    diff = ib.compare(result, ib.inspect_bn(other, which=which, layers=list(layers) or None)) if other else None
+    diff = None
+    if other:
+        theirs = ib.inspect_bn(other, which=which, layers=list(layers) or None)
+        diff = ib.compare(result, theirs)
+        unmatched = ib.counterparts(result, theirs)[1]
+        if unmatched:
+            _stderr(f"not compared (no BN layer of the same name and size in the other): {', '.join(unmatched)}")
     ranks = {n: ib.rank(layer, thresholds) for n, layer in result["layers"].items()} if rank else None
     report = InspectReport(result, dead_threshold, ranks, diff)
     if fmt == "json":
@@ -225,16 +257,19 @@ def recalibrate(ctx, target, which, batches, full, split, no_progress):
 @click.argument("target", metavar="TARGET")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="keras", show_default=True)
 @click.option("--fold-bn", is_flag=True, help="Fold each BN into the conv/dense layer before it.")
-@click.option("--output", type=click.Path(), help="Where to write (default: RUN_DIR/export/...).")
+@click.option("--output", type=click.Path(), help="Where to write (default: RUN_DIR/export/...): a .keras or .tflite "
+              "file, or a SavedModel directory. An existing one is refused unless --force.")
+@click.option("--force", is_flag=True, help="Replace a previous export of the same kind at the output (never "
+              "anything else: not a run directory, not a directory holding other files).")
 @checkpoint_option
 @click.pass_context
-def export_cmd(ctx, target, fmt, fold_bn, output, which):
+def export_cmd(ctx, target, fmt, fold_bn, output, force, which):
     """Export TARGET with standard Keras/TensorFlow layers only, checked against the original model."""
     _tf(ctx)
     from .export import export
     from .reports import ExportReport
 
-    r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, log=_stderr)
+    r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, force=force, log=_stderr)
     click.echo(ExportReport(r, fold_bn).render())
 
 

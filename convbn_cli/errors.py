@@ -29,3 +29,13 @@ class ConfigError(ConvbnError):
     @property
     def lines(self):
         return self.problems
+
+
+class Terminated(ConvbnError):
+    """A signal (SIGTERM) ended a command that was not training; exit 128 + signal number."""
+
+    def __init__(self, signum):
+        import signal
+
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")

@@ -68,3 +68,25 @@ def staged(path):
         (tmp / path.name).rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+STALE_AFTER_S = 600  # a temporary this old belongs to a process that died (a write takes seconds)
+
+
+def remove_stale_temporaries(folder, name: str) -> list:
+    """Remove what a killed atomic write or staging of `folder/name` left behind (`.NAME.*.tmp`, files or
+    directories), once it is older than STALE_AFTER_S: a younger one may belong to a write still running."""
+    import glob
+    import time
+
+    folder, stale = Path(folder), []
+    if not folder.is_dir():
+        return stale
+    for p in folder.glob(f".{glob.escape(name)}.*.tmp"):
+        try:
+            if time.time() - p.lstat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                stale.append(p)
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+    return stale

@@ -1,8 +1,11 @@
-"""`convbn train --workers K`: K local worker processes on 127.0.0.1 under MultiWorkerMirroredStrategy.
+"""Worker processes for `distribute.strategy: multi_worker`, kept free of TensorFlow (it only starts, watches
+and stops processes):
 
-Kept free of TensorFlow: the launcher only starts, watches and stops processes (each worker imports it).
-Across real hosts, start `convbn train CONFIG distribute.strategy=multi_worker` on each host with its own
-TF_CONFIG instead (see the README).
+- `convbn train --workers K`: K local worker processes on 127.0.0.1 (launch_workers);
+- one worker of a real cluster (TF_CONFIG): the CLI runs the training in a child process and watches its
+  start-up (supervise). TensorFlow waits for every worker inside the strategy's constructor, holding the GIL
+  and deaf to signals; the parent stays responsive: it ends the child on SIGINT/SIGTERM (130/143) and gives up
+  after $CONVBN_WORKER_STARTUP_TIMEOUT seconds (120), naming the workers that never answered.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import sys
 import tempfile
 import time
 
-from .errors import ConvbnError
+from .errors import ConvbnError, Terminated
+
+READY_FD_ENV = "CONVBN_READY_FD"  # the child writes to this pipe once every worker has joined
+SUPERVISED_ENV = "CONVBN_SUPERVISED"  # set for processes that already have a watcher (no second one)
+STARTUP_TIMEOUT_S = float(os.environ.get("CONVBN_WORKER_STARTUP_TIMEOUT", "120"))
 
 
 class WorkerFailed(ConvbnError):
@@ -44,7 +51,8 @@ def launch_workers(k: int, train_args: list[str], log=print, poll_s: float = 0.5
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for i in range(k):
-        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+               SUPERVISED_ENV: "1"}
         # the chief talks to the terminal; the others' stderr goes to a file, read if they fail
         err = None if i == 0 else tempfile.TemporaryFile()
         proc = subprocess.Popen([sys.executable, "-m", "convbn_cli", "train", *train_args,
@@ -69,6 +77,79 @@ def launch_workers(k: int, train_args: list[str], log=print, poll_s: float = 0.5
     except KeyboardInterrupt:
         _stop(procs, signal.SIGINT)
         raise
+
+
+def check_tf_config(text) -> dict:
+    """{task name: address} of the other workers in TF_CONFIG; a missing or malformed TF_CONFIG is exit 2."""
+    if not text:
+        raise ConvbnError("distribute.strategy: multi_worker needs TF_CONFIG describing the cluster "
+                          "(or use `convbn train --workers K` to start K local workers)")
+    try:
+        conf = json.loads(text)
+        cluster, task = conf["cluster"], conf["task"]
+        kind, index = task["type"], task["index"]
+        members = cluster[kind]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConvbnError(f"TF_CONFIG: not a cluster description ({type(e).__name__}: {e}); expected "
+                          '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}') from None
+    if not isinstance(index, int) or not isinstance(members, list) or not 0 <= index < len(members):
+        raise ConvbnError(f"TF_CONFIG: task index {index!r} is out of range for the {len(members)} "
+                          f"{kind}(s) in the cluster")
+    return {f"{k} {i}": addr for k, addrs in cluster.items() for i, addr in enumerate(addrs)
+            if not (k == kind and i == index)}
+
+
+def supervise(train_args: list[str], peers: dict, timeout_s: float | None = None) -> int:
+    """Run `convbn train ARGS` as a child and watch its cluster start-up; returns the exit code to end with."""
+    timeout_s = STARTUP_TIMEOUT_S if timeout_s is None else timeout_s
+    read_fd, write_fd = os.pipe()
+    env = {**os.environ, SUPERVISED_ENV: "1", READY_FD_ENV: str(write_fd)}
+    proc = subprocess.Popen([sys.executable, "-m", "convbn_cli", "train", *train_args], env=env, pass_fds=(write_fd,))
+    os.close(write_fd)
+    deadline, ready = time.monotonic() + timeout_s, False
+    try:
+        while proc.poll() is None:
+            if not ready:
+                ready = _wait_readable(read_fd, 0.2)
+                if not ready and proc.poll() is None and time.monotonic() > deadline:
+                    _stop([proc], signal.SIGKILL, grace_s=5)
+                    missing = [f"{name} ({addr})" for name, addr in peers.items() if not _reachable(addr)]
+                    raise ConvbnError(f"the cluster did not start within {timeout_s:g} s "
+                                      f"($CONVBN_WORKER_STARTUP_TIMEOUT): " + (f"no answer from {', '.join(missing)}"
+                                                                              if missing else "not every worker joined"))
+            else:
+                time.sleep(0.2)
+        return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+    except (KeyboardInterrupt, Terminated) as e:
+        # once started, the child saves a checkpoint on the signal (it got it too, from the terminal or from us)
+        if not ready:  # still blocked inside TensorFlow: it cannot save anything, nor hear the signal
+            _stop([proc], signal.SIGKILL, grace_s=5)
+        elif isinstance(e, KeyboardInterrupt):  # Ctrl-C reached the child too: it is saving a checkpoint
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _stop([proc], signal.SIGINT, grace_s=60)
+        else:
+            _stop([proc], signal.SIGTERM, grace_s=60)
+        raise
+    finally:
+        os.close(read_fd)
+
+
+def _wait_readable(fd, timeout_s) -> bool:
+    import select
+
+    readable, _, _ = select.select([fd], [], [], timeout_s)
+    return bool(readable) and os.read(fd, 64) != b""
+
+
+def _reachable(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _last_line(proc) -> str:

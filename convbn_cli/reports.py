@@ -19,6 +19,7 @@ class LayerTable:
 
     config_yaml: str
     rows: list
+    estimate: object = None  # config.plan.Estimate
 
     def render(self) -> str:
         head = ("layer", "type", "output shape", "params", "")
@@ -28,6 +29,10 @@ class LayerTable:
                  + ("  " + r[4] if r[4] else "") for r in cells]
         lines.insert(1, "-" * len(lines[0]))
         lines.append(f"total parameters: {sum(r[3] for r in self.rows):,}")
+        e = self.estimate
+        if e is not None:
+            lines.append(f"estimated training memory: {e.train_bytes / 2**20:,.0f} MiB for a batch of {e.batch_size} "
+                         f"({e.activations_per_image:,} activation values per image); {e.layers} layers")
         return self.config_yaml.rstrip() + "\n\n" + "\n".join(lines)
 
 

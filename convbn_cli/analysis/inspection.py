@@ -69,19 +69,21 @@ def rank(layer: dict, thresholds) -> dict | None:
             "below": {float(t): float((g < t).mean()) for t in thresholds}}
 
 
+def counterparts(a: dict, b: dict) -> tuple[list, list]:
+    """(names of the BN layers that match in both: same name and same channel count, the rest of either side).
+
+    Two networks can share a layer name for unrelated layers; matching the shape as well keeps them apart."""
+    same = [n for n, la in a["layers"].items() if n in b["layers"] and b["layers"][n]["channels"] == la["channels"]]
+    rest = [n for n in [*a["layers"], *b["layers"]] if n not in same]
+    return same, list(dict.fromkeys(rest))
+
+
 def compare(a: dict, b: dict) -> dict:
-    """Per-channel differences b - a for every BN layer the two inspections share (same channel counts)."""
-    out = {}
-    for name, la in a["layers"].items():
-        lb = b["layers"].get(name)
-        if lb is None:
-            continue
-        if lb["channels"] != la["channels"]:
-            raise CheckpointError(f"{name}: {la['channels']} channels in one checkpoint, {lb['channels']} in the other")
-        out[name] = {q: lb[q] - la[q] for q in QUANTITIES}
-    if not out:
-        raise CheckpointError("the two checkpoints share no BN layer")
-    return out
+    """Per-channel differences b - a for every BN layer with a counterpart (same name and channels) in both."""
+    same, _ = counterparts(a, b)
+    if not same:
+        raise CheckpointError("the two checkpoints share no BN layer (same name and number of channels)")
+    return {name: {q: b["layers"][name][q] - a["layers"][name][q] for q in QUANTITIES} for name in same}
 
 
 def to_json(result: dict, dead_threshold: float = 1e-2) -> dict:
@@ -121,6 +123,9 @@ def table(result: dict, dead_threshold: float = 1e-2, order=None, diff=None) -> 
                       f"decay {layer['decay']:g})", gamma_line]
         if fixed(layer, "beta"):
             lines.append("  beta fixed at 0 (center: false)")
+        if diff is not None and name not in diff:
+            lines.append("  no counterpart in the other checkpoint (no BN layer of that name and size): not compared")
+            continue
         source = diff[name] if diff is not None else layer
         header = ["channel", *(("d_" + q) if diff is not None else q for q in QUANTITIES)]
         rows = [header]

@@ -19,21 +19,68 @@ from . import schema
 from .plan import plan_layers
 
 
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB; the shipped configs are under 1 KB
+MAX_NESTING = 32  # mappings and lists inside each other (a config needs 4)
+MAX_PROBLEMS = 20  # listed one per line; the rest are counted
+
+
 # --------------------------------------------------------------------------- YAML and overrides
 
+# libyaml's parser when PyYAML has it (the pure-Python one takes seconds for a large file)
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_SafeLoader):
+    """yaml.SafeLoader (no Python tags) that refuses a key given twice in one mapping instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); keep one",
+                        key_node.start_mark)
+                seen[key] = line
+            except TypeError:  # an unhashable key (a list as a key): the base class reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_parse(text):
+    """YAML text -> Python data, with no Python tags, no duplicate keys and bounded nesting.
+
+    The nesting is checked on PyYAML's event stream, which is iterative, before its recursive constructor runs:
+    a 20,000-deep list would otherwise end in a RecursionError. Raises yaml.YAMLError.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=_SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise yaml.YAMLError(f"line {event.start_mark.line + 1}: nested more than {MAX_NESTING} levels deep")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def read_yaml(path) -> dict:
-    """Parse a config file with yaml.safe_load (no Python tags), insisting on a mapping at the top."""
+    """Parse a config file (at most MAX_CONFIG_BYTES, see safe_parse), insisting on a mapping at the top."""
     path = Path(path)
     try:
-        text = path.read_bytes()
+        with open(path, "rb") as f:  # bounded: `convbn validate /dev/zero` must not read forever
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
     except IsADirectoryError:
         raise ConfigError([f"{path}: is a directory, expected a YAML file"]) from None
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a convbn config"])
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_parse(text)
     except yaml.YAMLError as e:
         raise ConfigError([f"{path}: not valid YAML: {_yaml_problem(e)}"]) from None
     if raw is None:
@@ -79,7 +126,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
             continue
         try:
             parts = parse_key(key.strip())
-            value = yaml.safe_load(text) if text.strip() else None
+            value = safe_parse(text) if text.strip() else None
         except ValueError as e:
             problems.append(f"override {item!r}: {e}")
             continue
@@ -231,57 +278,68 @@ def _model_in(tp):
 
 
 def format_validation_error(e: ValidationError) -> list[str]:
-    lines = []
-    for err in e.errors(include_url=False):
-        loc = _clean_loc(err["loc"])
-        kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-        if kind == "extra_forbidden":
-            holder = _model_at(err["loc"][:-1])
-            known = [k for k in holder.model_fields] if holder is not None else []
-            msg = "unknown key" + (f" (expected one of: {', '.join(known)})" if known else "")
-        elif kind == "missing":
-            msg = "required key missing"
-        elif kind == "value_error":
-            msg = str(ctx.get("error", err["msg"]))
-        elif kind == "literal_error":
-            msg = f"must be one of {ctx.get('expected')}, got {_got(value)}"
-        elif kind == "union_tag_invalid":
-            loc = loc + ["type"]
-            msg = f"unknown layer type {_got(ctx.get('tag'))} (expected one of: {', '.join(schema.LAYER_CLASSES)})"
-        elif kind == "union_tag_not_found":
-            loc = loc + ["type"]
-            msg = f"required key missing (one of: {', '.join(schema.LAYER_CLASSES)})"
-        elif kind in ("model_type", "model_attributes_type", "dict_type"):
-            msg = f"must be a mapping, got {_got(value)}"
-        elif kind == "list_type":
-            msg = f"must be a list, got {_got(value)}"
-        elif kind in ("int_type", "int_from_float"):
-            msg = f"must be an integer, got {_got(value)}"
-        elif kind == "float_type":
-            msg = f"must be a number, got {_got(value)}"
-        elif kind == "bool_type":
-            msg = f"must be true or false, got {_got(value)}"
-        elif kind == "string_type":
-            msg = f"must be a string, got {_got(value)}"
-        elif kind == "string_pattern_mismatch":
-            msg = f"may contain only letters, digits, '.', '_' and '-', got {_got(value)}"
-        elif kind in ("too_short", "too_long"):
-            lo, hi = ctx.get("min_length"), ctx.get("max_length")
-            if kind == "too_short" and not hi:
-                msg = f"must have at least {lo} item(s)"
-            else:
-                n = ctx.get("actual_length")
-                msg = f"must have {'at least %s' % lo if kind == 'too_short' else 'at most %s' % hi} items, got {n}"
-                if loc and loc[-1] in ("kernel", "stride", "dilation", "size"):
-                    msg = f"must be an integer or a list of 2 integers, got {n} items"
-        else:  # anything else: pydantic's own words, on one line
-            msg = " ".join(err["msg"].split())
-        if len(loc) >= 2 and isinstance(loc[-1], int) and loc[-2] in _PAIR_KEYS:
-            loc = loc[:-1]  # `stride: 0` was expanded to [0, 0]; report it once, at the key
-        line = f"{format_loc(loc)}: {msg}"
+    """One line per problem (the first MAX_PROBLEMS of them, then a count), each naming its dotted key."""
+    lines = {}  # a dict keeps the order and makes the duplicate check O(1): 64,000 unknown keys stay fast
+    errors = e.errors(include_url=False)
+    for err in errors:
+        line = _problem_line(err)
         if line not in lines:
-            lines.append(line)
-    return lines
+            lines[line] = None
+            if len(lines) == MAX_PROBLEMS:
+                break
+    out = list(lines)
+    if len(errors) > len(out) and len(out) == MAX_PROBLEMS:
+        out.append(f"... and more problems ({len(errors)} in all); fix these first")
+    return out
+
+
+def _problem_line(err) -> str:
+    loc = _clean_loc(err["loc"])
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        holder = _model_at(err["loc"][:-1])
+        known = [k for k in holder.model_fields] if holder is not None else []
+        msg = "unknown key" + (f" (expected one of: {', '.join(known)})" if known else "")
+    elif kind == "missing":
+        msg = "required key missing"
+    elif kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+    elif kind == "literal_error":
+        msg = f"must be one of {ctx.get('expected')}, got {_got(value)}"
+    elif kind == "union_tag_invalid":
+        loc = loc + ["type"]
+        msg = f"unknown layer type {_got(ctx.get('tag'))} (expected one of: {', '.join(schema.LAYER_CLASSES)})"
+    elif kind == "union_tag_not_found":
+        loc = loc + ["type"]
+        msg = f"required key missing (one of: {', '.join(schema.LAYER_CLASSES)})"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        msg = f"must be a mapping, got {_got(value)}"
+    elif kind == "list_type":
+        msg = f"must be a list, got {_got(value)}"
+    elif kind in ("int_type", "int_from_float"):
+        msg = f"must be an integer, got {_got(value)}"
+    elif kind == "float_type":
+        msg = f"must be a number, got {_got(value)}"
+    elif kind == "bool_type":
+        msg = f"must be true or false, got {_got(value)}"
+    elif kind == "string_type":
+        msg = f"must be a string, got {_got(value)}"
+    elif kind == "string_pattern_mismatch":
+        msg = f"may contain only letters, digits, '.', '_' and '-', got {_got(value)}"
+    elif kind in ("too_short", "too_long"):
+        lo, hi = ctx.get("min_length"), ctx.get("max_length")
+        if kind == "too_short" and not hi:
+            msg = f"must have at least {lo} item(s)"
+        else:
+            n = ctx.get("actual_length")
+            msg = f"must have {'at least %s' % lo if kind == 'too_short' else 'at most %s' % hi} items, got {n}"
+            if loc and loc[-1] in ("kernel", "stride", "dilation", "size"):
+                msg = f"must be an integer or a list of 2 integers, got {n} items"
+    else:  # anything else: pydantic's own words, on one line
+        msg = " ".join(err["msg"].split())
+    if len(loc) >= 2 and isinstance(loc[-1], int) and loc[-2] in _PAIR_KEYS:
+        loc = loc[:-1]  # `stride: 0` was expanded to [0, 0]; report it once, at the key
+    return f"{format_loc(loc)}: {msg}"
 
 
 _PAIR_KEYS = ("kernel", "stride", "dilation", "size")

@@ -8,6 +8,7 @@ same plan, so the names shown here (`conv1`, `conv1_bn`, ...) are the names in c
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +45,62 @@ class PlannedLayer:
         if self.bn is None:
             return 0, 0
         return self.channels * (int(self.bn.scale) + int(self.bn.center)), 2 * self.channels
+
+
+MAX_LAYERS = 100  # config layers; deeper nets fail inside Keras (recursion) long before they would train here
+BYTES = 4  # float32
+
+
+def memory_limit() -> int:
+    """Bytes a training run may plan to use: $CONVBN_MEMORY_LIMIT_GB, else 80% of this machine's memory."""
+    if os.environ.get("CONVBN_MEMORY_LIMIT_GB"):
+        return int(float(os.environ["CONVBN_MEMORY_LIMIT_GB"]) * 2**30)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.8)
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no limit known
+        return 2**62
+
+
+@dataclass
+class Estimate:
+    """What one training step needs, roughly: parameters (weights, gradients and two optimizer slots each) and
+    the activations of one batch (kept for the backward pass, plus their gradients)."""
+
+    params: int
+    activations_per_image: int  # values
+    batch_size: int
+    layers: int
+
+    @property
+    def train_bytes(self) -> int:
+        return BYTES * (4 * self.params + 2 * self.batch_size * self.activations_per_image)
+
+
+def _values(layer: PlannedLayer) -> int:
+    n = 1
+    for d in layer.out_shape:
+        n *= d
+    return n * (1 + (layer.bn is not None) + (layer.activation is not None))  # the layer, its BN, its activation
+
+
+def estimate(plan: list, batch_size: int) -> Estimate:
+    params = sum(layer.params + sum(layer.bn_params) for layer in plan)
+    return Estimate(params, sum(_values(layer) for layer in plan), batch_size, len(plan))
+
+
+def _size_problems(cfg, plan) -> list[str]:
+    """A network that validates but could not train on this machine: too deep, or too big for its memory."""
+    if len(cfg.model.layers) > MAX_LAYERS:
+        return [f"model.layers: {len(cfg.model.layers)} layers, more than the {MAX_LAYERS} convbn builds"]
+    est, limit = estimate(plan, cfg.data.batch_size), memory_limit()
+    if est.train_bytes <= limit:
+        return []
+    cost = [BYTES * (4 * (layer.params + sum(layer.bn_params)) + 2 * cfg.data.batch_size * _values(layer))
+            for layer in plan]
+    i = max(range(len(plan)), key=cost.__getitem__)
+    return [f"model.layers[{i}] ({plan[i].name}): the network needs about {est.train_bytes / 2**30:.1f} GiB to "
+            f"train with data.batch_size {cfg.data.batch_size} ({cost[i] / 2**30:.1f} GiB for this layer), more "
+            f"than the {limit / 2**30:.1f} GiB allowed (80% of this machine's memory, or $CONVBN_MEMORY_LIMIT_GB)"]
 
 
 def _rank_problem(spec: schema.LayerSpec, shape: tuple) -> Optional[str]:
@@ -88,7 +145,7 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
         plan.append(layer)
         shape = out
     if not problems:
-        problems += _last_layer_problems(cfg)
+        problems += _last_layer_problems(cfg) or _size_problems(cfg, plan)
     if problems:
         raise ConfigError(problems)
     return plan

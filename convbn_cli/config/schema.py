@@ -353,9 +353,24 @@ class DistributeConfig(Strict):
     cpu_replicas: Optional[In(1, 64, kind=int)] = None  # split the CPU into K logical devices (for trying mirrored)
 
 
+def _plain_path(v: str) -> str:
+    if "\x00" in v or "\n" in v or "\r" in v:
+        raise ValueError(f"must not contain a NUL byte or a line break, got {v!r}")
+    return v
+
+
+def _one_name(v: str) -> str:
+    # one directory name under output.root: "." and ".." would write beside or above the root
+    if v in (".", ".."):
+        raise ValueError(f"must be a directory name, not {v!r}")
+    return v
+
+
 class OutputConfig(Strict):
-    root: Annotated[str, Field(min_length=1)] = "runs"
-    name: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=128)]] = None  # null: file stem
+    root: Annotated[str, Field(min_length=1), AfterValidator(_plain_path)] = "runs"
+    # null: the config file's stem; letters, digits, '.', '_' and '-' only, so no path separator can get in
+    name: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=128), AfterValidator(_one_name)]] \
+        = None
     keep_checkpoints: In(1, 1000, kind=int) = 3
 
 

@@ -31,35 +31,54 @@ class DataError(ConvbnError):
 
 # --------------------------------------------------------------------------- IDX
 
-def read_idx(path) -> np.ndarray:
+MAX_IDX_BYTES = 256 << 20  # any IDX file convbn reads is far smaller (MNIST's largest: 47 MB)
+
+
+def read_idx(path, expect: tuple | None = None) -> np.ndarray:
     """Parse an IDX file (gzipped or not): magic 0x0000 + type code + ndim, big-endian dims, then the data.
 
+    `expect` = (largest count, dims after the count), e.g. (60000, (28, 28)): a header that differs is refused
+    before any data is read. Reads are bounded by what the header declares, so a gzip bomb or a huge sparse
+    file is refused after a few bytes instead of being read whole.
     Hand-written because no maintained package reads IDX; the format is a dozen lines anyway.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
+    with open(path, "rb") as raw_file:
+        gz = raw_file.read(2) == b"\x1f\x8b"
+        raw_file.seek(0)
+        f = gzip.GzipFile(fileobj=raw_file) if gz else raw_file
         try:
-            raw = gzip.decompress(raw)
+            return _read_idx_stream(f, path, expect)
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: corrupt gzip data ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
-    if raw[2] != 0x08:
-        raise DataError(f"{path}: IDX type code 0x{raw[2]:02x} is not unsigned bytes (0x08)")
-    ndim = raw[3]
+
+
+def _read_idx_stream(f, path, expect) -> np.ndarray:
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number {head.hex() or 'empty'})")
+    if head[2] != 0x08:
+        raise DataError(f"{path}: IDX type code 0x{head[2]:02x} is not unsigned bytes (0x08)")
+    ndim = head[3]
     if ndim not in (1, 3):
         raise DataError(f"{path}: IDX with {ndim} dimensions; expected 1 (labels) or 3 (images)")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    raw_dims = f.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
+    dims = tuple(int.from_bytes(raw_dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
+    if expect is not None:
+        most, tail = expect
+        if tuple(dims[1:]) != tuple(tail) or dims[0] > most:
+            raise DataError(f"{path}: IDX header declares shape {dims}; this dataset has at most {most} items of "
+                            f"shape {tuple(tail)}")
+    expected = int(np.prod(dims, dtype=np.int64))
+    if expected > MAX_IDX_BYTES:
+        raise DataError(f"{path}: IDX header declares {expected} bytes, more than any MNIST-like file")
+    data = f.read(expected + 1)  # one byte more tells a file that is longer than its header says
+    if len(data) != expected:
         raise DataError(f"{path}: IDX header promises {expected} bytes of data for shape {dims}, "
-                        f"file has {len(raw) - header}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+                        f"file has {len(data) if len(data) < expected else 'more'}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims).copy()
 
 
 def find_idx_files(directory) -> dict:
@@ -75,25 +94,54 @@ def find_idx_files(directory) -> dict:
     return found
 
 
-def read_idx_dir(directory) -> dict:
-    return {key: read_idx(p) for key, p in find_idx_files(directory).items()}
+def read_idx_dir(directory, dataset=None) -> dict:
+    """The four arrays of a directory of IDX files; with `dataset` (its registry entry) headers must fit it."""
+    return {key: read_idx(p, _expect(dataset, key)) for key, p in find_idx_files(directory).items()}
+
+
+def _expect(dataset, key):
+    if dataset is None:
+        return None
+    most = dataset.train_size if key.endswith("train") else dataset.test_size
+    return most, (dataset.height, dataset.width) if key.startswith("x") else ()
 
 
 # --------------------------------------------------------------------------- npz (Keras' mnist.npz layout)
 
-def read_npz(path) -> dict:
-    """Load x_train, y_train, x_test, y_test from an npz, refusing pickled object arrays."""
+def read_npz(path, dataset=None) -> dict:
+    """Load x_train, y_train, x_test, y_test from an npz, refusing pickled object arrays.
+
+    With `dataset` (its registry entry) every array's header is checked against the dataset's shape before the
+    array is loaded, so a header that claims a billion images is refused instead of allocated.
+    """
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in KEYS if k not in f.files]
             if missing:
                 raise DataError(f"{path}: missing arrays {', '.join(missing)} (expected {', '.join(KEYS)})")
+            if dataset is not None:
+                _check_npz_headers(f, path, dataset)
             return {k: f[k] for k in KEYS}
     except DataError:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
+def _check_npz_headers(npz, path, dataset) -> None:
+    for key in KEYS:
+        with npz.zip.open(key + ".npy") as member:
+            version = np.lib.format.read_magic(member)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(member)
+        most, tail = _expect(dataset, key)
+        if tuple(shape[1:]) != tuple(tail) or not shape or shape[0] > most:
+            raise DataError(f"{path}: {key} has shape {shape}, expected (N, {', '.join(map(str, tail))}) with N "
+                            f"at most {most}" if tail else f"{path}: {key} has shape {shape}, expected (N,) with N "
+                            f"at most {most}")
+        if dtype.itemsize > 8:
+            raise DataError(f"{path}: {key} has dtype {dtype}, expected uint8")
 
 
 def write_npz_atomic(path, arrays: dict) -> None:

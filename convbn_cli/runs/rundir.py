@@ -78,12 +78,24 @@ class RunDir:
         return run
 
     def remove_stale_temporaries(self) -> list:
-        """Delete the temporary files of atomic writes that a killed process left behind (never a real file)."""
-        stale = [p for folder in (self.path, self.bn_stats) if folder.is_dir()
-                 for p in folder.glob(".*.tmp") if p.is_file()]
+        """Delete what killed processes left half-written: the temporaries of atomic writes (`.NAME.*.tmp`),
+        TensorFlow's checkpoint staging (`ckpt-*_temp/`) and export staging (`export/.NAME.*.tmp/`). Never a real
+        file: only names that these writers make."""
+        import shutil
+
+        stale = [p for folder in (self.path, self.bn_stats, self.export) if folder.is_dir()
+                 for p in folder.glob(".*.tmp")]
+        stale += [p for folder in (self.checkpoints, self.best, self.recalibrated) if folder.is_dir()
+                  for p in folder.glob("ckpt-*_temp") if p.is_dir()]
         for p in stale:
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         return stale
+
+    def check_intact(self) -> None:
+        """Stop (one line, exit 2) if the run directory vanished under a running training."""
+        if not self.config.is_file():
+            raise RunDirError(f"{self.path}: the run directory (or its config.yaml) was removed while training; "
+                              "stopped without writing anything there")
 
     # Files -----------------------------------------------------------------------------------------
     def write_config(self, cfg) -> None:
@@ -94,18 +106,24 @@ class RunDir:
         try:
             return load_config(self.config, overrides)
         except ConfigError as e:
-            raise RunDirError(f"{self.config}: " + "; ".join(e.problems)) from None
+            where = "" if e.problems[0].startswith(str(self.config)) else f"{self.config}: "
+            raise RunDirError(where + "; ".join(e.problems)) from None
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_jsonl.is_file():
             return []
         rows = []
-        for n, line in enumerate(self.metrics_jsonl.read_text().splitlines(), 1):
+        for n, line in enumerate(self.metrics_jsonl.read_text(errors="replace").splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     raise RunDirError(f"{self.metrics_jsonl}: line {n} is not valid JSON") from None
+                if not isinstance(row, dict) or type(row.get("epoch")) is not int \
+                        or not isinstance(row.get("wall_time_s", 0.0), (int, float)):
+                    raise RunDirError(f"{self.metrics_jsonl}: line {n} is not a metrics row (an object with an "
+                                      "integer \"epoch\")")
+                rows.append(row)
         return rows
 
     def write_metrics(self, rows: list[dict]) -> None:

@@ -15,6 +15,7 @@ import os
 import tempfile
 
 from ..errors import ConvbnError
+from ..launcher import READY_FD_ENV, check_tf_config
 
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("CONVBN_COLLECTIVE_TIMEOUT", "120"))
 
@@ -50,11 +51,27 @@ def make_strategy(cfg):
         cpus = [c.name for c in tf.config.list_logical_devices("CPU")]
         # NCCL is GPU-only; on CPU devices reduce through one device
         return tf.distribute.MirroredStrategy(cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
-    if "TF_CONFIG" not in os.environ:
-        raise ConvbnError("distribute.strategy: multi_worker needs TF_CONFIG describing the cluster "
-                          "(or use `convbn train --workers K` to start K local workers)")
+    check_tf_config(os.environ.get("TF_CONFIG"))
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_S)
-    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    # Blocks inside TensorFlow (holding the GIL, deaf to signals) until every worker has joined; the CLI runs
+    # this in a supervised child process that gets a deadline (launcher.supervise).
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.OpError as e:  # e.g. this worker's port is taken
+        raise ConvbnError(f"TF_CONFIG: cannot start this worker ({' '.join(e.message.split())[:200]})") from None
+    signal_ready()
+    return strategy
+
+
+def signal_ready() -> None:
+    """Tell a supervising parent (launcher.supervise) that the cluster has started: every worker has joined."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd:
+        try:
+            os.write(int(fd), b"ready\n")
+            os.close(int(fd))
+        except (OSError, ValueError):
+            pass
 
 
 def is_chief(strategy) -> bool:

@@ -9,6 +9,7 @@ subscriber to the trainer's events (events.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -26,7 +27,7 @@ from ..data.pipeline import calibration_batches, eval_dataset, make_splits, step
 from ..errors import EXIT_DIVERGED, ConvbnError
 from ..model import Evaluator, build_model, recalibrate_model
 from ..model.stats import bn_statistics
-from ..runs import RunDir, open_for_resume
+from ..runs import RunDir, RunDirError, open_for_resume
 from ..runs.checkpoints import restore_latest, save_recalibrated, training_managers
 from . import distribute, events
 from .optim import current_lr, make_optimizer
@@ -105,27 +106,52 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         log, progress = _silent, False
     if resume is not None and not hasattr(resume, "run"):
         resume = open_for_resume(resume)
-    if resume is not None:
-        run = resume.run if chief else RunDir.create(scratch, "worker")
-        if chief:
-            run.remove_stale_temporaries()
-    else:
-        run = RunDir.create(cfg.output.root if chief else scratch, cfg.output.name or "run")
-        run.write_config(cfg)
-        log(f"run directory: {run.path}")
     subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Console(log)]
     subscribers += [events.ProgressBar()] if progress else []
     subscribers += [events.StepCallback(on_step)] if on_step is not None else []
     subscribers.append(events.StopOnSignal())  # last: a signal sent by an earlier subscriber is seen at once
-    trainer = Trainer(cfg, run, strategy, subscribers, log, progress)
+    trainer = Trainer(cfg, strategy, subscribers, log, progress)
     try:
-        result = trainer.fit(data, resume)
+        with _one_line_errors():
+            trainer.setup(data)  # data and model first: a failure here leaves no run directory behind
+            run = _open_run(cfg, resume, scratch, log)
+            result = trainer.fit(run, resume)
         if chief and resume is not None and resume.overrides:
             run.write_config(cfg)  # record the new epoch count
         return result
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _open_run(cfg, resume, scratch, log) -> RunDir:
+    """The run directory: the resumed one, a new runs/<name>/<n>/, or (a non-chief worker) scratch space."""
+    if scratch is not None:
+        run = RunDir.create(scratch, "worker")
+        run.write_config(cfg)
+        return run
+    if resume is not None:
+        resume.run.remove_stale_temporaries()
+        return resume.run
+    run = RunDir.create(cfg.output.root, cfg.output.name or "run")
+    run.write_config(cfg)
+    log(f"run directory: {run.path}")
+    return run
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """What TensorFlow or Python raise when a network is too big for this machine, as one line (exit 2)."""
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as e:
+        raise ConvbnError(f"out of memory building or training the network ({' '.join(str(e).split())[:200]}); "
+                          "make it smaller or lower data.batch_size") from None
+    except MemoryError:
+        raise ConvbnError("out of memory building or training the network; make it smaller or lower "
+                          "data.batch_size") from None
+    except RecursionError:
+        raise ConvbnError("the network is too deep to build (Python's recursion limit); use fewer layers") from None
 
 
 def _silent(*_):
@@ -135,8 +161,8 @@ def _silent(*_):
 class Trainer:
     """One training run, phase by phase; `fit` runs them all."""
 
-    def __init__(self, cfg: Config, run: RunDir, strategy, subscribers, log=print, progress=True):
-        self.cfg, self.run, self.strategy, self.subscribers = cfg, run, strategy, subscribers
+    def __init__(self, cfg: Config, strategy, subscribers, log=print, progress=True):
+        self.cfg, self.run, self.strategy, self.subscribers = cfg, None, strategy, subscribers
         self.log, self.progress = log, progress
         self.epochs = cfg.train.epochs
         self.metrics, self.restored, self.last_sums = [], None, None
@@ -146,9 +172,11 @@ class Trainer:
         for s in self.subscribers:
             getattr(s, event)(self, *args)
 
-    def fit(self, data, resume) -> TrainResult:
+    def fit(self, run: RunDir, resume) -> TrainResult:
+        """Train in `run` (after `setup`): restore, epochs, finish."""
+        self.run = run
+        self.manager, self.best_manager = training_managers(self.ckpt, run, self.cfg.output.keep_checkpoints)
         try:
-            self.setup(data)
             if resume is not None:
                 self.restore(resume.run.path)
             self.publish("on_start")
@@ -165,7 +193,7 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def setup(self, data):
-        """Seeds, data splits, model, optimizer, train step and checkpoint managers."""
+        """Seeds, data splits, model, optimizer and train step (nothing is written)."""
         cfg = self.cfg
         seed_everything(cfg)
         if data is None:
@@ -184,7 +212,6 @@ class Trainer:
             self.ckpt, self.state = make_checkpoint(self.model, self.optimizer)
             self.train_step, self.sums = make_train_step(self.model, self.optimizer, cfg.train, self.strategy,
                                                          self.global_batch)
-        self.manager, self.best_manager = training_managers(self.ckpt, self.run, cfg.output.keep_checkpoints)
         self.evaluate = Evaluator(self.model, cfg.dataset.num_classes)
         self.t_start = time.time()
 
@@ -198,6 +225,9 @@ class Trainer:
             self.log("no checkpoint yet: starting from the beginning")
         self.start_epoch = self.epoch = int(self.state["epoch"].numpy())
         self.skip = int(self.state["step_in_epoch"].numpy())
+        if self.start_epoch > self.epochs:
+            raise RunDirError(f"--resume: {source} has already trained {self.start_epoch} epochs; train.epochs="
+                              f"{self.epochs} would undo nothing and claim less, so nothing was done")
         self.metrics = [r for r in RunDir(source).read_metrics() if r["epoch"] <= self.start_epoch]
         self.t_start = time.time() - (self.metrics[-1]["wall_time_s"] if self.metrics else 0.0)
 
@@ -243,6 +273,7 @@ class Trainer:
         if improved:
             self.state["best_val_acc"].assign(score)
         self.metrics.append(row)
+        self.run.check_intact()
         self.publish("on_epoch_metrics", row)  # durable before the checkpoint (see events.MetricsFiles)
         self.manager.save(checkpoint_number=row["step"])
         if improved:
@@ -287,13 +318,31 @@ class Trainer:
     def interrupt(self, signum):
         """Save a checkpoint at the current step and stop (called between steps by events.StopOnSignal)."""
         self.check_finite(self.epoch * self.steps + self.done_in_epoch)
+        self.run.check_intact()
         self.state["epoch"].assign(self.epoch)
         self.state["step_in_epoch"].assign(self.done_in_epoch)
-        path = self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
+        with _signals_deferred():  # a second Ctrl-C must not cut this checkpoint in half
+            path = self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
         raise Interrupted(signum, path)
 
     def bn_statistics(self) -> dict:
         return bn_statistics(self.model)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM ignored for the duration (the process is stopping anyway, right after)."""
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=None):
