@@ -73,6 +73,14 @@ checkpoint_option = click.option(
 no_progress_option = click.option("--no-progress", is_flag=True,
                                   help="No progress bars (they are off anyway when not on a terminal).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+data_option = click.option(
+    "--data", metavar="mnist|fashion_mnist|FILE.npz",
+    help="Images for a .keras model from outside convbn: a dataset name, or an .npz with x (N, H, W[, C]) and y. "
+         "convbn's own runs use their config's dataset.")
+scale_option = click.option(
+    "--scale", type=float, default=1 / 255, show_default="1/255",
+    help="What pixels (0-255) are multiplied by before they reach a model from outside convbn: 1/255 gives [0, 1], "
+         "1 keeps raw pixels. Match the preprocessing the model was trained with.")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 TARGET_HELP = "a run directory, a checkpoint prefix (runs/x/1/checkpoints/ckpt-420) or an exported .keras model"
 
@@ -227,6 +235,35 @@ def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresh
         _stderr(f"plot written to {plot_path}")
 
 
+@main.command("diagnose")
+@click.argument("target", metavar="TARGET")
+@checkpoint_option
+@data_option
+@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Batches of images the data checks and the in-memory precise BN use.")
+@scale_option
+@json_option
+@click.option("--fail-on", type=click.Choice(["warning", "error"]), default="error", show_default=True,
+              help="Exit 4 when a finding of this severity or worse is found.")
+@click.pass_context
+def diagnose_cmd(ctx, target, which, data, batches, scale, as_json, fail_on):
+    """Find what is wrong with the batch normalization of TARGET.
+
+    TARGET: a run directory, checkpoint, export or any Keras 3 .keras model with BN layers. Each finding names
+    its layers, its evidence and a fix. Exit 0, or 4 when something at or above --fail-on was found.
+    """
+    _tf(ctx)
+    from .analysis.diagnose import SEVERITIES, diagnose
+    from .errors import EXIT_FINDINGS
+    from .reports import DiagnoseReport, dumps
+
+    report = DiagnoseReport(diagnose(target, which=which, data=data, batches=batches, scale=scale, log=_stderr))
+    click.echo(dumps(report.to_json()) if as_json else report.render())
+    worst = SEVERITIES.index(fail_on)
+    if any(SEVERITIES.index(f.severity) >= worst for f in report.result["findings"]):
+        sys.exit(EXIT_FINDINGS)
+
+
 # --------------------------------------------------------------------------- recalibrate and export
 
 @main.command()
@@ -237,19 +274,22 @@ def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresh
 @click.option("--full", is_flag=True, help="One whole pass over the training split instead of --batches.")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None,
               help="Where to report accuracy before and after (default: val if the run has one, else test).")
+@data_option
+@scale_option
 @no_progress_option
 @click.pass_context
-def recalibrate(ctx, target, which, batches, full, split, no_progress):
+def recalibrate(ctx, target, which, batches, full, split, data, scale, no_progress):
     """Precise BN: recompute every BN layer's moving mean and variance with the weights frozen.
 
-    The result is a new checkpoint in the run's checkpoints/recalibrated/; the original is never changed.
+    The result is a new checkpoint in the run's checkpoints/recalibrated/, or for a .keras TARGET a new
+    NAME-recalibrated.keras beside it; the original is never changed.
     """
     _tf(ctx)
     from .analysis.recalibrate import recalibrate as run_recalibrate
     from .reports import RecalibrateReport
 
-    r = run_recalibrate(target, which=which, batches=None if full else batches, split=split,
-                        progress=not no_progress, log=_stderr)
+    r = run_recalibrate(target, which=which, batches=None if full else batches, split=split, data_source=data,
+                        scale=scale, progress=not no_progress, log=_stderr)
     click.echo(RecalibrateReport(r).render())
 
 
@@ -262,14 +302,20 @@ def recalibrate(ctx, target, which, batches, full, split, no_progress):
 @click.option("--force", is_flag=True, help="Replace a previous export of the same kind at the output (never "
               "anything else: not a run directory, not a directory holding other files).")
 @checkpoint_option
+@data_option
+@scale_option
 @click.pass_context
-def export_cmd(ctx, target, fmt, fold_bn, output, force, which):
-    """Export TARGET with standard Keras/TensorFlow layers only, checked against the original model."""
+def export_cmd(ctx, target, fmt, fold_bn, output, force, which, data, scale):
+    """Export TARGET with standard Keras/TensorFlow layers only, checked against the original model.
+
+    TARGET may also be a .keras model from outside convbn (then --data gives the images it is checked on).
+    """
     _tf(ctx)
     from .export import export
     from .reports import ExportReport
 
-    r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, force=force, log=_stderr)
+    r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, force=force, data_source=data, scale=scale,
+               log=_stderr)
     click.echo(ExportReport(r, fold_bn).render())
 
 

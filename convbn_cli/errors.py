@@ -1,11 +1,13 @@
 """The errors convbn reports to users: one line each, with the exit code the CLI ends with.
 
 Kept free of TensorFlow so that the CLI can catch them without importing it. The exit codes (README, "Exit
-codes"): 0 done; 2 bad input; 3 training diverged; 128 + signal number when interrupted; 1 anything else.
+codes"): 0 done; 2 bad input; 3 training diverged; 4 diagnose found problems; 128 + signal number when
+interrupted; 1 anything else.
 """
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_FINDINGS = 4  # `convbn diagnose` found problems at or above --fail-on
 
 
 class ConvbnError(Exception):

@@ -163,3 +163,52 @@ class DataInfoReport:
                 state = f"cached but unusable: {i['problem']}"
             lines.append(f"  {i['dataset']}: {state}")
         return "\n".join(lines)
+
+
+@dataclass
+class DiagnoseReport:
+    """`convbn diagnose`: findings grouped by severity, each with its layers, evidence and fix; a verdict last."""
+
+    result: dict
+
+    def to_json(self) -> dict:
+        return {**self.result, "findings": [f.to_json() for f in self.result["findings"]]}
+
+    def render(self) -> str:
+        r = self.result
+        lines = [f"diagnosis of {r['target']} ({r['kind']}, {len(r['bn_layers'])} BN layers, {r['images']} images)"]
+        for severity in ("error", "warning", "info"):
+            group = [f for f in r["findings"] if f.severity == severity]
+            if group:
+                lines += ["", f"{severity} ({len(group)}):"]
+            for f in group:
+                lines.append(f"  {f.name}: {f.message}")
+                if f.layers:
+                    lines.append(f"    layers: {', '.join(f.layers)}")
+                for layer, channels in f.channels.items():
+                    more = f" (+{len(channels) - 16} more)" if len(channels) > 16 else ""
+                    lines.append(f"    {layer} channels: {', '.join(map(str, channels[:16]))}{more}")
+                if f.evidence:
+                    lines.append(f"    evidence: {_compact(f.evidence)}")
+                lines.append(f"    fix: {f.fix}")
+        return "\n".join(lines + ["", self.verdict()])
+
+    def verdict(self) -> str:
+        c = self.result["counts"]
+        if not c["error"] and not c["warning"]:
+            return "verdict: BN looks healthy" + (f" ({c['info']} note(s))" if c["info"] else "")
+        worst = next(f for f in self.result["findings"] if f.severity in ("error", "warning"))
+        return (f"verdict: {c['error']} error(s), {c['warning']} warning(s), {c['info']} note(s); "
+                f"first: {worst.name}")
+
+
+def _compact(value, depth=0) -> str:
+    """Evidence on one line: floats to 4 significant digits, long lists shortened."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_compact(v, depth + 1)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        items = [_compact(v, depth + 1) for v in value[:8]]
+        return "[" + ", ".join(items) + (", ..." if len(value) > 8 else "") + "]"
+    return str(value)

@@ -1,5 +1,6 @@
-"""After training: evaluate targets, inspect every BN layer's per-channel parameters, recalibrate (precise BN).
-Imports TensorFlow; reads runs and targets through `convbn_cli.runs`, never `convbn_cli.train`."""
+"""After training: evaluate targets, inspect every BN layer's per-channel parameters, recalibrate (precise BN),
+diagnose what is wrong with BN (diagnose.py).
+Imports TensorFlow; reads runs and targets through `convbn_cli.runs`, never through the training package."""
 
 from .evaluate import evaluate
 from .inspection import compare, inspect_bn

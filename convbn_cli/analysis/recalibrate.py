@@ -1,37 +1,74 @@
-"""`convbn recalibrate`: precise BN statistics for a trained checkpoint, saved as a new checkpoint."""
+"""`convbn recalibrate`: precise BN statistics for a trained model, saved as a new checkpoint or .keras file."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import tensorflow as tf
+
 from ..data.pipeline import calibration_batches, eval_dataset
+from ..files import staged
 from ..model import Evaluator, recalibrate_model
 from ..runs import checkpoint_step
 from ..runs.checkpoints import CheckpointError, save_recalibrated
 from ..runs.target import open_target
+from .external import external_data
 
 
-def recalibrate(target, *, which="best", batches: int | None = 200, split=None, data=None, progress=False,
-                log=lambda m: None) -> dict:
-    """Recalibrate the BN statistics of a checkpoint (precise BN); evaluate before and after; save a new checkpoint.
+def recalibrate(target, *, which="best", batches: int | None = 200, split=None, data=None, data_source=None,
+                scale=1 / 255, progress=False, log=lambda m: None) -> dict:
+    """Recalibrate the BN statistics of a model (precise BN); evaluate before and after; save the result.
 
     Args:
-        target: a run directory or checkpoint prefix.
+        target: a run directory or checkpoint prefix (saved as checkpoints/recalibrated/ckpt-<n>), or a .keras
+            model, convbn's export or from anywhere (saved as a new NAME-recalibrated[-k].keras beside it).
         which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
         batches: training batches to average the statistics over; None: one pass over the training split.
         split: where to report accuracy ("val" or "test"; default val if the run has one).
+        data: the run's dataset arrays (Keras' mnist.npz layout); fetched when None.
+        data_source: for a .keras model from outside convbn: "mnist", "fashion_mnist" or an .npz with x and y
+            (see analysis/external.py); `scale` multiplies its pixels.
 
     Returns:
-        source, checkpoint (the new one), split, batches, before/after ({loss, accuracy, ...}), layers
+        source, checkpoint (what was written), split, batches, before/after ({loss, accuracy, ...}), layers
         ({name: (old mean, old var, new mean, new var)}) and source_step.
     """
     t = open_target(target, which)
-    if t.run is None or t.kind != "checkpoint":
-        raise CheckpointError(f"{t.source}: recalibrate needs a run directory or a checkpoint prefix")
+    if t.kind == "external" or data_source is not None:
+        return _recalibrate_keras_file(t, batches or 200, data_source, scale, log)
     cfg, splits = t.config, t.splits(data, log, progress)
     split = split or ("val" if splits.size("val") else "test")
     evaluate = Evaluator(t.model, cfg.dataset.num_classes)
     before = evaluate(eval_dataset(splits, cfg, split))
     changes = recalibrate_model(t.model, calibration_batches(splits, cfg, batches), progress=progress)
     after = evaluate(eval_dataset(splits, cfg, split))
-    saved = save_recalibrated(t.model, t.run, t.source)
+    saved = save_recalibrated(t.model, t.run, t.source) if t.kind == "checkpoint" else _save_beside(t)
     return {"source": t.source, "checkpoint": saved, "split": split, "batches": batches or "full",
             "before": before, "after": after, "layers": changes, "source_step": checkpoint_step(t.source)}
+
+
+def _recalibrate_keras_file(t, batches, data, scale, log) -> dict:
+    """A .keras model with --data: calibrate on the data's training images, report on its evaluation images."""
+    d = external_data(t.model, data, batches, scale, log)
+    evaluate = Evaluator(t.model, d.num_classes)
+
+    def dataset():
+        return tf.data.Dataset.from_tensor_slices((d.images, d.labels)).batch(d.batch_size)
+
+    before = evaluate(dataset())
+    changes = recalibrate_model(t.model, d.calibration)
+    after = evaluate(dataset())
+    return {"source": t.source, "checkpoint": _save_beside(t), "split": f"--data {data}",
+            "batches": len(d.calibration), "before": before, "after": after, "layers": changes, "source_step": -1}
+
+
+def _save_beside(t) -> str:
+    """NAME-recalibrated.keras beside NAME.keras (then -2, -3, ...): never over an existing file."""
+    path = Path(t.source)
+    for k in range(1, 10_000):
+        out = path.with_name(f"{path.stem}-recalibrated{'' if k == 1 else f'-{k}'}.keras")
+        if not out.exists():
+            with staged(out) as tmp:
+                t.model.save(tmp)
+            return str(out)
+    raise CheckpointError(f"{path.parent}: no free name for the recalibrated model")

@@ -25,9 +25,26 @@ class ExportError(ConvbnError):
     exit_code = 1  # not the user's input: the exported model does not reproduce the original
 
 
-def default_path(run, fmt: str, fold_bn: bool) -> Path:
+def _check_images(t, data, data_source, scale, n, log):
+    """The images the exported model is checked on: the run's test images, or --data's for a model from elsewhere."""
+    if t.config is None:
+        from ..analysis.external import external_data
+
+        if data_source is None:
+            raise CheckpointError(f"{t.source}: a model from outside convbn needs --data to check its export on")
+        return external_data(t.model, data_source, -(-n // 128), scale, log).images[:n]
+    return normalizer(t.config)(t.splits(data, log).x_test[:n]).numpy()
+
+
+def default_path(t, fmt: str, fold_bn: bool) -> Path:
+    """RUN_DIR/export/model[-folded].<ext>, or beside a .keras file from elsewhere: NAME-folded / NAME-standard."""
+    if t.run is None:
+        src = Path(t.source)
+        stem = f"{src.stem}-{'folded' if fold_bn else 'standard'}"
+        return src.with_name({"keras": f"{stem}.keras", "savedmodel": f"{stem}_savedmodel",
+                              "tflite": f"{stem}.tflite"}[fmt])
     stem = "model-folded" if fold_bn else "model"
-    return run.export / {"keras": f"{stem}.keras", "savedmodel": f"{stem}_savedmodel",
+    return t.run.export / {"keras": f"{stem}.keras", "savedmodel": f"{stem}_savedmodel",
                                   "tflite": f"{stem}.tflite"}[fmt]
 
 
@@ -70,7 +87,7 @@ def throughput(fn, x, seconds=1.0) -> float:
 
 
 def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", data=None, check_images=256,
-           force=False, log=lambda m: None) -> dict:
+           force=False, data_source=None, scale=1 / 255, log=lambda m: None) -> dict:
     """Write TARGET with standard Keras/TensorFlow layers only, checked against the original model.
 
     Args:
@@ -81,6 +98,8 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
         which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
         check_images: how many test images the exported logits are compared on.
         force: replace a previous export at `output` (never anything else; see export/output.py).
+        data_source, scale: the check images for a .keras model from outside convbn (see analysis/external.py);
+            its export goes beside it by default (NAME-folded.keras, ...).
 
     Returns:
         source, path, format, fold_bn, folded/kept BN names, max_abs_logit_diff, checked_images, and the
@@ -91,13 +110,10 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
     if output:
         check_output(Path(output), fmt, force)  # before any work: a bad --output costs nothing
     t = open_target(target, which)
-    if t.config is None:
-        raise CheckpointError(f"{t.source}: export needs a run directory, a checkpoint prefix or a convbn export")
-    path = check_output(Path(output) if output else default_path(t.run, fmt, fold_bn), fmt, force)
+    path = check_output(Path(output) if output else default_path(t, fmt, fold_bn), fmt, force)
     model = t.model
     new, folded, kept = standard_model(model, fold_bn)
-    splits = t.splits(data, log)
-    x = normalizer(t.config)(splits.x_test[:check_images]).numpy()
+    x = _check_images(t, data, data_source, scale, check_images, log)
     original = tf.function(lambda a: model(a, training=False))
     reference = original(tf.constant(x)).numpy()
     remove_stale_temporaries(path.parent, path.name)  # staging that a killed export left behind

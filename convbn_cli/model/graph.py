@@ -39,7 +39,7 @@ def consumers(model, layer) -> list:
 
 def input_model(model, layer) -> keras.Model:
     """A model sharing `model`'s layers that maps the model's input to `layer`'s input."""
-    return keras.Model(model.inputs, layer.input)
+    return keras.Model(model.input, layer.input)
 
 
 def run_graph(model, x, training_for):

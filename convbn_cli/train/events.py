@@ -99,6 +99,31 @@ class Console(Subscriber):
             self.log(f"test: loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.4%}  ({trainer.run.path})")
 
 
+class InferenceGapHint(Subscriber):
+    """At the end, one line when inference with the moving statistics is materially worse on the validation split
+    than with batch statistics: the moving averages lag (decay too slow for the run, or never updated)."""
+
+    MATERIAL = 0.02
+
+    def __init__(self, log):
+        self.log = log
+
+    def on_finish(self, trainer, results):
+        from ..data.pipeline import eval_dataset
+        from ..model import Evaluator
+
+        cfg, splits = trainer.cfg, trainer.splits
+        if not splits.size("val"):
+            return
+        classes = cfg.dataset.num_classes
+        moving = Evaluator(trainer.model, classes)(eval_dataset(splits, cfg, "val"))["accuracy"]
+        batch = Evaluator(trainer.model, classes, "batch")(eval_dataset(splits, cfg, "val", cfg.data.batch_size))
+        if batch["accuracy"] - moving > self.MATERIAL:
+            self.log(f"note: validation accuracy is {moving:.2%} with the moving BN statistics but "
+                     f"{batch['accuracy']:.2%} with batch statistics; see `convbn diagnose {trainer.run.path}` or "
+                     f"`convbn recalibrate {trainer.run.path}`")
+
+
 class ProgressBar(Subscriber):
     """A tqdm bar per epoch on a terminal (silent in logs and CI, where the per-epoch line is printed anyway)."""
 

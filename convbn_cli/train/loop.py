@@ -106,7 +106,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         log, progress = _silent, False
     if resume is not None and not hasattr(resume, "run"):
         resume = open_for_resume(resume)
-    subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Console(log)]
+    subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Console(log),
+                   events.InferenceGapHint(log)]
     subscribers += [events.ProgressBar()] if progress else []
     subscribers += [events.StepCallback(on_step)] if on_step is not None else []
     subscribers.append(events.StopOnSignal())  # last: a signal sent by an earlier subscriber is seen at once

@@ -1,0 +1,384 @@
+"""`convbn diagnose`: what is wrong with a model's batch normalization, measured on the model and on data.
+
+Works on convbn's runs and on any Keras 3 model with BN layers (a `.keras` file trained anywhere). Each check
+below looks for one problem that users of Keras, TensorFlow and PyTorch keep reporting, and each finding has a
+name, a severity, the layers (and channels) concerned, the evidence in numbers, and one concrete fix.
+
+Severity: "error" (inference is wrong, or will be), "warning" (likely to cost accuracy), "info" (worth knowing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from ..model import Evaluator, bn_layers, recalibrate_model
+from ..model.bn import channel_axis
+from ..model.graph import consumers, input_model, producer
+from ..model.stats import bn_layer_parameters
+from .external import external_data
+
+SEVERITIES = ("info", "warning", "error")
+MATERIAL_GAP = 0.02  # accuracy points between batch- and moving-statistics inference that call for a look
+DEAD_GAMMA = 1e-2
+FEW_VALUES = 16  # values per channel per replica under which batch statistics are too noisy to trust
+
+
+@dataclass
+class Finding:
+    name: str
+    severity: str
+    message: str
+    fix: str
+    layers: list = field(default_factory=list)
+    channels: dict = field(default_factory=dict)  # {layer: [channel, ...]}
+    evidence: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Context:
+    """What the checks may look at: the model, its BN layers, data, and what is known of its training."""
+
+    model: object
+    num_classes: int
+    images: np.ndarray  # normalized, as the model takes them
+    labels: np.ndarray
+    batch_size: int  # per replica, as trained (or a usual 128 when unknown)
+    calibration: list  # batches of training images for an in-memory precise BN
+    steps: int | None = None  # training steps taken, when known
+    config: object = None
+    kind: str = "external"
+    bns: list = field(default_factory=list)
+    _stats: dict = field(default_factory=dict)
+
+    def batches(self):
+        n = len(self.images)
+        return [(self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size])
+                for i in range(0, n - self.batch_size + 1, self.batch_size)] or [(self.images, self.labels)]
+
+    def population_stats(self, bn):
+        """Mean and (biased) variance per channel of what `bn` receives at inference, over the data."""
+        if bn.name not in self._stats:
+            upstream = input_model(self.model, bn)
+            flat = np.concatenate([per_channel(upstream(x, training=False), bn) for x, _ in self.batches()])
+            self._stats[bn.name] = (flat.mean(0), flat.var(0))
+        return self._stats[bn.name]
+
+
+def per_channel(tensor, bn) -> np.ndarray:
+    """(values, channels) float64: `tensor` with every axis but the BN's channel axis flattened."""
+    out = np.asarray(tensor, np.float64)
+    axis = channel_axis(bn, out.ndim)
+    return np.moveaxis(out, axis, -1).reshape(-1, out.shape[axis])
+
+
+# --------------------------------------------------------------------------- the checks
+
+def check_never_updated(ctx) -> list:
+    """Moving mean exactly 0 and variance exactly 1 in a trained model: the update ops never ran (TF1's
+    UPDATE_OPS, a custom loop calling the model without training=True, or a frozen layer)."""
+    stuck = [bn.name for bn in ctx.bns if np.all(bn.moving_mean.numpy() == 0) and np.all(bn.moving_variance.numpy() == 1)]
+    trained = any(np.any(bn.gamma.numpy() != 1) for bn in ctx.bns if bn.scale) or bool(ctx.steps)
+    if not stuck or not trained:
+        return []
+    return [Finding("moving_statistics_never_updated", "error",
+                    f"{len(stuck)} BN layer(s) still hold their initial moving statistics (mean 0, variance 1) in a "
+                    "trained model: inference normalizes with numbers that were never measured",
+                    "train with training=True so the update runs (in TF1: run tf.GraphKeys.UPDATE_OPS with the train "
+                    "op); or recompute them now: convbn recalibrate TARGET", layers=stuck,
+                    evidence={"moving_mean": 0.0, "moving_variance": 1.0, "steps": ctx.steps})]
+
+
+def check_decay(ctx) -> list:
+    """A decay whose averaging horizon 1/(1-decay) is long against the steps taken: the moving statistics still
+    remember their start and lag behind the final weights."""
+    if not ctx.steps:
+        return []
+    out = []
+    for decay in sorted({round(float(bn.momentum), 6) for bn in ctx.bns}):
+        left = decay ** ctx.steps  # the weight the initial (0, 1) still has in the average
+        if left > 0.01 or ctx.steps < 3 / max(1 - decay, 1e-9):
+            names = [bn.name for bn in ctx.bns if round(float(bn.momentum), 6) == decay]
+            out.append(Finding(
+                "decay_too_slow", "warning",
+                f"decay {decay:g} averages over ~{1 / (1 - decay):.0f} steps but training took {ctx.steps}: the "
+                f"initial statistics still weigh {left:.1%} and the rest lags behind the final weights",
+                "lower model.bn.decay (e.g. 0.9) for short runs, or run convbn recalibrate TARGET (train.precise_bn)",
+                layers=names, evidence={"decay": decay, "keras_momentum": decay, "pytorch_momentum": 1 - decay,
+                                        "horizon_steps": 1 / (1 - decay), "steps": ctx.steps,
+                                        "initial_weight_left": left}))
+    return out
+
+
+def check_inference_gap(ctx) -> list:
+    """Accuracy with moving vs batch statistics on the same images, and how far each channel's moving statistics
+    sit from the data's, in units of the data's standard deviation."""
+    moving = _evaluate(ctx, "moving")
+    batch = _evaluate(ctx, "batch")
+    gap = batch["accuracy"] - moving["accuracy"]
+    if gap <= MATERIAL_GAP:
+        return []
+    per_layer, channels = {}, {}
+    for bn in ctx.bns:
+        mean, var = ctx.population_stats(bn)
+        z = np.abs(bn.moving_mean.numpy() - mean) / np.sqrt(var + bn.epsilon)
+        ratio = bn.moving_variance.numpy() / np.maximum(var, 1e-12)
+        per_layer[bn.name] = {"max_mean_distance_in_std": float(z.max()), "median_mean_distance_in_std":
+                              float(np.median(z)), "variance_ratio_range": [float(ratio.min()), float(ratio.max())]}
+        far = np.flatnonzero((z > 1) | (ratio > 2) | (ratio < 0.5)).tolist()
+        if far:
+            channels[bn.name] = far
+    recal = _recalibrated_accuracy(ctx)
+    # A gap that precise BN does not close comes from evaluating with small batches' own statistics, not from
+    # stale moving averages: worth knowing, not a fault.
+    severity = "error" if gap > 0.1 else "warning" if recal - moving["accuracy"] >= MATERIAL_GAP / 2 else "info"
+    return [Finding("inference_training_gap", severity,
+                    f"inference with the moving statistics reaches {moving['accuracy']:.2%}, with each batch's own "
+                    f"statistics {batch['accuracy']:.2%}; precise BN would give {recal:.2%}",
+                    "convbn recalibrate TARGET (precise BN), or train.precise_bn / a lower model.bn.decay",
+                    layers=list(channels) or [bn.name for bn in ctx.bns], channels=channels,
+                    evidence={"accuracy_moving": moving["accuracy"], "accuracy_batch": batch["accuracy"],
+                              "loss_moving": moving["loss"], "loss_batch": batch["loss"],
+                              "accuracy_after_precise_bn": recal, "layers": per_layer})]
+
+
+def check_dead_channels(ctx) -> list:
+    """Channels that carry nothing: |gamma| near 0, or never positive after the ReLU that follows the BN."""
+    out = []
+    for bn in ctx.bns:
+        found = {}
+        if bn.scale:
+            found.update({int(c): "gamma" for c in np.flatnonzero(np.abs(bn.gamma.numpy()) < DEAD_GAMMA)})
+        relu = _following_relu(ctx.model, bn)
+        if relu is not None:
+            upto = _output_model(ctx.model, relu)
+            peak = np.max([per_channel(upto(x, training=False), bn).max(0) for x, _ in ctx.batches()], axis=0)
+            found.update({int(c): found.get(int(c), "never positive after ReLU") for c in np.flatnonzero(peak <= 0)})
+        if found:
+            out.append(Finding("dead_channels", "warning",
+                               f"{bn.name}: {len(found)} of {bn.moving_mean.shape[0]} channel(s) carry nothing",
+                               "prune them (convbn inspect-bn TARGET --rank), or train with less weight decay / a "
+                               "lower learning rate", layers=[bn.name], channels={bn.name: sorted(found)},
+                               evidence={"why": {str(c): w for c, w in sorted(found.items())},
+                                         "gamma_threshold": DEAD_GAMMA}))
+    return out
+
+
+def check_values(ctx) -> list:
+    """Non-finite or extreme values in BN variables; variances so small that epsilon dominates."""
+    out = []
+    for bn in ctx.bns:
+        p = bn_layer_parameters(bn)
+        arrays = {q: p[q] for q in ("gamma", "beta", "moving_mean", "moving_variance")}
+        bad = {q: int((~np.isfinite(a)).sum()) for q, a in arrays.items() if not np.isfinite(a).all()}
+        if bad:
+            out.append(Finding("non_finite_bn_values", "error", f"{bn.name}: NaN or infinite values in {', '.join(bad)}",
+                               "retrain from the last finite checkpoint with a lower learning rate", layers=[bn.name],
+                               evidence={"non_finite_counts": bad}))
+            continue
+        big = {q: float(np.abs(a).max()) for q, a in arrays.items() if np.abs(a).max() > 1e6}
+        if big:
+            out.append(Finding("extreme_bn_values", "warning", f"{bn.name}: values above 1e6 in {', '.join(big)}",
+                               "check the input scaling and the learning rate", layers=[bn.name], evidence=big))
+        tiny = np.flatnonzero(p["moving_variance"] <= bn.epsilon)
+        if len(tiny) > 0.25 * len(p["moving_variance"]):
+            out.append(Finding("epsilon_dominates", "warning",
+                               f"{bn.name}: {len(tiny)} channel(s) have a moving variance at or below epsilon "
+                               f"({bn.epsilon:g}), so BN barely normalizes them",
+                               "lower model.bn.epsilon (Keras: epsilon), or scale the inputs up", layers=[bn.name],
+                               channels={bn.name: tiny.tolist()},
+                               evidence={"epsilon": float(bn.epsilon),
+                                         "median_variance": float(np.median(p["moving_variance"]))}))
+    return out
+
+
+def check_redundant_bias(ctx) -> list:
+    """A bias in the conv/dense right before a BN with center: BN's beta already shifts each channel."""
+    hits = {}
+    for bn in ctx.bns:
+        prev = producer(bn)
+        if bn.center and getattr(prev, "use_bias", False) and getattr(prev, "bias", None) is not None:
+            hits[prev.name] = int(np.prod(prev.bias.shape))
+    if not hits:
+        return []
+    return [Finding("redundant_bias_before_bn", "info",
+                    f"{len(hits)} layer(s) before a centered BN have a bias ({sum(hits.values())} wasted parameters; "
+                    "it also makes BN folding and channels_first exports fragile)",
+                    "use_bias=False on those Conv2D/Dense layers (convbn drops it by itself)", layers=list(hits),
+                    evidence={"bias_parameters": hits})]
+
+
+def check_dtypes(ctx) -> list:
+    """BN statistics and parameters kept in float32 under mixed precision (float16/bfloat16 lose them)."""
+    low = {bn.name: sorted({v.dtype for v in bn.weights if v.dtype != "float32"}) for bn in ctx.bns}
+    low = {k: v for k, v in low.items() if v}
+    if not low:
+        return []
+    return [Finding("bn_variables_not_float32", "error",
+                    f"{len(low)} BN layer(s) keep variables in {', '.join(sorted({d for v in low.values() for d in v}))}",
+                    "keep BN variables float32: a mixed_* dtype policy (Keras keeps BN variables float32), not a "
+                    "layer dtype of float16/bfloat16", layers=list(low), evidence={"dtypes": low})]
+
+
+def check_few_values(ctx) -> list:
+    """Batch statistics over too few values per channel per replica: noisy in training, and far from what the
+    moving averages hold at inference."""
+    if ctx.config is None:
+        return []
+    hits = {}
+    for bn in ctx.bns:
+        shape = bn.input.shape  # (batch, ..., channels) or (batch, channels, ...)
+        axis = channel_axis(bn, len(shape))
+        spatial = int(np.prod([d for i, d in enumerate(shape) if i not in (0, axis)]))
+        values = ctx.config.data.batch_size * spatial
+        if values < FEW_VALUES:
+            hits[bn.name] = values
+    if not hits:
+        return []
+    return [Finding("too_few_values_per_channel", "warning",
+                    f"{len(hits)} BN layer(s) normalize over fewer than {FEW_VALUES} values per channel per replica",
+                    "raise data.batch_size (it is per replica), or use distribute.sync_bn: true across replicas",
+                    layers=list(hits), evidence={"values_per_channel": hits,
+                                                 "batch_size_per_replica": ctx.config.data.batch_size})]
+
+
+def check_frozen(ctx) -> list:
+    """BN layers with trainable=False in a model that is otherwise trainable: in Keras 3 such a layer always runs
+    in inference mode (moving statistics, no updates), which is right for fine-tuning and a surprise otherwise."""
+    frozen = [bn.name for bn in ctx.bns if not bn.trainable]
+    others = [layer for layer in ctx.model.layers if layer.trainable_weights and layer not in ctx.bns]
+    if not frozen or not others:
+        return []
+    return [Finding("frozen_bn_layers", "info",
+                    f"{len(frozen)} BN layer(s) have trainable=False: in Keras 3 they run in inference mode even in "
+                    "training (moving statistics used, never updated; gamma and beta fixed)",
+                    "set layer.trainable = True to let them adapt, or keep them frozen deliberately when fine-tuning "
+                    "on little data", layers=frozen, evidence={"frozen": len(frozen), "bn_layers": len(ctx.bns)})]
+
+
+def check_unfolded_export(ctx) -> list:
+    """An exported model that still computes BN at inference although each BN could fold into its conv/dense."""
+    if ctx.kind != "export":
+        return []
+    from ..export.fold import foldable_pairs
+
+    pairs = foldable_pairs(ctx.model)
+    if not pairs:
+        return []
+    return [Finding("bn_not_folded", "info",
+                    f"{len(pairs)} BN layer(s) directly follow a conv/dense and could be folded into it",
+                    "convbn export RUN --fold-bn (one op fewer per block at inference, same outputs)",
+                    layers=[bn.name for bn in pairs])]
+
+
+CHECKS = (check_never_updated, check_decay, check_inference_gap, check_dead_channels, check_values,
+          check_redundant_bias, check_dtypes, check_few_values, check_frozen, check_unfolded_export)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _evaluate(ctx, bn_stats):
+    ds = tf.data.Dataset.from_tensor_slices((ctx.images, ctx.labels)).batch(ctx.batch_size, drop_remainder=True)
+    return Evaluator(ctx.model, ctx.num_classes, bn_stats)(ds)
+
+
+def _recalibrated_accuracy(ctx) -> float:
+    """Accuracy after an in-memory precise BN (the moving statistics are put back afterwards: nothing written)."""
+    saved = [(v, v.numpy()) for bn in ctx.bns for v in (bn.moving_mean, bn.moving_variance)]
+    try:
+        recalibrate_model(ctx.model, ctx.calibration)
+        return _evaluate(ctx, "moving")["accuracy"]
+    finally:
+        for v, value in saved:
+            v.assign(value)
+
+
+def _following_relu(model, bn):
+    import keras
+
+    after = consumers(model, bn)
+    if len(after) != 1:
+        return None
+    act = after[0]
+    if isinstance(act, keras.layers.ReLU) or (isinstance(act, keras.layers.Activation)
+                                              and getattr(act.activation, "__name__", "") == "relu"):
+        return act
+    return None
+
+
+def _output_model(model, layer):
+    import keras
+
+    return keras.Model(model.input, layer.output)
+
+
+def diagnose_model(ctx: Context) -> list:
+    """Every check's findings for an opened model and its data, most severe first."""
+    ctx.bns = bn_layers(ctx.model)
+    findings = [f for check in CHECKS for f in check(ctx)]
+    return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))
+
+
+
+# --------------------------------------------------------------------------- opening a target with its data
+
+def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=lambda m: None) -> dict:
+    """Diagnose the BN of a run directory, checkpoint, convbn export or any Keras 3 `.keras` model.
+
+    Args:
+        target: what `convbn eval` takes, or any .keras model with BN layers.
+        which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
+        data: for a model from elsewhere (required there): "mnist", "fashion_mnist", or an .npz path with `x`
+            (N, H, W[, C]) and `y`; for convbn's own targets the run's dataset is used when None.
+        batches: how many batches of images the data checks (and the in-memory precise BN) use.
+        scale: the factor pixels are multiplied by for a model from elsewhere (1/255: pixels in [0, 1]).
+
+    Returns:
+        {"target", "kind", "bn_layers", "images", "findings": [Finding, ...], "counts": {severity: n}}.
+    """
+    from ..runs.checkpoints import CheckpointError
+    from ..runs.target import open_target
+
+    t = open_target(target, which)
+    if not bn_layers(t.model):
+        raise CheckpointError(f"{t.source}: the model has no BN layers to diagnose")
+    if t.config is not None and data is None:
+        ctx = _convbn_context(t, batches, log)
+    elif data is None:
+        raise CheckpointError(f"{t.source}: a model from outside convbn needs --data (mnist, fashion_mnist or an .npz "
+                              "with x and y) to be diagnosed")
+    else:
+        ctx = _external_context(t, data, batches, scale, log)
+    findings = diagnose_model(ctx)
+    for f in findings:  # the fixes name the user's own target
+        f.fix = f.fix.replace("TARGET", str(target))
+    return {"target": t.source, "kind": t.kind, "bn_layers": [bn.name for bn in ctx.bns], "images": len(ctx.images),
+            "findings": findings, "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES}}
+
+
+def _convbn_context(t, batches, log) -> Context:
+    from ..data.pipeline import calibration_batches, normalizer
+
+    cfg, splits = t.config, t.splits(None, log)
+    split = "val" if splits.size("val") else "test"
+    bs = cfg.data.batch_size
+    n = min(splits.size(split), max(batches, 1) * max(bs, 2))
+    x = normalizer(cfg)(getattr(splits, f"x_{split}")[:n]).numpy()
+    y = getattr(splits, f"y_{split}")[:n].numpy()
+    rows = t.run.read_metrics() if t.run is not None else []
+    steps = rows[-1]["step"] if rows else None
+    calib = [xb for xb, _ in calibration_batches(splits, cfg, batches)]
+    return Context(t.model, cfg.dataset.num_classes, x, y, max(bs, 2), calib, steps, cfg, t.kind)
+
+
+def _external_context(t, data, batches, scale, log) -> Context:
+    d = external_data(t.model, data, batches, scale, log)
+    optimizer = getattr(t.model, "optimizer", None)
+    steps = int(optimizer.iterations.numpy()) if optimizer is not None and hasattr(optimizer, "iterations") else None
+    return Context(t.model, d.num_classes, d.images, d.labels, d.batch_size, d.calibration, steps or None, None,
+                   t.kind)

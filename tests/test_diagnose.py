@@ -1,0 +1,247 @@
+"""`convbn diagnose`: every check flags a model built with exactly its fault (right layer, right evidence), and a
+healthy, normally trained model gets no warning or error. Includes models made with plain Keras (no convbn
+code), one of them with a functional branch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+tf = pytest.importorskip("tensorflow")
+import keras  # noqa: E402
+
+from conftest import synthetic_arrays, tiny_raw  # noqa: E402
+from convbn_cli.analysis.diagnose import diagnose  # noqa: E402
+from convbn_cli.cli import main  # noqa: E402
+from convbn_cli.config import load_config  # noqa: E402
+from convbn_cli.train import train  # noqa: E402
+
+
+def names(result, severity=None):
+    return {f.name for f in result["findings"] if severity is None or f.severity == severity}
+
+
+def finding(result, name):
+    hits = [f for f in result["findings"] if f.name == name]
+    assert hits, (name, [(f.name, f.message) for f in result["findings"]])
+    return hits[0]
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory, mnist):
+    """A normally trained conv-BN net: decay 0.9 for a short run, enough steps, real MNIST."""
+    tmp = tmp_path_factory.mktemp("healthy")
+    raw = tiny_raw(tmp, **{"data.max_train": 6000, "data.max_test": 500, "train.epochs": 2, "data.batch_size": 64})
+    raw["model"]["layers"][0].update(filters=16, stride=1)
+    raw["model"]["layers"].insert(1, {"type": "pool"})
+    raw["model"]["layers"][2]["filters"] = 32
+    raw["model"]["layers"][3] = {"type": "flatten"}
+    return train(load_config(raw=raw), data=mnist, log=lambda m: None, progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def lagging(tmp_path_factory, mnist):
+    """TF1's decay 0.999 on a short run: the moving statistics still sit near their start."""
+    tmp = tmp_path_factory.mktemp("lag")
+    raw = tiny_raw(tmp, **{"data.max_train": 3000, "data.max_test": 500, "model.bn": {"decay": 0.999}})
+    return train(load_config(raw=raw), data=mnist, log=lambda m: None, progress=False).run_dir
+
+
+def test_a_healthy_model_gets_no_warning_or_error(healthy, mnist):
+    r = diagnose(healthy, data=None, batches=10)
+    assert json.loads((healthy / "results.json").read_text())["test_acc"] > 0.9
+    assert r["counts"]["warning"] == 0 and r["counts"]["error"] == 0, [(f.name, f.message) for f in r["findings"]]
+    assert r["bn_layers"] == ["conv1_bn", "conv2_bn"]
+
+
+def test_slow_decay_and_the_inference_gap_are_measured(lagging):
+    r = diagnose(lagging, batches=10)
+    slow = finding(r, "decay_too_slow")
+    assert slow.severity == "warning" and slow.layers == ["conv1_bn", "conv2_bn"]
+    assert slow.evidence["decay"] == pytest.approx(0.999) and slow.evidence["pytorch_momentum"] == pytest.approx(0.001)
+    assert slow.evidence["steps"] == 150 and slow.evidence["initial_weight_left"] == pytest.approx(0.999 ** 150)
+    gap = finding(r, "inference_training_gap")
+    e = gap.evidence
+    assert e["accuracy_batch"] - e["accuracy_moving"] > 0.02
+    assert e["accuracy_after_precise_bn"] > e["accuracy_moving"] + 0.02  # recalibration in memory helps ...
+    assert "convbn recalibrate" in gap.fix
+    assert max(layer["max_mean_distance_in_std"] for layer in e["layers"].values()) > 0.3  # stale means, measured
+    again = diagnose(lagging, batches=10)  # ... and wrote nothing: the same model gives the same numbers
+    assert finding(again, "inference_training_gap").evidence["accuracy_moving"] == e["accuracy_moving"]
+
+
+def _plain_keras(branch=False, conv_bias=False, bn_kwargs=None, seed=0):
+    """A small net made with plain Keras only."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(6, 3, strides=2, use_bias=conv_bias, name="c1")(inp)
+    x = keras.layers.BatchNormalization(name="bn1", **(bn_kwargs or {}))(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    if branch:
+        b = keras.layers.Conv2D(6, 1, use_bias=True, name="side")(x)
+        b = keras.layers.BatchNormalization(name="side_bn")(b)
+        x = keras.layers.Add(name="merge")([x, b])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(10, name="logits")(x))
+
+
+def _fit(model, data, steps=60, training=True):
+    opt = keras.optimizers.Adam(0.01)
+    x = data["x_train"][..., None].astype(np.float32) / 255.0
+    y = data["y_train"].astype(np.int32)
+    for i in range(steps):
+        xb, yb = x[(i * 32) % 600:][:32], y[(i * 32) % 600:][:32]
+        with tf.GradientTape() as tape:
+            logits = model(xb, training=training)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+    return model
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    a = synthetic_arrays(640, 320, seed=3)
+    path = tmp_path_factory.mktemp("npz") / "data.npz"
+    np.savez(path, x=a["x_test"], y=a["y_test"])
+    return path, a
+
+
+def _save(model, tmp_path, name="m.keras"):
+    path = tmp_path / name
+    model.save(path)
+    return path
+
+
+def test_plain_keras_model_trained_without_training_true_never_updated(npz, tmp_path):
+    path, a = npz
+    model = _fit(_plain_keras(), a, training=False)  # the TF1 UPDATE_OPS / training-flag bug
+    r = diagnose(_save(model, tmp_path), data=str(path), batches=2)
+    f = finding(r, "moving_statistics_never_updated")
+    assert f.severity == "error" and f.layers == ["bn1"] and r["kind"] == "external"
+
+
+def test_functional_branch_with_a_redundant_bias_and_a_frozen_bn(npz, tmp_path):
+    path, a = npz
+    model = _fit(_plain_keras(branch=True, conv_bias=True), a)
+    model.get_layer("side_bn").trainable = False
+    r = diagnose(_save(model, tmp_path), data=str(path), batches=2)
+    bias = finding(r, "redundant_bias_before_bn")
+    assert sorted(bias.layers) == ["c1", "side"] and bias.evidence["bias_parameters"] == {"c1": 6, "side": 6}
+    frozen = finding(r, "frozen_bn_layers")
+    assert frozen.layers == ["side_bn"] and frozen.severity == "info" and "inference mode" in frozen.message
+
+
+def test_dead_channels_by_gamma_and_by_relu(npz, tmp_path):
+    path, a = npz
+    model = _fit(_plain_keras(), a)
+    bn = model.get_layer("bn1")
+    gamma, beta = bn.gamma.numpy(), bn.beta.numpy()
+    gamma[2] = 0.0
+    gamma[4], beta[4] = 0.5, -100.0  # channel 4: always far below zero, so never positive after the ReLU
+    bn.gamma.assign(gamma)
+    bn.beta.assign(beta)
+    r = diagnose(_save(model, tmp_path), data=str(path), batches=2)
+    f = finding(r, "dead_channels")
+    assert f.layers == ["bn1"] and f.channels == {"bn1": [2, 4]}
+    assert f.evidence["why"]["2"] == "gamma" and f.evidence["why"]["4"] == "never positive after ReLU"
+
+
+@pytest.mark.parametrize("fault,name,severity", [
+    ("nan", "non_finite_bn_values", "error"),
+    ("tiny_variance", "epsilon_dominates", "warning"),
+    ("bfloat16", "bn_variables_not_float32", "error"),
+])
+def test_bad_values_and_dtypes(npz, tmp_path, fault, name, severity):
+    path, a = npz
+    model = _fit(_plain_keras(bn_kwargs={"dtype": "bfloat16"} if fault == "bfloat16" else None), a)
+    bn = model.get_layer("bn1")
+    if fault == "nan":
+        var = bn.moving_variance.numpy()
+        var[1] = np.nan
+        bn.moving_variance.assign(var)
+    elif fault == "tiny_variance":
+        bn.moving_variance.assign(np.full(6, 1e-5, np.float32))
+    f = finding(diagnose(_save(model, tmp_path), data=str(path), batches=2), name)
+    assert f.severity == severity and f.layers == ["bn1"]
+
+
+def test_too_few_values_per_channel_in_a_run(tmp_path, synthetic, monkeypatch):
+    from convbn_cli.runs.target import Target
+
+    raw = tiny_raw(tmp_path, **{"data.batch_size": 4, "train.epochs": 1})
+    raw["model"]["layers"][-1:-1] = [{"type": "dense", "units": 8, "bn": True}]
+    run = train(load_config(raw=raw), data=synthetic, log=lambda m: None, progress=False).run_dir
+    monkeypatch.setattr(Target, "arrays", lambda self, data=None, log=None, progress=False: synthetic)  # no fetch
+    f = finding(diagnose(run, batches=5), "too_few_values_per_channel")
+    assert f.layers == ["dense1_bn"] and f.evidence["values_per_channel"] == {"dense1_bn": 4}
+
+
+def test_an_unfolded_export_could_be_folded(healthy, mnist_cache, tmp_path):
+    runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
+    out = tmp_path / "plain.keras"
+    assert runner.invoke(main, ["export", str(healthy), "--output", str(out)]).exit_code == 0
+    (tmp_path / "config.yaml").write_text((healthy / "config.yaml").read_text())  # a run directory above it
+    r = runner.invoke(main, ["diagnose", str(out), "--json", "--batches", "5"])
+    assert r.exit_code == 0, r.output
+    found = {f["name"]: f for f in json.loads(r.stdout)["findings"]}
+    assert found["bn_not_folded"]["layers"] == ["conv1_bn", "conv2_bn"] and "--fold-bn" in found["bn_not_folded"]["fix"]
+
+
+def test_cli_report_exit_codes_and_json(lagging, healthy, mnist_cache):
+    runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
+    r = runner.invoke(main, ["diagnose", str(lagging), "--batches", "5"])
+    assert r.exit_code == 0, r.output  # warnings only; the default --fail-on is error
+    assert "warning" in r.stdout and "decay_too_slow" in r.stdout and "fix:" in r.stdout
+    assert r.stdout.splitlines()[-1].startswith("verdict:")
+    assert runner.invoke(main, ["diagnose", str(lagging), "--batches", "5", "--fail-on", "warning"]).exit_code == 4
+    ok = runner.invoke(main, ["diagnose", str(healthy), "--batches", "5", "--fail-on", "warning", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["counts"] == {"info": 0, "warning": 0, "error": 0}
+
+
+def test_external_model_without_data_is_one_line(npz, tmp_path):
+    model = _plain_keras()
+    r = CliRunner().invoke(main, ["diagnose", str(_save(model, tmp_path))])
+    assert r.exit_code == 2 and "needs --data" in r.output
+
+
+@pytest.mark.parametrize("decay,hint", [(0.999, True), (0.5, False)])
+def test_training_ends_with_a_hint_when_the_moving_statistics_lag(tmp_path, synthetic, decay, hint):
+    lines = []
+    train(load_config(raw=tiny_raw(tmp_path, **{"model.bn": {"decay": decay}})), data=synthetic, log=lines.append,
+          progress=False)
+    notes = [ln for ln in lines if ln.startswith("note: validation accuracy is")]
+    assert bool(notes) == hint, lines
+    if hint:
+        assert "with the moving BN statistics" in notes[0] and "convbn diagnose" in notes[0]
+
+
+def test_external_keras_model_inspect_recalibrate_and_fold(npz, tmp_path):
+    import hashlib
+
+    path, a = npz
+    model = _fit(_plain_keras(branch=True, bn_kwargs={"momentum": 0.999}), a)  # functional, lagging statistics
+    src = _save(model, tmp_path, "theirs.keras")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    runner = CliRunner()
+    r = runner.invoke(main, ["inspect-bn", str(src)])
+    assert r.exit_code == 0 and "bn1  (keras, 6 channels" in r.output and "side_bn" in r.output, r.output
+    r = runner.invoke(main, ["recalibrate", str(src), "--data", str(path), "--batches", "2"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "theirs-recalibrated.keras"
+    assert f"saved {out}" in r.output and out.is_file()
+    recal = keras.saving.load_model(out)
+    assert not np.allclose(recal.get_layer("bn1").moving_mean.numpy(), model.get_layer("bn1").moving_mean.numpy())
+    r = runner.invoke(main, ["recalibrate", str(src), "--data", str(path), "--batches", "2"])
+    assert (tmp_path / "theirs-recalibrated-2.keras").is_file()  # never over the first
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest  # the original is untouched
+    r = runner.invoke(main, ["export", str(src), "--fold-bn", "--data", str(path)])
+    assert r.exit_code == 0, r.output
+    folded = keras.saving.load_model(tmp_path / "theirs-folded.keras")
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    x = a["x_test"][:16, :, :, None].astype(np.float32) / 255
+    np.testing.assert_allclose(folded(x).numpy(), model(x, training=False).numpy(), atol=1e-4)
