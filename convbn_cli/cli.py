@@ -159,7 +159,7 @@ def train(ctx, config, overrides, resume, no_progress, workers):
     _tf(ctx)
     from .train import train as run_training
 
-    run_training(cfg, resume=resume, progress=not no_progress)
+    run_training(cfg, resume=resume, progress=not no_progress, overrides=overrides)
 
 
 # --------------------------------------------------------------------------- eval and inspect-bn
@@ -317,6 +317,36 @@ def export_cmd(ctx, target, fmt, fold_bn, output, force, which, data, scale):
     r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, force=force, data_source=data, scale=scale,
                log=_stderr)
     click.echo(ExportReport(r, fold_bn).render())
+
+
+# --------------------------------------------------------------------------- configs
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def configs(ctx):
+    """The configs that ship with convbn: `convbn train NAME` uses one from any directory."""
+    if ctx.invoked_subcommand is None:
+        from .config import load_config
+        from .config.builtin import builtin_names
+
+        for name in builtin_names():
+            cfg = load_config(name)
+            kinds = [layer.type for layer in cfg.model.layers]
+            click.echo(f"{name:12s} {cfg.data.dataset}, {len(kinds)} layers ({kinds.count('conv')} conv), "
+                       f"{cfg.train.epochs} epochs, batch {cfg.data.batch_size}, decay {cfg.model.bn.decay:g}")
+
+
+@configs.command("show")
+@click.argument("name")
+def configs_show(name):
+    """Print the built-in config NAME, to start a file of your own from."""
+    from .config.builtin import builtin_names, builtin_path
+    from .errors import ConvbnError
+
+    path = builtin_path(name)
+    if path is None:
+        raise ConvbnError(f"no built-in config named {name!r} (there are: {', '.join(builtin_names())})")
+    click.echo(path.read_text(), nl=False)
 
 
 # --------------------------------------------------------------------------- data

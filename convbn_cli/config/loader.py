@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
-from . import schema
+from . import builtin, schema
 from .plan import plan_layers
 
 
@@ -72,7 +72,7 @@ def read_yaml(path) -> dict:
         with open(path, "rb") as f:  # bounded: `convbn validate /dev/zero` must not read forever
             text = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file"]) from None
+        raise ConfigError([f"{path}: no such file (built-in configs: {', '.join(builtin.builtin_names())})"]) from None
     except IsADirectoryError:
         raise ConfigError([f"{path}: is a directory, expected a YAML file"]) from None
     except OSError as e:
@@ -194,6 +194,7 @@ def load_config(path=None, overrides=(), *, raw: dict | None = None) -> schema.C
     training (kernels larger than their input, dense layers fed 4-D tensors, ...) run here too.
     """
     if raw is None:
+        path = builtin.resolve(path)  # a file, or the name of a config that ships with convbn (`mnist_bn`)
         raw = read_yaml(path)
     raw = apply_overrides(raw, overrides)
     out = raw.setdefault("output", {})

@@ -146,6 +146,8 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
         shape = out
     if not problems:
         problems += _last_layer_problems(cfg) or _size_problems(cfg, plan)
+    if cfg.train.early_stopping is not None and cfg.data.val_split == 0:
+        problems.append("train.early_stopping: needs a validation split to watch (data.val_split > 0)")
     if problems:
         raise ConfigError(problems)
     return plan

@@ -332,6 +332,12 @@ class PreciseBN(Strict):
     batches: In(1, 1_000_000, kind=int) = 200  # training batches to average the BN statistics over
 
 
+class EarlyStopping(Strict):
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    patience: In(1, 100000, kind=int) = 3  # epochs without an improvement of more than min_delta
+    min_delta: In(0) = 0.0
+
+
 class TrainConfig(Strict):
     epochs: In(1, 100000, kind=int) = 10
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -345,6 +351,8 @@ class TrainConfig(Strict):
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
     # Recompute the BN statistics with the final weights after training (see `convbn recalibrate`).
     precise_bn: Optional[PreciseBN] = None
+    # Stop when the validation metric has not improved for `patience` epochs (the best checkpoint is kept anyway).
+    early_stopping: Optional[EarlyStopping] = None
 
 
 class DistributeConfig(Strict):

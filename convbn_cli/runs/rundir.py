@@ -8,7 +8,9 @@
     metrics.jsonl, .csv          one row per epoch
     bn_stats/epoch_<k>.json      every BN layer's per-channel gamma, beta, moving mean and moving variance
     tensorboard/                 event files: scalars, and histograms of each BN layer's gamma and beta
-    results.json                 test loss and accuracy at the end of training
+    results.json                 test loss and accuracy, the best epoch, at the end of training
+    run.json                     the command line, overrides, versions, machine and git commit (and each resume)
+    curves.png, confusion_matrix.png  pictures: per-epoch curves, and the test confusion matrix at the end
     export/                      `convbn export`'s default destination
 """
 
@@ -47,6 +49,7 @@ class RunDir:
     bn_stats = property(lambda self: self.path / "bn_stats")
     tensorboard = property(lambda self: self.path / "tensorboard")
     results = property(lambda self: self.path / "results.json")
+    run_info = property(lambda self: self.path / "run.json")
 
     @classmethod
     def create(cls, root, name) -> "RunDir":
@@ -140,6 +143,17 @@ class RunDir:
 
     def write_results(self, results: dict) -> None:
         write_json_atomic(self.results, results)
+
+    def record_provenance(self, info: dict) -> None:
+        """run.json: how the run was made; each --resume adds its own entry under "resumes"."""
+        if self.run_info.is_file():
+            try:
+                old = json.loads(self.run_info.read_text())
+            except (json.JSONDecodeError, OSError):
+                old = None
+            if isinstance(old, dict):
+                info = {**old, "resumes": [*old.get("resumes", []), info]}
+        write_json_atomic(self.run_info, info)
 
 
 def next_number(folder: Path, pattern: str) -> int:

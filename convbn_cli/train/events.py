@@ -90,13 +90,19 @@ class Console(Subscriber):
                  f"{row['epoch_time_s']:.1f}s")
 
     def on_finish(self, trainer, results):
-        before = results.get("before_precise_bn")
+        before, run = results.get("before_precise_bn"), trainer.run.path
         if before:
-            self.log(f"test: loss {before['test_loss']:.4f}, accuracy {before['test_acc']:.4%}  ({trainer.run.path})")
+            self.log(f"test: loss {before['test_loss']:.4f}, accuracy {before['test_acc']:.4%}  ({run})")
             self.log(f"precise BN ({trainer.cfg.train.precise_bn.batches} batches): test loss "
                      f"{results['test_loss']:.4f}, accuracy {results['test_acc']:.4%}  ({results['checkpoint']})")
         else:
-            self.log(f"test: loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.4%}  ({trainer.run.path})")
+            self.log(f"test: loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.4%}  ({run})")
+        if results["best_epoch"] is not None and results["best_val_acc"] is not None:
+            self.log(f"best epoch {results['best_epoch']}: validation accuracy {results['best_val_acc']:.2%} "
+                     f"(checkpoints/best); test accuracy {results['test_acc']:.2%}; {results['wall_time_s']:.0f} s")
+        self.log(f"run directory: {run}  (curves.png, confusion_matrix.png, metrics.csv)")
+        self.log(f"next: convbn eval {run} | convbn inspect-bn {run} | convbn diagnose {run} | "
+                 f"convbn export {run} --fold-bn")
 
 
 class InferenceGapHint(Subscriber):
@@ -191,3 +197,55 @@ class StepCallback(Subscriber):
 
     def on_step(self, trainer, step):
         self.fn(step, trainer.model)
+
+
+class EarlyStopping(Subscriber):
+    """Stop when the validation metric has not improved by more than `min_delta` for `patience` epochs.
+
+    The decision is a function of metrics.jsonl alone, so an interrupted run resumes to the same decision, and a
+    run that stopped early stays stopped when resumed. Nothing is restored: the best checkpoint is kept anyway.
+    """
+
+    def __init__(self, settings):
+        self.metric, self.patience, self.min_delta = settings.metric, settings.patience, settings.min_delta
+
+    def reason(self, rows):
+        sign = 1.0 if self.metric == "val_acc" else -1.0  # larger is better for accuracy, smaller for loss
+        best, best_epoch = None, None
+        for row in rows:
+            value = row.get(self.metric)
+            if value is not None and (best is None or sign * (value - best) > self.min_delta):
+                best, best_epoch = value, row["epoch"]
+        if best_epoch is not None and rows[-1]["epoch"] - best_epoch >= self.patience:
+            return (f"early stopping: {self.metric} has not improved by more than {self.min_delta:g} for "
+                    f"{rows[-1]['epoch'] - best_epoch} epochs (best {best:.4f} at epoch {best_epoch})")
+        return None
+
+    def on_start(self, trainer):
+        self._check(trainer)
+
+    def on_epoch_end(self, trainer, row):
+        self._check(trainer)
+
+    def _check(self, trainer):
+        why = self.reason(trainer.metrics) if trainer.metrics else None
+        if why and trainer.stop_reason is None:
+            trainer.stop_reason = why
+            trainer.log(why)
+
+
+class Plots(Subscriber):
+    """curves.png (losses, accuracies and learning rate per epoch), redrawn after every epoch, and
+    confusion_matrix.png (test split, with the dataset's class names) at the end."""
+
+    def on_epoch_end(self, trainer, row):
+        from ..analysis.plots import curves
+
+        curves(trainer.metrics, trainer.run.path / "curves.png", title=str(trainer.run.path))
+
+    def on_finish(self, trainer, results):
+        from ..analysis.plots import confusion_matrix
+
+        confusion_matrix(trainer.last_test["confusion"], trainer.cfg.dataset.class_names,
+                         trainer.run.path / "confusion_matrix.png",
+                         title=f"{trainer.run.path}: test accuracy {results['test_acc']:.2%}")

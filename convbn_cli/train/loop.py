@@ -29,6 +29,7 @@ from ..model import Evaluator, build_model, recalibrate_model
 from ..model.stats import bn_statistics
 from ..runs import RunDir, RunDirError, open_for_resume
 from ..runs.checkpoints import restore_latest, save_recalibrated, training_managers
+from ..runs.provenance import provenance
 from . import distribute, events
 from .optim import current_lr, make_optimizer
 
@@ -81,7 +82,7 @@ def make_checkpoint(model, optimizer):
 
 
 def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, progress: bool = True,
-          on_step=None) -> TrainResult:
+          on_step=None, overrides=()) -> TrainResult:
     """Train the network `cfg` describes and write a run directory; or continue a run.
 
     Args:
@@ -91,6 +92,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         log: where the per-epoch lines go.
         progress: show progress bars (on a terminal).
         on_step: called as on_step(global_step, model) after every training step (tests and benchmarks).
+        overrides: the KEY=VALUE overrides the config was made with (recorded in run.json).
 
     Returns:
         TrainResult: run_dir, metrics (one dict per epoch), test_loss, test_acc and the trained model.
@@ -106,8 +108,10 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         log, progress = _silent, False
     if resume is not None and not hasattr(resume, "run"):
         resume = open_for_resume(resume)
-    subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Console(log),
-                   events.InferenceGapHint(log)]
+    subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Plots(),
+                   events.Console(log), events.InferenceGapHint(log)]
+    if cfg.train.early_stopping is not None:
+        subscribers.append(events.EarlyStopping(cfg.train.early_stopping))
     subscribers += [events.ProgressBar()] if progress else []
     subscribers += [events.StepCallback(on_step)] if on_step is not None else []
     subscribers.append(events.StopOnSignal())  # last: a signal sent by an earlier subscriber is seen at once
@@ -116,6 +120,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         with _one_line_errors():
             trainer.setup(data)  # data and model first: a failure here leaves no run directory behind
             run = _open_run(cfg, resume, scratch, log)
+            if scratch is None:
+                run.record_provenance(provenance(resume.overrides if resume else overrides))
             result = trainer.fit(run, resume)
         if chief and resume is not None and resume.overrides:
             run.write_config(cfg)  # record the new epoch count
@@ -166,7 +172,7 @@ class Trainer:
         self.cfg, self.run, self.strategy, self.subscribers = cfg, None, strategy, subscribers
         self.log, self.progress = log, progress
         self.epochs = cfg.train.epochs
-        self.metrics, self.restored, self.last_sums = [], None, None
+        self.metrics, self.restored, self.last_sums, self.stop_reason = [], None, None, None
         self.epoch = self.start_epoch = self.skip = 0
 
     def publish(self, event, *args):
@@ -184,6 +190,8 @@ class Trainer:
             if self.start_epoch >= self.epochs:
                 self.log(f"{self.run.path}: already trained {self.start_epoch} of {self.epochs} epochs; nothing to do")
             for epoch in range(self.start_epoch, self.epochs):
+                if self.stop_reason:  # a subscriber (early stopping) decided that training is done
+                    break
                 row = self.run_epoch(epoch)
                 self.end_of_epoch(row)
                 self.skip = 0
@@ -285,6 +293,8 @@ class Trainer:
         """Test accuracy; precise BN if configured; results.json."""
         test = self.evaluate(eval_dataset(self.splits, self.cfg, "test"))
         results = {"test_loss": test["loss"], "test_acc": test["accuracy"], "epochs": self.epochs,
+                   "epochs_done": self.metrics[-1]["epoch"] if self.metrics else 0, **self.best(),
+                   "stopped_early": self.stop_reason,
                    "wall_time_s": time.time() - self.t_start, "checkpoint": str(self.manager.latest_checkpoint)}
         precise = self.cfg.train.precise_bn
         if precise is not None:
@@ -295,6 +305,7 @@ class Trainer:
             test = self.evaluate(eval_dataset(self.splits, self.cfg, "test"))
             results.update(test_loss=test["loss"], test_acc=test["accuracy"], checkpoint=path,
                            before_precise_bn=before)
+        self.last_test = test
         self.publish("on_finish", results)
         self.run.write_results(results)
         return TrainResult(self.run.path, self.metrics, test["loss"], test["accuracy"], self.model)
@@ -325,6 +336,15 @@ class Trainer:
         with _signals_deferred():  # a second Ctrl-C must not cut this checkpoint in half
             path = self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
         raise Interrupted(signum, path)
+
+    def best(self) -> dict:
+        """The epoch with the best validation accuracy (training accuracy without a validation split)."""
+        key = "val_acc" if any(r.get("val_acc") is not None for r in self.metrics) else "train_acc"
+        rows = [r for r in self.metrics if r.get(key) is not None]
+        if not rows:
+            return {"best_epoch": None, "best_val_acc": None}
+        top = max(rows, key=lambda r: r[key])  # the first of equals, as the best checkpoint keeps it
+        return {"best_epoch": top["epoch"], "best_val_acc": top.get("val_acc")}
 
     def bn_statistics(self) -> dict:
         return bn_statistics(self.model)

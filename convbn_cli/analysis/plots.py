@@ -1,0 +1,72 @@
+"""Pictures of a run: training curves and the confusion matrix (matplotlib, files only; no display needed).
+Each PNG is written atomically, so a viewer never sees half a picture."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..files import atomic_open
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    plt = _pyplot()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
+
+
+def curves(rows: list, path, title: str = "") -> None:
+    """Train/validation loss and accuracy per epoch, and the learning rate."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    for ax, key in zip(axes[:2], ("loss", "acc")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train")
+        val = [(r["epoch"], r[f"val_{key}"]) for r in rows if r.get(f"val_{key}") is not None]
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set_title({"loss": "loss (train: with label smoothing)", "acc": "accuracy"}[key], fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green")
+    axes[2].set_title("learning rate (end of epoch)", fontsize=10)
+    axes[2].set_xlabel("epoch")
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def confusion_matrix(confusion, class_names, path, title: str = "") -> None:
+    """Counts, rows the true class and columns the predicted one, labelled with the class names."""
+    plt = _pyplot()
+    confusion = np.asarray(confusion)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = confusion.max() or 1
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if confusion[i, j] > top / 2 else "black")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)

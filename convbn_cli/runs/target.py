@@ -1,0 +1,166 @@
+"""What a user names on the command line (TARGET), opened in one place for every command.
+
+A target is a run directory (its best checkpoint, or the one `--checkpoint` names), a checkpoint prefix, a
+convbn `.keras` export (the run directory above it says which data it was trained on), any other Keras 3
+`.keras` model (no config: the caller must say which data), or a `.tflite` file where the command can run one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config.schema import Config
+from .checkpoints import CheckpointError, find, restore, run_of_prefix
+from .rundir import RunDir, RunDirError
+
+
+@dataclass
+class Target:
+    """An opened target.
+
+    kind: "checkpoint" (a run's checkpoint), "export" (a convbn .keras export), "external" (a .keras model from
+        anywhere, no config), or "tflite" (model is None; `predict` runs the interpreter).
+    source: the checkpoint prefix or the file.
+    config: the run's resolved config (None for an external model).
+    model: the Keras model, restored (None for tflite).
+    run: the run directory, when there is one.
+    predict: images (NumPy, float32, normalized) -> logits; for every kind.
+    """
+
+    kind: str
+    source: str
+    config: Optional[Config]
+    model: object
+    run: Optional[RunDir]
+    predict: Callable = None
+    _arrays: Optional[dict] = field(default=None, repr=False)
+
+    def arrays(self, data=None, log=lambda m: None, progress=False) -> dict:
+        """The dataset arrays the config names (fetched once, on first use), or `data` when given."""
+        if data is not None:
+            self._arrays = data
+        if self._arrays is None:
+            from ..data import fetch
+
+            if self.config is None:
+                raise CheckpointError(f"{self.source}: no run directory (config.yaml) above this model to say which "
+                                      "data it was trained on")
+            self._arrays = fetch(self.config.data.dataset, log=log, progress=progress)
+        return self._arrays
+
+    def splits(self, data=None, log=lambda m: None, progress=False):
+        from ..data.pipeline import make_splits
+
+        return make_splits(self.arrays(data, log, progress), self.config)
+
+
+def open_target(target, which="best", *, tflite=False) -> Target:
+    """Open TARGET (see the module docstring); `which` chooses a run directory's checkpoint.
+
+    Raises CheckpointError (exit 2, one line) for anything that is not a usable target.
+    """
+    path = Path(target)
+    if path.suffix == ".keras":
+        return _open_keras(path)
+    if path.suffix == ".tflite":
+        if not tflite:
+            raise CheckpointError(f"{path}: this command needs a Keras model or a checkpoint, not a .tflite file")
+        return _open_tflite(path)
+    try:
+        if path.is_dir():
+            run = RunDir.open(path)
+            prefix = find(run, which)
+        elif Path(str(path) + ".index").is_file():
+            prefix, run = str(path), run_of_prefix(path)
+        elif path.suffix == ".index" or ".data-" in path.name:
+            raise CheckpointError(f"{path}: give the checkpoint prefix without its extension, e.g. "
+                                  f"{str(path).split('.index')[0].split('.data-')[0]}")
+        else:
+            raise CheckpointError(f"{path}: no such run directory or checkpoint")
+        cfg = run.load_config()
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from None
+    from ..model import build_model
+
+    model = build_model(cfg)
+    restore(model, prefix)
+    return Target("checkpoint", prefix, cfg, model, run, _keras_predict(model))
+
+
+def _open_keras(path: Path) -> Target:
+    import zipfile
+
+    import keras
+
+    run, cfg = _run_above(path)
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a Keras model file (a .keras file is a zip archive; this one is "
+                              f"{'empty' if path.stat().st_size == 0 else 'something else'})")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)  # safe_mode: no arbitrary code from the file
+    except Exception as e:  # noqa: BLE001  a damaged archive fails in many ways (ValueError, KeyError, OSError, ...)
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    if cfg is not None:
+        _check_fits(path, model.input_shape, model.output_shape, cfg)
+    return Target("export" if cfg is not None else "external", str(path), cfg, model, run, _keras_predict(model))
+
+
+def _check_fits(path, input_shape, output_shape, cfg) -> None:
+    """A model must take the dataset's images and give one logit per class."""
+    ds = cfg.dataset
+    if not isinstance(input_shape, tuple) or tuple(input_shape[1:]) != tuple(cfg.model.input_shape):
+        raise CheckpointError(f"{path}: takes inputs of shape {input_shape}, but {ds.name} images are "
+                              f"{tuple(cfg.model.input_shape)} (the run's model.input_shape)")
+    if not isinstance(output_shape, tuple) or tuple(output_shape[1:]) != (ds.num_classes,):
+        raise CheckpointError(f"{path}: gives outputs of shape {output_shape}, but {ds.name} needs {ds.num_classes} "
+                              "logits")
+
+
+def _open_tflite(path: Path) -> Target:
+    import tensorflow as tf
+
+    run, cfg = _run_above(path)
+    try:
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable TFLite model ({' '.join(str(e).split())[:300]})") from None
+    return Target("tflite", str(path), cfg, None, run, tflite_predict(interpreter))
+
+
+def _run_above(path: Path):
+    """(run, config) of the run directory above an exported file, or (None, None) for a file from elsewhere."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    run_dir = next((p for p in path.resolve().parents if (p / "config.yaml").is_file()), None)
+    if run_dir is None:
+        return None, None
+    try:
+        run = RunDir.open(run_dir)
+        return run, run.load_config()
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _keras_predict(model):
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    return lambda x: fn(tf.constant(x)).numpy()
+
+
+def tflite_predict(interpreter):
+    """images -> logits through a TFLite interpreter, resizing its input to each batch."""
+
+    def run(x):
+        inp = interpreter.get_input_details()[0]
+        if tuple(inp["shape"]) != x.shape:
+            interpreter.resize_tensor_input(inp["index"], x.shape)
+            interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    return run

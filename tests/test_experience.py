@@ -1,0 +1,146 @@
+"""What a user of a training CLI expects around a run: built-in configs by name, an end-of-run summary, what the
+run records about itself, early stopping that survives --resume, and pictures in the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+tf = pytest.importorskip("tensorflow")
+
+from conftest import CONFIGS, tiny_raw  # noqa: E402
+from convbn_cli.cli import main  # noqa: E402
+from convbn_cli.config import load_config  # noqa: E402
+from convbn_cli.runs import RunDir  # noqa: E402
+from convbn_cli.train import Interrupted, train  # noqa: E402
+
+
+def quiet(*_):
+    pass
+
+
+def assert_png_not_blank(path, min_size=(200, 300)):
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] >= min_size[0] and img.shape[1] >= min_size[1] and img[..., :3].std() > 0.05
+
+
+# --------------------------------------------------------------------------- built-in configs
+
+def test_built_in_configs_work_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("mnist_bn", ["train.epochs=1"])
+    assert cfg.output.name == "mnist_bn" and cfg.train.epochs == 1
+    runner = CliRunner()
+    listing = runner.invoke(main, ["configs"])
+    assert listing.exit_code == 0
+    assert [line.split()[0] for line in listing.output.splitlines()] == sorted(p.stem for p in CONFIGS)
+    shown = runner.invoke(main, ["configs", "show", "seed_toy"])
+    assert shown.exit_code == 0 and shown.output == (CONFIGS[0].parent / "seed_toy.yaml").read_text()
+    bad = runner.invoke(main, ["configs", "show", "nope"])
+    assert bad.exit_code == 2 and "no built-in config named 'nope' (there are: fashion_bn, mnist_bn" in bad.output
+    missing = runner.invoke(main, ["validate", "nope.yaml"])
+    assert missing.exit_code == 2 and "built-in configs: fashion_bn, mnist_bn, mnist_fast, seed_toy" in missing.output
+
+
+def test_a_built_in_config_trains(tmp_path, monkeypatch, synthetic):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("seed_toy", ["train.epochs=1", "data.max_train=320", "data.max_test=64"])
+    result = train(cfg, data=synthetic, log=quiet, progress=False)
+    assert result.run_dir.resolve() == tmp_path / "runs" / "seed_toy" / "1"
+    assert (result.run_dir / "results.json").is_file()
+
+
+# --------------------------------------------------------------------------- summary, records, pictures
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, synthetic):
+    tmp = tmp_path_factory.mktemp("exp")
+    lines = []
+    result = train(load_config(raw=tiny_raw(tmp, **{"train.epochs": 3})), data=synthetic, log=lines.append,
+                   progress=False, overrides=("train.epochs=3",))
+    return result, lines
+
+
+def test_the_end_of_a_run_says_what_happened_and_what_to_do_next(run):
+    result, lines = run
+    results = json.loads((result.run_dir / "results.json").read_text())
+    best = max(result.metrics, key=lambda r: r["val_acc"])
+    assert results["best_epoch"] == best["epoch"] and results["best_val_acc"] == best["val_acc"]
+    assert results["epochs_done"] == 3 and results["stopped_early"] is None
+    text = "\n".join(lines)
+    assert f"best epoch {best['epoch']}: validation accuracy {best['val_acc']:.2%}" in text
+    assert f"run directory: {result.run_dir}" in text
+    assert f"next: convbn eval {result.run_dir} | convbn inspect-bn {result.run_dir}" in text
+
+
+def test_each_run_records_how_it_was_made(run):
+    result, _ = run
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["overrides"] == ["train.epochs=3"]
+    assert set(info["versions"]) == {"convbn", "tensorflow", "keras", "numpy", "python"}
+    assert info["versions"]["tensorflow"] == tf.__version__ and info["machine"]["cores"] == os.cpu_count()
+    assert info["machine"]["cpu"] and isinstance(info["machine"]["gpus"], list)
+    assert info["git_commit"] is None or len(info["git_commit"].split("+")[0]) == 40
+
+
+def test_curves_and_confusion_matrix_are_drawn(run, tmp_path):
+    result, _ = run
+    assert_png_not_blank(result.run_dir / "curves.png")
+    assert_png_not_blank(result.run_dir / "confusion_matrix.png")
+    from convbn_cli.analysis.plots import confusion_matrix
+    from convbn_cli.data.registry import FASHION_MNIST
+
+    out = tmp_path / "fashion.png"
+    confusion_matrix(np.eye(10, dtype=int) * 7, FASHION_MNIST.class_names, out, "class names")
+    assert_png_not_blank(out)
+
+
+# --------------------------------------------------------------------------- early stopping
+
+def _stopping(tmp_path, name):
+    raw = tiny_raw(tmp_path, **{"train.epochs": 6, "output.name": name,
+                                "train.early_stopping": {"metric": "val_loss", "patience": 1, "min_delta": 10.0}})
+    return load_config(raw=raw)
+
+
+def test_early_stopping_says_why_and_stays_stopped_on_resume(tmp_path, synthetic):
+    lines = []
+    first = train(_stopping(tmp_path, "es"), data=synthetic, log=lines.append, progress=False)
+    assert [r["epoch"] for r in first.metrics] == [1, 2]  # no improvement of 10 in val_loss after epoch 1
+    why = "early stopping: val_loss has not improved by more than 10 for 1 epochs (best"
+    assert any(ln.startswith(why) for ln in lines)
+    results = json.loads((first.run_dir / "results.json").read_text())
+    assert results["stopped_early"].startswith(why) and results["epochs_done"] == 2
+    again = train(_stopping(tmp_path, "es"), data=synthetic, resume=first.run_dir, log=quiet, progress=False)
+    assert [r["epoch"] for r in RunDir(again.run_dir).read_metrics()] == [1, 2]  # nothing more was trained
+
+
+def test_early_stopping_with_an_interruption_equals_an_uninterrupted_run(tmp_path, synthetic):
+    straight = train(_stopping(tmp_path, "a"), data=synthetic, log=quiet, progress=False)
+
+    def ctrl_c_at_step_20(step, model):
+        if step == 20:  # in epoch 2 (16 steps an epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as e:
+        train(_stopping(tmp_path, "b"), data=synthetic, log=quiet, progress=False, on_step=ctrl_c_at_step_20)
+    run_dir = os.path.dirname(os.path.dirname(e.value.checkpoint))
+    resumed = train(_stopping(tmp_path, "b"), data=synthetic, resume=run_dir, log=quiet, progress=False)
+    assert [r["epoch"] for r in RunDir(run_dir).read_metrics()] == [r["epoch"] for r in straight.metrics]
+    for a, b in zip(straight.model.weights, resumed.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_early_stopping_needs_a_validation_split(tmp_path):
+    from convbn_cli.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.early_stopping: needs a validation split"):
+        load_config(raw=tiny_raw(tmp_path, **{"data.val_split": 0.0, "train.early_stopping": {"patience": 2}}))
