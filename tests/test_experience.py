@@ -77,7 +77,7 @@ def test_the_end_of_a_run_says_what_happened_and_what_to_do_next(run):
     assert results["epochs_done"] == 3 and results["stopped_early"] is None
     text = "\n".join(lines)
     assert f"best epoch {best['epoch']}: validation accuracy {best['val_acc']:.2%}" in text
-    assert f"run directory: {result.run_dir}" in text
+    assert f"see {result.run_dir}: curves.png, confusion_matrix.png, metrics.csv, run.json" in text
     assert f"next: convbn eval {result.run_dir} | convbn inspect-bn {result.run_dir}" in text
 
 

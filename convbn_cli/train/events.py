@@ -76,6 +76,17 @@ class TensorBoard(Subscriber):
         self.writer.flush()
 
 
+class Provenance(Subscriber):
+    """run.json: how the run was made (runs/provenance.py), written once setup and restore have succeeded, so
+    that a refused --resume changes nothing."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def on_start(self, trainer):
+        trainer.run.record_provenance(self.make())
+
+
 class Console(Subscriber):
     """One line per epoch, and the test result."""
 
@@ -100,7 +111,7 @@ class Console(Subscriber):
         if results["best_epoch"] is not None and results["best_val_acc"] is not None:
             self.log(f"best epoch {results['best_epoch']}: validation accuracy {results['best_val_acc']:.2%} "
                      f"(checkpoints/best); test accuracy {results['test_acc']:.2%}; {results['wall_time_s']:.0f} s")
-        self.log(f"run directory: {run}  (curves.png, confusion_matrix.png, metrics.csv)")
+        self.log(f"see {run}: curves.png, confusion_matrix.png, metrics.csv, run.json")
         self.log(f"next: convbn eval {run} | convbn inspect-bn {run} | convbn diagnose {run} | "
                  f"convbn export {run} --fold-bn")
 

@@ -112,6 +112,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
                    events.Console(log), events.InferenceGapHint(log)]
     if cfg.train.early_stopping is not None:
         subscribers.append(events.EarlyStopping(cfg.train.early_stopping))
+    if chief:  # run.json, once the run (or the resume) has really started
+        subscribers.append(events.Provenance(lambda: provenance(resume.overrides if resume else overrides)))
     subscribers += [events.ProgressBar()] if progress else []
     subscribers += [events.StepCallback(on_step)] if on_step is not None else []
     subscribers.append(events.StopOnSignal())  # last: a signal sent by an earlier subscriber is seen at once
@@ -120,8 +122,6 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         with _one_line_errors():
             trainer.setup(data)  # data and model first: a failure here leaves no run directory behind
             run = _open_run(cfg, resume, scratch, log)
-            if scratch is None:
-                run.record_provenance(provenance(resume.overrides if resume else overrides))
             result = trainer.fit(run, resume)
         if chief and resume is not None and resume.overrides:
             run.write_config(cfg)  # record the new epoch count
