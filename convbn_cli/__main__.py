@@ -1,3 +1,5 @@
+"""`python -m convbn_cli`: the same as the `convbn` command."""
+
 from .cli import main
 
 main(prog_name="convbn")
