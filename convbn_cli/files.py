@@ -73,16 +73,26 @@ def staged(path):
 STALE_AFTER_S = 600  # a temporary this old belongs to a process that died (a write takes seconds)
 
 
+def is_our_temporary(p: Path, name: str = None) -> bool:
+    """Whether `p` is named as atomic_open/staged name their temporaries: `.NAME.<8 random characters>.tmp`
+    (tempfile's names), for one NAME or any. Only such names are ever removed as leftovers."""
+    import re
+
+    stem = re.escape(name) if name is not None else ".+"
+    return re.fullmatch(rf"\.{stem}\.[a-z0-9_]{{8}}\.tmp", p.name) is not None
+
+
 def remove_stale_temporaries(folder, name: str) -> list:
-    """Remove what a killed atomic write or staging of `folder/name` left behind (`.NAME.*.tmp`, files or
+    """Remove what a killed atomic write or staging of `folder/name` left behind (`.NAME.XXXXXXXX.tmp`, files or
     directories), once it is older than STALE_AFTER_S: a younger one may belong to a write still running."""
-    import glob
     import time
 
     folder, stale = Path(folder), []
     if not folder.is_dir():
         return stale
-    for p in folder.glob(f".{glob.escape(name)}.*.tmp"):
+    for p in folder.iterdir():
+        if not is_our_temporary(p, name):
+            continue
         try:
             if time.time() - p.lstat().st_mtime > STALE_AFTER_S:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -245,3 +245,17 @@ def test_external_keras_model_inspect_recalibrate_and_fold(npz, tmp_path):
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
     x = a["x_test"][:16, :, :, None].astype(np.float32) / 255
     np.testing.assert_allclose(folded(x).numpy(), model(x, training=False).numpy(), atol=1e-4)
+
+
+def test_a_data_file_whose_header_lies_is_refused_before_loading(tmp_path):
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28)})
+    lie = tmp_path / "lie.npz"
+    with zipfile.ZipFile(lie, "w") as z:  # claims 784 GB of images; holds 100 bytes
+        z.writestr("x.npy", buf.getvalue() + bytes(100))
+        z.writestr("y.npy", buf.getvalue())
+    r = CliRunner().invoke(main, ["diagnose", str(_save(_plain_keras(), tmp_path)), "--data", str(lie)])
+    assert r.exit_code == 2 and "x declares shape (1000000000, 28, 28) (uint8), more than 2 GiB" in r.output

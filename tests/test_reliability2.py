@@ -433,21 +433,25 @@ def test_two_ctrl_c_in_a_row_leave_a_resumable_run(tmp_path, mnist_cache):
 
 def test_stale_temporaries_are_removed_by_the_next_command_that_owns_them(run_copy, cli, tmp_path, mnist_cache):
     old = time.time() - 3600
-    stale_cache = mnist_cache / ".mnist.npz.abc123.tmp"
-    fresh_cache = mnist_cache / ".mnist.npz.def456.tmp"  # may be a fetch running right now: kept
+    stale_cache = mnist_cache / ".mnist.npz.abc12345.tmp"
+    fresh_cache = mnist_cache / ".mnist.npz.def45678.tmp"  # may be a fetch running right now: kept
     for f in (stale_cache, fresh_cache):
         f.write_bytes(b"partial")
     os.utime(stale_cache, (old, old))
-    stale_export = tmp_path / ".m.keras.xyz.tmp"
+    stale_export = tmp_path / ".m.keras.xyz_9876.tmp"
     stale_export.mkdir()
     os.utime(stale_export, (old, old))
+    users = mnist_cache / ".mnist.npz.my-notes.tmp"  # old, but not a name convbn writes: kept
+    users.write_text("mine")
+    os.utime(users, (old, old))
     stale_ckpt = run_copy / "checkpoints" / "ckpt-999_temp"
     stale_ckpt.mkdir()
     from convbn_cli.data import sources
 
     sources._store(mnist_cache / "mnist.npz", read_npz(mnist_cache / "mnist.npz"), lambda m: None)  # a fetch
-    assert not stale_cache.exists() and fresh_cache.exists()
+    assert not stale_cache.exists() and fresh_cache.exists() and users.read_text() == "mine"
     fresh_cache.unlink()
+    users.unlink()
     assert cli("export", run_copy, "--output", tmp_path / "m.keras").exit_code == 0
     assert not stale_export.exists()
     assert cli("train", "--resume", run_copy, "--no-progress").exit_code == 0

@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError
+from ..data.formats import npz_header
+
+MAX_DATA_BYTES = 2 << 30  # an --data array larger than this (by its header) is refused before it is loaded
 
 
 @dataclass
@@ -54,8 +57,13 @@ def _arrays(data, log):
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f.files or "y" not in f.files:
                 raise DataError(f"{path}: an .npz for --data needs arrays x (N, H, W[, C]) and y (N)")
+            for key in ("x", "y"):
+                shape, dtype = npz_header(f, key)
+                if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > MAX_DATA_BYTES:
+                    raise DataError(f"{path}: {key} declares shape {shape} ({dtype}), more than "
+                                    f"{MAX_DATA_BYTES >> 30} GiB; use a smaller sample")
             x, y = f["x"], f["y"]
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: not a readable .npz ({' '.join(str(e).split())[:200]})") from None
     if len(x) != len(y) or len(x) == 0:
         raise DataError(f"{path}: x has {len(x)} images and y {len(y)} labels")

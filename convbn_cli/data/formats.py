@@ -129,12 +129,18 @@ def read_npz(path, dataset=None) -> dict:
         raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
+def npz_header(npz, key):
+    """(shape, dtype) of one array of an open np.load(...) npz, read from its header: nothing is allocated."""
+    with npz.zip.open(key + ".npy") as member:
+        version = np.lib.format.read_magic(member)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(member)
+    return shape, dtype
+
+
 def _check_npz_headers(npz, path, dataset) -> None:
     for key in KEYS:
-        with npz.zip.open(key + ".npy") as member:
-            version = np.lib.format.read_magic(member)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(member)
+        shape, dtype = npz_header(npz, key)
         most, tail = _expect(dataset, key)
         if tuple(shape[1:]) != tuple(tail) or not shape or shape[0] > most:
             raise DataError(f"{path}: {key} has shape {shape}, expected (N, {', '.join(map(str, tail))}) with N "

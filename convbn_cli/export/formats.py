@@ -107,10 +107,9 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
     """
     if fmt not in FORMATS:
         raise ConvbnError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
-    if output:
-        check_output(Path(output), fmt, force)  # before any work: a bad --output costs nothing
+    path = check_output(Path(output), fmt, force) if output else None  # before any work: a bad --output costs nothing
     t = open_target(target, which)
-    path = check_output(Path(output) if output else default_path(t, fmt, fold_bn), fmt, force)
+    path = path or check_output(default_path(t, fmt, fold_bn), fmt, force)
     model = t.model
     new, folded, kept = standard_model(model, fold_bn)
     x = _check_images(t, data, data_source, scale, check_images, log)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..config import dump_config, load_config
 from ..errors import ConfigError, ConvbnError
-from ..files import write_json_atomic, write_text_atomic
+from ..files import is_our_temporary, write_json_atomic, write_text_atomic
 
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
                   "epoch_time_s", "wall_time_s", "checkpoint"]
@@ -87,7 +87,7 @@ class RunDir:
         import shutil
 
         stale = [p for folder in (self.path, self.bn_stats, self.export) if folder.is_dir()
-                 for p in folder.glob(".*.tmp")]
+                 for p in folder.iterdir() if is_our_temporary(p)]
         stale += [p for folder in (self.checkpoints, self.best, self.recalibrated) if folder.is_dir()
                   for p in folder.glob("ckpt-*_temp") if p.is_dir()]
         for p in stale:

@@ -155,7 +155,7 @@ class ProgressBar(Subscriber):
         self.bar.update(1)
         done = step - trainer.epoch * trainer.steps
         if step % PROGRESS_EVERY == 0 or done == trainer.steps:
-            sums = trainer.read_sums()
+            sums = trainer.last_sums  # read by the trainer's finiteness check at this very step
             n = max(sums["count"], 1.0)
             rate = (done - self.first) * trainer.global_batch / max(time.time() - self.t0, 1e-9)
             self.bar.set_postfix({"loss": f"{sums['loss'] / n:.4f}", "acc": f"{sums['correct'] / n:.4f}",

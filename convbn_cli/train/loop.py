@@ -347,7 +347,11 @@ class Trainer:
         return {"best_epoch": top["epoch"], "best_val_acc": top.get("val_acc")}
 
     def bn_statistics(self) -> dict:
-        return bn_statistics(self.model)
+        """Every BN layer's per-channel parameters now (read once per training step, whoever asks)."""
+        step = int(self.optimizer.iterations.numpy())
+        if getattr(self, "_stats_step", None) != step:
+            self._stats, self._stats_step = bn_statistics(self.model), step
+        return self._stats
 
 
 @contextlib.contextmanager
