@@ -85,17 +85,31 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 TARGET_HELP = "a run directory, a checkpoint prefix (runs/x/1/checkpoints/ckpt-420) or an exported .keras model"
 
 
+def _quiet() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and (ctx.find_root().obj or {}).get("quiet"))
+
+
 def _stderr(message):
-    click.echo(message, err=True)
+    """Progress and information for the person at the terminal (stderr; nothing under --quiet)."""
+    if not _quiet():
+        click.echo(message, err=True)
+
+
+def _progress(no_progress: bool) -> bool:
+    return not no_progress and not _quiet()
 
 
 @click.group(cls=ConvbnGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="convbn")
 @click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only results and errors: no progress bars, no per-epoch lines.")
 @click.pass_context
-def main(ctx, verbose):
+def main(ctx, verbose, quiet):
     """Train conv nets with per-channel batch normalization on MNIST-like data, and inspect every filter's BN."""
-    ctx.obj = {"verbose": verbose}
+    if verbose and quiet:
+        raise click.UsageError("--verbose and --quiet contradict each other")
+    ctx.obj = {"verbose": verbose, "quiet": quiet}
 
 
 def _tf(ctx):
@@ -159,7 +173,11 @@ def train(ctx, config, overrides, resume, no_progress, workers):
     _tf(ctx)
     from .train import train as run_training
 
-    run_training(cfg, resume=resume, progress=not no_progress, overrides=overrides)
+    if _quiet():  # the one line a script needs: where the run is and how it did
+        result = run_training(cfg, resume=resume, progress=False, overrides=overrides, log=lambda m: None)
+        click.echo(f"{result.run_dir}: test accuracy {result.test_acc:.2%}")
+    else:
+        run_training(cfg, resume=resume, progress=not no_progress, overrides=overrides)
 
 
 # --------------------------------------------------------------------------- eval and inspect-bn
@@ -180,7 +198,7 @@ def eval_cmd(ctx, target, which, split, bn_stats, as_json, no_progress):
     from .reports import EvalReport, dumps
 
     report = EvalReport(evaluate(target, which=which, split=split, bn_stats=bn_stats,
-                                 progress=not no_progress and not as_json, log=_stderr))
+                                 progress=_progress(no_progress) and not as_json, log=_stderr))
     click.echo(dumps(report.to_json()) if as_json else report.render())
 
 
@@ -289,7 +307,7 @@ def recalibrate(ctx, target, which, batches, full, split, data, scale, no_progre
     from .reports import RecalibrateReport
 
     r = run_recalibrate(target, which=which, batches=None if full else batches, split=split, data_source=data,
-                        scale=scale, progress=not no_progress, log=_stderr)
+                        scale=scale, progress=_progress(no_progress), log=_stderr)
     click.echo(RecalibrateReport(r).render())
 
 
@@ -365,7 +383,7 @@ def data_fetch(dataset, source, no_progress):
     """Get DATASET into the cache ($CONVBN_DATA_DIR, else ~/.cache/convbn), verified against published hashes."""
     from .data import fetch
 
-    arrays = fetch(dataset, source, log=_stderr, progress=not no_progress)
+    arrays = fetch(dataset, source, log=_stderr, progress=_progress(no_progress))
     click.echo(f"{dataset}: {len(arrays['y_train'])} training and {len(arrays['y_test'])} test images ready")
 
 

@@ -9,12 +9,43 @@ import os
 import sys
 
 
+import contextlib
+
+VERBOSE = False  # --verbose: nothing of TensorFlow's own output is hidden
+
+
+@contextlib.contextmanager
+def quiet_native():
+    """Hide what native code prints straight to file descriptor 2 (TFLite's "Created TensorFlow Lite XNNPACK
+    delegate", TensorFlow's C++ start-up lines) and Python's deprecation warnings, unless --verbose. Errors still
+    reach the caller as exceptions."""
+    if VERBOSE:
+        yield
+        return
+    import warnings
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def import_tensorflow(verbose: bool = False):
     """Import TensorFlow (once) with oneDNN on, silencing its start-up lines unless `verbose`; returns it."""
     if "tensorflow" not in sys.modules:
         # oneDNN's CPU kernels: TensorFlow turns them on by default only on some CPUs (not on AMD's), and
         # without them its CPU Conv2D refuses channels_first (NCHW) outright.
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    global VERBOSE
+    VERBOSE = VERBOSE or verbose
     if "tensorflow" in sys.modules or verbose:
         import tensorflow as tf
 
@@ -22,16 +53,8 @@ def import_tensorflow(verbose: bool = False):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # Some of TensorFlow's start-up messages are printed by C++ before its log level is read, so
     # TF_CPP_MIN_LOG_LEVEL alone does not silence them: point file descriptor 2 at /dev/null while importing.
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
+    with quiet_native():
         import tensorflow as tf
         import keras  # noqa: F401  (Keras prints its own notices on first import)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
     tf.get_logger().setLevel("ERROR")
     return tf

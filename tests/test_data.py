@@ -208,6 +208,58 @@ def test_fashion_mnist_from_debian(data_dir, monkeypatch):
     assert arrays["x_train"].shape == (60000, 28, 28) and int(arrays["y_test"].max()) == 9
 
 
+def _apt_get_can_download():
+    import shutil
+    import subprocess
+
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        return False
+    try:  # the package index must know the package (apt-get download needs no root, only the lists)
+        out = subprocess.run(["apt-cache", "policy", sources.DEBIAN_PACKAGE], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    candidate = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.strip().startswith("Candidate:")]
+    return bool(candidate) and candidate[0] != "(none)"
+
+
+@pytest.mark.skipif(not _apt_get_can_download(), reason="apt-get/dpkg-deb missing, or the package index does not "
+                    "list dataset-fashion-mnist")
+def test_fashion_mnist_from_apt_get_download_end_to_end(data_dir, monkeypatch):
+    # the installed-package source fails (as on a machine without root), the download source supplies the data
+    monkeypatch.setattr(sources, "KERAS_BASE", "http://127.0.0.1:9/")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_DIR", data_dir / "not-installed")
+    lines = []
+    arrays = fetch("fashion_mnist", log=lines.append, progress=False)
+    assert arrays["x_train"].shape == (60000, 28, 28) and int(arrays["y_test"].max()) == 9
+    assert "[apt-get download dataset-fashion-mnist] trying" in lines and "not found" in " ".join(lines)
+    assert read_npz(cache_path("fashion_mnist"))["y_train"].shape == (60000,)  # cached, verified
+
+
+def test_apt_get_download_failures_are_one_line(monkeypatch, tmp_path):
+    # a machine without apt-get, and an apt-get that fails: each is a DataError naming the tool
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(DataError, match="apt-get is not installed"):
+        sources.from_debian_download("fashion_mnist")
+    fake = tmp_path / "apt-get"
+    fake.write_text("#!/bin/sh\necho 'E: Unable to locate package dataset-fashion-mnist' >&2\nexit 100\n")
+    fake.chmod(0o755)
+    with pytest.raises(DataError, match="apt-get download failed: E: Unable to locate package"):
+        sources.from_debian_download("fashion_mnist")
+
+
+def test_every_failed_fetch_suggests_from(data_dir, monkeypatch):
+    def fails(dataset, progress):
+        raise DataError("offline")
+
+    monkeypatch.setattr(sources, "AUTOMATIC_SOURCES", (("stub", fails),))
+    monkeypatch.setattr(sources, "EXTRA_SOURCES", {k: ("stub " + k, fails) for k in sources.EXTRA_SOURCES})
+    for dataset in ("mnist", "fashion_mnist"):
+        result = CliRunner().invoke(main, ["data", "fetch", dataset, "--no-progress"])
+        assert result.exit_code == 2, result.output
+        assert f"convbn data fetch {dataset} --from DIR" in result.output.splitlines()[-1]
+
+
 # --------------------------------------------------------------------------- tf.data pipeline
 
 def test_pipeline_splits_shuffles_by_epoch_and_skips_exactly(synthetic):

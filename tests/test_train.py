@@ -66,11 +66,20 @@ def test_run_directory_holds_config_checkpoints_metrics_bn_stats_and_events(fini
     assert len(stats["conv2_bn"]["gamma"]) == 6
     np.testing.assert_allclose(stats["conv2_bn"]["moving_variance"], live.moving_variance.numpy(), rtol=1e-6)
     np.testing.assert_allclose(stats["conv2_bn"]["gamma"], live.gamma.numpy(), rtol=1e-6)
-    tags = set()
-    for event_file in run.tensorboard.glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
-            tags.update(v.tag for v in event.summary.value)
-    assert {"train/loss", "val/acc", "lr", "conv1_bn/gamma", "conv2_bn/beta"} <= tags
+    def tags(sub):  # {tag: [steps]} of one TensorBoard run
+        found = {}
+        for event_file in (run.tensorboard / sub).glob("events.out.tfevents.*"):
+            for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+                for v in event.summary.value:
+                    found.setdefault(v.tag, []).append(event.step)
+        return found
+
+    train_tags, val_tags = tags("train"), tags("validation")
+    # train and validation are separate TensorBoard runs with the same tags, so that their curves overlay
+    assert {"epoch/loss", "epoch/accuracy"} <= set(val_tags) and val_tags["epoch/loss"] == [1, 2]
+    assert {"epoch/loss", "epoch/accuracy", "epoch/learning_rate", "conv1_bn/gamma", "conv2_bn/beta"} <= set(train_tags)
+    # per-step loss and learning rate every output.log_every_steps (20) steps over the 32 steps
+    assert train_tags["step/loss"] == [20] and train_tags["step/learning_rate"] == [20]
     results = json.loads(run.results.read_text())
     assert results["test_acc"] == pytest.approx(result.test_acc) and 0 <= results["test_acc"] <= 1
 

@@ -33,12 +33,18 @@ def curves(rows: list, path, title: str = "") -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    smoothed = any(r.get("train_ce") is not None and r["train_ce"] != r["train_loss"] for r in rows)
     for ax, key in zip(axes[:2], ("loss", "acc")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", label="train")
+        # the training cross-entropy (train_ce; older runs: train_loss) is what compares with validation's loss
+        ax.plot(epochs, [r.get(f"train_ce", r["train_loss"]) if key == "loss" else r["train_acc"] for r in rows],
+                "o-", label="train")
         val = [(r["epoch"], r[f"val_{key}"]) for r in rows if r.get(f"val_{key}") is not None]
         if val:
             ax.plot(*zip(*val), "o-", label="validation")
-        ax.set_title({"loss": "loss (train: with label smoothing)", "acc": "accuracy"}[key], fontsize=10)
+        if key == "loss" and smoothed:
+            ax.plot(epochs, [r["train_loss"] for r in rows], "o--", color="tab:gray",
+                    label="train, with label smoothing")
+        ax.set_title({"loss": "cross-entropy loss", "acc": "accuracy"}[key], fontsize=10)
         ax.set_xlabel("epoch")
         ax.legend()
         ax.grid(alpha=0.3)

@@ -380,6 +380,7 @@ class OutputConfig(Strict):
     name: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=128), AfterValidator(_one_name)]] \
         = None
     keep_checkpoints: In(1, 1000, kind=int) = 3
+    log_every_steps: In(1, 1_000_000, kind=int) = 20  # TensorBoard: training loss and learning rate every N steps
 
 
 class Config(Strict):

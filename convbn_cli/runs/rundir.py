@@ -26,8 +26,8 @@ from ..config import dump_config, load_config
 from ..errors import ConfigError, ConvbnError
 from ..files import is_our_temporary, write_json_atomic, write_text_atomic
 
-METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s",
-                  "epoch_time_s", "wall_time_s", "checkpoint"]
+METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_ce",
+                  "images_per_s", "epoch_time_s", "wall_time_s", "checkpoint"]
 
 
 class RunDirError(ConvbnError):

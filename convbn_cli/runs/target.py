@@ -119,15 +119,25 @@ def _check_fits(path, input_shape, output_shape, cfg) -> None:
 
 
 def _open_tflite(path: Path) -> Target:
-    import tensorflow as tf
-
     run, cfg = _run_above(path)
     try:
-        interpreter = tf.lite.Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
+        interpreter = open_interpreter(path)
     except (ValueError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable TFLite model ({' '.join(str(e).split())[:300]})") from None
     return Target("tflite", str(path), cfg, None, run, tflite_predict(interpreter))
+
+
+def open_interpreter(path):
+    """A TFLite interpreter with its tensors allocated, without the deprecation warning and the XNNPACK notice
+    it prints (shown with --verbose)."""
+    import tensorflow as tf
+
+    from ..tf_setup import quiet_native
+
+    with quiet_native():
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+        interpreter.allocate_tensors()
+    return interpreter
 
 
 def _run_above(path: Path):

@@ -54,26 +54,54 @@ class BNStatsFiles(Subscriber):
 
 
 class TensorBoard(Subscriber):
-    """Scalars, and histograms of each BN layer's gamma and beta (`tensorboard --logdir runs`)."""
-
-    SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s")
+    """`tensorboard --logdir runs`: tensorboard/train and tensorboard/validation are two TensorBoard runs whose
+    epoch/loss and epoch/accuracy overlay; the train run also has the loss and learning rate every
+    `output.log_every_steps` steps (the mean over those steps), the throughput, and histograms of each BN layer's
+    gamma and beta. The train run's epoch/loss is the plain cross-entropy, like validation's; with label
+    smoothing, the loss actually minimized is epoch/loss_with_label_smoothing."""
 
     def on_start(self, trainer):
         import tensorflow as tf
 
-        self.tf = tf
-        self.writer = tf.summary.create_file_writer(str(trainer.run.tensorboard))
+        self.tf, self.every = tf, trainer.cfg.output.log_every_steps
+        self.train = tf.summary.create_file_writer(str(trainer.run.tensorboard / "train"))
+        self.val = tf.summary.create_file_writer(str(trainer.run.tensorboard / "validation"))
+
+    def on_epoch_start(self, trainer, epoch):
+        self.previous = {"loss": 0.0, "ce": 0.0, "count": 0.0}  # the sums restart with every epoch
+
+    def on_step(self, trainer, step):
+        if step % self.every:
+            return
+        sums = trainer.read_sums()
+        n = sums["count"] - self.previous["count"]
+        if n > 0:
+            scalar = self.tf.summary.scalar
+            with self.train.as_default(step=step):
+                scalar("step/loss", (sums["loss"] - self.previous["loss"]) / n)
+                if trainer.cfg.train.label_smoothing:
+                    scalar("step/cross_entropy", (sums["ce"] - self.previous["ce"]) / n)
+                scalar("step/learning_rate", trainer.current_lr())
+        self.previous = dict(sums)
 
     def on_epoch_end(self, trainer, row):
-        tf = self.tf
-        with self.writer.as_default(step=row["epoch"]):
-            for key in self.SCALARS:
-                if row.get(key) is not None:
-                    tf.summary.scalar(key.replace("_", "/", 1) if key.startswith(("train", "val")) else key, row[key])
+        scalar = self.tf.summary.scalar
+        with self.train.as_default(step=row["epoch"]):
+            scalar("epoch/loss", row["train_ce"])
+            if trainer.cfg.train.label_smoothing:
+                scalar("epoch/loss_with_label_smoothing", row["train_loss"])
+            scalar("epoch/accuracy", row["train_acc"])
+            scalar("epoch/learning_rate", row["lr"])
+            scalar("epoch/images_per_s", row["images_per_s"])
             for name, s in trainer.bn_statistics().items():
-                tf.summary.histogram(f"{name}/gamma", np.asarray(s["gamma"]))
-                tf.summary.histogram(f"{name}/beta", np.asarray(s["beta"]))
-        self.writer.flush()
+                self.tf.summary.histogram(f"{name}/gamma", np.asarray(s["gamma"]))
+                self.tf.summary.histogram(f"{name}/beta", np.asarray(s["beta"]))
+        if row["val_acc"] is not None:
+            with self.val.as_default(step=row["epoch"]):
+                scalar("epoch/loss", row["val_loss"])
+                scalar("epoch/accuracy", row["val_acc"])
+        self.train.flush()
+        self.val.flush()
 
 
 class Provenance(Subscriber):
@@ -88,26 +116,30 @@ class Provenance(Subscriber):
 
 
 class Console(Subscriber):
-    """One line per epoch, and the test result."""
+    """One line per epoch, and the test result. Accuracies with two decimals; with label smoothing, the training
+    loss (what is minimized) is labelled as such and the plain cross-entropy, comparable with the validation
+    loss, is shown beside it."""
 
     def __init__(self, log):
         self.log = log
 
     def on_epoch_end(self, trainer, row):
-        val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4%}" if row["val_acc"] is not None
+        smoothing = trainer.cfg.train.label_smoothing
+        loss = (f"train loss {row['train_loss']:.4f} (with label smoothing {smoothing:g}; cross-entropy "
+                f"{row['train_ce']:.4f})" if smoothing else f"train loss {row['train_loss']:.4f}")
+        val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if row["val_acc"] is not None
                else "no validation split")
-        self.log(f"epoch {row['epoch']}/{trainer.epochs}: train loss {row['train_loss']:.4f} acc "
-                 f"{row['train_acc']:.4%}, {val}, lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s, "
-                 f"{row['epoch_time_s']:.1f}s")
+        self.log(f"epoch {row['epoch']}/{trainer.epochs}: {loss} acc {row['train_acc']:.2%}, {val}, "
+                 f"lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s, {row['epoch_time_s']:.1f}s")
 
     def on_finish(self, trainer, results):
         before, run = results.get("before_precise_bn"), trainer.run.path
         if before:
-            self.log(f"test: loss {before['test_loss']:.4f}, accuracy {before['test_acc']:.4%}  ({run})")
+            self.log(f"test: loss {before['test_loss']:.4f}, accuracy {before['test_acc']:.2%}  ({run})")
             self.log(f"precise BN ({trainer.cfg.train.precise_bn.batches} batches): test loss "
-                     f"{results['test_loss']:.4f}, accuracy {results['test_acc']:.4%}  ({results['checkpoint']})")
+                     f"{results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  ({results['checkpoint']})")
         else:
-            self.log(f"test: loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.4%}  ({run})")
+            self.log(f"test: loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  ({run})")
         if results["best_epoch"] is not None and results["best_val_acc"] is not None:
             self.log(f"best epoch {results['best_epoch']}: validation accuracy {results['best_val_acc']:.2%} "
                      f"(checkpoints/best); test accuracy {results['test_acc']:.2%}; {results['wall_time_s']:.0f} s")

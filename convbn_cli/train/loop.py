@@ -261,6 +261,7 @@ class Trainer:
         seen = max(sums["count"], 1.0)
         return {"epoch": epoch + 1, "step": int(self.optimizer.iterations.numpy()),
                 "train_loss": sums["loss"] / seen, "train_acc": sums["correct"] / seen,
+                "train_ce": (sums["ce"] if self.cfg.train.label_smoothing else sums["loss"]) / seen,
                 "images_per_s": sums["count"] / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
 
     def end_of_epoch(self, row):
@@ -270,7 +271,7 @@ class Trainer:
         if val is not None and not math.isfinite(val["loss"]):
             # finite training loss but weights that already overflow at inference: not a checkpoint to keep
             raise self.diverged(f"validation loss became non-finite ({val['loss']}) after epoch {row['epoch']}")
-        row = {**{k: row[k] for k in ("epoch", "step", "train_loss", "train_acc")},
+        row = {**{k: row[k] for k in ("epoch", "step", "train_loss", "train_acc", "train_ce")},
                "val_loss": val["loss"] if val else None, "val_acc": val["accuracy"] if val else None,
                "lr": current_lr(self.optimizer), "images_per_s": row["images_per_s"],
                "epoch_time_s": row["epoch_time_s"], "wall_time_s": time.time() - self.t_start,
@@ -316,6 +317,9 @@ class Trainer:
         """The running loss/correct/count sums of the epoch (one host sync)."""
         self.last_sums = {k: float(v.numpy()) for k, v in self.sums.items()}
         return self.last_sums
+
+    def current_lr(self) -> float:
+        return current_lr(self.optimizer)
 
     def check_finite(self, step):
         loss = self.read_sums()["loss"]
@@ -383,7 +387,7 @@ def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=Non
     loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=train_cfg.label_smoothing,
                                                    reduction=None)
     sums = {k: tf.Variable(0.0, dtype=tf.float64, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                           aggregation=tf.VariableAggregation.SUM) for k in ("loss", "correct", "count")}
+                           aggregation=tf.VariableAggregation.SUM) for k in ("loss", "ce", "correct", "count")}
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:
@@ -393,6 +397,9 @@ def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=Non
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         sums["loss"].assign_add(tf.reduce_sum(tf.cast(per_example, tf.float64)))
+        if train_cfg.label_smoothing:  # the plain cross-entropy too, comparable with the validation loss
+            plain = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.cast(logits, tf.float32))
+            sums["ce"].assign_add(tf.reduce_sum(tf.cast(plain, tf.float64)))
         sums["correct"].assign_add(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), y), tf.float64)))
         sums["count"].assign_add(tf.cast(tf.shape(y)[0], tf.float64))
 
