@@ -202,6 +202,32 @@ def eval_cmd(ctx, target, which, split, bn_stats, as_json, no_progress):
     click.echo(dumps(report.to_json()) if as_json else report.render())
 
 
+@main.command("predict")
+@click.argument("target", metavar="TARGET")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@checkpoint_option
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Show the K most probable classes of each input.")
+@click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Invert pictures to light strokes on dark, as in MNIST; auto: when the border is light (paper).")
+@scale_option
+@json_option
+@click.pass_context
+def predict_cmd(ctx, target, inputs, which, top_k, invert, scale, as_json):
+    """The class of each INPUT, with its probability, by TARGET (anything eval accepts, exports included).
+
+    INPUT: PNG/JPEG pictures (made grayscale and resized to the model's input), directories of them, or
+    .npy/.npz arrays of pixels 0-255 shaped (N, 28, 28), (N, 28, 28, 1) or (28, 28).
+    """
+    _tf(ctx)
+    from .analysis.predict import predict
+    from .reports import PredictReport, dumps
+
+    report = PredictReport(predict(target, inputs, top_k=top_k, invert=invert, which=which, scale=scale,
+                                   log=_stderr))
+    click.echo(dumps(report.to_json()) if as_json else report.render())
+
+
 def _thresholds(ctx, param, value):
     try:
         return [float(t) for t in value.split(",") if t.strip()]
@@ -319,11 +345,13 @@ def recalibrate(ctx, target, which, batches, full, split, data, scale, no_progre
               "file, or a SavedModel directory. An existing one is refused unless --force.")
 @click.option("--force", is_flag=True, help="Replace a previous export of the same kind at the output (never "
               "anything else: not a run directory, not a directory holding other files).")
+@click.option("--no-preprocessing", is_flag=True, help="The export takes normalized images, as the network inside "
+              "convbn does (default: raw 0-255 pixels, normalized inside the exported model).")
 @checkpoint_option
 @data_option
 @scale_option
 @click.pass_context
-def export_cmd(ctx, target, fmt, fold_bn, output, force, which, data, scale):
+def export_cmd(ctx, target, fmt, fold_bn, output, force, no_preprocessing, which, data, scale):
     """Export TARGET with standard Keras/TensorFlow layers only, checked against the original model.
 
     TARGET may also be a .keras model from outside convbn (then --data gives the images it is checked on).
@@ -333,7 +361,7 @@ def export_cmd(ctx, target, fmt, fold_bn, output, force, which, data, scale):
     from .reports import ExportReport
 
     r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, force=force, data_source=data, scale=scale,
-               log=_stderr)
+               preprocessing=not no_preprocessing, log=_stderr)
     click.echo(ExportReport(r, fold_bn).render())
 
 

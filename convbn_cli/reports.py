@@ -51,7 +51,7 @@ class EvalReport:
         names = r.get("class_names") or [str(c) for c in range(len(r["confusion"]))]
         lines = [f"checkpoint: {r['checkpoint']}",
                  f"split: {r['split']} ({r['images']} images), BN statistics: {r['bn_stats']}",
-                 f"loss {r['loss']:.4f}, accuracy {r['accuracy']:.4%}",
+                 f"loss {r['loss']:.4f}, accuracy {r['accuracy']:.2%}",
                  "per-class accuracy: " + "  ".join(f"{n}: {a:.2%}" for n, a in zip(names, r["per_class_accuracy"])),
                  "confusion matrix (rows: true class, columns: predicted):"]
         width = max(5, len(str(r["confusion"].max())) + 1)
@@ -117,8 +117,8 @@ class RecalibrateReport:
         r = self.result
         return "\n".join([
             f"recalibrated {len(r['layers'])} BN layer(s) of {r['source']} over {r['batches']} batches",
-            f"{r['split']} accuracy: before {r['before']['accuracy']:.4%} (loss {r['before']['loss']:.4f}), "
-            f"after {r['after']['accuracy']:.4%} (loss {r['after']['loss']:.4f})",
+            f"{r['split']} accuracy: before {r['before']['accuracy']:.2%} (loss {r['before']['loss']:.4f}), "
+            f"after {r['after']['accuracy']:.2%} (loss {r['after']['loss']:.4f})",
             f"saved {r['checkpoint']}"])
 
 
@@ -137,7 +137,8 @@ class ExportReport:
         if r["kept"]:
             why = " (not directly after a conv/dense)" if self.fold_bn else ""
             lines.append(f"BN layers kept{why}: {', '.join(r['kept'])}")
-        lines += [f"max |logit difference| on {r['checked_images']} test images: {r['max_abs_logit_diff']:.2e}",
+        lines += [f"input: {r['input']}",
+                  f"max |logit difference| on {r['checked_images']} test images: {r['max_abs_logit_diff']:.2e}",
                   f"inference throughput: original {r['throughput_original']:.0f} img/s, exported "
                   f"{r['throughput_exported']:.0f} img/s",
                   f"wrote {r['path']}"]
@@ -212,3 +213,22 @@ def _compact(value, depth=0) -> str:
         items = [_compact(v, depth + 1) for v in value[:8]]
         return "[" + ", ".join(items) + (", ..." if len(value) > 8 else "") + "]"
     return str(value)
+
+
+@dataclass
+class PredictReport:
+    result: dict
+
+    def to_json(self) -> dict:
+        return dict(self.result)
+
+    def render(self) -> str:
+        preds = self.result["predictions"]
+        width = min(max(len(p["input"]) for p in preds), 60)
+        lines = []
+        for p in preds:
+            top = p["top"]
+            label = f"{top[0]['name']} ({top[0]['probability']:.2%})"
+            rest = ", ".join(f"{t['name']} {t['probability']:.2%}" for t in top[1:])
+            lines.append(f"{p['input']:<{width}}  {label}" + (f"   then: {rest}" if rest else ""))
+        return "\n".join(lines)

@@ -65,10 +65,15 @@ def _recalibrate_keras_file(t, batches, data, scale, log) -> dict:
 def _save_beside(t) -> str:
     """NAME-recalibrated.keras beside NAME.keras (then -2, -3, ...): never over an existing file."""
     path = Path(t.source)
+    model = t.model
+    if t.pixel_affine is not None:  # the original took raw pixels: so does the recalibrated model
+        from ..export.fold import standard_model
+
+        model = standard_model(t.model, pixel_affine=t.pixel_affine)[0]
     for k in range(1, 10_000):
         out = path.with_name(f"{path.stem}-recalibrated{'' if k == 1 else f'-{k}'}.keras")
         if not out.exists():
             with staged(out) as tmp:
-                t.model.save(tmp)
+                model.save(tmp)
             return str(out)
     raise CheckpointError(f"{path.parent}: no free name for the recalibrated model")

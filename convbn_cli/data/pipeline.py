@@ -59,6 +59,12 @@ def normalizer(cfg: Config):
     return lambda x: (tf.cast(x, tf.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
 
 
+def pixels_of(cfg: Config):
+    """The inverse of `normalizer`: normalized batch -> pixels 0-255 (for models that normalize themselves)."""
+    scale, offset = registry.pixel_affine(cfg.data.dataset, cfg.data.normalize)
+    return lambda x: (tf.cast(x, tf.float32) - offset) * (1.0 / scale)
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     # Training drops the last partial batch: a batch of a handful of images gives BN noisy statistics.
     return max(1, n // batch_size) if n >= batch_size else 1

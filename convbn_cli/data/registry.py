@@ -76,6 +76,15 @@ DATASETS = tuple(REGISTRY)
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+def pixel_affine(dataset: str, normalize: str) -> tuple:
+    """(scale, offset) with normalized = pixels * scale + offset, pixels 0-255, as `data.normalize` says:
+    "scale" gives [0, 1], "standardize" subtracts the published mean and divides by the published std."""
+    if normalize == "scale":
+        return 1.0 / 255.0, 0.0
+    ds = get(dataset)
+    return 1.0 / (255.0 * ds.std), -ds.mean / ds.std
+
+
 def get(name: str) -> Dataset:
     from .formats import DataError
 

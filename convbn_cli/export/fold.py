@@ -19,6 +19,7 @@ from ..model.bn import is_bn
 from ..model.fused_bn import FusedBatchNorm
 from ..model.graph import consumers, producer
 from ..model.stats import bn_layer_parameters
+from ..runs.target import PIXELS_INPUT  # the input of an export that takes raw pixels
 
 FOLDABLE = (keras.layers.Conv2D, keras.layers.Dense)
 
@@ -47,8 +48,14 @@ def foldable_pairs(model) -> dict:
     return pairs
 
 
-def standard_model(model: keras.Model, fold_bn: bool = False):
+NORMALIZE_LAYER = "normalize_pixels"  # the layer that normalizes them
+
+
+def standard_model(model: keras.Model, fold_bn: bool = False, pixel_affine=None):
     """(new model, folded BN names, kept BN names): only Keras' own layers, weights copied.
+
+    With `pixel_affine` = (scale, offset) the new model takes raw 0-255 pixels (input "pixels") and normalizes
+    them itself with keras.layers.Rescaling(scale, offset) (layer "normalize_pixels") before the network.
 
     A FusedBatchNorm that is not folded becomes keras.layers.BatchNormalization with the same weights, and
     convbn's Keras subclasses become Keras' own classes, so the result loads anywhere without convbn. A convbn
@@ -62,8 +69,10 @@ def standard_model(model: keras.Model, fold_bn: bool = False):
     to_last = _permutes_to_channels_first(model)
     weights, folded, kept = {}, [], []
 
+    strip = takes_pixels(model)  # an export of an export: its own normalization goes, and comes back if asked
+
     def clone(layer):
-        if layer is to_last:
+        if layer is to_last or (strip and layer.name == NORMALIZE_LAYER):
             return _PassThrough(layer.name)
         if is_bn(layer):
             if layer in pairs:
@@ -87,8 +96,32 @@ def standard_model(model: keras.Model, fold_bn: bool = False):
         layer.set_weights(weights[id(layer)])
         return out
 
-    new = keras.models.clone_model(model, clone_function=clone, call_function=call)
-    return keras.Model(new.input, new.output, name="convbn_export"), folded, kept
+    pixels, normalized = keras.Input(shape=model.input_shape[1:], name="image") if strip else None, {}
+    if pixel_affine is not None:
+        pixels = keras.Input(shape=model.input_shape[1:], name=PIXELS_INPUT)
+        normalize = keras.layers.Rescaling(*pixel_affine, name=NORMALIZE_LAYER)
+
+        def call(layer, *args, _call=call, **kwargs):  # every consumer of the input gets the normalized pixels
+            if args and args[0] is pixels:
+                if not normalized:
+                    normalized["x"] = normalize(pixels)
+                args = (normalized["x"], *args[1:])
+            return _call(layer, *args, **kwargs)
+
+    new = keras.models.clone_model(model, input_tensors=pixels, clone_function=clone, call_function=call)
+    return keras.Model(new.inputs[0], new.outputs[0], name="convbn_export"), folded, kept
+
+
+def takes_pixels(model: keras.Model) -> bool:
+    """Whether `model` is an export that normalizes raw pixels itself."""
+    return model.inputs[0].name == PIXELS_INPUT and NORMALIZE_LAYER in [layer.name for layer in model.layers]
+
+
+def without_preprocessing(model: keras.Model) -> keras.Model:
+    """An export that takes raw pixels rebuilt as the network alone (normalized images in, same weights); any
+    other model as it is. (A sub-model from the normalized tensor on would not do: Keras clones the graph for
+    it, so its layers' `.output` would still belong to the original graph.)"""
+    return standard_model(model)[0] if takes_pixels(model) else model
 
 
 def standard_config(layer, to_channels_last=False):

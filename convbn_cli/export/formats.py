@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..data.pipeline import normalizer
+from ..data.registry import pixel_affine
 from ..errors import ConvbnError
 from ..files import remove_stale_temporaries, staged
 from ..runs.checkpoints import CheckpointError
@@ -27,14 +28,16 @@ class ExportError(ConvbnError):
 
 
 def _check_images(t, data, data_source, scale, n, log):
-    """The images the exported model is checked on: the run's test images, or --data's for a model from elsewhere."""
+    """(pixels 0-255, normalized images) the exported model is checked on: the run's test images, or --data's
+    for a model from elsewhere (pixels None: its export keeps its own input contract)."""
     if t.config is None:
         from ..analysis.external import external_data
 
         if data_source is None:
             raise CheckpointError(f"{t.source}: a model from outside convbn needs --data to check its export on")
-        return external_data(t.model, data_source, -(-n // 128), scale, log).images[:n]
-    return normalizer(t.config)(t.splits(data, log).x_test[:n]).numpy()
+        return None, external_data(t.model, data_source, -(-n // 128), scale, log).images[:n]
+    pixels = t.splits(data, log).x_test[:n]
+    return tf.cast(pixels, tf.float32).numpy(), normalizer(t.config)(pixels).numpy()
 
 
 def default_path(t, fmt: str, fold_bn: bool) -> Path:
@@ -87,7 +90,7 @@ def throughput(fn, x, seconds=1.0) -> float:
 
 
 def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", data=None, check_images=256,
-           force=False, data_source=None, scale=1 / 255, log=lambda m: None) -> dict:
+           force=False, data_source=None, scale=1 / 255, preprocessing=True, log=lambda m: None) -> dict:
     """Write TARGET with standard Keras/TensorFlow layers only, checked against the original model.
 
     Args:
@@ -100,10 +103,13 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
         force: replace a previous export at `output` (never anything else; see export/output.py).
         data_source, scale: the check images for a .keras model from outside convbn (see analysis/external.py);
             its export goes beside it by default (NAME-folded.keras, ...).
+        preprocessing: the export takes raw 0-255 pixels, (N, H, W, 1) float32, and normalizes them itself as the
+            run's `data.normalize` did; False: it takes normalized images, as the network inside convbn does.
+            A model from outside convbn keeps its own input contract either way.
 
     Returns:
-        source, path, format, fold_bn, folded/kept BN names, max_abs_logit_diff, checked_images, and the
-        inference throughput (img/s) of the original and the exported model.
+        source, path, format, fold_bn, folded/kept BN names, input ("pixels 0-255" or "normalized"),
+        max_abs_logit_diff, checked_images, and the inference throughput (img/s) of the original and the export.
     """
     if fmt not in FORMATS:
         raise ConvbnError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
@@ -111,8 +117,10 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
     t = open_target(target, which)
     path = path or check_output(default_path(t, fmt, fold_bn), fmt, force)
     model = t.model
-    new, folded, kept = standard_model(model, fold_bn)
-    x = _check_images(t, data, data_source, scale, check_images, log)
+    pixels, x = _check_images(t, data, data_source, scale, check_images, log)
+    affine = pixel_affine(t.config.data.dataset, t.config.data.normalize) if preprocessing and t.config else None
+    new, folded, kept = standard_model(model, fold_bn, affine)
+    fed = pixels if affine else x  # what the exported model takes
     original = tf.function(lambda a: model(a, training=False))
     reference = original(tf.constant(x)).numpy()
     remove_stale_temporaries(path.parent, path.name)  # staging that a killed export left behind
@@ -120,11 +128,21 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
         write(new, fmt, tmp)
         ways = ways_to_run(fmt, tmp)
         exported = ways[0]
-        diff = max(float(np.abs(run(x) - reference).max()) for run in ways)
+        diff = max(float(np.abs(run(fed) - reference).max()) for run in ways)
         if not diff < MAX_LOGIT_DIFF:
             raise ExportError(f"{path}: exported logits differ from the original by {diff:.3g} "
                               f"(at most {MAX_LOGIT_DIFF:g} allowed); nothing was written")
     return {"source": t.source, "path": str(path), "format": fmt, "fold_bn": fold_bn, "folded": folded,
-            "kept": kept, "max_abs_logit_diff": diff, "checked_images": len(x),
-            "throughput_original": throughput(lambda a: original(tf.constant(a)).numpy(), x),
-            "throughput_exported": throughput(exported, x)}
+            "kept": kept, "input": input_contract(new, affine, t), "max_abs_logit_diff": diff,
+            "checked_images": len(x), "throughput_original": throughput(lambda a: original(tf.constant(a)).numpy(), x),
+            "throughput_exported": throughput(exported, fed)}
+
+
+def input_contract(model, affine, t) -> str:
+    """What the exported model takes, in words (printed by export, and the README's contract)."""
+    shape = "(N, " + ", ".join(str(d) for d in model.input_shape[1:]) + ") float32"
+    if affine:
+        return f"raw pixels 0-255, {shape}; normalized inside the model ({t.config.data.normalize})"
+    if t.config is None:
+        return f"{shape}, as the original model takes them"
+    return f"normalized images ({t.config.data.normalize}), {shape}: --no-preprocessing"

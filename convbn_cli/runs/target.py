@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 from ..config.schema import Config
 from .checkpoints import CheckpointError, find, restore, run_of_prefix
+
+PIXELS_INPUT = "pixels"  # the input name of an export that takes raw pixels (export/fold.py)
 from .rundir import RunDir, RunDirError
 
 
@@ -27,6 +29,8 @@ class Target:
     model: the Keras model, restored (None for tflite).
     run: the run directory, when there is one.
     predict: images (NumPy, float32, normalized) -> logits; for every kind.
+    pixel_affine: for an export that takes raw pixels: its normalization (model is then the network without it,
+        taking normalized images like every other target's; what is saved from it gets the normalization back).
     """
 
     kind: str
@@ -35,6 +39,7 @@ class Target:
     model: object
     run: Optional[RunDir]
     predict: Callable = None
+    pixel_affine: Optional[tuple] = None  # (scale, offset) of an export that normalized raw pixels itself
     _arrays: Optional[dict] = field(default=None, repr=False)
 
     def arrays(self, data=None, log=lambda m: None, progress=False) -> dict:
@@ -102,9 +107,18 @@ def _open_keras(path: Path) -> Target:
         model = keras.saving.load_model(path, safe_mode=True)  # safe_mode: no arbitrary code from the file
     except Exception as e:  # noqa: BLE001  a damaged archive fails in many ways (ValueError, KeyError, OSError, ...)
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    affine = None
     if cfg is not None:
+        from ..export.fold import NORMALIZE_LAYER, takes_pixels, without_preprocessing
+
+        if takes_pixels(model):
+            # an export that normalizes raw pixels itself is opened as its network: every command feeds it
+            # normalized images, as it feeds a checkpoint
+            norm = model.get_layer(NORMALIZE_LAYER).get_config()
+            affine, model = (norm["scale"], norm["offset"]), without_preprocessing(model)
         _check_fits(path, model.input_shape, model.output_shape, cfg)
-    return Target("export" if cfg is not None else "external", str(path), cfg, model, run, _keras_predict(model))
+    return Target("export" if cfg is not None else "external", str(path), cfg, model, run, _keras_predict(model),
+                  pixel_affine=affine)
 
 
 def _check_fits(path, input_shape, output_shape, cfg) -> None:
@@ -124,7 +138,14 @@ def _open_tflite(path: Path) -> Target:
         interpreter = open_interpreter(path)
     except (ValueError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable TFLite model ({' '.join(str(e).split())[:300]})") from None
-    return Target("tflite", str(path), cfg, None, run, tflite_predict(interpreter))
+    predict = tflite_predict(interpreter)
+    if cfg is not None and PIXELS_INPUT in interpreter.get_input_details()[0]["name"]:
+        from ..data.pipeline import pixels_of
+
+        # it takes raw pixels (exported with its preprocessing): callers hand every target normalized images
+        to_pixels, raw = pixels_of(cfg), predict
+        predict = lambda x: raw(to_pixels(x).numpy())  # noqa: E731
+    return Target("tflite", str(path), cfg, None, run, predict)
 
 
 def open_interpreter(path):
