@@ -29,6 +29,15 @@ class ConvbnGroup(click.Group):
     raises Terminated (as Ctrl-C raises KeyboardInterrupt), so that every `finally` cleans up and the exit code
     says which signal ended it (130 or 143); training turns both into a checkpoint first (train/events.py)."""
 
+    GLOBAL_FLAGS = ("-q", "--quiet", "--verbose")
+
+    def parse_args(self, ctx, args):
+        # `convbn train x.yaml --quiet` means `convbn --quiet train x.yaml`: the global flags work anywhere
+        cut = args.index("--") if "--" in args else len(args)
+        flags = [a for a in args[:cut] if a in self.GLOBAL_FLAGS]
+        rest = [a for a in args[:cut] if a not in self.GLOBAL_FLAGS] + args[cut:]
+        return super().parse_args(ctx, flags + rest)
+
     def invoke(self, ctx):
         import signal
 
@@ -363,6 +372,65 @@ def export_cmd(ctx, target, fmt, fold_bn, output, force, no_preprocessing, which
     r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, force=force, data_source=data, scale=scale,
                preprocessing=not no_preprocessing, log=_stderr)
     click.echo(ExportReport(r, fold_bn).render())
+
+
+# --------------------------------------------------------------------------- runs
+
+class RunsGroup(click.Group):
+    """`convbn runs [ROOT]` lists; `convbn runs compare A B ...` compares: anything that is not a subcommand is
+    the listing's ROOT."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=RunsGroup)
+def runs():
+    """List the runs under a directory, or compare some (`convbn runs [ROOT]`, `convbn runs compare A B`)."""
+
+
+@runs.command("list")
+@click.argument("root", default="runs", type=click.Path(file_okay=False))
+@json_option
+def runs_list(root, as_json):
+    """One line per run under ROOT (default: runs): date, dataset, epochs, best validation and test accuracy,
+    time, and the config keys where it differs from the others."""
+    from .reports import RunsReport, dumps
+    from .runs.listing import list_runs
+
+    report = RunsReport(list_runs(root))
+    click.echo(dumps(report.to_json()) if as_json else report.render())
+
+
+@runs.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Where to draw the overlaid curves (default: a new compare-<n>.png in this directory).")
+@click.option("--force", is_flag=True, help="Replace --plot's file if it exists.")
+@json_option
+def runs_compare(run_dirs, plot_path, force, as_json):
+    """The config differences of the runs in RUN_DIR..., their results, and their curves in one picture."""
+    from .analysis.plots import compare_curves
+    from .errors import ConvbnError
+    from .reports import CompareReport, dumps
+    from .runs.listing import compare_runs
+    from .runs.rundir import next_number
+
+    if len(run_dirs) < 2:
+        raise ConvbnError("compare needs at least two run directories")
+    if plot_path is None:
+        n = next_number(Path("."), r"compare-(\d+)\.png")  # a new name: never over an earlier picture
+        plot_path = f"compare-{n}.png"
+    elif Path(plot_path).suffix.lower() != ".png":
+        raise click.BadParameter(f"{plot_path}: the picture's name must end in .png", param_hint="--plot")
+    elif Path(plot_path).exists() and not force:
+        raise ConvbnError(f"--plot {plot_path}: already exists; add --force to replace it")
+    result = compare_runs(run_dirs)
+    compare_curves(result["metrics"], plot_path, title="convbn runs compare")
+    report = CompareReport(result, plot_path)
+    click.echo(dumps(report.to_json()) if as_json else report.render())
 
 
 # --------------------------------------------------------------------------- configs

@@ -232,3 +232,77 @@ class PredictReport:
             rest = ", ".join(f"{t['name']} {t['probability']:.2%}" for t in top[1:])
             lines.append(f"{p['input']:<{width}}  {label}" + (f"   then: {rest}" if rest else ""))
         return "\n".join(lines)
+
+
+def table(head, rows, right=()) -> list:
+    """Aligned text columns (`right`: the indices of right-aligned columns, numbers)."""
+    cells = [tuple(head)] + [tuple(r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in cells]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return lines
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _seconds(v) -> str:
+    return "-" if v is None else (f"{v:.0f}s" if v < 120 else f"{v / 60:.1f}m")
+
+
+def _value(v) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) or v is None else str(v)
+
+
+@dataclass
+class RunsReport:
+    """`convbn runs`: one line per run, with the config keys where runs differ."""
+
+    result: dict
+
+    def to_json(self) -> dict:
+        return {**self.result, "runs": [{k: v for k, v in r.items() if k != "config"} for r in self.result["runs"]]}
+
+    def render(self) -> str:
+        r = self.result
+        if not r["runs"]:
+            return f"no runs under {r['root']}" + "".join(f"\n  unreadable: {b['run']}: {b['problem']}"
+                                                          for b in r["unreadable"])
+        rows = [(s["run"], s["date"], s["dataset"] or "-", f"{s['epochs_done']}/{s['epochs']}",
+                 _pct(s["best_val_acc"]), _pct(s["test_acc"]), _seconds(s["time_s"]),
+                 "" if s["status"] == "finished" else s["status"],
+                 " ".join(f"{k}={_value(v)}" for k, v in s["differs"].items()))
+                for s in r["runs"]]
+        lines = table(("run", "date (UTC)", "dataset", "epochs", "best val", "test", "time", "", "differs"), rows,
+                      right=(3, 4, 5, 6))
+        lines += [f"unreadable: {b['run']}: {b['problem']}" for b in r["unreadable"]]
+        return "\n".join(lines)
+
+
+@dataclass
+class CompareReport:
+    """`convbn runs compare`: the config keys that differ (one column per run), the results, and the picture."""
+
+    result: dict
+    plot: str | None = None
+
+    def to_json(self) -> dict:
+        return {"runs": [{k: v for k, v in s.items() if k != "config"} for s in self.result["runs"]],
+                "differing_keys": self.result["differing_keys"], "plot": self.plot}
+
+    def render(self) -> str:
+        runs = self.result["runs"]
+        head = ("", *[s["run"] for s in runs])
+        rows = [(k, *[_value(s["config"].get(k)) for s in runs]) for k in self.result["differing_keys"]]
+        rows += [("best val accuracy", *[_pct(s["best_val_acc"]) for s in runs]),
+                 ("test accuracy", *[_pct(s["test_acc"]) for s in runs]),
+                 ("epochs", *[f"{s['epochs_done']}/{s['epochs']}" for s in runs]),
+                 ("time", *[_seconds(s["time_s"]) for s in runs])]
+        lines = table(head, rows)
+        if not self.result["differing_keys"]:
+            lines.insert(0, "the configs are identical (apart from output.*)")
+        if self.plot:
+            lines.append(f"curves: {self.plot}")
+        return "\n".join(lines)

@@ -76,3 +76,28 @@ def confusion_matrix(confusion, class_names, path, title: str = "") -> None:
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
+
+
+def compare_curves(metrics: dict, path, title: str = "") -> None:
+    """Several runs' curves overlaid: validation accuracy, validation loss and training cross-entropy per epoch
+    (`metrics`: {run label: metrics rows})."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    panels = (("val_acc", "validation accuracy"), ("val_loss", "validation loss"),
+              ("train_ce", "training cross-entropy"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (key, name) in zip(axes, panels):
+        for label, rows in metrics.items():
+            points = [(r["epoch"], r.get(key, r["train_loss"] if key == "train_ce" else None)) for r in rows]
+            points = [p for p in points if p[1] is not None]
+            if points:
+                ax.plot(*zip(*points), "o-", label=label, markersize=3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)

@@ -1,0 +1,126 @@
+"""`convbn runs`: every run under a root at a glance, and what sets runs apart (no TensorFlow).
+
+A run is any directory holding a config.yaml written by convbn (runs/<name>/<n>/, and the runs of a sweep,
+runs/<name>/sweep-<k>/<combination>/). Its line is made from the files the run wrote: results.json when it
+finished, otherwise metrics.jsonl, so a run that is still going or was interrupted shows how far it got.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+from pathlib import Path
+
+from ..config.loader import read_yaml
+from ..errors import ConfigError, ConvbnError
+from .rundir import RunDir, RunDirError
+
+MAX_DEPTH = 6  # runs/<name>/sweep-<k>/<combination>/ is 3 below the root; deeper folders are not convbn's
+IGNORED_KEYS = ("output.",)  # where a run was written says nothing about how it trained
+
+
+def find_runs(root) -> list[Path]:
+    """Run directories under `root` (or `root` itself), in natural order (runs/x/2 before runs/x/10)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConvbnError(f"{root}: no such directory")
+    found = []
+    for here, dirs, files in os.walk(root):
+        depth = len(Path(here).relative_to(root).parts)
+        if "config.yaml" in files and ({"metrics.jsonl", "results.json", "checkpoints"} & set(files + dirs)):
+            found.append(Path(here))
+            dirs[:] = []  # nothing of interest inside a run (export/, checkpoints/, ...)
+        elif depth >= MAX_DEPTH:
+            dirs[:] = []
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
+
+
+def flatten(node, prefix="") -> dict:
+    """{"model.bn.decay": 0.9, "model.layers[0].filters": 32, ...}: the dotted keys the overrides use."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(node, list):
+        out = {}
+        for i, v in enumerate(node):
+            out.update(flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: node}
+
+
+def summarize(path: Path, root: Path | None = None) -> dict:
+    """One run's line: name, date, dataset, epochs, best validation and test accuracy, time, status, config."""
+    run = RunDir(path)
+    try:
+        config = flatten(read_yaml(run.config))
+    except ConfigError as e:
+        raise RunDirError(e.problems[0]) from None
+    results = _json(run.results)
+    metrics = run.read_metrics()
+    vals = [r["val_acc"] for r in metrics if r.get("val_acc") is not None]
+    info = _json(run.run_info)
+    when = info.get("time") or datetime.datetime.fromtimestamp(
+        run.config.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    name = str(path.relative_to(root)) if root is not None and path != root else str(path)
+    return {
+        "run": name, "path": str(path), "date": when[:16].replace("T", " "),
+        "dataset": config.get("data.dataset"),
+        "epochs_done": metrics[-1]["epoch"] if metrics else 0, "epochs": config.get("train.epochs"),
+        "best_val_acc": results.get("best_val_acc", max(vals) if vals else None),
+        "test_acc": results.get("test_acc"),
+        "time_s": results.get("wall_time_s", metrics[-1]["wall_time_s"] if metrics else None),
+        "status": ("stopped early" if results.get("stopped_early") else "finished") if results else "unfinished",
+        "config": config,
+    }
+
+
+def _json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(errors="replace"))
+    except (json.JSONDecodeError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def differing_keys(summaries: list) -> list:
+    """The config keys whose values are not the same in every run (a key missing from some runs differs)."""
+    keys = sorted({k for s in summaries for k in s["config"]})
+    return [k for k in keys if not k.startswith(IGNORED_KEYS)
+            and len({json.dumps(s["config"].get(k), sort_keys=True) for s in summaries}) > 1]
+
+
+def list_runs(root) -> dict:
+    """{root, runs: [summary + "differs": {key: value}], differing_keys}; a run whose files are unreadable is
+    listed with its problem rather than stopping the listing."""
+    root = Path(root)
+    summaries, broken = [], []
+    for path in find_runs(root):
+        try:
+            summaries.append(summarize(path, root))
+        except (RunDirError, OSError) as e:
+            broken.append({"run": str(path), "problem": str(e)})
+    keys = differing_keys(summaries)
+    for s in summaries:
+        s["differs"] = {k: s["config"].get(k) for k in keys}
+    return {"root": str(root), "runs": summaries, "differing_keys": keys, "unreadable": broken}
+
+
+def compare_runs(paths) -> dict:
+    """{runs: [summary], differing_keys, metrics: {run: rows}} of the runs named (each a run directory)."""
+    summaries, metrics = [], {}
+    for p in map(Path, paths):
+        RunDir.open(p)  # a clear error for something that is not a run directory
+        s = summarize(p)
+        summaries.append(s)
+        metrics[s["run"]] = RunDir(p).read_metrics()
+    keys = differing_keys(summaries)
+    for s in summaries:
+        s["differs"] = {k: s["config"].get(k) for k in keys}
+    return {"runs": summaries, "differing_keys": keys, "metrics": metrics}
