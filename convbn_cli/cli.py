@@ -189,6 +189,44 @@ def train(ctx, config, overrides, resume, no_progress, workers):
         run_training(cfg, resume=resume, progress=not no_progress, overrides=overrides)
 
 
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("settings", nargs=-1)
+@click.option("--seeds", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Train each combination with K seeds (train.seed, +1, ...); the summary gives mean and spread.")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), metavar="SWEEP_DIR",
+              help="Continue an interrupted sweep: finished runs are skipped, an interrupted one resumes exactly.")
+@no_progress_option
+@click.pass_context
+def sweep(ctx, config, settings, seeds, resume, no_progress):
+    """Train every combination of SETTINGS (KEY=V1,V2,... ; KEY=V for all) of CONFIG, one after another.
+
+    Writes runs/<name>/sweep-<k>/<combination>/ (a run directory each) and summary.csv, summary.json and
+    summary.png (test accuracy, best validation accuracy, the BN statistics gap and time, per combination).
+    Example: convbn sweep mnist_bn model.bn.decay=0.9,0.99,0.999 train.epochs=1
+    """
+    from .errors import ConvbnError
+    from .train import sweep as sw
+
+    if resume and (config or settings):
+        raise ConvbnError("--resume continues a sweep as it was planned; give no CONFIG or settings with it")
+    if not resume and config is None:
+        raise ConvbnError("missing CONFIG (e.g. convbn sweep mnist_bn model.bn.decay=0.9,0.99), or --resume DIR")
+    if resume:
+        path = Path(resume)
+        sw.open_sweep(path)  # a clear error before TensorFlow loads
+    else:
+        planned = sw.plan(config, settings, seeds)  # every combination validated before anything is written
+        path = sw.create(planned)
+        click.echo(f"sweep directory: {path} ({len(planned['runs'])} runs)")
+    _tf(ctx)
+    from .reports import SweepReport
+
+    quiet = _quiet()
+    summary = sw.run_sweep(path, log=(lambda m: None) if quiet else print, progress=_progress(no_progress))
+    click.echo(SweepReport(summary).render())
+
+
 # --------------------------------------------------------------------------- eval and inspect-bn
 
 @main.command("eval", help="Accuracy, loss, per-class accuracy and confusion matrix of TARGET: " + TARGET_HELP

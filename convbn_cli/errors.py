@@ -39,5 +39,5 @@ class Terminated(ConvbnError):
     def __init__(self, signum):
         import signal
 
-        self.exit_code = 128 + signum
+        self.signum, self.exit_code = signum, 128 + signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")

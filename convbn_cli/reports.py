@@ -306,3 +306,32 @@ class CompareReport:
         if self.plot:
             lines.append(f"curves: {self.plot}")
         return "\n".join(lines)
+
+
+@dataclass
+class SweepReport:
+    """`convbn sweep`: one line per combination, mean ± spread over its seeds."""
+
+    summary: dict
+
+    def to_json(self) -> dict:
+        return dict(self.summary)
+
+    def render(self) -> str:
+        keys = [k for k, _ in self.summary["axes"]]
+
+        def cell(row, name, fmt):
+            mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+            if mean is None:
+                return "-"
+            return fmt(mean) + (f" ± {fmt(std)}" if row["seeds_done"] > 1 else "")
+
+        rows = [(*[str(r[k]) for k in keys], f"{r['seeds_done']}/{r['seeds']}",
+                 cell(r, "test_acc", lambda v: f"{v:.2%}"), cell(r, "best_val_acc", lambda v: f"{v:.2%}"),
+                 cell(r, "bn_gap", lambda v: f"{v * 100:+.2f} pt" if v else "0.00 pt"),
+                 cell(r, "time_s", lambda v: f"{v:.0f}s")) for r in self.summary["rows"]]
+        lines = table((*keys, "seeds", "test acc", "best val acc", "BN gap (batch - moving)", "time"), rows,
+                      right=tuple(range(len(keys), len(keys) + 5)))
+        d = self.summary["sweep"]
+        lines.append(f"written: {d}/summary.csv, summary.json, summary.png; runs in {d}/<combination>/")
+        return "\n".join(lines)

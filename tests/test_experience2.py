@@ -207,3 +207,156 @@ def test_predict_refuses_bad_inputs_in_one_line(trained, tmp_path):
     for path, message in cases.items():
         r = CliRunner().invoke(main, ["predict", str(run), str(path)])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (path, r.output)
+
+
+# --------------------------------------------------------------------------- runs and runs compare
+
+def assert_png_not_blank(path, min_size=(200, 300)):
+    import matplotlib.image
+
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] >= min_size[0] and img.shape[1] >= min_size[1] and img[..., :3].std() > 0.05
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory, synthetic):
+    tmp = tmp_path_factory.mktemp("three")
+    settings = [{"model.bn.decay": 0.9}, {"model.bn.decay": 0.5}, {"model.bn.decay": 0.9, "train.epochs": 1}]
+    results = [train(load_config(raw=tiny_raw(tmp, **s)), data=synthetic, log=lambda m: None, progress=False)
+               for s in settings]
+    return tmp / "runs", results
+
+
+def test_runs_lists_every_run_with_what_sets_it_apart(three_runs, tmp_path):
+    root, results = three_runs
+    r = CliRunner().invoke(main, ["runs", str(root), "--json"])
+    assert r.exit_code == 0, r.output
+    listing = json.loads(r.output)
+    assert [x["run"] for x in listing["runs"]] == ["tiny/1", "tiny/2", "tiny/3"]
+    assert listing["differing_keys"] == ["model.bn.decay", "train.epochs"]
+    for line, result in zip(listing["runs"], results):
+        saved = json.loads((result.run_dir / "results.json").read_text())
+        assert line["test_acc"] == saved["test_acc"] and line["best_val_acc"] == saved["best_val_acc"]
+        assert line["epochs_done"] == len(result.metrics) and line["dataset"] == "mnist"
+    assert listing["runs"][1]["differs"] == {"model.bn.decay": 0.5, "train.epochs": 2}
+    text = CliRunner().invoke(main, ["runs", str(root)]).output.splitlines()
+    assert text[0].split() == ["run", "date", "(UTC)", "dataset", "epochs", "best", "val", "test", "time", "differs"]
+    assert text[3].startswith("tiny/2") and "model.bn.decay=0.5 train.epochs=2" in text[3]
+    assert f"{results[1].test_acc:.2%}" in text[3]
+    # an unfinished run (no results.json yet) is listed as such; the default ROOT is ./runs
+    unfinished = tmp_path / "runs" / "x" / "1"
+    shutil.copytree(results[0].run_dir, unfinished)
+    (unfinished / "results.json").unlink()
+    import os
+
+    os.chdir(tmp_path)
+    try:
+        r = CliRunner().invoke(main, ["runs"])
+    finally:
+        os.chdir("/")
+    assert r.exit_code == 0 and "x/1" in r.output and "unfinished" in r.output
+    assert CliRunner().invoke(main, ["runs", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_runs_compare_shows_differences_and_overlays_curves(three_runs, tmp_path, monkeypatch):
+    root, results = three_runs
+    monkeypatch.chdir(tmp_path)
+    a, b = results[0].run_dir, results[1].run_dir
+    r = CliRunner().invoke(main, ["runs", "compare", str(a), str(b)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[2].split() == ["model.bn.decay", "0.9", "0.5"] and "curves: compare-1.png" in r.output
+    assert_png_not_blank(tmp_path / "compare-1.png")
+    again = CliRunner().invoke(main, ["runs", "compare", str(a), str(b), "--json"])
+    assert json.loads(again.output)["plot"] == "compare-2.png"  # never over the earlier picture
+    refused = CliRunner().invoke(main, ["runs", "compare", str(a), str(b), "--plot", "compare-1.png"])
+    assert refused.exit_code == 2 and "add --force" in refused.output
+    assert CliRunner().invoke(main, ["runs", "compare", str(a)]).exit_code == 2
+    bad = CliRunner().invoke(main, ["runs", "compare", str(a), str(tmp_path)])
+    assert bad.exit_code == 2 and "config.yaml is missing" in bad.output
+
+
+# --------------------------------------------------------------------------- sweep
+
+def test_sweep_validates_every_combination_before_training(tmp_path):
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path)))
+    r = CliRunner().invoke(main, ["sweep", str(config), "model.bn.decay=0.9,1.5", "train.epochs=0,1"])
+    assert r.exit_code == 2
+    assert "model.bn.decay=1.5,train.epochs=1: model.bn.decay: must be" in r.output
+    assert "model.bn.decay=0.9,train.epochs=0: train.epochs" in r.output
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_sweep_of_2x2_survives_an_interruption(mnist_cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path, **{"data.max_train": 800, "data.max_test": 200,
+                                                            "train.epochs": 1})))
+    args = [sys.executable, "-m", "convbn_cli", "sweep", str(config), "model.bn.decay=0.5,0.99",
+            "train.label_smoothing=0.0,0.1", "--no-progress"]
+    sweep_dir = tmp_path / "runs" / "tiny" / "sweep-1"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(sweep_dir.glob("*/results.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # during the second combination (or right after the first)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"convbn sweep --resume {sweep_dir}" in err
+    first = sweep_dir / "model.bn.decay=0.5,train.label_smoothing=0.0" / "results.json"
+    done_at = first.stat().st_mtime_ns
+    resumed = run_cli("sweep", "--resume", sweep_dir, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[1/4] model.bn.decay=0.5,train.label_smoothing=0.0: done already" in resumed.stdout
+    assert first.stat().st_mtime_ns == done_at  # a finished combination is not trained again
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert [(r["model.bn.decay"], r["train.label_smoothing"]) for r in summary["rows"]] == [
+        ("0.5", "0.0"), ("0.5", "0.1"), ("0.99", "0.0"), ("0.99", "0.1")]
+    for row in summary["rows"]:
+        name = f"model.bn.decay={row['model.bn.decay']},train.label_smoothing={row['train.label_smoothing']}"
+        saved = json.loads((sweep_dir / name / "results.json").read_text())
+        assert row["seeds_done"] == 1 and row["test_acc_mean"] == saved["test_acc"]
+        assert row["bn_gap_mean"] == saved["inference_gap"]["gap"]
+        assert load_config(sweep_dir / name / "config.yaml").model.bn.decay == float(row["model.bn.decay"])
+    csv_rows = (sweep_dir / "summary.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("model.bn.decay,train.label_smoothing,seeds_done,seeds,test_acc_mean") \
+        and len(csv_rows) == 5
+    assert_png_not_blank(sweep_dir / "summary.png")
+    assert "written: " in resumed.stdout and "BN gap (batch - moving)" in resumed.stdout
+
+
+def test_sweep_seeds_give_mean_and_spread(tmp_path, synthetic):
+    from convbn_cli.train import sweep as sw
+
+    raw = tiny_raw(tmp_path, **{"train.epochs": 1})
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    planned = sw.plan(config, ["model.bn.decay=0.5,0.9"], seeds=2)
+    assert [r["name"] for r in planned["runs"]] == ["model.bn.decay=0.5,seed=1", "model.bn.decay=0.5,seed=2",
+                                                   "model.bn.decay=0.9,seed=1", "model.bn.decay=0.9,seed=2"]
+    path = sw.create(planned)
+    import convbn_cli.data as data_module
+
+    original = data_module.fetch
+    data_module.fetch = lambda *a, **k: synthetic
+    try:
+        summary = sw.run_sweep(path, log=lambda m: None, progress=False)
+    finally:
+        data_module.fetch = original
+    row = summary["rows"][0]
+    accs = [json.loads((path / f"model.bn.decay=0.5,seed={s}" / "results.json").read_text())["test_acc"]
+            for s in (1, 2)]
+    assert row["seeds_done"] == 2 and row["test_acc_mean"] == pytest.approx(np.mean(accs))
+    assert row["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))

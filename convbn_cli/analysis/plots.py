@@ -101,3 +101,33 @@ def compare_curves(metrics: dict, path, title: str = "") -> None:
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save(fig, path)
+
+
+def sweep_summary(rows: list, axes: list, path, title: str = "") -> None:
+    """A sweep's results against each swept setting: test accuracy (top) and the accuracy gap between batch and
+    moving BN statistics (bottom), mean and spread over seeds; one line per combination of the other settings."""
+    plt = _pyplot()
+    fig, grid = plt.subplots(2, len(axes), figsize=(5.5 * len(axes), 7), squeeze=False)
+    for col, (key, values) in enumerate(axes):
+        others = [k for k, _ in axes if k != key]
+        lines = {}
+        for r in rows:
+            label = ", ".join(f"{k}={r[k]}" for k in others)
+            lines.setdefault(label, []).append(r)
+        for ax, metric, name in ((grid[0][col], "test_acc", "test accuracy"),
+                                 (grid[1][col], "bn_gap", "accuracy gap: batch - moving BN statistics")):
+            for label, members in lines.items():
+                pts = sorted((values.index(r[key]), r[f"{metric}_mean"], r[f"{metric}_std"] or 0.0)
+                             for r in members if r[f"{metric}_mean"] is not None)
+                if pts:
+                    x, y, err = zip(*pts)
+                    ax.errorbar(x, y, yerr=err, fmt="o-", capsize=4, label=label or None)
+            ax.set_xticks(range(len(values)), values)
+            ax.set_xlabel(key)
+            ax.set_title(name, fontsize=10)
+            ax.grid(alpha=0.3)
+            if others:
+                ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)

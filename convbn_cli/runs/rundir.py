@@ -72,6 +72,19 @@ class RunDir:
                               f"{e.strerror or e}") from None
 
     @classmethod
+    def create_at(cls, path) -> "RunDir":
+        """Make exactly `path` (a sweep's combination); an existing directory is refused, never reused."""
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+        except FileExistsError:
+            raise RunDirError(f"{path}: already exists; not overwriting it") from None
+        except OSError as e:
+            raise RunDirError(f"{path}: cannot create the run directory: {e.strerror or e}") from None
+        return cls(path)
+
+    @classmethod
     def open(cls, path) -> "RunDir":
         run = cls(path)
         if not run.path.is_dir():

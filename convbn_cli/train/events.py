@@ -149,8 +149,10 @@ class Console(Subscriber):
 
 
 class InferenceGapHint(Subscriber):
-    """At the end, one line when inference with the moving statistics is materially worse on the validation split
-    than with batch statistics: the moving averages lag (decay too slow for the run, or never updated)."""
+    """At the end, the accuracy with the moving BN statistics and with each batch's own statistics, recorded in
+    results.json ("inference_gap"; on the validation split, else the test split), and one line when the moving
+    statistics are materially worse on the validation split: the moving averages lag (decay too slow for the
+    run, or never updated)."""
 
     MATERIAL = 0.02
 
@@ -162,12 +164,13 @@ class InferenceGapHint(Subscriber):
         from ..model import Evaluator
 
         cfg, splits = trainer.cfg, trainer.splits
-        if not splits.size("val"):
-            return
+        split = "val" if splits.size("val") else "test"
         classes = cfg.dataset.num_classes
-        moving = Evaluator(trainer.model, classes)(eval_dataset(splits, cfg, "val"))["accuracy"]
-        batch = Evaluator(trainer.model, classes, "batch")(eval_dataset(splits, cfg, "val", cfg.data.batch_size))
-        if batch["accuracy"] - moving > self.MATERIAL:
+        moving = Evaluator(trainer.model, classes)(eval_dataset(splits, cfg, split))["accuracy"]
+        batch = Evaluator(trainer.model, classes, "batch")(eval_dataset(splits, cfg, split, cfg.data.batch_size))
+        results["inference_gap"] = {"split": split, "moving_acc": moving, "batch_acc": batch["accuracy"],
+                                    "gap": batch["accuracy"] - moving}
+        if split == "val" and batch["accuracy"] - moving > self.MATERIAL:
             self.log(f"note: validation accuracy is {moving:.2%} with the moving BN statistics but "
                      f"{batch['accuracy']:.2%} with batch statistics; see `convbn diagnose {trainer.run.path}` or "
                      f"`convbn recalibrate {trainer.run.path}`")

@@ -82,7 +82,7 @@ def make_checkpoint(model, optimizer):
 
 
 def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, progress: bool = True,
-          on_step=None, overrides=()) -> TrainResult:
+          on_step=None, overrides=(), run_dir=None) -> TrainResult:
     """Train the network `cfg` describes and write a run directory; or continue a run.
 
     Args:
@@ -93,6 +93,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         progress: show progress bars (on a terminal).
         on_step: called as on_step(global_step, model) after every training step (tests and benchmarks).
         overrides: the KEY=VALUE overrides the config was made with (recorded in run.json).
+        run_dir: write the run exactly there (a new directory; a sweep's combination) instead of
+            output.root/output.name/<n>.
 
     Returns:
         TrainResult: run_dir, metrics (one dict per epoch), test_loss, test_acc and the trained model.
@@ -121,7 +123,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     try:
         with _one_line_errors():
             trainer.setup(data)  # data and model first: a failure here leaves no run directory behind
-            run = _open_run(cfg, resume, scratch, log)
+            run = _open_run(cfg, resume, scratch, log, run_dir)
             result = trainer.fit(run, resume)
         if chief and resume is not None and resume.overrides:
             run.write_config(cfg)  # record the new epoch count
@@ -131,8 +133,9 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _open_run(cfg, resume, scratch, log) -> RunDir:
-    """The run directory: the resumed one, a new runs/<name>/<n>/, or (a non-chief worker) scratch space."""
+def _open_run(cfg, resume, scratch, log, at=None) -> RunDir:
+    """The run directory: the resumed one, a new runs/<name>/<n>/ (or exactly `at`), or (a non-chief worker)
+    scratch space."""
     if scratch is not None:
         run = RunDir.create(scratch, "worker")
         run.write_config(cfg)
@@ -140,7 +143,7 @@ def _open_run(cfg, resume, scratch, log) -> RunDir:
     if resume is not None:
         resume.run.remove_stale_temporaries()
         return resume.run
-    run = RunDir.create(cfg.output.root, cfg.output.name or "run")
+    run = RunDir.create_at(at) if at is not None else RunDir.create(cfg.output.root, cfg.output.name or "run")
     run.write_config(cfg)
     log(f"run directory: {run.path}")
     return run
