@@ -376,7 +376,7 @@ def recalibrate(ctx, target, which, batches, full, split, data, scale, no_progre
     NAME-recalibrated.keras beside it; the original is never changed.
     """
     _tf(ctx)
-    from .analysis.recalibrate import recalibrate as run_recalibrate
+    from .analysis.recalibration import recalibrate as run_recalibrate
     from .reports import RecalibrateReport
 
     r = run_recalibrate(target, which=which, batches=None if full else batches, split=split, data_source=data,

@@ -122,7 +122,7 @@ def test_commands_open_a_raw_pixel_export_as_its_network(trained, mnist, tmp_pat
     import keras
 
     from convbn_cli.analysis import evaluate
-    from convbn_cli.analysis.recalibrate import recalibrate
+    from convbn_cli.analysis.recalibration import recalibrate
     from convbn_cli.export import export
 
     run = run_copy(trained, tmp_path)
@@ -360,3 +360,28 @@ def test_sweep_seeds_give_mean_and_spread(tmp_path, synthetic):
             for s in (1, 2)]
     assert row["seeds_done"] == 2 and row["test_acc_mean"] == pytest.approx(np.mean(accs))
     assert row["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
+
+
+def test_listing_comparing_and_planning_need_no_tensorflow(three_runs, tmp_path):
+    import subprocess
+    import sys
+
+    root, results = three_runs
+    code = ("import sys; from click.testing import CliRunner; from convbn_cli.cli import main; "
+            "r = CliRunner().invoke(main, ['runs', sys.argv[1]]); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(main, ['runs', 'compare', sys.argv[2], sys.argv[3], '--plot', sys.argv[4]]); "
+            "assert r.exit_code == 0, r.output; "
+            "from convbn_cli.train import sweep; import convbn_cli.analysis.plots; "
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(root), str(results[0].run_dir), str(results[1].run_dir),
+                          str(tmp_path / "c.png")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_analysis_names_are_the_functions_whatever_was_imported_first():
+    import convbn_cli.analysis.evaluation  # noqa: F401  (a submodule import must not shadow the function)
+    import convbn_cli.analysis.recalibration  # noqa: F401
+    from convbn_cli.analysis import evaluate, recalibrate
+
+    assert callable(evaluate) and callable(recalibrate)

@@ -16,7 +16,7 @@ tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
 from conftest import tiny_raw  # noqa: E402
-from convbn_cli.analysis.recalibrate import recalibrate  # noqa: E402
+from convbn_cli.analysis.recalibration import recalibrate  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.data.pipeline import make_splits, normalizer  # noqa: E402
@@ -122,10 +122,11 @@ def test_each_export_format_loads_in_a_fresh_process_without_convbn(lagging, mni
     cfg, result = lagging
     r = export(result.run_dir, fmt, fold_bn=True, output=tmp_path / f"m.{fmt}", data=mnist)
     assert r["max_abs_logit_diff"] < 1e-4 and r["throughput_exported"] > 0
-    x = normalizer(cfg)(make_splits(mnist, cfg).x_test[:32]).numpy()
+    pixels = make_splits(mnist, cfg).x_test[:32]
+    x = tf.cast(pixels, tf.float32).numpy()  # exports take raw 0-255 pixels and normalize them themselves
     model = open_target(result.run_dir).model
     np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "want.npy", model(x, training=False).numpy())
+    np.save(tmp_path / "want.npy", model(normalizer(cfg)(pixels), training=False).numpy())
     script = textwrap.dedent(f"""
         import sys, numpy as np
         fmt, path, d = {fmt!r}, {str(r["path"])!r}, {str(tmp_path)!r}

@@ -5,7 +5,7 @@ first use: plots.py needs no TensorFlow (`convbn runs compare` draws without loa
 
 import importlib
 
-_LAZY = {"evaluate": "evaluate", "compare": "inspection", "inspect_bn": "inspection", "recalibrate": "recalibrate"}
+_LAZY = {"evaluate": "evaluation", "compare": "inspection", "inspect_bn": "inspection", "recalibrate": "recalibration"}
 
 
 def __getattr__(name):
