@@ -1,10 +1,14 @@
 """Training throughput: convbn's training step vs the plain Keras 3 way (and PyTorch eager, if installed).
 
-The same network, batch 128, the same number of steps; every contender runs in this one process, in
-alternating rounds after a warm-up, so that machine noise affects all alike. Reported: median images/s
-per contender and the ratios.
+The same network, batch 128, the same number of steps. By default every contender runs in a fresh process of
+its own (a warm-up run, then the timed run), contenders alternating round by round (their order reversed
+every other round), and the machine's reference probe (bench/peak.py's 3x3 conv forward+backward) runs before
+and after every round. A round whose probe fell below 85% of the median probe ran during one of the machine's
+slow phases: it is reported and left out of the medians, not silently mixed in. `--same-process` runs every
+contender in this one process instead (as before; PyTorch's OpenMP threads, spinning after their turn, then
+slow down the others: see BENCHMARKS.md "Steady training").
 
-    python bench/train_throughput.py [--net mnist_bn|classic|both] [--steps 60] [--rounds 5]
+    python bench/train_throughput.py [--net mnist_bn|classic|both] [--steps 60] [--rounds 5] [--same-process]
 
 Contenders:
   convbn   convbn's compiled train step (FusedBatchNorm on conv layers) fed by convbn's tf.data pipeline
@@ -201,17 +205,104 @@ def bench(net, steps, rounds):
     return med
 
 
+CONTENDERS = ("convbn", "keras", "convbn-bf16", "torch")
+SLOW_PHASE = 0.85  # a round whose probe is below this share of the median probe ran in a slow phase
+
+
+def one_contender(net, name, steps) -> float:
+    """In a fresh process: build one contender, warm it up, time one run; images/s."""
+    cfg = config(net)
+    arrays = fake_mnist(steps * BATCH)
+    make = {"convbn": lambda: convbn_contender(cfg, arrays, steps),
+            "convbn-bf16": lambda: convbn_contender(cfg, arrays, steps, "mixed_bfloat16"),
+            "keras": lambda: keras_contender(cfg, arrays, steps), "torch": lambda: torch_contender(cfg, arrays, steps)}
+    run = make[name]()
+    run()  # warm-up: tracing, allocations
+    return measure(run)
+
+
+def bench_processes(net, steps, rounds, contenders):
+    import json
+    import subprocess
+
+    import peak
+
+    def probe():
+        return statistics.median(peak.conv_tf(1.0, 2))
+
+    rates, kept, slow_rounds, probes = {c: [] for c in contenders}, {c: [] for c in contenders}, [], []
+    available = list(contenders)
+    for r in range(rounds):
+        before = probe()
+        order = available if r % 2 == 0 else available[::-1]
+        got = {}
+        for name in order:
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--net", net, "--steps", str(steps)],
+                                 capture_output=True, text=True, timeout=1800)
+            if out.returncode == 3:  # not installed (torch)
+                available.remove(name)
+                continue
+            if out.returncode != 0:
+                raise SystemExit(f"{name} failed: {out.stderr[-2000:]}")
+            got[name] = json.loads(out.stdout.splitlines()[-1])["images_per_s"]
+        after = probe()
+        probes.append((before, after))
+        for name, v in got.items():
+            rates[name].append(v)
+        print(f"  round {r + 1}: probe {before:.0f}/{after:.0f} GFLOP/s; "
+              + ", ".join(f"{k} {v:.0f}" for k, v in got.items()), flush=True)
+    typical = statistics.median([p for pair in probes for p in pair])
+    for r, (before, after) in enumerate(probes):
+        if min(before, after) < SLOW_PHASE * typical:
+            slow_rounds.append(r + 1)
+        else:
+            for name in available:
+                kept[name].append(rates[name][r])
+    med = {k: statistics.median(v) for k, v in kept.items() if v}
+    print(f"\nnetwork: {net}, batch {BATCH}, {steps} steps; each contender in a fresh process, {rounds} alternating "
+          f"rounds; probe median {typical:.0f} GFLOP/s")
+    if slow_rounds:
+        print(f"  rounds in a slow phase of the machine (probe < {SLOW_PHASE:.0%} of its median), left out: "
+              f"{slow_rounds}")
+    for name in available:
+        if name in med:
+            print(f"  {name:11s} {med[name]:7.0f} images/s   (rounds: {', '.join(f'{v:.0f}' for v in rates[name])})")
+    if "keras" in med:
+        for name in ("convbn", "convbn-bf16", "torch"):
+            if name in med:
+                print(f"  {name} / keras model.fit: {med[name] / med['keras']:.2f}x")
+    return med
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--net", choices=["mnist_bn", "classic", "both"], default="both")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--same-process", action="store_true", help="every contender in this process (the old way)")
+    ap.add_argument("--contenders", default="convbn,keras,convbn-bf16,torch",
+                    help="comma-separated, from: " + ", ".join(CONTENDERS))
+    ap.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)  # a child process: one contender
     args = ap.parse_args()
+    import json
     import os
 
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs")
+    if args.one:
+        try:
+            rate = one_contender(args.net, args.one, args.steps)
+        except ImportError:
+            sys.exit(3)
+        print(json.dumps({"contender": args.one, "images_per_s": rate}))
+        return
+    sys.path.insert(0, str(ROOT / "bench"))
+    import peak
+
+    print(f"{peak.cpu_info()}; TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs")
     for net in (["mnist_bn", "classic"] if args.net == "both" else [args.net]):
-        bench(net, args.steps, args.rounds)
+        if args.same_process:
+            bench(net, args.steps, args.rounds)
+        else:
+            bench_processes(net, args.steps, args.rounds, [c for c in args.contenders.split(",") if c])
 
 
 if __name__ == "__main__":

@@ -296,3 +296,15 @@ def test_augmentation_is_stateless_and_changes_images(synthetic):
     assert float(tf.reduce_max(tf.abs(a - x))) > 50
     ident = augment(x, 0.0, 0.0, tf.constant([1, 1], tf.int64))
     np.testing.assert_allclose(ident, x, atol=1e-3)  # no shift, no rotation: the image itself
+
+
+def test_pipelines_do_not_autotune(synthetic):
+    # tf.data's autotuning made the next epoch wait up to a minute for its optimization thread (BENCHMARKS.md)
+    from convbn_cli.config import load_config
+    from convbn_cli.data.pipeline import calibration_batches, eval_dataset, make_splits, train_dataset
+    from conftest import tiny_raw
+
+    cfg = load_config(raw=tiny_raw(__import__("pathlib").Path("/tmp")))
+    s = make_splits(synthetic, cfg)
+    for ds in (train_dataset(s, cfg, 0), eval_dataset(s, cfg, "val"), calibration_batches(s, cfg, 2)):
+        assert ds.options().autotune.enabled is False

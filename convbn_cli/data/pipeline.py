@@ -65,6 +65,21 @@ def pixels_of(cfg: Config):
     return lambda x: (tf.cast(x, tf.float32) - offset) * (1.0 / scale)
 
 
+def steady(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Fixed parallelism and prefetch instead of tf.data's autotuning, whose background optimization sleeps for
+    up to a minute between rounds: measured on 2 cores, destroying an epoch's iterator then waited for it, a
+    45-second stall at the start of the next epoch in about half the epochs (bench/steady_training.py,
+    BENCHMARKS.md "Steady training"). The data are in memory and each batch is a gather and a scale, so a
+    fixed two-batch prefetch keeps the training step fed."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
+PARALLEL_CALLS = 2  # batches prepared at once: the work per batch is tiny (a gather, a scale, maybe a warp)
+PREFETCH = 2
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     # Training drops the last partial batch: a batch of a handful of images gives BN noisy statistics.
     return max(1, n // batch_size) if n >= batch_size else 1
@@ -91,14 +106,14 @@ def train_dataset(splits: Splits, cfg: Config, epoch: int, skip_batches: int = 0
             x = augment(x, aug.shift, aug.rotation, tf.stack([tf.cast(seed, tf.int64) * 100003 + epoch, i]))
         return norm(x), tf.gather(y_all, idx)
 
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    return steady(ds.map(load, num_parallel_calls=PARALLEL_CALLS, deterministic=True).prefetch(PREFETCH))
 
 
 def eval_dataset(splits: Splits, cfg: Config, split: str, batch_size: int | None = None) -> tf.data.Dataset:
     x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
     norm = normalizer(cfg)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size or max(cfg.data.batch_size, 500))
-    return ds.map(lambda a, b: (norm(a), b), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return steady(ds.map(lambda a, b: (norm(a), b), num_parallel_calls=PARALLEL_CALLS).prefetch(PREFETCH))
 
 
 def augment(x, shift: float, rotation_deg: float, seed):
