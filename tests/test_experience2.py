@@ -335,7 +335,7 @@ def test_sweep_of_2x2_survives_an_interruption(mnist_cache, tmp_path):
     assert "written: " in resumed.stdout and "BN gap (batch - moving)" in resumed.stdout
 
 
-def test_sweep_seeds_give_mean_and_spread(tmp_path, synthetic):
+def test_sweep_seeds_give_mean_and_spread(tmp_path, synthetic, monkeypatch):
     from convbn_cli.train import sweep as sw
 
     raw = tiny_raw(tmp_path, **{"train.epochs": 1})
@@ -347,14 +347,10 @@ def test_sweep_seeds_give_mean_and_spread(tmp_path, synthetic):
     assert [r["name"] for r in planned["runs"]] == ["model.bn.decay=0.5,seed=1", "model.bn.decay=0.5,seed=2",
                                                    "model.bn.decay=0.9,seed=1", "model.bn.decay=0.9,seed=2"]
     path = sw.create(planned)
-    import convbn_cli.data as data_module
+    import convbn_cli.data.sources as sources
 
-    original = data_module.fetch
-    data_module.fetch = lambda *a, **k: synthetic
-    try:
-        summary = sw.run_sweep(path, log=lambda m: None, progress=False)
-    finally:
-        data_module.fetch = original
+    monkeypatch.setattr(sources, "fetch", lambda *a, **k: synthetic)  # where convbn_cli.data's lazy name leads
+    summary = sw.run_sweep(path, log=lambda m: None, progress=False)
     row = summary["rows"][0]
     accs = [json.loads((path / f"model.bn.decay=0.5,seed={s}" / "results.json").read_text())["test_acc"]
             for s in (1, 2)]
