@@ -182,11 +182,11 @@ def train(ctx, config, overrides, resume, no_progress, workers):
     _tf(ctx)
     from .train import train as run_training
 
-    if _quiet():  # the one line a script needs: where the run is and how it did
-        result = run_training(cfg, resume=resume, progress=False, overrides=overrides, log=lambda m: None)
+    quiet = _quiet()
+    result = run_training(cfg, resume=resume, progress=_progress(no_progress), overrides=overrides,
+                          log=(lambda m: None) if quiet else print)
+    if quiet:  # the one line a script needs: where the run is and how it did
         click.echo(f"{result.run_dir}: test accuracy {result.test_acc:.2%}")
-    else:
-        run_training(cfg, resume=resume, progress=not no_progress, overrides=overrides)
 
 
 @main.command()

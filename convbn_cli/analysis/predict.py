@@ -38,6 +38,8 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None):
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise DataError(f"{p}: no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images in this directory")
+            if len(names) + len(files) > MAX_INPUTS:
+                raise DataError(f"more than {MAX_INPUTS} inputs; predict on fewer at a time")
             for f in files:
                 names.append(str(f))
                 images.append(load_image(f, size, invert)[None])

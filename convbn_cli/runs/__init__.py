@@ -4,18 +4,13 @@ checkpoints, and `open_target`, the one reader of what users name on the command
 `rundir` and `resume` need no TensorFlow; `checkpoints` and `target` import it. Names are imported on first use.
 """
 
-import importlib
+from ..lazy import lazy_names
 
 CHECKPOINT_CHOICES = ("best", "latest", "recalibrated")  # `--checkpoint`: one of these, or a training step
 
 _LAZY = {"Resume": "resume", "open_for_resume": "resume", "RunDir": "rundir", "RunDirError": "rundir",
          "checkpoint_step": "rundir"}
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_names(__name__, _LAZY)
 
 __all__ = ["CHECKPOINT_CHOICES", "Resume", "RunDir", "RunDirError", "checkpoint_step", "open_for_resume"]

@@ -18,7 +18,8 @@ from ..errors import ConfigError, ConvbnError
 from .rundir import RunDir, RunDirError
 
 MAX_DEPTH = 6  # runs/<name>/sweep-<k>/<combination>/ is 3 below the root; deeper folders are not convbn's
-IGNORED_KEYS = ("output.",)  # where a run was written says nothing about how it trained
+IGNORED_KEYS = ("output.",)
+MAX_JSON_BYTES = 1 << 20  # where a run was written says nothing about how it trained
 
 
 def find_runs(root) -> list[Path]:
@@ -60,10 +61,10 @@ def summarize(path: Path, root: Path | None = None) -> dict:
         config = flatten(read_yaml(run.config))
     except ConfigError as e:
         raise RunDirError(e.problems[0]) from None
-    results = _json(run.results)
+    results = read_json(run.results)
     metrics = run.read_metrics()
     vals = [r["val_acc"] for r in metrics if r.get("val_acc") is not None]
-    info = _json(run.run_info)
+    info = read_json(run.run_info)
     when = info.get("time") or datetime.datetime.fromtimestamp(
         run.config.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
     name = str(path.relative_to(root)) if root is not None and path != root else str(path)
@@ -79,12 +80,15 @@ def summarize(path: Path, root: Path | None = None) -> dict:
     }
 
 
-def _json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object convbn wrote (results.json, run.json), or {} when it is missing or damaged."""
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(errors="replace"))
-    except (json.JSONDecodeError, OSError):
+        with open(path, "rb") as f:
+            text = f.read(MAX_JSON_BYTES + 1)  # ours are a few KB: a bigger file is not one convbn wrote
+        data = json.loads(text) if len(text) <= MAX_JSON_BYTES else None
+    except (ValueError, OSError):
         return {}
     return data if isinstance(data, dict) else {}
 

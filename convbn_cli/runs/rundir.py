@@ -53,18 +53,10 @@ class RunDir:
 
     @classmethod
     def create(cls, root, name) -> "RunDir":
-        """Make `root/name/<n>` with the next free n. os.mkdir is atomic, so two runs started at the same
-        moment with the same name get different numbers instead of sharing a directory."""
+        """Make `root/name/<n>` with the next free n (make_numbered)."""
         parent = Path(root) / name
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            n = next_number(parent, r"(\d+)")
-            while True:
-                try:
-                    (parent / str(n)).mkdir()
-                    return cls(parent / str(n))
-                except FileExistsError:
-                    n += 1
+            return cls(make_numbered(parent))
         except OSError as e:
             if isinstance(e, FileExistsError):
                 e.strerror = "exists and is not a directory"
@@ -167,6 +159,19 @@ class RunDir:
             if isinstance(old, dict):
                 info = {**old, "resumes": [*old.get("resumes", []), info]}
         write_json_atomic(self.run_info, info)
+
+
+def make_numbered(parent: Path, prefix: str = "") -> Path:
+    """Make parent/<prefix><n> with the next free n. os.mkdir is atomic, so two processes starting at the same
+    moment get different numbers instead of sharing a directory."""
+    parent.mkdir(parents=True, exist_ok=True)
+    n = next_number(parent, re.escape(prefix) + r"(\d+)")
+    while True:
+        try:
+            (parent / f"{prefix}{n}").mkdir()
+            return parent / f"{prefix}{n}"
+        except FileExistsError:
+            n += 1
 
 
 def next_number(folder: Path, pattern: str) -> int:

@@ -73,7 +73,8 @@ class TensorBoard(Subscriber):
     def on_step(self, trainer, step):
         if step % self.every:
             return
-        sums = trainer.read_sums()
+        # the trainer has just read the sums at its own PROGRESS_EVERY steps: one host sync, not two
+        sums = trainer.last_sums if step % PROGRESS_EVERY == 0 else trainer.read_sums()
         n = sums["count"] - self.previous["count"]
         if n > 0:
             scalar = self.tf.summary.scalar

@@ -23,7 +23,8 @@ from pathlib import Path
 from ..config import dump_config, load_config
 from ..errors import ConfigError, ConvbnError
 from ..files import write_json_atomic, write_text_atomic
-from ..runs.rundir import RunDir, RunDirError, next_number
+from ..runs.listing import read_json
+from ..runs.rundir import RunDirError, make_numbered
 
 PLAN = "sweep.json"
 MAX_RUNS = 1000
@@ -91,30 +92,31 @@ def _dir_name(name: str) -> str:
 
 
 def create(sweep: dict) -> Path:
-    """runs/<name>/sweep-<k>/ with sweep.json; k is the next free number (mkdir is atomic, so two sweeps
-    started together get different ones)."""
-    parent = Path(sweep["root"]) / sweep["name"]
-    parent.mkdir(parents=True, exist_ok=True)
-    k = next_number(parent, r"sweep-(\d+)")
-    while True:
-        try:
-            (parent / f"sweep-{k}").mkdir()
-            break
-        except FileExistsError:
-            k += 1
-    path = parent / f"sweep-{k}"
+    """runs/<name>/sweep-<k>/ with sweep.json; k is the next free number (make_numbered)."""
+    path = make_numbered(Path(sweep["root"]) / sweep["name"], "sweep-")
     write_json_atomic(path / PLAN, sweep)
     return path
 
 
+MAX_PLAN_BYTES = 64 << 20  # MAX_RUNS resolved configs of a few KB each
+
+
 def open_sweep(path) -> dict:
+    """The plan in a sweep directory; refused (one line) when it is too big, damaged, or names a run anywhere
+    but directly inside the sweep directory."""
     path = Path(path)
     try:
-        sweep = json.loads((path / PLAN).read_text())
+        with open(path / PLAN, "rb") as f:
+            text = f.read(MAX_PLAN_BYTES + 1)
+        assert len(text) <= MAX_PLAN_BYTES
+        sweep = json.loads(text)
         assert isinstance(sweep, dict) and isinstance(sweep["runs"], list)
+        for r in sweep["runs"]:
+            assert isinstance(r["name"], str) and r["name"] not in ("", ".", "..") and "/" not in r["name"]
+            assert isinstance(r["config"], str) and isinstance(r["overrides"], list)
     except FileNotFoundError:
         raise RunDirError(f"{path}: not a sweep directory ({PLAN} is missing)") from None
-    except (OSError, ValueError, KeyError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise RunDirError(f"{path / PLAN}: unreadable; not a sweep convbn wrote") from None
     return sweep
 
@@ -186,9 +188,9 @@ def summarize(path, sweep: dict) -> list:
         key = json.dumps(r["values"], sort_keys=True)
         groups.setdefault(key, {"values": r["values"], "results": [], "runs": 0})
         groups[key]["runs"] += 1
-        results_file = Path(path) / r["name"] / "results.json"
-        if results_file.is_file():
-            groups[key]["results"].append(json.loads(results_file.read_text()))
+        results = read_json(Path(path) / r["name"] / "results.json")
+        if results:
+            groups[key]["results"].append(results)
     rows = []
     for g in groups.values():
         res = g["results"]
