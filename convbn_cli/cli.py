@@ -78,7 +78,8 @@ def _checkpoint(ctx, param, value):
 
 checkpoint_option = click.option(
     "--checkpoint", "which", default="best", show_default=True, callback=_checkpoint, metavar="WHICH",
-    help="Which checkpoint of a run directory: best, latest, recalibrated, or a training step (e.g. 420).")
+    help="Which checkpoint of a run directory: best (with train.ema: the EMA model), latest, recalibrated, ema, "
+         "or a training step (e.g. 420).")
 no_progress_option = click.option("--no-progress", is_flag=True,
                                   help="No progress bars (they are off anyway when not on a terminal).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -236,15 +237,20 @@ def sweep(ctx, config, settings, seeds, resume, no_progress):
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 @click.option("--bn-stats", type=click.Choice(["moving", "batch"]), default="moving", show_default=True,
               help="moving: BN's moving averages (correct inference); batch: each batch's own statistics.")
+@click.option("--tta", is_flag=True,
+              help="Also report accuracy with test-time augmentation (the mean prediction over the image and its "
+                   "four one-pixel shifts), apart from the plain accuracy.")
 @json_option
 @no_progress_option
 @click.pass_context
-def eval_cmd(ctx, target, which, split, bn_stats, as_json, no_progress):
+def eval_cmd(ctx, target, which, split, bn_stats, tta, as_json, no_progress):
     _tf(ctx)
     from .analysis import evaluate
     from .reports import EvalReport, dumps
 
-    report = EvalReport(evaluate(target, which=which, split=split, bn_stats=bn_stats,
+    if tta and bn_stats == "batch":
+        raise click.UsageError("--tta works with --bn-stats moving (the model's inference mode)")
+    report = EvalReport(evaluate(target, which=which, split=split, bn_stats=bn_stats, tta=tta,
                                  progress=_progress(no_progress) and not as_json, log=_stderr))
     click.echo(dumps(report.to_json()) if as_json else report.render())
 

@@ -52,6 +52,8 @@ class EvalReport:
         lines = [f"checkpoint: {r['checkpoint']}",
                  f"split: {r['split']} ({r['images']} images), BN statistics: {r['bn_stats']}",
                  f"loss {r['loss']:.4f}, accuracy {r['accuracy']:.2%}",
+                 *([f"with test-time augmentation ({r['tta']['what']}): loss {r['tta']['loss']:.4f}, "
+                    f"accuracy {r['tta']['accuracy']:.2%}"] if r.get("tta") else []),
                  "per-class accuracy: " + "  ".join(f"{n}: {a:.2%}" for n, a in zip(names, r["per_class_accuracy"])),
                  "confusion matrix (rows: true class, columns: predicted):"]
         width = max(5, len(str(r["confusion"].max())) + 1)

@@ -7,14 +7,42 @@ side by side with the correct inference mode.
 
 from __future__ import annotations
 
-from ..data.pipeline import eval_dataset
+import numpy as np
+
+from ..data.pipeline import eval_dataset, normalizer
 from ..model import Evaluator, bn_layers
 from ..runs.checkpoints import CheckpointError
 from ..runs.target import open_target
 
 
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (down, right) in pixels: the image and 4 one-pixel shifts
+
+
+def tta_predict(predict, background: float, shifts=TTA_SHIFTS):
+    """images -> log of the mean softmax over shifted views of each image (test-time augmentation).
+
+    Only shifts: they are what MNIST-like data vary by (digits are not centred exactly) and what training
+    augmentation teaches; flips would turn a 2 into something else. The uncovered border gets `background`, the
+    normalized value of a black pixel, as the training augmentation fills it.
+    """
+
+    def run(x):
+        x = np.asarray(x, np.float32)
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=background)
+        h, w = x.shape[1:3]
+        probs = 0.0
+        for dy, dx in shifts:
+            view = np.ascontiguousarray(padded[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w])
+            logits = np.asarray(predict(view), np.float64)
+            e = np.exp(logits - logits.max(-1, keepdims=True))
+            probs = probs + e / e.sum(-1, keepdims=True)
+        return np.log(np.maximum(probs / len(shifts), 1e-30)).astype(np.float32)
+
+    return run
+
+
 def evaluate(target, *, which="best", split="test", bn_stats="moving", data=None, progress=False,
-             log=lambda m: None) -> dict:
+             log=lambda m: None, tta=False) -> dict:
     """Evaluate a run directory, checkpoint prefix, .keras export or .tflite file on one split.
 
     Args:
@@ -23,6 +51,7 @@ def evaluate(target, *, which="best", split="test", bn_stats="moving", data=None
         split: "test" or "val".
         bn_stats: "moving" (correct inference) or "batch" (each batch's own statistics).
         data: the dataset arrays (Keras' mnist.npz layout); fetched when None.
+        tta: also evaluate with test-time augmentation (`tta_predict`), reported apart under "tta".
 
     Returns:
         A dict of floats, and NumPy arrays for `per_class_accuracy` (classes,) and `confusion` (classes, classes),
@@ -42,6 +71,12 @@ def evaluate(target, *, which="best", split="test", bn_stats="moving", data=None
     evaluator = Evaluator(t.model, cfg.dataset.num_classes, bn_stats, forward=None if t.model else t.predict)
     out = evaluator(eval_dataset(splits, cfg, split, batch), progress, total=-(-splits.size(split) // size))
     out.pop("count")
+    if tta:
+        background = float(np.asarray(normalizer(cfg)(np.zeros((1,), np.float32)))[0])
+        aug = Evaluator(None, cfg.dataset.num_classes, forward=tta_predict(t.predict, background))
+        r = aug(eval_dataset(splits, cfg, split), progress, total=-(-splits.size(split) // size))
+        out["tta"] = {"views": len(TTA_SHIFTS), "loss": r["loss"], "accuracy": r["accuracy"],
+                      "what": "mean softmax of the image and its four one-pixel shifts"}
     out.update(checkpoint=t.source, split=split, bn_stats=bn_stats, images=int(out["confusion"].sum()),
                class_names=list(cfg.dataset.class_names))
     return out

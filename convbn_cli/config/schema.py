@@ -338,6 +338,13 @@ class EarlyStopping(Strict):
     min_delta: In(0) = 0.0
 
 
+class EMA(Strict):
+    """An exponential moving average of the trainable weights (Keras optimizers' `use_ema`), used as the final
+    model after precise BN recomputes the BN statistics for the averaged weights."""
+
+    decay: Fraction = 0.998  # average = decay * average + (1 - decay) * weights, after every step
+
+
 class TrainConfig(Strict):
     epochs: In(1, 100000, kind=int) = 10
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -353,6 +360,11 @@ class TrainConfig(Strict):
     precise_bn: Optional[PreciseBN] = None
     # Stop when the validation metric has not improved for `patience` epochs (the best checkpoint is kept anyway).
     early_stopping: Optional[EarlyStopping] = None
+    # Training steps per compiled call: one Python round trip (and one chance to stop on Ctrl-C) per K steps.
+    steps_per_execution: In(1, 100000, kind=int) = 1
+    # The final model is the moving average of the weights, with BN statistics recomputed for it (precise BN over
+    # train.precise_bn.batches, else 200 batches); the raw weights stay in checkpoints/.
+    ema: Optional[EMA] = None
 
 
 class DistributeConfig(Strict):

@@ -85,28 +85,45 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size) if n >= batch_size else 1
 
 
-def train_dataset(splits: Splits, cfg: Config, epoch: int, skip_batches: int = 0,
-                  batch_size: int | None = None) -> tf.data.Dataset:
-    """One epoch of training batches (of `batch_size`, default data.batch_size; under a strategy the global
-    batch); the order depends only on (seed, epoch)."""
-    n, bs = splits.size("train"), batch_size or cfg.data.batch_size
-    steps = steps_per_epoch(n, bs)
-    order = np.random.default_rng([cfg.train.seed, epoch]).permutation(n)[: steps * bs if n >= bs else n]
-    ds = tf.data.Dataset.from_tensor_slices(order.astype(np.int32)).batch(bs)
-    ds = ds.enumerate().skip(skip_batches)
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """The training images of one epoch, in order (int32), as many as whole batches take: a function of
+    (seed, epoch) only, so that a resumed run replays it."""
+    steps = steps_per_epoch(n, batch_size)
+    return np.random.default_rng([seed, epoch]).permutation(n)[: steps * batch_size if n >= batch_size else n] \
+        .astype(np.int32)
+
+
+def batch_loader(splits: Splits, cfg: Config):
+    """load(epoch, i, idx) -> (images, labels): training batch `i` of `epoch` made of the images `idx`
+    (gathered, augmented from a stateless seed of (seed, epoch, i), normalized). The tf.data pipeline and the
+    trainer's in-graph loop both call it, so they give the very same batches."""
     norm = normalizer(cfg)
     aug = cfg.data.augment
     x_all, y_all = splits.x_train, splits.y_train
     seed = cfg.train.seed
 
-    def load(i, idx):
+    def load(epoch, i, idx):
         x = tf.cast(tf.gather(x_all, idx), tf.float32)
         if aug is not None and (aug.shift > 0 or aug.rotation > 0):
             # before normalizing, so that the uncovered border is filled with black (0), as in the images
-            x = augment(x, aug.shift, aug.rotation, tf.stack([tf.cast(seed, tf.int64) * 100003 + epoch, i]))
+            stateless = tf.stack([tf.cast(seed, tf.int64) * 100003 + tf.cast(epoch, tf.int64), tf.cast(i, tf.int64)])
+            x = augment(x, aug.shift, aug.rotation, stateless)
         return norm(x), tf.gather(y_all, idx)
 
-    return steady(ds.map(load, num_parallel_calls=PARALLEL_CALLS, deterministic=True).prefetch(PREFETCH))
+    return load
+
+
+def train_dataset(splits: Splits, cfg: Config, epoch: int, skip_batches: int = 0,
+                  batch_size: int | None = None) -> tf.data.Dataset:
+    """One epoch of training batches (of `batch_size`, default data.batch_size; under a strategy the global
+    batch); the order depends only on (seed, epoch)."""
+    bs = batch_size or cfg.data.batch_size
+    order = epoch_order(splits.size("train"), bs, cfg.train.seed, epoch)
+    ds = tf.data.Dataset.from_tensor_slices(order).batch(bs)
+    ds = ds.enumerate().skip(skip_batches)
+    load = batch_loader(splits, cfg)
+    return steady(ds.map(lambda i, idx: load(epoch, i, idx), num_parallel_calls=PARALLEL_CALLS, deterministic=True)
+                  .prefetch(PREFETCH))
 
 
 def eval_dataset(splits: Splits, cfg: Config, split: str, batch_size: int | None = None) -> tf.data.Dataset:

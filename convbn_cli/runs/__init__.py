@@ -6,7 +6,7 @@ checkpoints, and `open_target`, the one reader of what users name on the command
 
 from ..lazy import lazy_names
 
-CHECKPOINT_CHOICES = ("best", "latest", "recalibrated")  # `--checkpoint`: one of these, or a training step
+CHECKPOINT_CHOICES = ("best", "latest", "recalibrated", "ema")  # `--checkpoint`: one of these, or a training step
 
 _LAZY = {"Resume": "resume", "open_for_resume": "resume", "RunDir": "rundir", "RunDirError": "rundir",
          "checkpoint_step": "rundir"}

@@ -25,8 +25,9 @@ def training_managers(ckpt, run: RunDir, keep: int):
 
 
 def find(run: RunDir, which="best") -> str:
-    """The prefix of a run's checkpoint: "best" (falling back to the latest while there is no best), "latest",
-    "recalibrated" (the newest precise-BN one), or a training step (an int or digits)."""
+    """The prefix of a run's checkpoint: "best" (the run's final model: its EMA checkpoint when train.ema made
+    one, else the best validation accuracy, falling back to the latest while there is no best), "latest",
+    "recalibrated" (the newest precise-BN one), "ema", or a training step (an int or digits)."""
     if str(which).isdigit():
         step = int(which)
         for folder in (run.checkpoints, run.best):
@@ -41,6 +42,11 @@ def find(run: RunDir, which="best") -> str:
         if prefix is None:
             raise CheckpointError(f"{run.path}: no recalibrated checkpoint (convbn recalibrate {run.path})")
         return prefix
+    ema = tf.train.latest_checkpoint(str(run.ema))
+    if which == "ema" and ema is None:
+        raise CheckpointError(f"{run.path}: no EMA checkpoint (train.ema was off, or training has not finished)")
+    if which in ("ema", "best") and ema is not None:
+        return ema
     if which not in CHOICES:
         raise CheckpointError(f"--checkpoint: expected one of {', '.join(CHOICES)} or a training step, got {which!r}")
     prefix = tf.train.latest_checkpoint(str(run.best)) if which == "best" else None
@@ -94,9 +100,18 @@ def restore_latest(ckpt, manager, log):
 def save_recalibrated(model, run: RunDir, source_prefix) -> str:
     """Save the model as `checkpoints/recalibrated/ckpt-<n>`, n the next free number: never over anything.
     Beside it, `ckpt-<n>.source` names the checkpoint it was recalibrated from."""
-    n = next_number(run.recalibrated, r"ckpt-(\d+)\.index")
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), run.recalibrated, max_to_keep=None,
+    return _save_model(model, run.recalibrated, next_number(run.recalibrated, r"ckpt-(\d+)\.index"), source_prefix)
+
+
+def save_ema(model, run: RunDir, source_prefix) -> str:
+    """Save the model (holding the averaged weights) as `checkpoints/ema/ckpt-<step>`, step that of
+    `source_prefix`, the raw checkpoint saved at the same step (named in `ckpt-<step>.source`)."""
+    return _save_model(model, run.ema, checkpoint_step(source_prefix), source_prefix)
+
+
+def _save_model(model, folder, number, source_prefix) -> str:
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), folder, max_to_keep=None,
                                          checkpoint_name="ckpt")
-    path = manager.save(checkpoint_number=n)
+    path = manager.save(checkpoint_number=number)
     write_text_atomic(path + ".source", f"{source_prefix}\n")
     return path

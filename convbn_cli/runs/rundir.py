@@ -5,6 +5,8 @@
     checkpoints/best/ckpt-<step> the checkpoint with the best validation accuracy so far
     checkpoints/recalibrated/ckpt-<n>  precise-BN checkpoints (n = 1, 2, ...), each with a .source file naming
                                  the checkpoint it was recalibrated from
+    checkpoints/ema/ckpt-<step>  with train.ema: the averaged weights with their BN statistics recomputed (the
+                                 run's final model, which every command opens by default)
     metrics.jsonl, .csv          one row per epoch
     bn_stats/epoch_<k>.json      every BN layer's per-channel gamma, beta, moving mean and moving variance
     tensorboard/                 event files: scalars, and histograms of each BN layer's gamma and beta
@@ -43,6 +45,7 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     best = property(lambda self: self.path / "checkpoints" / "best")
     recalibrated = property(lambda self: self.path / "checkpoints" / "recalibrated")
+    ema = property(lambda self: self.path / "checkpoints" / "ema")
     export = property(lambda self: self.path / "export")
     metrics_jsonl = property(lambda self: self.path / "metrics.jsonl")
     metrics_csv = property(lambda self: self.path / "metrics.csv")
@@ -93,7 +96,7 @@ class RunDir:
 
         stale = [p for folder in (self.path, self.bn_stats, self.export) if folder.is_dir()
                  for p in folder.iterdir() if is_our_temporary(p)]
-        stale += [p for folder in (self.checkpoints, self.best, self.recalibrated) if folder.is_dir()
+        stale += [p for folder in (self.checkpoints, self.best, self.recalibrated, self.ema) if folder.is_dir()
                   for p in folder.glob("ckpt-*_temp") if p.is_dir()]
         for p in stale:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -4,7 +4,8 @@ statistics, TensorBoard, the console, the progress bar and the checkpoint on SIG
 The trainer (loop.py) calls, in order:
     on_start(trainer)                  after setup and restore, before the first step
     on_epoch_start(trainer, epoch)     (epoch counts from 0)
-    on_step(trainer, step)             after every training step (`step`: global step, from 1)
+    on_step(trainer, step)             after every compiled call: `trainer.last_chunk` steps (1, or up to
+                                       train.steps_per_execution) ending at global step `step` (from 1)
     on_epoch_metrics(trainer, row)     the epoch's metrics row, *before* its checkpoint is saved
     on_epoch_end(trainer, row)         after the checkpoint is saved
     on_finish(trainer, results)        after the test evaluation (and precise BN), before results.json
@@ -20,6 +21,11 @@ import time
 import numpy as np
 
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
+
+
+def crossed(trainer, step, every) -> bool:
+    """Whether the call that ended at `step` passed a multiple of `every` (a call may run several steps)."""
+    return step // every > (step - trainer.last_chunk) // every
 
 
 class Subscriber:
@@ -71,10 +77,10 @@ class TensorBoard(Subscriber):
         self.previous = {"loss": 0.0, "ce": 0.0, "count": 0.0}  # the sums restart with every epoch
 
     def on_step(self, trainer, step):
-        if step % self.every:
+        if not crossed(trainer, step, self.every):
             return
         # the trainer has just read the sums at its own PROGRESS_EVERY steps: one host sync, not two
-        sums = trainer.last_sums if step % PROGRESS_EVERY == 0 else trainer.read_sums()
+        sums = trainer.last_sums if crossed(trainer, step, PROGRESS_EVERY) else trainer.read_sums()
         n = sums["count"] - self.previous["count"]
         if n > 0:
             scalar = self.tf.summary.scalar
@@ -188,9 +194,9 @@ class ProgressBar(Subscriber):
         self.t0, self.first = time.time(), trainer.skip
 
     def on_step(self, trainer, step):
-        self.bar.update(1)
+        self.bar.update(trainer.last_chunk)
         done = step - trainer.epoch * trainer.steps
-        if step % PROGRESS_EVERY == 0 or done == trainer.steps:
+        if crossed(trainer, step, PROGRESS_EVERY) or done == trainer.steps:
             sums = trainer.last_sums  # read by the trainer's finiteness check at this very step
             n = max(sums["count"], 1.0)
             rate = (done - self.first) * trainer.global_batch / max(time.time() - self.t0, 1e-9)
@@ -237,7 +243,8 @@ class StopOnSignal(Subscriber):
 
 
 class StepCallback(Subscriber):
-    """Calls fn(global_step, model) after every step (the Python API's `on_step`; tests and benchmarks)."""
+    """Calls fn(global_step, model) after every step, or every compiled call with train.steps_per_execution > 1
+    (the Python API's `on_step`; tests and benchmarks)."""
 
     def __init__(self, fn):
         self.fn = fn

@@ -23,12 +23,13 @@ import tensorflow as tf
 from ..config import plan_layers
 from ..config.schema import Config
 from ..data import fetch
-from ..data.pipeline import calibration_batches, eval_dataset, make_splits, steps_per_epoch, train_dataset
+from ..data.pipeline import (batch_loader, calibration_batches, epoch_order, eval_dataset, make_splits, steps_per_epoch,
+                             train_dataset)
 from ..errors import EXIT_DIVERGED, ConvbnError
 from ..model import Evaluator, build_model, recalibrate_model
 from ..model.stats import bn_statistics
 from ..runs import RunDir, RunDirError, open_for_resume
-from ..runs.checkpoints import restore_latest, save_recalibrated, training_managers
+from ..runs.checkpoints import restore_latest, save_ema, save_recalibrated, training_managers
 from ..runs.provenance import provenance
 from . import distribute, events
 from .optim import current_lr, make_optimizer
@@ -177,6 +178,7 @@ class Trainer:
         self.epochs = cfg.train.epochs
         self.metrics, self.restored, self.last_sums, self.stop_reason = [], None, None, None
         self.epoch = self.start_epoch = self.skip = 0
+        self.last_chunk = 1  # training steps the last compiled call ran (events.crossed)
 
     def publish(self, event, *args):
         for s in self.subscribers:
@@ -224,6 +226,11 @@ class Trainer:
             self.ckpt, self.state = make_checkpoint(self.model, self.optimizer)
             self.train_step, self.sums = make_train_step(self.model, self.optimizer, cfg.train, self.strategy,
                                                          self.global_batch)
+            self.train_steps = None
+            if replicas == 1 and getattr(self.strategy, "cluster_resolver", None) is None:
+                # one device: the batches are made inside the compiled call from the tensors in memory
+                self.train_steps = make_in_graph_steps(self.train_step.replica_step, batch_loader(self.splits, cfg),
+                                                       self.global_batch, cfg.train)
         self.evaluate = Evaluator(self.model, cfg.dataset.num_classes)
         self.t_start = time.time()
 
@@ -250,12 +257,11 @@ class Trainer:
             v.assign(0.0)
         self.publish("on_epoch_start", epoch)
         t0, done = time.time(), self.skip
-        batches = train_dataset(self.splits, self.cfg, epoch, self.skip, self.global_batch)
-        for x, y in _distributed(self.strategy, batches):
-            self.train_step(x, y)
-            done += 1
+        for k in self.calls(epoch):
+            done += k
+            self.last_chunk = k
             step = epoch * self.steps + done
-            if step % events.PROGRESS_EVERY == 0 or done == self.steps:
+            if events.crossed(self, step, events.PROGRESS_EVERY) or done == self.steps:
                 self.check_finite(step)
             self.done_in_epoch = done
             self.publish("on_step", step)
@@ -266,6 +272,23 @@ class Trainer:
                 "train_loss": sums["loss"] / seen, "train_acc": sums["correct"] / seen,
                 "train_ce": (sums["ce"] if self.cfg.train.label_smoothing else sums["loss"]) / seen,
                 "images_per_s": sums["count"] / max(epoch_time, 1e-9), "epoch_time_s": epoch_time}
+
+    def calls(self, epoch):
+        """Run the epoch's training steps (from `skip` on), one compiled call at a time; yield the steps of each."""
+        if self.train_steps is None:  # a tf.distribute strategy: its dataset hands each replica its slice
+            for x, y in _distributed(self.strategy, train_dataset(self.splits, self.cfg, epoch, self.skip,
+                                                                  self.global_batch)):
+                self.train_step(x, y)
+                yield 1
+            return
+        order = tf.constant(epoch_order(self.splits.size("train"), self.global_batch, self.cfg.train.seed, epoch))
+        per_call, done = self.cfg.train.steps_per_execution, self.skip
+        while done < self.steps:
+            k = min(per_call, self.steps - done)
+            # tensors, not Python ints: one trace for every call
+            self.train_steps(order, tf.constant(epoch, tf.int64), tf.constant(done), tf.constant(k))
+            done += k
+            yield k
 
     def end_of_epoch(self, row):
         """Validate, then metrics, checkpoints (latest, and best when it improved), BN statistics and the rest."""
@@ -301,7 +324,9 @@ class Trainer:
                    "stopped_early": self.stop_reason,
                    "wall_time_s": time.time() - self.t_start, "checkpoint": str(self.manager.latest_checkpoint)}
         precise = self.cfg.train.precise_bn
-        if precise is not None:
+        if self.cfg.train.ema is not None:
+            test = self.swap_in_ema(results, test)
+        elif precise is not None:
             recalibrate_model(self.model, calibration_batches(self.splits, self.cfg, precise.batches),
                               progress=self.progress)
             path = save_recalibrated(self.model, self.run, self.manager.latest_checkpoint)
@@ -313,6 +338,23 @@ class Trainer:
         self.publish("on_finish", results)
         self.run.write_results(results)
         return TrainResult(self.run.path, self.metrics, test["loss"], test["accuracy"], self.model)
+
+    def swap_in_ema(self, results, test) -> dict:
+        """The final model becomes the moving average of the weights, with every BN layer's statistics recomputed
+        for the averaged weights (the moving statistics were collected under the raw, changing weights, and do
+        not match the average); saved as checkpoints/ema/, which every command then opens by default."""
+        self.optimizer.finalize_variable_values(self.model.trainable_variables)
+        batches = self.cfg.train.precise_bn.batches if self.cfg.train.precise_bn is not None else 200
+        recalibrate_model(self.model, calibration_batches(self.splits, self.cfg, batches), progress=self.progress)
+        path = save_ema(self.model, self.run, self.manager.latest_checkpoint)
+        before = {"test_loss": results["test_loss"], "test_acc": results["test_acc"]}
+        ema = self.evaluate(eval_dataset(self.splits, self.cfg, "test"))
+        results.update(test_loss=ema["loss"], test_acc=ema["accuracy"], checkpoint=path, before_ema=before)
+        if self.splits.size("val"):  # for choosing a recipe: the final model's validation accuracy
+            results["ema_val_acc"] = self.evaluate(eval_dataset(self.splits, self.cfg, "val"))["accuracy"]
+        self.log(f"EMA of the weights (decay {self.cfg.train.ema.decay:g}), BN recomputed over {batches} batches: "
+                 f"test accuracy {ema['accuracy']:.2%} (raw weights {before['test_acc']:.2%})")
+        return ema
 
     # ------------------------------------------------------------------ helpers for the phases and subscribers
 
@@ -410,7 +452,27 @@ def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=Non
     def train_step(x, y):
         strategy.run(replica_step, args=(x, y))
 
+    train_step.replica_step = replica_step
     return train_step, sums
+
+
+def make_in_graph_steps(step, load, batch_size, train_cfg):
+    """train_steps(order, epoch, start, count): `count` training steps in one compiled call, from batch `start`
+    of the epoch whose image order is `order`; each batch is gathered, augmented and normalized inside the graph
+    (load, the tf.data pipeline's own batch function) from the dataset held in memory.
+
+    What it saves (bench/, BENCHMARKS.md): per step, tf.data's iterator hand-off and its map threads, which on
+    two cores compete with the compute threads; per call, the Python dispatch of the step function, which for a
+    small network is a sizeable part of a step. Keras' `steps_per_execution` does the same for `model.fit`.
+    """
+
+    @tf.function(jit_compile=train_cfg.jit_compile or None, reduce_retracing=True)
+    def train_steps(order, epoch, start, count):
+        for i in tf.range(start, start + count):
+            x, y = load(epoch, i, order[i * batch_size:(i + 1) * batch_size])
+            step(x, y)
+
+    return train_steps
 
 
 def _distributed(strategy, dataset):

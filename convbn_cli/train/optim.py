@@ -61,14 +61,16 @@ def make_optimizer(train: TrainConfig, total_steps: int) -> keras.optimizers.Opt
     o = train.optimizer
     lr = make_schedule(train, total_steps)
     wd = o.weight_decay or None
+    # train.ema: Keras' own weight averaging (updated in apply_gradients; `finalize_variable_values` copies it in)
+    ema = {"use_ema": True, "ema_momentum": train.ema.decay} if train.ema is not None else {}
     if o.name == "sgd":
-        opt = keras.optimizers.SGD(lr, weight_decay=wd)
+        opt = keras.optimizers.SGD(lr, weight_decay=wd, **ema)
     elif o.name == "momentum":
-        opt = keras.optimizers.SGD(lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=wd)
+        opt = keras.optimizers.SGD(lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=wd, **ema)
     elif o.name == "adam":
-        opt = keras.optimizers.Adam(lr, weight_decay=wd)
+        opt = keras.optimizers.Adam(lr, weight_decay=wd, **ema)
     else:
-        opt = keras.optimizers.AdamW(lr, weight_decay=o.weight_decay)
+        opt = keras.optimizers.AdamW(lr, weight_decay=o.weight_decay, **ema)
     # Decay the conv/dense kernels only: shrinking BN's gamma/beta or the biases regularizes nothing useful.
     opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     return opt
