@@ -42,6 +42,29 @@ def cpu_info() -> str:
     return f"{name}, {os.cpu_count()} cores, flags: {' '.join(keep) or 'none of avx2/avx512/amx'}"
 
 
+def training_flops(cfg) -> float:
+    """Floating-point operations of one training image of the config's network: for each conv and dense layer,
+    2 x multiply-adds forward, and as much again for each of the two backward products (the gradient of the
+    weights, and of the input - which the first layer does not need). BN, ReLU, pooling and the optimizer are
+    elementwise (well under 2% here) and not counted: this is the work the matmul peak can be compared with."""
+    from convbn_cli.config import plan_layers
+
+    total, first = 0.0, True
+    shape = tuple(cfg.model.input_shape)
+    for p in plan_layers(cfg):
+        if p.spec.type == "conv":
+            kh, kw = p.spec.kernel
+            macs = p.out_shape[0] * p.out_shape[1] * p.out_shape[2] * kh * kw * shape[-1]
+        elif p.spec.type == "dense":
+            macs = p.out_shape[0] * (shape[0] if len(shape) == 1 else int(np.prod(shape)))
+        else:
+            shape = p.out_shape
+            continue
+        total += 2 * macs * (2 if first else 3)
+        first, shape = False, p.out_shape
+    return total
+
+
 def _windows(step, flops_per_call, seconds, windows) -> list:
     step()  # warm-up (tracing, oneDNN primitive creation)
     out = []

@@ -11,8 +11,11 @@ slow down the others: see BENCHMARKS.md "Steady training").
     python bench/train_throughput.py [--net mnist_bn|classic|both] [--steps 60] [--rounds 5] [--same-process]
 
 Contenders:
-  convbn   convbn's compiled train step (FusedBatchNorm on conv layers) fed by convbn's tf.data pipeline
-  convbn-bf16  the same with train.precision: mixed_bfloat16 (bfloat16 compute, float32 variables and BN stats)
+  convbn   convbn's trainer: FusedBatchNorm on conv layers, `--per-call` steps per compiled call (default 10), the
+           batches gathered inside the graph from the images in memory (train/loop.py, make_in_graph_steps)
+  convbn-tfdata  convbn's compiled step, one call per step, fed by its tf.data pipeline (the trainer before
+           issue 16; still its path under a tf.distribute strategy)
+  convbn-bf16  `convbn` with train.precision: mixed_bfloat16 (bfloat16 compute, float32 variables and BN stats)
   keras    keras.Sequential with keras.layers.BatchNormalization, compile() with default settings, model.fit
            on in-memory NumPy arrays - what a user would write by hand
   torch    the same network in PyTorch eager mode on the CPU (only if torch is installed; never a dependency)
@@ -36,9 +39,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from convbn_cli.config import load_config  # noqa: E402
-from convbn_cli.data.pipeline import make_splits, train_dataset  # noqa: E402
+from convbn_cli.data.pipeline import batch_loader, epoch_order, make_splits, train_dataset  # noqa: E402
 from convbn_cli.model import build_model  # noqa: E402
-from convbn_cli.train.loop import make_train_step  # noqa: E402
+from convbn_cli.train.loop import make_in_graph_steps, make_train_step  # noqa: E402
 from convbn_cli.train.optim import make_optimizer  # noqa: E402
 
 BATCH = 128
@@ -55,12 +58,27 @@ CLASSIC = {
 }
 
 
-def config(net):
+OVERRIDES = []  # --set KEY=VALUE: convbn's contenders only (a lever to try, e.g. model.data_format=channels_first)
+
+
+def config(net, overrides=()):
     if net == "classic":
-        return load_config(raw=CLASSIC)
+        return load_config(raw=CLASSIC, overrides=list(overrides)) if overrides else load_config(raw=CLASSIC)
     return load_config(ROOT / "configs" / "mnist_bn.yaml",
                        [f"data.batch_size={BATCH}", "data.val_split=0", "train.label_smoothing=0",
-                        "train.schedule.name=constant"])
+                        "train.schedule.name=constant", *overrides])
+
+
+def real_mnist(n):
+    """The first n real MNIST training images (from convbn's cache), else random ones of the same shape."""
+    try:
+        from convbn_cli.data import fetch
+
+        a = fetch("mnist", log=lambda m: None, progress=False)
+        return {"x_train": a["x_train"][:n], "y_train": a["y_train"][:n], "x_test": a["x_test"][:1],
+                "y_test": a["y_test"][:1]}
+    except Exception:  # noqa: BLE001  no cache and no network: the rate does not depend on the pixels
+        return fake_mnist(n)
 
 
 def fake_mnist(n):
@@ -71,7 +89,35 @@ def fake_mnist(n):
 
 # --------------------------------------------------------------------------- contenders
 
+PER_CALL = 10  # --per-call
+
+
 def convbn_contender(cfg, arrays, steps, precision="float32"):
+    """The trainer's own path: make_in_graph_steps, PER_CALL steps per call (as Trainer.calls runs it)."""
+    bs = cfg.data.batch_size  # --set data.batch_size=256: the same images in fewer, larger steps
+    steps = steps * BATCH // bs
+    model = build_model(cfg, precision=precision)
+    optimizer = make_optimizer(cfg.train, total_steps=10**6)
+    train_step, _ = make_train_step(model, optimizer, cfg.train)
+    splits = make_splits(arrays, cfg)
+    train_steps = make_in_graph_steps(train_step.replica_step, batch_loader(splits, cfg), bs, cfg.train)
+    epoch = [0]
+
+    def run():
+        epoch[0] += 1
+        order = tf.constant(epoch_order(splits.size("train"), bs, cfg.train.seed, epoch[0]))
+        done = 0
+        while done < steps:
+            k = min(PER_CALL, steps - done)
+            train_steps(order, tf.constant(epoch[0], tf.int64), tf.constant(done), tf.constant(k))
+            done += k
+        float(optimizer.iterations.numpy())  # wait for the last step
+        return steps * bs
+
+    return run
+
+
+def convbn_tfdata_contender(cfg, arrays, steps, precision="float32"):
     model = build_model(cfg, precision=precision)
     optimizer = make_optimizer(cfg.train, total_steps=10**6)
     train_step, _ = make_train_step(model, optimizer, cfg.train)
@@ -119,9 +165,9 @@ def keras_contender(cfg, arrays, steps):
     x = (arrays["x_train"][: steps * BATCH, :, :, None] / 255.0).astype(np.float32)
     y = arrays["y_train"][: steps * BATCH]
 
-    def run():
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=True)
-        return len(y)
+    def run(epochs=1):  # one fit() call for all the epochs, as a user writes it
+        model.fit(x, y, batch_size=BATCH, epochs=epochs, verbose=0, shuffle=True)
+        return len(y) * epochs
 
     return run
 
@@ -205,23 +251,27 @@ def bench(net, steps, rounds):
     return med
 
 
-CONTENDERS = ("convbn", "keras", "convbn-bf16", "torch")
+CONTENDERS = ("convbn", "convbn-tfdata", "keras", "convbn-bf16", "torch")
 SLOW_PHASE = 0.85  # a round whose probe is below this share of the median probe ran in a slow phase
 
 
-def one_contender(net, name, steps) -> float:
-    """In a fresh process: build one contender, warm it up, time one run; images/s."""
-    cfg = config(net)
-    arrays = fake_mnist(steps * BATCH)
+def one_contender(net, name, steps, epochs=1) -> float:
+    """In a fresh process: build one contender, warm it up (one epoch: tracing, allocations), then time `epochs`
+    epochs of `steps` steps together; images/s over their total time."""
+    cfg = config(net, OVERRIDES if name.startswith("convbn") else ())
+    arrays = real_mnist(steps * BATCH)
     make = {"convbn": lambda: convbn_contender(cfg, arrays, steps),
+            "convbn-tfdata": lambda: convbn_tfdata_contender(cfg, arrays, steps),
             "convbn-bf16": lambda: convbn_contender(cfg, arrays, steps, "mixed_bfloat16"),
             "keras": lambda: keras_contender(cfg, arrays, steps), "torch": lambda: torch_contender(cfg, arrays, steps)}
     run = make[name]()
     run()  # warm-up: tracing, allocations
-    return measure(run)
+    t0 = time.perf_counter()
+    n = run(epochs) if name == "keras" else sum(run() for _ in range(epochs))
+    return n / (time.perf_counter() - t0)
 
 
-def bench_processes(net, steps, rounds, contenders):
+def bench_processes(net, steps, rounds, contenders, epochs=1):
     import json
     import subprocess
 
@@ -237,7 +287,8 @@ def bench_processes(net, steps, rounds, contenders):
         order = available if r % 2 == 0 else available[::-1]
         got = {}
         for name in order:
-            out = subprocess.run([sys.executable, __file__, "--one", name, "--net", net, "--steps", str(steps)],
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--net", net, "--steps", str(steps),
+                                  "--epochs", str(epochs), "--per-call", str(PER_CALL), "--set", *OVERRIDES],
                                  capture_output=True, text=True, timeout=1800)
             if out.returncode == 3:  # not installed (torch)
                 available.remove(name)
@@ -259,27 +310,34 @@ def bench_processes(net, steps, rounds, contenders):
             for name in available:
                 kept[name].append(rates[name][r])
     med = {k: statistics.median(v) for k, v in kept.items() if v}
-    print(f"\nnetwork: {net}, batch {BATCH}, {steps} steps; each contender in a fresh process, {rounds} alternating "
-          f"rounds; probe median {typical:.0f} GFLOP/s")
+    flops = peak.training_flops(config(net))
+    print(f"\nnetwork: {net} ({flops / 1e6:.1f} MFLOP per training image), batch {BATCH}, {steps} steps x {epochs} "
+          f"timed epoch(s) after a warm-up one; each contender in a fresh process, {rounds} alternating rounds; "
+          f"probe median {typical:.0f} GFLOP/s")
     if slow_rounds:
         print(f"  rounds in a slow phase of the machine (probe < {SLOW_PHASE:.0%} of its median), left out: "
               f"{slow_rounds}")
     for name in available:
         if name in med:
-            print(f"  {name:11s} {med[name]:7.0f} images/s   (rounds: {', '.join(f'{v:.0f}' for v in rates[name])})")
+            print(f"  {name:13s} {med[name]:7.0f} images/s = {med[name] * flops / 1e9:5.1f} GFLOP/s   "
+                  f"(rounds: {', '.join(f'{v:.0f}' for v in rates[name])})")
     if "keras" in med:
-        for name in ("convbn", "convbn-bf16", "torch"):
+        for name in ("convbn", "convbn-tfdata", "convbn-bf16", "torch"):
             if name in med:
                 print(f"  {name} / keras model.fit: {med[name] / med['keras']:.2f}x")
     return med
 
 
 def main():
+    global PER_CALL
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--net", choices=["mnist_bn", "classic", "both"], default="both")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--same-process", action="store_true", help="every contender in this process (the old way)")
+    ap.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up one (each process)")
+    ap.add_argument("--per-call", type=int, default=PER_CALL, help="convbn's training steps per compiled call")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for convbn")
     ap.add_argument("--contenders", default="convbn,keras,convbn-bf16,torch",
                     help="comma-separated, from: " + ", ".join(CONTENDERS))
     ap.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)  # a child process: one contender
@@ -287,9 +345,11 @@ def main():
     import json
     import os
 
+    PER_CALL = args.per_call
+    OVERRIDES[:] = args.set
     if args.one:
         try:
-            rate = one_contender(args.net, args.one, args.steps)
+            rate = one_contender(args.net, args.one, args.steps, args.epochs)
         except ImportError:
             sys.exit(3)
         print(json.dumps({"contender": args.one, "images_per_s": rate}))
@@ -302,7 +362,7 @@ def main():
         if args.same_process:
             bench(net, args.steps, args.rounds)
         else:
-            bench_processes(net, args.steps, args.rounds, [c for c in args.contenders.split(",") if c])
+            bench_processes(net, args.steps, args.rounds, [c for c in args.contenders.split(",") if c], args.epochs)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def evaluate(target, **kwargs):
 
     Args:
         target: a run directory, checkpoint prefix, .keras export or .tflite file.
-        **kwargs: which ("best", "latest", "recalibrated", a step), split ("test", "val"), bn_stats ("moving",
+        **kwargs: which ("best", "latest", "recalibrated", "ema", a step), split ("test", "val"), bn_stats ("moving",
             "batch"), data, progress, log.
 
     Returns:

@@ -298,6 +298,24 @@ def test_augmentation_is_stateless_and_changes_images(synthetic):
     np.testing.assert_allclose(ident, x, atol=1e-3)  # no shift, no rotation: the image itself
 
 
+def test_flip_mirrors_about_half_the_images_and_keeps_the_other_draws(synthetic):
+    import tensorflow as tf
+
+    from convbn_cli.data.pipeline import augment
+
+    x = tf.constant(synthetic["x_train"][:64, :, :, None], tf.float32)
+    seed = tf.constant([3, 4], tf.int64)
+    flipped = augment(x, 0.0, 0.0, seed, flip=True).numpy()
+    same = [np.allclose(f, i, atol=1e-3) for f, i in zip(flipped, x.numpy())]
+    mirrored = [np.allclose(f, i[:, ::-1], atol=1e-3) for f, i in zip(flipped, x.numpy())]
+    assert all(s or m for s, m in zip(same, mirrored)) and 16 <= sum(mirrored) <= 48
+    # with shifts and rotations: the images left unmirrored are exactly those of the same seed without flips
+    plain, both = augment(x, 0.1, 10, seed).numpy(), augment(x, 0.1, 10, seed, flip=True).numpy()
+    kept = [not m for m in mirrored]
+    np.testing.assert_allclose(both[kept], plain[kept], atol=1e-4)
+    assert not np.allclose(both[mirrored], plain[mirrored], atol=1e-2)
+
+
 def test_pipelines_do_not_autotune(synthetic):
     # tf.data's autotuning made the next epoch wait up to a minute for its optimization thread (BENCHMARKS.md)
     from convbn_cli.config import load_config

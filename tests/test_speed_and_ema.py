@@ -133,7 +133,25 @@ def test_ema_is_the_average_of_the_weights_with_recalibrated_bn(ema_run, synthet
 
     results = json.loads(run.results.read_text())
     assert results["checkpoint"] == target.source and "before_ema" in results and "ema_val_acc" in results
-    assert any(line.startswith("EMA of the weights (decay 0.9)") for line in lines)
+    assert any(line.startswith("EMA of the weights (decay 0.9), BN recomputed over 8 batches") for line in lines)
+    assert any("final model: the EMA (checkpoints/ema)" in line for line in lines)
+
+
+def test_an_interrupted_ema_run_resumes_to_the_same_average(ema_run, tmp_path, synthetic):
+    cfg, straight, _ = ema_run
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"root": str(tmp_path)})})
+
+    def ctrl_c(step, model):
+        if step == 21:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as e:
+        train(cfg, data=synthetic, log=quiet, progress=False, on_step=ctrl_c)
+    run_dir = os.path.dirname(os.path.dirname(e.value.checkpoint))
+    assert not RunDir(run_dir).ema.exists()  # no final model before the run has finished
+    resumed = train(cfg, data=synthetic, resume=run_dir, log=quiet, progress=False)
+    for a, b in zip(weights(open_target(straight.run_dir, "ema").model), weights(open_target(resumed.run_dir).model)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_eval_inspect_and_export_see_the_ema_model(ema_run, synthetic, tmp_path):

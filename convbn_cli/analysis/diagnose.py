@@ -332,7 +332,7 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=
 
     Args:
         target: what `convbn eval` takes, or any .keras model with BN layers.
-        which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
+        which: a run directory's checkpoint ("best", "latest", "recalibrated", "ema" or a training step).
         data: for a model from elsewhere (required there): "mnist", "fashion_mnist", or an .npz path with `x`
             (N, H, W[, C]) and `y`; for convbn's own targets the run's dataset is used when None.
         batches: how many batches of images the data checks (and the in-memory precise BN) use.

@@ -47,7 +47,7 @@ def evaluate(target, *, which="best", split="test", bn_stats="moving", data=None
 
     Args:
         target: what `convbn eval` takes (see runs.target.open_target).
-        which: a run directory's checkpoint: "best", "latest", "recalibrated" or a training step.
+        which: a run directory's checkpoint: "best", "latest", "recalibrated", "ema" or a training step.
         split: "test" or "val".
         bn_stats: "moving" (correct inference) or "batch" (each batch's own statistics).
         data: the dataset arrays (Keras' mnist.npz layout); fetched when None.

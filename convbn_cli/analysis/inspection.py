@@ -24,7 +24,7 @@ def inspect_bn(target, *, which="best", layers=None) -> dict:
 
     Args:
         target: a run directory, checkpoint prefix or .keras model.
-        which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
+        which: a run directory's checkpoint ("best", "latest", "recalibrated", "ema" or a training step).
         layers: only these BN layers (names); None: all.
 
     Returns:

@@ -22,7 +22,7 @@ def recalibrate(target, *, which="best", batches: int | None = 200, split=None, 
     Args:
         target: a run directory or checkpoint prefix (saved as checkpoints/recalibrated/ckpt-<n>), or a .keras
             model, convbn's export or from anywhere (saved as a new NAME-recalibrated[-k].keras beside it).
-        which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
+        which: a run directory's checkpoint ("best", "latest", "recalibrated", "ema" or a training step).
         batches: training batches to average the statistics over; None: one pass over the training split.
         split: where to report accuracy ("val" or "test"; default val if the run has one).
         data: the run's dataset arrays (Keras' mnist.npz layout); fetched when None.

@@ -104,10 +104,10 @@ def batch_loader(splits: Splits, cfg: Config):
 
     def load(epoch, i, idx):
         x = tf.cast(tf.gather(x_all, idx), tf.float32)
-        if aug is not None and (aug.shift > 0 or aug.rotation > 0):
+        if aug is not None and (aug.shift > 0 or aug.rotation > 0 or aug.flip):
             # before normalizing, so that the uncovered border is filled with black (0), as in the images
             stateless = tf.stack([tf.cast(seed, tf.int64) * 100003 + tf.cast(epoch, tf.int64), tf.cast(i, tf.int64)])
-            x = augment(x, aug.shift, aug.rotation, stateless)
+            x = augment(x, aug.shift, aug.rotation, stateless, aug.flip)
         return norm(x), tf.gather(y_all, idx)
 
     return load
@@ -133,8 +133,9 @@ def eval_dataset(splits: Splits, cfg: Config, split: str, batch_size: int | None
     return steady(ds.map(lambda a, b: (norm(a), b), num_parallel_calls=PARALLEL_CALLS).prefetch(PREFETCH))
 
 
-def augment(x, shift: float, rotation_deg: float, seed):
-    """Random shift and rotation of a batch (N, H, W, C), from a stateless seed.
+def augment(x, shift: float, rotation_deg: float, seed, flip: bool = False):
+    """Random shift and rotation (and with `flip`, a left-right mirror of half the images) of a batch (N, H, W, C),
+    from a stateless seed.
 
     Keras' RandomTranslation/RandomRotation draw from a seed generator whose state a resumed run would
     not replay; this builds the same kind of affine transform from stateless draws and applies it with
@@ -149,6 +150,11 @@ def augment(x, shift: float, rotation_deg: float, seed):
     cx, cy = (w - 1) / 2, (h - 1) / 2
     # Output pixel (u, v) reads input R^-1 ((u, v) - c - d) + c: rotate about the centre, then shift by d.
     a0, a1, b0, b1 = cos, sin, -sin, cos
+    if flip:  # read the input's x mirrored about the centre: x -> -x in the centred coordinates
+        # a seed of its own, so that the shift and rotation draws are those of the same seed without flips
+        mirror = tf.random.stateless_uniform([n], seed=seed + tf.constant([0, 1 << 40], tf.int64)) < 0.5
+        sx = tf.where(mirror, -1.0, 1.0)
+        a0, a1 = a0 * sx, a1 * sx
     ox, oy = -(dx + cx), -(dy + cy)
     tx = a0 * ox + a1 * oy + cx
     ty = b0 * ox + b1 * oy + cy

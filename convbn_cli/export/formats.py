@@ -98,7 +98,7 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
         fmt: "keras", "savedmodel" or "tflite".
         fold_bn: fold each BN into the conv/dense layer before it.
         output: where to write (default: RUN_DIR/export/model[-folded].<ext>).
-        which: a run directory's checkpoint ("best", "latest", "recalibrated" or a training step).
+        which: a run directory's checkpoint ("best", "latest", "recalibrated", "ema" or a training step).
         check_images: how many test images the exported logits are compared on.
         force: replace a previous export at `output` (never anything else; see export/output.py).
         data_source, scale: the check images for a .keras model from outside convbn (see analysis/external.py);

@@ -141,15 +141,25 @@ class Console(Subscriber):
 
     def on_finish(self, trainer, results):
         before, run = results.get("before_precise_bn"), trainer.run.path
+        ema = results.get("before_ema")
         if before:
             self.log(f"test: loss {before['test_loss']:.4f}, accuracy {before['test_acc']:.2%}  ({run})")
             self.log(f"precise BN ({trainer.cfg.train.precise_bn.batches} batches): test loss "
                      f"{results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  ({results['checkpoint']})")
+        elif ema:
+            batches = trainer.cfg.train.precise_bn.batches if trainer.cfg.train.precise_bn else 200
+            self.log(f"test (raw weights): loss {ema['test_loss']:.4f}, accuracy {ema['test_acc']:.2%}  ({run})")
+            self.log(f"EMA of the weights (decay {trainer.cfg.train.ema.decay:g}), BN recomputed over {batches} "
+                     f"batches: test loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  "
+                     f"({results['checkpoint']})")
         else:
             self.log(f"test: loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  ({run})")
         if results["best_epoch"] is not None and results["best_val_acc"] is not None:
+            final = (f"final model: the EMA (checkpoints/ema), validation accuracy {results['ema_val_acc']:.2%}, "
+                     if ema else "")
             self.log(f"best epoch {results['best_epoch']}: validation accuracy {results['best_val_acc']:.2%} "
-                     f"(checkpoints/best); test accuracy {results['test_acc']:.2%}; {results['wall_time_s']:.0f} s")
+                     f"(checkpoints/best); {final}test accuracy {results['test_acc']:.2%}; "
+                     f"{results['wall_time_s']:.0f} s")
         self.log(f"see {run}: curves.png, confusion_matrix.png, metrics.csv, run.json")
         self.log(f"next: convbn eval {run} | convbn inspect-bn {run} | convbn diagnose {run} | "
                  f"convbn export {run} --fold-bn")
