@@ -183,9 +183,11 @@ def test_checkpoint_option_selects_a_step_or_recalibrated(trained, cli, tmp_path
     r = cli("eval", result.run_dir, "--checkpoint", "999999")
     assert r.exit_code == 2 and "no checkpoint of step 999999" in r.output
     r = cli("eval", result.run_dir, "--checkpoint", "newest")
-    assert r.exit_code == 2 and "expected one of best, latest, recalibrated or a training step" in r.output
+    assert r.exit_code == 2 and "expected one of best, latest, recalibrated, ema or a training step" in r.output
     r = cli("inspect-bn", result.run_dir, "--checkpoint", "recalibrated")
     assert r.exit_code == 2 and "no recalibrated checkpoint" in r.output
+    r = cli("eval", result.run_dir, "--checkpoint", "ema")
+    assert r.exit_code == 2 and "no EMA checkpoint (train.ema was off" in r.output
 
 
 def test_eval_shows_the_datasets_class_names():

@@ -172,14 +172,14 @@ KILL_HARNESS = textwrap.dedent("""
         if count[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    if where == "batch":  # the n-th training batch drawn (before the first checkpoint, or inside an epoch)
-        import convbn_cli.train.loop as loop
-        real = loop.train_dataset
+    if where == "batch":  # after the n-th training call (one step each here): before the first checkpoint, or
+        import convbn_cli.train.loop as loop  # inside an epoch
+        real = loop.Trainer.calls
         def patched(*a, **k):
             for item in real(*a, **k):
                 hit()
                 yield item
-        loop.train_dataset = patched
+        loop.Trainer.calls = patched
     elif where == "checkpoint":  # the data and index of the n-th checkpoint are written, its record is not
         from tensorflow.python.checkpoint import checkpoint_management as cm
         real_update = cm.update_checkpoint_state_internal
