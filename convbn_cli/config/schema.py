@@ -367,6 +367,11 @@ class TrainConfig(Strict):
     # train.precise_bn.batches, else 200 batches); the raw weights stay in checkpoints/.
     ema: Optional[EMA] = None
 
+    @property
+    def ema_bn_batches(self) -> int:
+        """The training batches precise BN averages over for the EMA model."""
+        return self.precise_bn.batches if self.precise_bn is not None else 200
+
 
 class DistributeConfig(Strict):
     strategy: Literal["none", "mirrored", "multi_worker"] = "none"

@@ -147,9 +147,9 @@ class Console(Subscriber):
             self.log(f"precise BN ({trainer.cfg.train.precise_bn.batches} batches): test loss "
                      f"{results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  ({results['checkpoint']})")
         elif ema:
-            batches = trainer.cfg.train.precise_bn.batches if trainer.cfg.train.precise_bn else 200
             self.log(f"test (raw weights): loss {ema['test_loss']:.4f}, accuracy {ema['test_acc']:.2%}  ({run})")
-            self.log(f"EMA of the weights (decay {trainer.cfg.train.ema.decay:g}), BN recomputed over {batches} "
+            self.log(f"EMA of the weights (decay {trainer.cfg.train.ema.decay:g}), BN recomputed over "
+                     f"{trainer.cfg.train.ema_bn_batches} "
                      f"batches: test loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  "
                      f"({results['checkpoint']})")
         else:

@@ -345,8 +345,8 @@ class Trainer:
         for the averaged weights (the moving statistics were collected under the raw, changing weights, and do
         not match the average); saved as checkpoints/ema/, which every command then opens by default."""
         self.optimizer.finalize_variable_values(self.model.trainable_variables)
-        batches = self.cfg.train.precise_bn.batches if self.cfg.train.precise_bn is not None else 200
-        recalibrate_model(self.model, calibration_batches(self.splits, self.cfg, batches), progress=self.progress)
+        batches = calibration_batches(self.splits, self.cfg, self.cfg.train.ema_bn_batches)
+        recalibrate_model(self.model, batches, progress=self.progress)
         path = save_ema(self.model, self.run, self.manager.latest_checkpoint)
         before = {"test_loss": results["test_loss"], "test_acc": results["test_acc"]}
         ema = self.evaluate(eval_dataset(self.splits, self.cfg, "test"))
