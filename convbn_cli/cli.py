@@ -185,7 +185,7 @@ def train(ctx, config, overrides, resume, no_progress, workers):
 
     quiet = _quiet()
     result = run_training(cfg, resume=resume, progress=_progress(no_progress), overrides=overrides,
-                          log=(lambda m: None) if quiet else print)
+                          log=(lambda m: None) if quiet else print, warn=lambda m: click.echo(m, err=True))
     if quiet:  # the one line a script needs: where the run is and how it did
         click.echo(f"{result.run_dir}: test accuracy {result.test_acc:.2%}")
 

@@ -19,6 +19,7 @@ from convbn_cli.analysis import compare, evaluate, inspect_bn  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.data.pipeline import eval_dataset, make_splits  # noqa: E402
 from convbn_cli.model import bn_layers, build_model  # noqa: E402
+from convbn_cli.runs.target import open_target  # noqa: E402
 
 
 @pytest.fixture
@@ -36,11 +37,12 @@ def test_inspect_numbers_equal_the_checkpoint_variables(trained):
     prefix = latest(result)
     got = inspect_bn(result.run_dir, which="latest")
     assert got["checkpoint"] == prefix and list(got["layers"]) == ["conv1_bn", "conv2_bn"]
-    # the live model at the end of training is what the latest checkpoint saved
+    # the model the latest checkpoint restores is what the file holds
     reader = tf.train.load_checkpoint(prefix)
-    for layer in bn_layers(result.model):
+    model = open_target(prefix).model
+    for layer in bn_layers(model):
         mine = got["layers"][layer.name]
-        idx = result.model.layers.index(layer)
+        idx = model.layers.index(layer)
         for q in ("moving_mean", "moving_variance"):  # read straight from the checkpoint file
             raw = reader.get_tensor(f"model/_operations/{idx}/{q}/.ATTRIBUTES/VARIABLE_VALUE")
             np.testing.assert_array_equal(mine[q].astype(np.float32), raw)

@@ -279,6 +279,16 @@ def test_unbiased_rule_reaches_the_config_precise_bn_and_exports(tmp_path):
      "model.layers[0] (conv1_bn): normalizes over 1 value per channel (data.batch_size 1 x 1x1)"),
     ({"model.bn": {"renorm": True, "moving_variance": "unbiased"}},
      "model.layers[0].bn.moving_variance: unbiased is not available with renorm"),
+    # a training split of one image is a batch of one, whatever data.batch_size says
+    ({"data.max_train": 1, "model.layers": [{"type": "flatten"}, {"type": "dense", "units": 8, "bn": True},
+                                            {"type": "dense", "units": 10}]},
+     "model.layers[1] (dense1_bn): normalizes over 1 value per channel (data.max_train 1 with data.val_split 0.2 "
+     "leaves 1 training image)"),
+    ({"data.max_train": 1, "data.val_split": 0.9},
+     "data.max_train: data.max_train 1 with data.val_split 0.9 leaves 0 training images, so there is nothing"),
+    ({"data.batch_size": 1, "distribute": {"strategy": "mirrored", "sync_bn": False, "cpu_replicas": 2},
+      "model.layers": [{"type": "flatten"}, {"type": "dense", "units": 8, "bn": True}, {"type": "dense", "units": 10}]},
+     "model.layers[1] (dense1_bn): normalizes over 1 value per channel (data.batch_size 1)"),
 ])
 def test_bn_that_cannot_normalize_is_refused_naming_the_layer(tmp_path, changes, message):
     with pytest.raises(ConfigError) as e:
@@ -289,3 +299,8 @@ def test_bn_that_cannot_normalize_is_refused_naming_the_layer(tmp_path, changes,
 def test_batch_of_one_is_fine_where_bn_sees_many_values(tmp_path):
     cfg = load_config(raw=tiny_raw(tmp_path, **{"data.batch_size": 1}))  # conv BN over 14x14 values
     assert cfg.data.batch_size == 1
+    dense_bn = [{"type": "flatten"}, {"type": "dense", "units": 8, "bn": True}, {"type": "dense", "units": 10}]
+    # synchronized BN over 1 image x 2 replicas normalizes over the global batch's 2 values per channel
+    cfg = load_config(raw=tiny_raw(tmp_path, **{"data.batch_size": 1, "model.layers": dense_bn, "distribute": {
+        "strategy": "mirrored", "sync_bn": True, "cpu_replicas": 2}}))
+    assert cfg.distribute.sync_bn and cfg.data.batch_size == 1

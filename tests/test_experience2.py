@@ -64,7 +64,9 @@ def test_quiet_and_no_tensorflow_noise_on_resume_and_tflite(trained, tmp_path):
     assert quiet_eval.returncode == 0 and quiet_eval.stderr == "", quiet_eval.stderr
     assert "accuracy" in quiet_eval.stdout
     resumed = run_cli("--quiet", "train", "--resume", run, "train.epochs=3")
-    assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr
+    # the fixture lags on purpose (precise BN off): under --quiet its BN warning is the one line on stderr
+    assert resumed.returncode == 0 and resumed.stderr.startswith("warning: validation accuracy is "), resumed.stderr
+    assert len(resumed.stderr.splitlines()) == 1, resumed.stderr
     acc = json.loads((run / "results.json").read_text())["test_acc"]
     assert resumed.stdout == f"{run}: test accuracy {acc:.2%}\n"
     loud = run_cli("train", "--resume", run, "train.epochs=4", "--no-progress")

@@ -30,7 +30,8 @@ def recalibrate(target, *, which="best", batches: int | None = 200, split=None, 
             (see analysis/external.py); `scale` multiplies its pixels.
 
     Returns:
-        source, checkpoint (what was written), split, batches, before/after ({loss, accuracy, ...}), layers
+        source, checkpoint (what was written), split, batches (how many were averaged), before/after
+        ({loss, accuracy, ...}), layers
         ({name: (old mean, old var, new mean, new var)}) and source_step.
     """
     t = open_target(target, which)
@@ -43,7 +44,7 @@ def recalibrate(target, *, which="best", batches: int | None = 200, split=None, 
     changes = recalibrate_model(t.model, calibration_batches(splits, cfg, batches), progress=progress)
     after = evaluate(eval_dataset(splits, cfg, split))
     saved = save_recalibrated(t.model, t.run, t.source) if t.kind == "checkpoint" else _save_beside(t)
-    return {"source": t.source, "checkpoint": saved, "split": split, "batches": batches or "full",
+    return {"source": t.source, "checkpoint": saved, "split": split, "batches": changes.batches,
             "before": before, "after": after, "layers": changes, "source_step": checkpoint_step(t.source)}
 
 
@@ -59,7 +60,7 @@ def _recalibrate_keras_file(t, batches, data, scale, log) -> dict:
     changes = recalibrate_model(t.model, d.calibration)
     after = evaluate(dataset())
     return {"source": t.source, "checkpoint": _save_beside(t), "split": f"--data {data}",
-            "batches": len(d.calibration), "before": before, "after": after, "layers": changes, "source_step": -1}
+            "batches": changes.batches, "before": before, "after": after, "layers": changes, "source_step": -1}
 
 
 def _save_beside(t) -> str:

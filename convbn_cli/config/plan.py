@@ -121,6 +121,9 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
                         f"got {'x'.join(map(str, cfg.model.input_shape))}")
     shape = tuple(cfg.model.input_shape)
     sync_bn = cfg.distribute.strategy != "none" and cfg.distribute.sync_bn
+    step = training_batch(cfg)
+    if step.train_images == 0:
+        problems.append(f"data.max_train: {step.why}, so there is nothing to train on")
     counters: dict[str, int] = {}
     plan = []
     for i, spec in enumerate(cfg.model.layers):
@@ -141,7 +144,7 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
             why = _resolve_bn_impl(layer, sync_bn)
             if why:
                 problems.append(f"model.layers[{i}].bn.impl: {why}")
-            problems += _bn_problems(layer, f"model.layers[{i}]", cfg.data.batch_size)
+            problems += _bn_problems(layer, f"model.layers[{i}]", step)
         plan.append(layer)
         shape = out
     if not problems:
@@ -189,17 +192,47 @@ def _resolve_bn_impl(layer: PlannedLayer, sync_bn: bool) -> Optional[str]:
     return why
 
 
-def _bn_problems(layer: PlannedLayer, where: str, batch_size: int) -> list[str]:
+@dataclass
+class TrainingBatch:
+    """The images one BN layer normalizes over in a training step (None: unknown before training starts), and
+    where that number comes from."""
+
+    images: Optional[int]
+    train_images: int
+    why: str
+
+
+def training_batch(cfg: schema.Config) -> TrainingBatch:
+    """Training drops no image of a split smaller than one batch: its one batch is the whole split. Replicas
+    each normalize their own slice, or with sync BN the whole global batch (known here only for `cpu_replicas`;
+    a multi_worker cluster's size is known once it runs)."""
+    d, dist = cfg.data, cfg.distribute
+    available = min(d.max_train or cfg.dataset.train_size, cfg.dataset.train_size)
+    train_images = available - int(round(available * d.val_split))
+    replicas = (dist.cpu_replicas or 1) if dist.strategy == "mirrored" else 1
+    sync = dist.strategy != "none" and dist.sync_bn
+    global_batch = min(d.batch_size * replicas, train_images)
+    images = global_batch if sync else global_batch // replicas
+    why = f"data.batch_size {d.batch_size}" + (f" x {replicas} replicas (synchronized)" if sync and replicas > 1 else "")
+    if train_images < d.batch_size * replicas:
+        why = (f"data.max_train {d.max_train} with data.val_split {d.val_split:g} leaves {train_images} training "
+               f"image{'s' if train_images != 1 else ''}")
+    if sync and dist.strategy == "multi_worker":
+        images = None
+    return TrainingBatch(images, train_images, why)
+
+
+def _bn_problems(layer: PlannedLayer, where: str, step: TrainingBatch) -> list[str]:
     """Settings under which a BN layer cannot normalize (or cannot be built)."""
     problems = []
     spatial = layer.out_shape[:-1]  # (H, W) for a conv output, () for a dense one
-    values = batch_size * (spatial[0] * spatial[1] if spatial else 1)
-    if values < 2:
+    values = None if step.images is None else step.images * (spatial[0] * spatial[1] if spatial else 1)
+    if values is not None and values < 2 and step.train_images > 0:
         # one value per channel: the batch mean is that value and the variance 0, so BN outputs exactly beta
         size = f" x {spatial[0]}x{spatial[1]}" if spatial else ""
-        problems.append(f"{where} ({layer.bn_name}): normalizes over {values} value per channel (data.batch_size "
-                        f"{batch_size}{size}), so it outputs beta whatever the input; use data.batch_size >= 2 "
-                        "or bn: false")
+        problems.append(f"{where} ({layer.bn_name}): normalizes over {values} value per channel ({step.why}{size}), "
+                        "so it outputs beta whatever the input; use data.batch_size >= 2 (and at least 2 training "
+                        "images) or bn: false")
     if layer.bn.renorm and layer.bn.moving_variance == "unbiased":
         problems.append(f"{where}.bn.moving_variance: unbiased is not available with renorm (Keras' renorm keeps "
                         "its own moving statistics)")

@@ -330,7 +330,28 @@ class ScheduleConfig(Strict):
 
 
 class PreciseBN(Strict):
+    """Recompute the BN statistics with the final weights after training (see `convbn recalibrate`).
+
+    when: "always", or "auto": only when the moving statistics measurably lag (validation accuracy with them
+    below the accuracy with each batch's own statistics by more than the noise of the comparison), and kept only
+    if it does not lower that accuracy (train/final.py).
+    """
+
     batches: In(1, 1_000_000, kind=int) = 200  # training batches to average the BN statistics over
+    when: Literal["auto", "always"] = "always"
+
+
+def _precise_switch(v):
+    # `precise_bn: auto` (the default) / `always` / `off` (or null, false) / a mapping ({batches: N} = always)
+    if v == "auto":
+        return {"when": "auto"}
+    if v == "always" or v is True:
+        return {}
+    if v is None or v is False or v == "off":
+        return None
+    if isinstance(v, (dict, PreciseBN)):
+        return v
+    raise ValueError(f"must be auto, always, off or a mapping like {{batches: 200}}, got {v!r}")
 
 
 class EarlyStopping(Strict):
@@ -357,8 +378,9 @@ class TrainConfig(Strict):
     # mixed_bfloat16: convolutions and matrix products in bfloat16 (variables, BN statistics and the logits stay
     # float32). Much faster on CPUs with AMX/AVX512-BF16 and on recent GPUs; slower on CPUs without them.
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
-    # Recompute the BN statistics with the final weights after training (see `convbn recalibrate`).
-    precise_bn: Optional[PreciseBN] = None
+    # Recompute the BN statistics of the final model after training (see PreciseBN): by default only when the
+    # moving statistics lag, which a short run's do whatever the decay (README, "Why short runs used to fail").
+    precise_bn: Annotated[Optional[PreciseBN], BeforeValidator(_precise_switch)] = PreciseBN(when="auto")
     # Stop when the validation metric has not improved for `patience` epochs (the best checkpoint is kept anyway).
     early_stopping: Optional[EarlyStopping] = None
     # Training steps per compiled call: one Python round trip (and one chance to stop on Ctrl-C) per K steps.

@@ -126,8 +126,12 @@ def train_dataset(splits: Splits, cfg: Config, epoch: int, skip_batches: int = 0
                   .prefetch(PREFETCH))
 
 
-def eval_dataset(splits: Splits, cfg: Config, split: str, batch_size: int | None = None) -> tf.data.Dataset:
+def eval_dataset(splits: Splits, cfg: Config, split: str, batch_size: int | None = None,
+                 limit: int | None = None) -> tf.data.Dataset:
+    """The split's images in order, normalized, unaugmented (`limit`: only the first N)."""
     x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
     norm = normalizer(cfg)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size or max(cfg.data.batch_size, 500))
     return steady(ds.map(lambda a, b: (norm(a), b), num_parallel_calls=PARALLEL_CALLS).prefetch(PREFETCH))

@@ -26,7 +26,14 @@ from .bn import bn_layers, moving_variance_rule, reduction_axes
 from .graph import input_model
 
 
-def recalibrate_model(model, batches, progress=False) -> dict:
+class Recalibrated(dict):
+    """{layer name: (old mean, old var, new mean, new var)}, and `batches`: how many batches were averaged (a
+    dataset may hold fewer than were asked for)."""
+
+    batches = 0
+
+
+def recalibrate_model(model, batches, progress=False) -> Recalibrated:
     """Set each BN layer's moving mean/variance to the average of per-batch statistics over `batches`.
 
     Args:
@@ -35,9 +42,9 @@ def recalibrate_model(model, batches, progress=False) -> dict:
         progress: show a progress bar per layer.
 
     Returns:
-        {layer name: (old mean, old var, new mean, new var)} as NumPy arrays.
+        Recalibrated: {layer name: (old mean, old var, new mean, new var)} as NumPy arrays, and `.batches`.
     """
-    changes = {}
+    changes = Recalibrated()
     for bn in bn_layers(model):
         upstream = input_model(model, bn)  # the model up to this BN's input: works on any functional graph
 
@@ -66,4 +73,5 @@ def recalibrate_model(model, batches, progress=False) -> dict:
         bn.moving_mean.assign(new_mean.astype(np.float32))
         bn.moving_variance.assign(new_var.astype(np.float32))
         changes[bn.name] = (*old, new_mean, new_var)
+        changes.batches = len(means)
     return changes

@@ -25,8 +25,9 @@ def training_managers(ckpt, run: RunDir, keep: int):
 
 
 def find(run: RunDir, which="best") -> str:
-    """The prefix of a run's checkpoint: "best" (the run's final model: its EMA checkpoint when train.ema made
-    one, else the best validation accuracy, falling back to the latest while there is no best), "latest",
+    """The prefix of a run's checkpoint: "best" (the run's final model, which results.json names once training has
+    finished: the best epoch's weights, or the EMA, with precise-BN statistics when they ran; before that, the
+    best validation accuracy so far, falling back to the latest while there is no best), "latest",
     "recalibrated" (the newest precise-BN one), "ema", or a training step (an int or digits)."""
     if str(which).isdigit():
         step = int(which)
@@ -42,6 +43,9 @@ def find(run: RunDir, which="best") -> str:
         if prefix is None:
             raise CheckpointError(f"{run.path}: no recalibrated checkpoint (convbn recalibrate {run.path})")
         return prefix
+    final = run.final_checkpoint() if which == "best" else None
+    if final is not None:  # a finished run: exactly the model its summary and results.json measured
+        return final
     ema = tf.train.latest_checkpoint(str(run.ema))
     if which == "ema" and ema is None:
         raise CheckpointError(f"{run.path}: no EMA checkpoint (train.ema was off, or training has not finished)")

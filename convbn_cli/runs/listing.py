@@ -15,11 +15,10 @@ from pathlib import Path
 
 from ..config.loader import read_yaml
 from ..errors import ConfigError, ConvbnError
-from .rundir import RunDir, RunDirError
+from .rundir import RunDir, RunDirError, read_json
 
 MAX_DEPTH = 6  # runs/<name>/sweep-<k>/<combination>/ is 3 below the root; deeper folders are not convbn's
-IGNORED_KEYS = ("output.",)
-MAX_JSON_BYTES = 1 << 20  # where a run was written says nothing about how it trained
+IGNORED_KEYS = ("output.",)  # where a run was written says nothing about how it trained
 
 
 def find_runs(root) -> list[Path]:
@@ -78,19 +77,6 @@ def summarize(path: Path, root: Path | None = None) -> dict:
         "status": ("stopped early" if results.get("stopped_early") else "finished") if results else "unfinished",
         "config": config,
     }
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object convbn wrote (results.json, run.json), or {} when it is missing or damaged."""
-    if not path.is_file():
-        return {}
-    try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_JSON_BYTES + 1)  # ours are a few KB: a bigger file is not one convbn wrote
-        data = json.loads(text) if len(text) <= MAX_JSON_BYTES else None
-    except (ValueError, OSError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def differing_keys(summaries: list) -> list:

@@ -10,7 +10,8 @@
     metrics.jsonl, .csv          one row per epoch
     bn_stats/epoch_<k>.json      every BN layer's per-channel gamma, beta, moving mean and moving variance
     tensorboard/                 event files: scalars, and histograms of each BN layer's gamma and beta
-    results.json                 test loss and accuracy, the best epoch, at the end of training
+    results.json                 test loss and accuracy of the run's final model, which it names
+                                 ("final_checkpoint", relative to the run), the best epoch, the BN statistics check
     run.json                     the command line, overrides, versions, machine and git commit (and each resume)
     curves.png, confusion_matrix.png  pictures: per-epoch curves, and the test confusion matrix at the end
     export/                      `convbn export`'s default destination
@@ -30,6 +31,9 @@ from ..files import is_our_temporary, write_json_atomic, write_text_atomic
 
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_ce",
                   "images_per_s", "epoch_time_s", "wall_time_s", "checkpoint"]
+
+
+MAX_JSON_BYTES = 1 << 20  # results.json and run.json are a few KB: a bigger file is not one convbn wrote
 
 
 class RunDirError(ConvbnError):
@@ -152,6 +156,15 @@ class RunDir:
     def write_results(self, results: dict) -> None:
         write_json_atomic(self.results, results)
 
+    def final_checkpoint(self):
+        """The prefix of the run's final model, as results.json names it (what the end-of-run summary measured),
+        or None before training has finished. Only a checkpoint inside this run directory is taken."""
+        rel = read_json(self.results).get("final_checkpoint")
+        if not isinstance(rel, str) or not rel.startswith("checkpoints/") or ".." in Path(rel).parts:
+            return None
+        prefix = self.path / rel
+        return str(prefix) if Path(f"{prefix}.index").is_file() else None
+
     def record_provenance(self, info: dict) -> None:
         """run.json: how the run was made; each --resume adds its own entry under "resumes"."""
         if self.run_info.is_file():
@@ -162,6 +175,19 @@ class RunDir:
             if isinstance(old, dict):
                 info = {**old, "resumes": [*old.get("resumes", []), info]}
         write_json_atomic(self.run_info, info)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object convbn wrote (results.json, run.json), or {} when it is missing or damaged."""
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_JSON_BYTES + 1)  # ours are a few KB: a bigger file is not one convbn wrote
+        data = json.loads(text) if len(text) <= MAX_JSON_BYTES else None
+    except (ValueError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def make_numbered(parent: Path, prefix: str = "") -> Path:

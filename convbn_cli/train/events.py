@@ -8,7 +8,7 @@ The trainer (loop.py) calls, in order:
                                        train.steps_per_execution) ending at global step `step` (from 1)
     on_epoch_metrics(trainer, row)     the epoch's metrics row, *before* its checkpoint is saved
     on_epoch_end(trainer, row)         after the checkpoint is saved
-    on_finish(trainer, results)        after the test evaluation (and precise BN), before results.json
+    on_finish(trainer, results)        after the final model is settled (final.py) and tested, before results.json
     on_close(trainer)                  always, last, also after an error
 A subscriber implements the ones it needs; adding per-epoch work (plots, early stopping) means adding one.
 """
@@ -140,57 +140,33 @@ class Console(Subscriber):
                  f"lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s, {row['epoch_time_s']:.1f}s")
 
     def on_finish(self, trainer, results):
-        before, run = results.get("before_precise_bn"), trainer.run.path
-        ema = results.get("before_ema")
-        if before:
-            self.log(f"test: loss {before['test_loss']:.4f}, accuracy {before['test_acc']:.2%}  ({run})")
-            self.log(f"precise BN ({trainer.cfg.train.precise_bn.batches} batches): test loss "
-                     f"{results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  ({results['checkpoint']})")
-        elif ema:
-            self.log(f"test (raw weights): loss {ema['test_loss']:.4f}, accuracy {ema['test_acc']:.2%}  ({run})")
-            self.log(f"EMA of the weights (decay {trainer.cfg.train.ema.decay:g}), BN recomputed over "
-                     f"{trainer.cfg.train.ema_bn_batches} "
-                     f"batches: test loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  "
-                     f"({results['checkpoint']})")
+        run, bn = trainer.run.path, results["bn_statistics"]
+        before, after = bn["before"], bn.get("after")
+        test = f"loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}"
+        where = f"{before['split']} accuracy with moving / batch BN statistics"
+        if bn["mechanism"] == "ema":
+            raw = results["before_ema"]
+            self.log(f"test (raw weights): loss {raw['test_loss']:.4f}, accuracy {raw['test_acc']:.2%}  ({run})")
+            self.log(f"EMA of the weights (decay {trainer.cfg.train.ema.decay:g}), BN recomputed over {bn['batches']} "
+                     f"batches: test {test}  ({results['checkpoint']})")
+        elif bn["mechanism"] == "precise_bn":
+            self.log(f"BN statistics: {where}: {before['moving_acc']:.2%} / {before['batch_acc']:.2%}")
+            outcome = "kept" if bn["kept"] else "not kept: it did not help"
+            self.log(f"precise BN ({bn['trigger']}) over {bn['batches']} training batches: {after['moving_acc']:.2%} "
+                     f"with the moving statistics ({outcome})")
+            earlier = results.get("before_precise_bn")
+            self.log(f"test: {test}" + (f" (before precise BN: {earlier['test_acc']:.2%})" if earlier else "")
+                     + f"  ({results['checkpoint']})")
         else:
-            self.log(f"test: loss {results['test_loss']:.4f}, accuracy {results['test_acc']:.2%}  ({run})")
+            self.log(f"BN statistics: {where}: {before['moving_acc']:.2%} / {before['batch_acc']:.2%}")
+            self.log(f"test: {test}  ({results['checkpoint']})")
         if results["best_epoch"] is not None and results["best_val_acc"] is not None:
-            final = (f"final model: the EMA (checkpoints/ema), validation accuracy {results['ema_val_acc']:.2%}, "
-                     if ema else "")
-            self.log(f"best epoch {results['best_epoch']}: validation accuracy {results['best_val_acc']:.2%} "
-                     f"(checkpoints/best); {final}test accuracy {results['test_acc']:.2%}; "
+            self.log(f"best epoch {results['best_epoch']}: validation accuracy {results['best_val_acc']:.2%}; "
+                     f"final model {results['final_checkpoint']}: test accuracy {results['test_acc']:.2%}; "
                      f"{results['wall_time_s']:.0f} s")
         self.log(f"see {run}: curves.png, confusion_matrix.png, metrics.csv, run.json")
         self.log(f"next: convbn eval {run} | convbn inspect-bn {run} | convbn diagnose {run} | "
                  f"convbn export {run} --fold-bn")
-
-
-class InferenceGapHint(Subscriber):
-    """At the end, the accuracy with the moving BN statistics and with each batch's own statistics, recorded in
-    results.json ("inference_gap"; on the validation split, else the test split), and one line when the moving
-    statistics are materially worse on the validation split: the moving averages lag (decay too slow for the
-    run, or never updated)."""
-
-    MATERIAL = 0.02
-
-    def __init__(self, log):
-        self.log = log
-
-    def on_finish(self, trainer, results):
-        from ..data.pipeline import eval_dataset
-        from ..model import Evaluator
-
-        cfg, splits = trainer.cfg, trainer.splits
-        split = "val" if splits.size("val") else "test"
-        classes = cfg.dataset.num_classes
-        moving = Evaluator(trainer.model, classes)(eval_dataset(splits, cfg, split))["accuracy"]
-        batch = Evaluator(trainer.model, classes, "batch")(eval_dataset(splits, cfg, split, cfg.data.batch_size))
-        results["inference_gap"] = {"split": split, "moving_acc": moving, "batch_acc": batch["accuracy"],
-                                    "gap": batch["accuracy"] - moving}
-        if split == "val" and batch["accuracy"] - moving > self.MATERIAL:
-            self.log(f"note: validation accuracy is {moving:.2%} with the moving BN statistics but "
-                     f"{batch['accuracy']:.2%} with batch statistics; see `convbn diagnose {trainer.run.path}` or "
-                     f"`convbn recalibrate {trainer.run.path}`")
 
 
 class ProgressBar(Subscriber):

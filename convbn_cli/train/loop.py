@@ -13,6 +13,7 @@ import contextlib
 import math
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +24,14 @@ import tensorflow as tf
 from ..config import plan_layers
 from ..config.schema import Config
 from ..data import fetch
-from ..data.pipeline import (batch_loader, calibration_batches, epoch_order, eval_dataset, make_splits, steps_per_epoch,
-                             train_dataset)
+from ..data.pipeline import batch_loader, epoch_order, eval_dataset, make_splits, steps_per_epoch, train_dataset
 from ..errors import EXIT_DIVERGED, ConvbnError
-from ..model import Evaluator, build_model, recalibrate_model
+from ..model import Evaluator, build_model
 from ..model.stats import bn_statistics
 from ..runs import RunDir, RunDirError, open_for_resume
-from ..runs.checkpoints import restore_latest, save_ema, save_recalibrated, training_managers
+from ..runs.checkpoints import restore_latest, training_managers
 from ..runs.provenance import provenance
-from . import distribute, events
+from . import distribute, events, final
 from .optim import current_lr, make_optimizer
 
 
@@ -83,7 +83,7 @@ def make_checkpoint(model, optimizer):
 
 
 def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, progress: bool = True,
-          on_step=None, overrides=(), run_dir=None) -> TrainResult:
+          on_step=None, overrides=(), run_dir=None, warn=None) -> TrainResult:
     """Train the network `cfg` describes and write a run directory; or continue a run.
 
     Args:
@@ -91,6 +91,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         data: arrays in Keras' mnist.npz layout (x_train, y_train, x_test, y_test); fetched when None.
         resume: a run directory (path) or an opened `runs.Resume` to continue from its latest checkpoint.
         log: where the per-epoch lines go.
+        warn: where a warning about the result goes (BN statistics that still lag at the end); default stderr.
+            The CLI keeps it under --quiet.
         progress: show progress bars (on a terminal).
         on_step: called as on_step(global_step, model) after every training step (tests and benchmarks).
         overrides: the KEY=VALUE overrides the config was made with (recorded in run.json).
@@ -107,12 +109,13 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     strategy = distribute.make_strategy(cfg)
     chief = distribute.is_chief(strategy)
     scratch = None if chief else distribute.temporary_run_root()
+    warn = warn or _to_stderr
     if not chief:  # every worker takes part in saving (a collective); only the chief's files are kept
-        log, progress = _silent, False
+        log, warn, progress = _silent, _silent, False
     if resume is not None and not hasattr(resume, "run"):
         resume = open_for_resume(resume)
     subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Plots(),
-                   events.Console(log), events.InferenceGapHint(log)]
+                   events.Console(log)]
     if cfg.train.early_stopping is not None:
         subscribers.append(events.EarlyStopping(cfg.train.early_stopping))
     if chief:  # run.json, once the run (or the resume) has really started
@@ -120,7 +123,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     subscribers += [events.ProgressBar()] if progress else []
     subscribers += [events.StepCallback(on_step)] if on_step is not None else []
     subscribers.append(events.StopOnSignal())  # last: a signal sent by an earlier subscriber is seen at once
-    trainer = Trainer(cfg, strategy, subscribers, log, progress)
+    trainer = Trainer(cfg, strategy, subscribers, log, progress, warn)
     try:
         with _one_line_errors():
             trainer.setup(data)  # data and model first: a failure here leaves no run directory behind
@@ -169,12 +172,16 @@ def _silent(*_):
     pass
 
 
+def _to_stderr(message):
+    print(message, file=sys.stderr)
+
+
 class Trainer:
     """One training run, phase by phase; `fit` runs them all."""
 
-    def __init__(self, cfg: Config, strategy, subscribers, log=print, progress=True):
+    def __init__(self, cfg: Config, strategy, subscribers, log=print, progress=True, warn=_silent):
         self.cfg, self.run, self.strategy, self.subscribers = cfg, None, strategy, subscribers
-        self.log, self.progress = log, progress
+        self.log, self.progress, self.warn = log, progress, warn
         self.epochs = cfg.train.epochs
         self.metrics, self.restored, self.last_sums, self.stop_reason = [], None, None, None
         self.epoch = self.start_epoch = self.skip = 0
@@ -317,43 +324,28 @@ class Trainer:
         self.publish("on_epoch_end", row)
 
     def finish(self) -> TrainResult:
-        """Test accuracy; precise BN if configured; results.json."""
-        test = self.evaluate(eval_dataset(self.splits, self.cfg, "test"))
-        results = {"test_loss": test["loss"], "test_acc": test["accuracy"], "epochs": self.epochs,
-                   "epochs_done": self.metrics[-1]["epoch"] if self.metrics else 0, **self.best(),
-                   "stopped_early": self.stop_reason,
-                   "wall_time_s": time.time() - self.t_start, "checkpoint": str(self.manager.latest_checkpoint)}
-        precise = self.cfg.train.precise_bn
-        if self.cfg.train.ema is not None:
-            test = self.swap_in_ema(results, test)
-        elif precise is not None:
-            recalibrate_model(self.model, calibration_batches(self.splits, self.cfg, precise.batches),
-                              progress=self.progress)
-            path = save_recalibrated(self.model, self.run, self.manager.latest_checkpoint)
-            before = {"test_loss": results["test_loss"], "test_acc": results["test_acc"]}
-            test = self.evaluate(eval_dataset(self.splits, self.cfg, "test"))
-            results.update(test_loss=test["loss"], test_acc=test["accuracy"], checkpoint=path,
-                           before_precise_bn=before)
+        """The final model (final.py: best or EMA weights, BN statistics that do not lag), its test accuracy,
+        results.json."""
+        results = {"epochs": self.epochs, "epochs_done": self.metrics[-1]["epoch"] if self.metrics else 0,
+                   **self.best(), "stopped_early": self.stop_reason}
+        model, prefix, gap = final.settle(self, results)
+        test = self.evaluate_test(model)
+        results.update(test_loss=test["loss"], test_acc=test["accuracy"], checkpoint=str(prefix))
+        before = self.test_before
+        if before is not None:  # what the EMA or precise BN changed, on the test set
+            key = "before_ema" if self.cfg.train.ema is not None else "before_precise_bn"
+            results[key] = {"test_loss": before["loss"], "test_acc": before["accuracy"]}
         results["wall_time_s"] = time.time() - self.t_start  # precise BN and the EMA's recalibration included
         self.last_test = test
         self.publish("on_finish", results)
         self.run.write_results(results)
-        return TrainResult(self.run.path, self.metrics, test["loss"], test["accuracy"], self.model)
+        if gap.material:  # still lagging (precise BN off, or it did not help): say so even under --quiet
+            self.warn(f"warning: {gap.split} accuracy is {gap.moving_acc:.2%} with the moving BN statistics but "
+                      f"{gap.batch_acc:.2%} with batch statistics; see `convbn diagnose {self.run.path}`")
+        return TrainResult(self.run.path, self.metrics, test["loss"], test["accuracy"], model)
 
-    def swap_in_ema(self, results, test) -> dict:
-        """The final model becomes the moving average of the weights, with every BN layer's statistics recomputed
-        for the averaged weights (the moving statistics were collected under the raw, changing weights, and do
-        not match the average); saved as checkpoints/ema/, which every command then opens by default."""
-        self.optimizer.finalize_variable_values(self.model.trainable_variables)
-        batches = calibration_batches(self.splits, self.cfg, self.cfg.train.ema_bn_batches)
-        recalibrate_model(self.model, batches, progress=self.progress)
-        path = save_ema(self.model, self.run, self.manager.latest_checkpoint)
-        before = {"test_loss": results["test_loss"], "test_acc": results["test_acc"]}
-        ema = self.evaluate(eval_dataset(self.splits, self.cfg, "test"))
-        results.update(test_loss=ema["loss"], test_acc=ema["accuracy"], checkpoint=path, before_ema=before)
-        if self.splits.size("val"):  # for choosing a recipe: the final model's validation accuracy
-            results["ema_val_acc"] = self.evaluate(eval_dataset(self.splits, self.cfg, "val"))["accuracy"]
-        return ema
+    def evaluate_test(self, model) -> dict:
+        return Evaluator(model, self.cfg.dataset.num_classes)(eval_dataset(self.splits, self.cfg, "test"))
 
     # ------------------------------------------------------------------ helpers for the phases and subscribers
 

@@ -23,8 +23,7 @@ from pathlib import Path
 from ..config import dump_config, load_config
 from ..errors import ConfigError, ConvbnError
 from ..files import write_json_atomic, write_text_atomic
-from ..runs.listing import read_json
-from ..runs.rundir import RunDirError, make_numbered
+from ..runs.rundir import RunDirError, make_numbered, read_json
 
 PLAN = "sweep.json"
 MAX_RUNS = 1000

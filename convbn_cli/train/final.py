@@ -1,0 +1,136 @@
+"""The run's final model: which weights, BN statistics that do not lag, and one checkpoint that every command opens.
+
+Why this exists: BN's moving averages start at mean 0 / variance 1 and trail the weights. After a short run they
+describe none of the weights training went through, whatever the decay (measured: one epoch of mnist_bn on 5,000
+images ended at 11.35% test accuracy with decay 0.99, and at 21.4% and 11.4% with 0.9, while the same weights gave
+~95% with each batch's own statistics). So at the end of training:
+
+1. The final weights are chosen: the EMA of the weights (train.ema), else the best epoch's checkpoint (the best
+   validation accuracy), which is what `--checkpoint best` has always opened.
+2. Under mixed precision they are copied into a float32 model, the one eval and export build, so that what is
+   calibrated and measured here is what every later command runs.
+3. The moving statistics are checked: validation accuracy (or, without a validation split, accuracy on the first
+   training images) with the moving statistics against the same images with each batch's own statistics. A gap
+   larger than the comparison's noise means the statistics lag.
+4. Precise BN (model/precise_bn.py) recomputes them for the final weights: always for the EMA (its weights never ran
+   a training step), with `train.precise_bn: always`, and with `auto` (the default) when step 3 found a lag; `auto`
+   keeps the result only if it does not lower the moving-statistics accuracy it is judged by.
+5. The final model is saved where it belongs (checkpoints/ema/, checkpoints/recalibrated/, or it is the best
+   checkpoint itself) and named in results.json ("final_checkpoint"); `--checkpoint best` opens exactly that, so
+   the summary's test accuracy is the accuracy of the model the next command opens.
+
+A warm-up of the moving average (effective decay min(decay, (1 + t) / (10 + t)), as
+tf.train.ExponentialMovingAverage's num_updates) was the alternative; it removes the start at 0 / 1 but not the
+lag behind weights that change fast, which is what decay 0.9 runs suffered from (README, "Why short runs used to
+fail"), and it would change `model.bn.decay`'s TF1 meaning. Precise BN fixes both, for the cost of a pass over
+`train.precise_bn.batches` batches per BN layer, paid only when the statistics lag.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.pipeline import calibration_batches, eval_dataset
+from ..model import Evaluator, bn_layers, build_model, recalibrate_model
+from ..runs.checkpoints import restore, save_ema, save_recalibrated
+
+GAP_TRAIN_IMAGES = 5000  # without a validation split, the lag is measured on the first training images
+NOISE_FLOOR = 0.002  # never call a gap below 0.2 points material, however many images were compared
+
+
+@dataclass
+class Gap:
+    """Accuracy on the same images with the moving BN statistics and with each batch's own."""
+
+    split: str
+    moving_acc: float
+    batch_acc: float
+    count: int
+
+    @property
+    def gap(self) -> float:
+        return self.batch_acc - self.moving_acc
+
+    @property
+    def noise(self) -> float:
+        """Two standard errors of the difference of the two accuracies (binomial, as if independent: generous)."""
+        n = max(self.count, 1)
+        spread = self.moving_acc * (1 - self.moving_acc) + self.batch_acc * (1 - self.batch_acc)
+        return max(NOISE_FLOOR, 2.0 * math.sqrt(spread / n))
+
+    @property
+    def material(self) -> bool:
+        return self.gap > self.noise
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "images": self.count, "moving_acc": self.moving_acc,
+                "batch_acc": self.batch_acc, "gap": self.gap, "noise": self.noise}
+
+
+def measure_gap(model, splits, cfg, batch_acc: float | None = None) -> Gap:
+    """The moving-vs-batch statistics comparison; `batch_acc` reuses a batch-statistics accuracy measured before
+    (it does not depend on the moving statistics)."""
+    split, limit = ("val", None) if splits.size("val") else ("train", GAP_TRAIN_IMAGES)
+    classes = cfg.dataset.num_classes
+    moving = Evaluator(model, classes)(eval_dataset(splits, cfg, split, limit=limit))
+    if batch_acc is None:  # batches of the training size: the statistics training normalized with
+        batch_acc = Evaluator(model, classes, "batch")(
+            eval_dataset(splits, cfg, split, cfg.data.batch_size, limit=limit))["accuracy"]
+    return Gap("validation" if split == "val" else "training", moving["accuracy"], batch_acc, moving["count"])
+
+
+def settle(trainer, results: dict):
+    """Make the run's final model (steps 1-5 of the module docstring); record what was done in `results`.
+
+    Returns (model, checkpoint prefix, Gap): the float32 model to report on, where it is saved, and its BN check.
+    Sets `trainer.test_before` to the test result before the EMA or precise BN (None when neither was kept).
+    """
+    cfg, run, precise = trainer.cfg, trainer.run, trainer.cfg.train.precise_bn
+    ema = cfg.train.ema is not None
+    trainer.test_before = None
+    if ema:
+        trainer.test_before = trainer.evaluate_test(float32_model(trainer))  # the raw weights, for comparison
+        trainer.optimizer.finalize_variable_values(trainer.model.trainable_variables)
+        source = trainer.manager.latest_checkpoint
+    else:
+        source = trainer.best_manager.latest_checkpoint or trainer.manager.latest_checkpoint
+    model = float32_model(trainer)
+    if not ema and source != trainer.manager.latest_checkpoint:
+        restore(model, source)  # the best epoch's weights and statistics, as `--checkpoint best` opens them
+    before = measure_gap(model, trainer.splits, cfg)
+    record = {"mechanism": "none", "split": before.split, "before": before.to_json()}
+    prefix, final_gap = source, before
+    if ema or (precise is not None and (precise.when == "always" or before.material)):
+        record.update(mechanism="ema" if ema else "precise_bn",
+                      trigger="train.ema" if ema else f"train.precise_bn: {precise.when}")
+        kept_stats = [(v, v.numpy()) for layer in bn_layers(model) for v in (layer.moving_mean, layer.moving_variance)]
+        if not ema:
+            trainer.test_before = trainer.evaluate_test(model)
+        n = cfg.train.ema_bn_batches if ema else precise.batches
+        changes = recalibrate_model(model, calibration_batches(trainer.splits, cfg, n), progress=trainer.progress)
+        after = measure_gap(model, trainer.splits, cfg, batch_acc=before.batch_acc)
+        record.update(batches=changes.batches, after=after.to_json())
+        if not ema and precise.when == "auto" and after.moving_acc < before.moving_acc:
+            for var, value in kept_stats:  # it did not help: the trained statistics stay
+                var.assign(value)
+            record["kept"], trainer.test_before = False, None
+        else:
+            record["kept"], final_gap = True, after
+            prefix = save_ema(model, run, source) if ema else save_recalibrated(model, run, source)
+    if ema and final_gap.split == "validation":  # for choosing a recipe: the final model's validation accuracy
+        results["ema_val_acc"] = final_gap.moving_acc
+    results.update(bn_statistics=record, inference_gap=final_gap.to_json(),
+                   final_checkpoint=Path(prefix).resolve().relative_to(run.path.resolve()).as_posix())
+    return model, prefix, final_gap
+
+
+def float32_model(trainer):
+    """The trainer's model, or under mixed precision a float32 copy of it (what eval and export build): BN
+    statistics measured in bfloat16 are ~5e-3 off a float64 reference, in float32 ~6e-5."""
+    if trainer.cfg.train.precision == "float32":
+        return trainer.model
+    copy = build_model(trainer.cfg)
+    copy.set_weights(trainer.model.get_weights())
+    return copy
