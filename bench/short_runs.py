@@ -5,7 +5,11 @@ For each run it reports the test accuracy of the run's final model (what the sum
 opens), the same weights' test accuracy with each batch's own BN statistics (`convbn eval RUN --bn-stats batch`),
 the test accuracy before precise BN (what a run without it ended at), which mechanism ran, and the wall time.
 
-    python bench/short_runs.py [--seeds 0 1 2] [--decays 0.99 0.999] [--set KEY=VALUE ...]
+`--warmup` measures the alternative issue 22 named instead: a warm-up of the moving average, effective decay
+min(decay, (1 + t) / (10 + t)) at BN update t (tf.train.ExponentialMovingAverage's num_updates), patched into
+convbn's two BN layers for this process only; combine it with `--set train.precise_bn=off` to see it alone.
+
+    python bench/short_runs.py [--seeds 0 1 2] [--decays 0.99 0.999] [--warmup] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -30,12 +34,56 @@ def cpu() -> str:
     return f"{model} ({' '.join(sorted(f for f in flags if f.startswith(('avx512_bf16', 'amx', 'avx2'))))})"
 
 
+def use_warmup():
+    """Make convbn build BN layers whose moving average warms up (see the module docstring)."""
+    import tensorflow as tf
+
+    from convbn_cli.model import builder
+    from convbn_cli.model.fused_bn import FusedBatchNorm
+    from convbn_cli.model.keras_bn import BatchNormalization
+
+    def warm(cls):
+        class Warm(cls):
+            def build(self, input_shape):
+                super().build(input_shape)
+                self.decay = self.momentum
+                self.updates_done = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                                    name="updates_done", autocast=False)
+
+            def call(self, inputs, training=None, **kwargs):
+                if not (training and self.trainable):
+                    return super().call(inputs, training=training, **kwargs)
+                t = self.updates_done
+                self.momentum = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))  # read by the parent's update
+                try:
+                    out = super().call(inputs, training=training, **kwargs)
+                finally:
+                    self.momentum = self.decay
+                self.updates_done.assign_add(1.0)
+                return out
+
+        Warm.__name__ = f"Warmup{cls.__name__}"
+        return Warm
+
+    classes = {FusedBatchNorm: warm(FusedBatchNorm), BatchNormalization: warm(BatchNormalization)}
+    original = builder.make_bn_layer
+
+    def make(*args, **kwargs):
+        layer = original(*args, **kwargs)
+        return classes[type(layer)].from_config(layer.get_config())
+
+    builder.make_bn_layer = make
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--decays", type=float, nargs="+", default=[0.99, 0.999])
     parser.add_argument("--set", nargs="*", default=[], help="more KEY=VALUE overrides")
+    parser.add_argument("--warmup", action="store_true", help="BN moving averages with a warm-up of the decay")
     args = parser.parse_args()
+    if args.warmup:
+        use_warmup()
 
     from convbn_cli.analysis import evaluate
     from convbn_cli.config import load_config

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 tf = pytest.importorskip("tensorflow")
 
 from conftest import REPO, tiny_raw  # noqa: E402
+from convbn_cli.analysis import inspect_bn  # noqa: E402
+from convbn_cli.analysis.diagnose import diagnose  # noqa: E402  (the package's lazy name is shadowed by the module)
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.data.pipeline import calibration_batches, eval_dataset, make_splits  # noqa: E402
@@ -72,6 +74,9 @@ def test_a_short_run_ends_at_the_accuracy_its_weights_have(tmp_path, mnist, deca
         assert bn["mechanism"] == "precise_bn" and bn["kept"] and bn["trigger"] == "train.precise_bn: auto"
         assert res["final_checkpoint"].startswith("checkpoints/recalibrated/")
         assert res["before_precise_bn"]["test_acc"] < reference - 0.2  # ... and what the user saw before
+        # diagnose, which the summary suggests next, judges the statistics precise BN computed, not the decay
+        names = [f.name for f in diagnose(result.run_dir, batches=5)["findings"]]
+        assert "decay_too_slow" not in names and "inference_training_gap" not in names, names
     assert res["inference_gap"]["gap"] <= res["inference_gap"]["noise"]
 
 
@@ -123,6 +128,7 @@ def test_the_summary_reports_the_model_eval_opens(tmp_path, mnist, mnist_cache, 
     shown = eval_json(result.run_dir, monkeypatch, mnist_cache)
     assert shown["checkpoint"] == str(result.run_dir / res["final_checkpoint"]) == res["checkpoint"]
     assert shown["accuracy"] == res["test_acc"] == result.test_acc
+    assert inspect_bn(result.run_dir)["checkpoint"] == res["checkpoint"]  # every command opens the one resolver's
     summary = [line for line in lines if line.startswith("best epoch")]
     assert summary == [f"best epoch {res['best_epoch']}: validation accuracy {res['best_val_acc']:.2%}; final "
                        f"model {res['final_checkpoint']}: test accuracy {res['test_acc']:.2%}; "

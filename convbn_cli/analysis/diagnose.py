@@ -10,6 +10,7 @@ Severity: "error" (inference is wrong, or will be), "warning" (likely to cost ac
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -371,7 +372,11 @@ def _convbn_context(t, batches, log) -> Context:
     x = normalizer(cfg)(getattr(splits, f"x_{split}")[:n]).numpy()
     y = getattr(splits, f"y_{split}")[:n].numpy()
     rows = t.run.read_metrics() if t.run is not None else []
-    steps = rows[-1]["step"] if rows else None
+    # a precise-BN or EMA checkpoint's statistics were computed for its weights, not averaged with the decay over
+    # the training steps: the decay has nothing left to say about them (they are judged by what they measure)
+    computed = t.run is not None and Path(t.source).parent.resolve() in (t.run.recalibrated.resolve(),
+                                                                         t.run.ema.resolve())
+    steps = rows[-1]["step"] if rows and not computed else None
     calib = [xb for xb, _ in calibration_batches(splits, cfg, batches)]
     return Context(t.model, cfg.dataset.num_classes, x, y, max(bs, 2), calib, steps, cfg, t.kind)
 

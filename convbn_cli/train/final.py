@@ -1,9 +1,10 @@
 """The run's final model: which weights, BN statistics that do not lag, and one checkpoint that every command opens.
 
 Why this exists: BN's moving averages start at mean 0 / variance 1 and trail the weights. After a short run they
-describe none of the weights training went through, whatever the decay (measured: one epoch of mnist_bn on 5,000
-images ended at 11.35% test accuracy with decay 0.99, and at 21.4% and 11.4% with 0.9, while the same weights gave
-~95% with each batch's own statistics). So at the end of training:
+still carry their start, whatever the decay: one epoch of mnist_bn on 5,000 images (35 steps) ended at 11-21% test
+accuracy with decay 0.9, 11.35% with 0.99 and 24-37% with 0.999 (3 seeds each), while the same weights gave 95.1-95.9%
+with each batch's own statistics. Even 0.9^35 = 2.5% of the initial variance 1 is many times the true variance of
+a first conv layer's output. So at the end of training:
 
 1. The final weights are chosen: the EMA of the weights (train.ema), else the best epoch's checkpoint (the best
    validation accuracy), which is what `--checkpoint best` has always opened.
@@ -19,11 +20,13 @@ images ended at 11.35% test accuracy with decay 0.99, and at 21.4% and 11.4% wit
    checkpoint itself) and named in results.json ("final_checkpoint"); `--checkpoint best` opens exactly that, so
    the summary's test accuracy is the accuracy of the model the next command opens.
 
-A warm-up of the moving average (effective decay min(decay, (1 + t) / (10 + t)), as
-tf.train.ExponentialMovingAverage's num_updates) was the alternative; it removes the start at 0 / 1 but not the
-lag behind weights that change fast, which is what decay 0.9 runs suffered from (README, "Why short runs used to
-fail"), and it would change `model.bn.decay`'s TF1 meaning. Precise BN fixes both, for the cost of a pass over
-`train.precise_bn.batches` batches per BN layer, paid only when the statistics lag.
+The alternative, a warm-up of the moving average (effective decay min(decay, (1 + t) / (10 + t)), as
+tf.train.ExponentialMovingAverage's num_updates), was measured too (bench/short_runs.py --warmup, BENCHMARKS.md
+"Short runs"): on those 9 short runs it did as well (within 0.33 points of the batch-statistics accuracy, precise
+BN within 0.31). It was not adopted: it adds a counter to every BN layer (checkpoints and exports change), it changes
+what `model.bn.decay` means early in training (TF1's meaning is kept exactly), and it does nothing for the EMA's
+weights or for statistics that trail weights still moving at the end, which precise BN handles anyway. Precise BN
+costs a pass over `train.precise_bn.batches` batches per BN layer, paid only when the statistics lag.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ..data.pipeline import calibration_batches, eval_dataset
 from ..model import Evaluator, bn_layers, build_model, recalibrate_model
@@ -81,17 +85,21 @@ def measure_gap(model, splits, cfg, batch_acc: float | None = None) -> Gap:
     return Gap("validation" if split == "val" else "training", moving["accuracy"], batch_acc, moving["count"])
 
 
-def settle(trainer, results: dict):
-    """Make the run's final model (steps 1-5 of the module docstring); record what was done in `results`.
+@dataclass
+class FinalModel:
+    model: object  # the float32 Keras model to report on
+    checkpoint: str  # where it is saved: what `--checkpoint best` opens
+    gap: Gap  # its moving-vs-batch statistics check
+    test_before: Optional[dict]  # the test result before the EMA or precise BN (None when neither was kept)
 
-    Returns (model, checkpoint prefix, Gap): the float32 model to report on, where it is saved, and its BN check.
-    Sets `trainer.test_before` to the test result before the EMA or precise BN (None when neither was kept).
-    """
+
+def settle(trainer, results: dict) -> FinalModel:
+    """Make the run's final model (steps 1-5 of the module docstring); record what was done in `results`."""
     cfg, run, precise = trainer.cfg, trainer.run, trainer.cfg.train.precise_bn
     ema = cfg.train.ema is not None
-    trainer.test_before = None
+    test_before = None
     if ema:
-        trainer.test_before = trainer.evaluate_test(float32_model(trainer))  # the raw weights, for comparison
+        test_before = trainer.evaluate_test(float32_model(trainer))  # the raw weights, for comparison
         trainer.optimizer.finalize_variable_values(trainer.model.trainable_variables)
         source = trainer.manager.latest_checkpoint
     else:
@@ -107,7 +115,7 @@ def settle(trainer, results: dict):
                       trigger="train.ema" if ema else f"train.precise_bn: {precise.when}")
         kept_stats = [(v, v.numpy()) for layer in bn_layers(model) for v in (layer.moving_mean, layer.moving_variance)]
         if not ema:
-            trainer.test_before = trainer.evaluate_test(model)
+            test_before = trainer.evaluate_test(model)
         n = cfg.train.ema_bn_batches if ema else precise.batches
         changes = recalibrate_model(model, calibration_batches(trainer.splits, cfg, n), progress=trainer.progress)
         after = measure_gap(model, trainer.splits, cfg, batch_acc=before.batch_acc)
@@ -115,7 +123,7 @@ def settle(trainer, results: dict):
         if not ema and precise.when == "auto" and after.moving_acc < before.moving_acc:
             for var, value in kept_stats:  # it did not help: the trained statistics stay
                 var.assign(value)
-            record["kept"], trainer.test_before = False, None
+            record["kept"], test_before = False, None
         else:
             record["kept"], final_gap = True, after
             prefix = save_ema(model, run, source) if ema else save_recalibrated(model, run, source)
@@ -123,7 +131,7 @@ def settle(trainer, results: dict):
         results["ema_val_acc"] = final_gap.moving_acc
     results.update(bn_statistics=record, inference_gap=final_gap.to_json(),
                    final_checkpoint=Path(prefix).resolve().relative_to(run.path.resolve()).as_posix())
-    return model, prefix, final_gap
+    return FinalModel(model, prefix, final_gap, test_before)
 
 
 def float32_model(trainer):

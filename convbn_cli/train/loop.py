@@ -328,10 +328,10 @@ class Trainer:
         results.json."""
         results = {"epochs": self.epochs, "epochs_done": self.metrics[-1]["epoch"] if self.metrics else 0,
                    **self.best(), "stopped_early": self.stop_reason}
-        model, prefix, gap = final.settle(self, results)
+        settled = final.settle(self, results)
+        model, gap, before = settled.model, settled.gap, settled.test_before
         test = self.evaluate_test(model)
-        results.update(test_loss=test["loss"], test_acc=test["accuracy"], checkpoint=str(prefix))
-        before = self.test_before
+        results.update(test_loss=test["loss"], test_acc=test["accuracy"], checkpoint=str(settled.checkpoint))
         if before is not None:  # what the EMA or precise BN changed, on the test set
             key = "before_ema" if self.cfg.train.ema is not None else "before_precise_bn"
             results[key] = {"test_loss": before["loss"], "test_acc": before["accuracy"]}
