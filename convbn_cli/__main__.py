@@ -1,5 +1,5 @@
 """`python -m convbn_cli`: the same as the `convbn` command."""
 
-from .cli import main
+from .cli import entry
 
-main(prog_name="convbn")
+entry()

@@ -33,6 +33,14 @@ class ConfigError(ConvbnError):
         return self.problems
 
 
+class DataError(ConvbnError):
+    """A data file or source that cannot be used."""
+
+
+class TargetError(ConvbnError):
+    """A TARGET (run directory, checkpoint, exported model) that is missing, unreadable, or does not fit."""
+
+
 class Terminated(ConvbnError):
     """A signal (SIGTERM) ended a command that was not training; exit 128 + signal number."""
 

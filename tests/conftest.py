@@ -1,9 +1,20 @@
 """Shared fixtures: a real MNIST cache (fetched once per session through the real PyPI path), small
-synthetic data sets, and tiny configs, so that most tests run in seconds on two cores."""
+synthetic data sets, and tiny configs, so that most tests run in seconds on two cores.
+
+Tiers. Every test is marked here, from what it and the fixtures it uses do (their source text), so that no test
+has to remember to mark itself:
+    network  it needs the real MNIST (the session's first use fetches it from PyPI) or fetches data itself;
+    train    it trains a model through convbn's trainer (a run directory, end-of-run work) or a sweep;
+    process  it starts convbn (or Python) in a subprocess: start-up, signals, workers.
+The README's test command runs the rest, the fast tier (pyproject's addopts: -m "not slow"); `.ci/run` runs that
+and then the slow tier (`-m slow`, every test with one of the three marks).
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +27,37 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+TIERS = {  # mark: what in a test's (or its fixtures') source puts it in the slow tier (and the fixtures mnist and
+    # mnist_cache: network)
+    "network": re.compile(r"\bfetch\(|_apt_get_can_download"),
+    "train": re.compile(r"(?<![\w.])train\(|run_training\(|run_sweep\(|\bsweep\b.*\binvoke\(|\[\"train\""),
+    "process": re.compile(r"\brun_cli\(|\bsubprocess\.|\bPopen\("),
+}
+
+
+def _sources(item) -> str:
+    """The test function's source and that of every fixture it uses (directly or through other fixtures)."""
+    funcs = [getattr(item, "function", None)]
+    for defs in getattr(item, "_fixtureinfo").name2fixturedefs.values():
+        funcs += [d.func for d in defs]
+    texts = []
+    for f in funcs:
+        try:
+            texts.append(inspect.getsource(f))
+        except (OSError, TypeError):  # pytest's own fixtures (tmp_path, monkeypatch, ...)
+            pass
+    return "\n".join(texts)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        text = _sources(item)
+        marks = [name for name, pattern in TIERS.items() if pattern.search(text)]
+        if {"mnist", "mnist_cache"} & set(getattr(item, "fixturenames", ())) and "network" not in marks:
+            marks.append("network")
+        for name in marks + (["slow"] if marks else []):
+            item.add_marker(name)
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +159,8 @@ def tiny_raw(tmp_path, **over):
             ],
         },
         "train": {"epochs": 2, "optimizer": {"name": "adam", "lr": 0.01}, "seed": 1, "deterministic": True},
-        "output": {"root": str(tmp_path / "runs"), "name": "tiny"},
+        # no pictures: a third of a tiny run's time; the tests of the pictures turn them back on
+        "output": {"root": str(tmp_path / "runs"), "name": "tiny", "plots": False},
     }
     for key, value in over.items():
         node = raw

@@ -64,8 +64,8 @@ def test_a_built_in_config_trains(tmp_path, monkeypatch, synthetic):
 def run(tmp_path_factory, synthetic):
     tmp = tmp_path_factory.mktemp("exp")
     lines = []
-    result = train(load_config(raw=tiny_raw(tmp, **{"train.epochs": 3})), data=synthetic, log=lines.append,
-                   progress=False, overrides=("train.epochs=3",))
+    result = train(load_config(raw=tiny_raw(tmp, **{"train.epochs": 3, "output.plots": True})), data=synthetic,
+                   log=lines.append, progress=False, overrides=("train.epochs=3",))
     return result, lines
 
 

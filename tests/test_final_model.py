@@ -68,6 +68,7 @@ def test_a_short_run_ends_at_the_accuracy_its_weights_have(tmp_path, mnist, deca
     bn = res["bn_statistics"]
     reference = batch_statistics_accuracy(result.run_dir / res["final_checkpoint"], cfg, mnist)
     assert reference > 0.5  # the weights did learn
+    assert not (result.run_dir / "curves.png").exists()  # tiny_raw's output.plots: false
     assert abs(res["test_acc"] - reference) <= 0.02
     if decay == 0.999:
         assert bn["before"]["moving_acc"] < bn["before"]["batch_acc"] - 0.2  # the lag was real ...

@@ -421,6 +421,7 @@ class OutputConfig(Strict):
         = None
     keep_checkpoints: In(1, 1000, kind=int) = 3
     log_every_steps: In(1, 1_000_000, kind=int) = 20  # TensorBoard: training loss and learning rate every N steps
+    plots: bool = True  # curves.png after every epoch and confusion_matrix.png at the end
 
 
 class Config(Strict):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConvbnError
+from .. import errors
 from ..files import atomic_open
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -25,8 +25,7 @@ IDX_FILES = {  # the four files of the original distribution, for either dataset
 }
 
 
-class DataError(ConvbnError):
-    """A data file or source that cannot be used (one-line message)."""
+DataError = errors.DataError  # a data file or source that cannot be used (one-line message)
 
 
 # --------------------------------------------------------------------------- IDX

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from ..errors import ConvbnError
+from ..errors import TargetError
 from ..files import write_text_atomic
 from . import CHECKPOINT_CHOICES as CHOICES
 from .rundir import RunDir, RunDirError, checkpoint_step, next_number
 
 
-class CheckpointError(ConvbnError):
-    """A checkpoint that is missing, unreadable, or does not fit the model."""
+CheckpointError = TargetError  # a checkpoint that is missing, unreadable, or does not fit the model
 
 
 def training_managers(ckpt, run: RunDir, keep: int):

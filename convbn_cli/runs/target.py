@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from ..config.schema import Config
 from .checkpoints import CheckpointError, find, restore, run_of_prefix
+from .locate import locate
 
 PIXELS_INPUT = "pixels"  # the input name of an export that takes raw pixels (export/fold.py)
 from .rundir import RunDir, RunDirError
@@ -66,24 +67,18 @@ def open_target(target, which="best", *, tflite=False) -> Target:
 
     Raises CheckpointError (exit 2, one line) for anything that is not a usable target.
     """
-    path = Path(target)
-    if path.suffix == ".keras":
+    where = locate(target, tflite=tflite)
+    path = where.path
+    if where.kind == "keras":
         return _open_keras(path)
-    if path.suffix == ".tflite":
-        if not tflite:
-            raise CheckpointError(f"{path}: this command needs a Keras model or a checkpoint, not a .tflite file")
+    if where.kind == "tflite":
         return _open_tflite(path)
     try:
-        if path.is_dir():
+        if where.kind == "run":
             run = RunDir.open(path)
             prefix = find(run, which)
-        elif Path(str(path) + ".index").is_file():
-            prefix, run = str(path), run_of_prefix(path)
-        elif path.suffix == ".index" or ".data-" in path.name:
-            raise CheckpointError(f"{path}: give the checkpoint prefix without its extension, e.g. "
-                                  f"{str(path).split('.index')[0].split('.data-')[0]}")
         else:
-            raise CheckpointError(f"{path}: no such run directory or checkpoint")
+            prefix, run = str(path), run_of_prefix(path)
         cfg = run.load_config()
     except RunDirError as e:
         raise CheckpointError(str(e)) from None
@@ -95,14 +90,9 @@ def open_target(target, which="best", *, tflite=False) -> Target:
 
 
 def _open_keras(path: Path) -> Target:
-    import zipfile
-
     import keras
 
     run, cfg = _run_above(path)
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a Keras model file (a .keras file is a zip archive; this one is "
-                              f"{'empty' if path.stat().st_size == 0 else 'something else'})")
     try:
         model = keras.saving.load_model(path, safe_mode=True)  # safe_mode: no arbitrary code from the file
     except Exception as e:  # noqa: BLE001  a damaged archive fails in many ways (ValueError, KeyError, OSError, ...)
@@ -163,8 +153,6 @@ def open_interpreter(path):
 
 def _run_above(path: Path):
     """(run, config) of the run directory above an exported file, or (None, None) for a file from elsewhere."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
     run_dir = next((p for p in path.resolve().parents if (p / "config.yaml").is_file()), None)
     if run_dir is None:
         return None, None

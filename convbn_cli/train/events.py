@@ -110,6 +110,11 @@ class TensorBoard(Subscriber):
         self.train.flush()
         self.val.flush()
 
+    def on_close(self, trainer):
+        for writer in (getattr(self, "train", None), getattr(self, "val", None)):
+            if writer is not None:
+                writer.close()  # everything on disk now: the CLI's exit skips the interpreter's teardown
+
 
 class Provenance(Subscriber):
     """run.json: how the run was made (runs/provenance.py), written once setup and restore have succeeded, so
@@ -164,7 +169,8 @@ class Console(Subscriber):
             self.log(f"best epoch {results['best_epoch']}: validation accuracy {results['best_val_acc']:.2%}; "
                      f"final model {results['final_checkpoint']}: test accuracy {results['test_acc']:.2%}; "
                      f"{results['wall_time_s']:.0f} s")
-        self.log(f"see {run}: curves.png, confusion_matrix.png, metrics.csv, run.json")
+        pictures = "curves.png, confusion_matrix.png, " if trainer.cfg.output.plots else ""
+        self.log(f"see {run}: {pictures}metrics.csv, run.json")
         self.log(f"next: convbn eval {run} | convbn inspect-bn {run} | convbn diagnose {run} | "
                  f"convbn export {run} --fold-bn")
 

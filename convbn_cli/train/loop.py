@@ -114,8 +114,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         log, warn, progress = _silent, _silent, False
     if resume is not None and not hasattr(resume, "run"):
         resume = open_for_resume(resume)
-    subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Plots(),
-                   events.Console(log)]
+    subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Console(log)]
+    subscribers += [events.Plots()] if cfg.output.plots else []
     if cfg.train.early_stopping is not None:
         subscribers.append(events.EarlyStopping(cfg.train.early_stopping))
     if chief:  # run.json, once the run (or the resume) has really started

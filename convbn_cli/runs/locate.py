@@ -1,0 +1,47 @@
+"""Where a TARGET is and what kind of thing it is, decided without TensorFlow (no TensorFlow).
+
+Every command that opens a target (`open_target`) asks here first, and the CLI asks before it imports TensorFlow,
+so that a mistyped path is one line in well under a second rather than after TensorFlow's start-up.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import TargetError
+from .rundir import RunDir, RunDirError
+
+
+@dataclass(frozen=True)
+class Located:
+    kind: str  # "run" (a run directory), "prefix" (a checkpoint prefix), "keras" or "tflite" (a model file)
+    path: Path
+
+
+def locate(target, *, tflite: bool = False) -> Located:
+    """What TARGET is; raise TargetError (one line) for anything that cannot be one. `tflite`: whether the command
+    can run a .tflite file."""
+    path = Path(target)
+    if path.suffix in (".keras", ".tflite"):
+        if path.suffix == ".tflite" and not tflite:
+            raise TargetError(f"{path}: this command needs a Keras model or a checkpoint, not a .tflite file")
+        if not path.is_file():
+            raise TargetError(f"{path}: no such file")
+        if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+            raise TargetError(f"{path}: not a Keras model file (a .keras file is a zip archive; this one is "
+                              f"{'empty' if path.stat().st_size == 0 else 'something else'})")
+        return Located(path.suffix[1:], path)
+    if path.is_dir():
+        try:
+            RunDir.open(path)
+        except RunDirError as e:
+            raise TargetError(str(e)) from None
+        return Located("run", path)
+    if Path(f"{path}.index").is_file():
+        return Located("prefix", path)
+    if path.suffix == ".index" or ".data-" in path.name:
+        raise TargetError(f"{path}: give the checkpoint prefix without its extension, e.g. "
+                          f"{str(path).split('.index')[0].split('.data-')[0]}")
+    raise TargetError(f"{path}: no such run directory or checkpoint")
