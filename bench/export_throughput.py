@@ -1,6 +1,6 @@
 """Inference throughput of a model exported with BN folded into the convolutions vs the unfolded model.
 
-Both are standard Keras models rebuilt from the same checkpoint (see convbn_cli/export/fold.py), run in
+Both are standard Keras models rebuilt from the same checkpoint (see convbn_cli/model/fold.py), run in
 the same process, alternating, on the same batch, so that machine noise affects both alike.
 
     python bench/export_throughput.py RUN_DIR [--batch 256] [--rounds 7] [--seconds 1.5]
@@ -25,7 +25,7 @@ tf = import_tensorflow()
 import numpy as np  # noqa: E402
 
 from convbn_cli.config import load_config  # noqa: E402
-from convbn_cli.export import standard_model  # noqa: E402
+from convbn_cli.model.fold import standard_model  # noqa: E402
 from convbn_cli.model import bn_layers, build_model  # noqa: E402
 from convbn_cli.runs.target import open_target  # noqa: E402
 

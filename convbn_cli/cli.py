@@ -479,7 +479,7 @@ def runs_list(root, as_json):
 @json_option
 def runs_compare(run_dirs, plot_path, force, as_json):
     """The config differences of the runs in RUN_DIR..., their results, and their curves in one picture."""
-    from .analysis.plots import compare_curves
+    from .present.plots import compare_curves
     from .errors import ConvbnError
     from .reports import CompareReport, dumps
     from .runs.listing import compare_runs

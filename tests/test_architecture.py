@@ -17,7 +17,7 @@ import keras  # noqa: E402
 
 from conftest import REPO  # noqa: E402
 from convbn_cli.errors import ConvbnError  # noqa: E402
-from convbn_cli.export.fold import fold_weights, foldable_pairs, standard_model  # noqa: E402
+from convbn_cli.model.fold import fold_weights, foldable_pairs, standard_model  # noqa: E402
 from convbn_cli.model import FusedBatchNorm, bn_layers, forward_fn, recalibrate_model  # noqa: E402
 from convbn_cli.model.stats import bn_layer_parameters  # noqa: E402
 from convbn_cli.runs.rundir import RunDir, next_number  # noqa: E402
@@ -175,6 +175,167 @@ def test_precise_bn_on_a_functional_graph_uses_each_bns_own_input():
 
 def _modules():
     return sorted(PACKAGE.rglob("*.py"))
+
+
+# The package's layers, lowest first: a module imports from its own layer and the ones below, never above (the
+# pipeline: config -> data -> model -> runs -> train -> analysis / export -> what the CLI prints).
+LAYERS = [
+    {"errors", "files", "lazy", "tf_setup", "launcher", "version"},  # helpers with no convbn dependencies
+    {"data"},  # the registry names the datasets the config may choose
+    {"config"},
+    {"model"},
+    {"runs"},
+    {"present"},  # plots: drawn by training, sweeps and the CLI
+    {"train"},
+    {"analysis"},
+    {"export"},
+    {"reports"},
+    {"cli", "api", "__init__", "__main__"},
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def internal_imports():
+    """(importer, imported module, line) for every import of convbn_cli by itself, at module level or inside a
+    function (those run too), but not under `if TYPE_CHECKING:` (never run). `from pkg import sub` counts as an
+    import of the submodule pkg.sub."""
+    modules = {_module_name(p) for p in _modules()}
+    found = []
+    for p in _modules():
+        me = _module_name(p)
+        package = me if p.name == "__init__.py" else me.rsplit(".", 1)[0]
+        tree = ast.parse(p.read_text())
+        skipped = {id(n) for top in ast.walk(tree) if _is_type_checking(top) for n in ast.walk(top)}
+        for node in ast.walk(tree):
+            if id(node) in skipped or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("convbn_cli")]
+            else:
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                elif (node.module or "").startswith("convbn_cli"):
+                    source = node.module
+                else:
+                    continue
+                targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names]
+            found += [(me, t, node.lineno) for t in dict.fromkeys(targets)]
+    return found
+
+
+def _layer(module: str) -> int:
+    name = module.split(".")[1] if "." in module else "__init__"
+    return next(i for i, names in enumerate(LAYERS) if name in names)
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in map(_module_name, _modules()) if not any(
+        (m.split(".")[1] if "." in m else "__init__") in names for names in LAYERS)] == []
+
+
+def test_no_import_runs_back_up_the_layers():
+    upward = [f"{a} (line {line}) -> {b}" for a, b, line in internal_imports() if _layer(b) > _layer(a)]
+    assert upward == []
+
+
+def test_no_import_circles():
+    """No module reaches itself through imports (Tarjan's strongly connected components of the import graph)."""
+    graph = {}
+    for a, b, _ in internal_imports():
+        if a != b:
+            graph.setdefault(a, set()).add(b)
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert circles == []
+
+
+def test_one_lazy_mechanism_and_no_lazy_name_a_submodule_could_replace():
+    """Package __init__ files hold no wrapper functions (lazy.lazy_names is the one way to defer an import), and
+    no lazy name equals a submodule's name (importing the submodule would replace the name)."""
+    import importlib
+
+    for init in PACKAGE.rglob("__init__.py"):
+        assert not [n.name for n in ast.parse(init.read_text()).body if isinstance(n, ast.FunctionDef)], init
+        package = importlib.import_module(_module_name(init))
+        lazy = getattr(package, "_LAZY", {})
+        submodules = {p.stem for p in init.parent.glob("*.py")} | {p.name for p in init.parent.iterdir() if p.is_dir()}
+        assert not set(lazy) & submodules, (init, set(lazy) & submodules)
+
+
+def test_the_api_is_the_functions_themselves_and_cannot_be_shadowed():
+    import inspect
+
+    import convbn_cli
+    import convbn_cli.export  # noqa: F401  the subpackages that share a name with API functions
+    import convbn_cli.train  # noqa: F401
+    from convbn_cli import api
+    from convbn_cli.analysis.evaluation import evaluate
+    from convbn_cli.export.formats import export
+    from convbn_cli.train.loop import train
+
+    assert api.train is train and api.export is export and api.evaluate is evaluate  # real signatures and docs
+    assert "tta" in inspect.signature(api.evaluate).parameters and "warn" in inspect.signature(api.train).parameters
+    for name in convbn_cli._LAZY:  # what the package re-exports is the API's, whatever was imported before
+        assert getattr(convbn_cli, name) is getattr(api, name)
+    assert set(convbn_cli.__all__) <= set(api.__all__) | {"__version__"}
+
+
+def test_every_private_keras_name_convbn_uses_exists_in_this_keras():
+    from convbn_cli.model.keras_private import PRIVATE_NAMES
+
+    bn = keras.layers.BatchNormalization()
+    bn.build((None, 4, 4, 3))
+    inputs = keras.Input((2,))
+    probes = {keras.KerasTensor: inputs, keras.Model: keras.Model(inputs, keras.layers.Dense(1)(inputs)),
+              keras.layers.Layer: keras.layers.Dense(1), keras.layers.BatchNormalization: bn}
+    missing = [f"{owner.__name__}.{name}" for owner, name in PRIVATE_NAMES if not hasattr(probes[owner], name)]
+    assert missing == []
+    sources = "\n".join(p.read_text() for p in _modules() if p.name != "keras_private.py")
+    used = set(re.findall(r"\b(_keras_history|_run_through_graph|_call_has_training_arg|_moments|_reduction_axes)\b",
+                          sources))
+    assert used <= {name for _, name in PRIVATE_NAMES}
+
+
+def test_a_bn_setting_is_declared_once():
+    """A layer's `bn:` override has exactly model.bn's settings, with the same checks (it is derived from them)."""
+    from convbn_cli.config.schema import BNOverride, BNSettings
+
+    assert list(BNOverride.model_fields) == list(BNSettings.model_fields)
+    with pytest.raises(Exception, match="must be in \\[0, 1\\), got 1.5"):
+        BNOverride(decay=1.5)
 
 
 def test_analysis_and_export_never_import_train():

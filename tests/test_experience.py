@@ -95,7 +95,7 @@ def test_curves_and_confusion_matrix_are_drawn(run, tmp_path):
     result, _ = run
     assert_png_not_blank(result.run_dir / "curves.png")
     assert_png_not_blank(result.run_dir / "confusion_matrix.png")
-    from convbn_cli.analysis.plots import confusion_matrix
+    from convbn_cli.present.plots import confusion_matrix
     from convbn_cli.data.registry import FASHION_MNIST
 
     out = tmp_path / "fashion.png"

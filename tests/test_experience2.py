@@ -369,7 +369,7 @@ def test_listing_comparing_and_planning_need_no_tensorflow(three_runs, tmp_path)
             "r = CliRunner().invoke(main, ['runs', sys.argv[1]]); assert r.exit_code == 0, r.output; "
             "r = CliRunner().invoke(main, ['runs', 'compare', sys.argv[2], sys.argv[3], '--plot', sys.argv[4]]); "
             "assert r.exit_code == 0, r.output; "
-            "from convbn_cli.train import sweep; import convbn_cli.analysis.plots; "
+            "from convbn_cli.train import sweep; import convbn_cli.present.plots; "
             "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(root), str(results[0].run_dir), str(results[1].run_dir),
                           str(tmp_path / "c.png")], capture_output=True, text=True, timeout=120)

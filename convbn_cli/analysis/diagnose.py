@@ -19,7 +19,7 @@ from ..model import Evaluator, bn_layers, recalibrate_model
 from ..model.bn import channel_axis
 from ..model.graph import consumers, input_model, producer
 from ..model.stats import bn_layer_parameters
-from .external import external_data
+from ..data.external import external_data
 
 SEVERITIES = ("info", "warning", "error")
 MATERIAL_GAP = 0.02  # accuracy points between batch- and moving-statistics inference that call for a look
@@ -266,7 +266,7 @@ def check_unfolded_export(ctx) -> list:
     """An exported model that still computes BN at inference although each BN could fold into its conv/dense."""
     if ctx.kind != "export":
         return []
-    from ..export.fold import foldable_pairs
+    from ..model.fold import foldable_pairs
 
     pairs = foldable_pairs(ctx.model)
     if not pairs:

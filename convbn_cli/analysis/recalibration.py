@@ -12,7 +12,7 @@ from ..model import Evaluator, recalibrate_model
 from ..runs import checkpoint_step
 from ..runs.checkpoints import CheckpointError, save_recalibrated
 from ..runs.target import open_target
-from .external import external_data
+from ..data.external import external_data
 
 
 def recalibrate(target, *, which="best", batches: int | None = 200, split=None, data=None, data_source=None,
@@ -27,7 +27,7 @@ def recalibrate(target, *, which="best", batches: int | None = 200, split=None, 
         split: where to report accuracy ("val" or "test"; default val if the run has one).
         data: the run's dataset arrays (Keras' mnist.npz layout); fetched when None.
         data_source: for a .keras model from outside convbn: "mnist", "fashion_mnist" or an .npz with x and y
-            (see analysis/external.py); `scale` multiplies its pixels.
+            (see data/external.py); `scale` multiplies its pixels.
 
     Returns:
         source, checkpoint (what was written), split, batches (how many were averaged), before/after
@@ -68,7 +68,7 @@ def _save_beside(t) -> str:
     path = Path(t.source)
     model = t.model
     if t.pixel_affine is not None:  # the original took raw pixels: so does the recalibrated model
-        from ..export.fold import standard_model
+        from ..model.fold import standard_model
 
         model = standard_model(t.model, pixel_affine=t.pixel_affine)[0]
     for k in range(1, 10_000):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Annotated, ClassVar, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, create_model,
+                      model_validator)
 
 from ..data import registry
 
@@ -84,18 +85,16 @@ class BNSettings(Strict):
     moving_variance: Literal["biased", "unbiased"] = "biased"
 
 
-class BNOverride(Strict):
-    """A layer's `bn:` mapping: any subset of BNSettings, laid over `model.bn`."""
+def _all_optional(settings: type[Strict], name: str, doc: str) -> type[Strict]:
+    """A model with every field of `settings` (same types and checks), each optional and unset by default."""
+    fields = {n: (Optional[Annotated[(f.annotation, *f.metadata)]] if f.metadata else Optional[f.annotation], None)
+              for n, f in settings.model_fields.items()}
+    return create_model(name, __base__=Strict, __doc__=doc, __module__=__name__, **fields)
 
-    epsilon: Optional[Positive] = None
-    center: Optional[bool] = None
-    scale: Optional[bool] = None
-    decay: Optional[Fraction] = None
-    impl: Optional[Literal["auto", "fused", "keras"]] = None
-    renorm: Optional[bool] = None
-    renorm_momentum: Optional[Fraction] = None
-    renorm_clipping: Optional[RenormClipping] = None
-    moving_variance: Optional[Literal["biased", "unbiased"]] = None
+
+# A layer's `bn:` mapping: derived from BNSettings, so that a new BN setting is one line there.
+BNOverride = _all_optional(BNSettings, "BNOverride", "A layer's `bn:` mapping: any subset of BNSettings, laid over "
+                           "`model.bn`.")
 
 
 def _bn_switch(v):
@@ -128,10 +127,10 @@ def _out_len(n, k, s, d, padding):
 
 
 class LayerSpec(Strict):
-    """A layer type: its settings, and the two things every type knows how to do for itself.
+    """A layer type: its settings, and what every type works out for itself.
 
-    plan(shape, bn) -> (output shape, parameter count, use_bias), shapes channels-last without the batch;
-    keras_layer(planned, data_format, dtype) -> the Keras layer (imports Keras only when called).
+    plan(shape, bn) -> (output shape, parameter count, use_bias), shapes channels-last without the batch.
+    The Keras layer each type makes is built in model/layers.py (the config knows nothing of Keras).
     `input_rank` is the rank of input the layer needs: 3 (an image), 1 (a flat vector) or None (any).
     """
 
@@ -177,15 +176,6 @@ class ConvLayer(LayerSpec):
         return (f"{self.kernel[0]}x{self.kernel[1]}/{self.stride[0]}, {self.padding}"
                 + ("" if planned.use_bias else ", no bias (BN beta)"))
 
-    def keras_layer(self, planned, data_format, dtype):
-        import keras
-
-        from ..model.conv import Conv2D  # Keras' own, except for a channels_first bias (see model/conv.py)
-
-        conv = Conv2D if data_format == "channels_first" and planned.use_bias else keras.layers.Conv2D
-        return conv(self.filters, tuple(self.kernel), strides=tuple(self.stride), padding=self.padding,
-                    dilation_rate=tuple(self.dilation), use_bias=planned.use_bias, data_format=data_format,
-                    name=planned.name, dtype=dtype)
 
 
 class PoolLayer(LayerSpec):
@@ -208,12 +198,6 @@ class PoolLayer(LayerSpec):
     def note(self, planned):
         return f"{self.kind} {self.size[0]}x{self.size[1]}"
 
-    def keras_layer(self, planned, data_format, dtype):
-        import keras
-
-        pool = keras.layers.MaxPooling2D if self.kind == "max" else keras.layers.AveragePooling2D
-        return pool(tuple(self.size), strides=tuple(self.stride or self.size), padding=self.padding,
-                    data_format=data_format, name=planned.name, dtype=dtype)
 
 
 class DropoutLayer(LayerSpec):
@@ -225,10 +209,6 @@ class DropoutLayer(LayerSpec):
     def note(self, planned):
         return f"rate {self.rate:g}"
 
-    def keras_layer(self, planned, data_format, dtype):
-        import keras
-
-        return keras.layers.Dropout(self.rate, name=planned.name, dtype=dtype)
 
 
 class FlattenLayer(LayerSpec):
@@ -237,11 +217,6 @@ class FlattenLayer(LayerSpec):
     def plan(self, shape, bn):
         return (shape[0] * shape[1] * shape[2],), 0, True
 
-    def keras_layer(self, planned, data_format, dtype):
-        import keras
-
-        # Flatten in channels-last order for either layout, so dense weights mean the same thing.
-        return keras.layers.Flatten(data_format=data_format, name=planned.name, dtype=dtype)
 
 
 class GlobalPoolLayer(LayerSpec):
@@ -251,11 +226,6 @@ class GlobalPoolLayer(LayerSpec):
     def plan(self, shape, bn):
         return (shape[2],), 0, True
 
-    def keras_layer(self, planned, data_format, dtype):
-        import keras
-
-        pool = keras.layers.GlobalAveragePooling2D if self.kind == "avg" else keras.layers.GlobalMaxPooling2D
-        return pool(data_format=data_format, name=planned.name, dtype=dtype)
 
 
 class DenseLayer(LayerSpec):
@@ -274,10 +244,6 @@ class DenseLayer(LayerSpec):
     def note(self, planned):
         return "" if planned.use_bias else "no bias (BN beta)"
 
-    def keras_layer(self, planned, data_format, dtype):
-        import keras
-
-        return keras.layers.Dense(self.units, use_bias=planned.use_bias, name=planned.name, dtype=dtype)
 
 
 LAYER_CLASSES = {c.model_fields["type"].annotation.__args__[0]: c

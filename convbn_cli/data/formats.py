@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import errors
+from ..errors import DataError  # noqa: F401  (re-exported: a data file or source that cannot be used)
 from ..files import atomic_open
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -25,7 +25,6 @@ IDX_FILES = {  # the four files of the original distribution, for either dataset
 }
 
 
-DataError = errors.DataError  # a data file or source that cannot be used (one-line message)
 
 
 # --------------------------------------------------------------------------- IDX

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
-from ..config.schema import Config
 from . import registry
+
+if TYPE_CHECKING:  # the config is read, never imported: data sits below config (config/schema names the datasets)
+    from ..config.schema import Config
 
 
 @dataclass

@@ -86,7 +86,7 @@ def pixel_affine(dataset: str, normalize: str) -> tuple:
 
 
 def get(name: str) -> Dataset:
-    from .formats import DataError
+    from ..errors import DataError
 
     try:
         return REGISTRY[name]

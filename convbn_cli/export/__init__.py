@@ -1,23 +1,9 @@
-"""Export: standard Keras models (BN optionally folded into the convolutions) as .keras, SavedModel or TFLite.
+"""Export: standard Keras models (BN optionally folded into the convolutions, model/fold.py) as .keras, SavedModel
+or TFLite. FORMATS needs no TensorFlow (the CLI lists it in --help); `export` loads it on first use."""
 
-FORMATS needs no TensorFlow (the CLI lists it in --help); `export` and `standard_model` import it when called.
-"""
+from ..lazy import lazy_names
+from .output import FORMATS
 
-FORMATS = ("keras", "savedmodel", "tflite")
+__getattr__ = lazy_names(__name__, {"export": "formats"})
 
-
-def export(*args, **kwargs):
-    from .formats import export as _export
-
-    return _export(*args, **kwargs)
-
-
-def standard_model(*args, **kwargs):
-    from .fold import standard_model as _standard_model
-
-    return _standard_model(*args, **kwargs)
-
-
-export.__doc__ = "See convbn_cli.export.formats.export (imports TensorFlow when called)."
-standard_model.__doc__ = "See convbn_cli.export.fold.standard_model (imports TensorFlow when called)."
-__all__ = ["FORMATS", "export", "standard_model"]
+__all__ = ["FORMATS", "export"]

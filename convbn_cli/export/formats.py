@@ -13,13 +13,11 @@ from ..data.pipeline import normalizer
 from ..data.registry import pixel_affine
 from ..errors import ConvbnError
 from ..files import remove_stale_temporaries, staged
+from ..model.fold import standard_model
 from ..runs.checkpoints import CheckpointError
 from ..runs.target import open_interpreter, open_target, tflite_predict
 from ..tf_setup import quiet_native
-from .fold import standard_model
-from .output import check_output
-
-from . import FORMATS
+from .output import FORMATS, check_output
 MAX_LOGIT_DIFF = 1e-4
 
 
@@ -31,7 +29,7 @@ def _check_images(t, data, data_source, scale, n, log):
     """(pixels 0-255, normalized images) the exported model is checked on: the run's test images, or --data's
     for a model from elsewhere (pixels None: its export keeps its own input contract)."""
     if t.config is None:
-        from ..analysis.external import external_data
+        from ..data.external import external_data
 
         if data_source is None:
             raise CheckpointError(f"{t.source}: a model from outside convbn needs --data to check its export on")
@@ -101,7 +99,7 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
         which: a run directory's checkpoint ("best", "latest", "recalibrated", "ema" or a training step).
         check_images: how many test images the exported logits are compared on.
         force: replace a previous export at `output` (never anything else; see export/output.py).
-        data_source, scale: the check images for a .keras model from outside convbn (see analysis/external.py);
+        data_source, scale: the check images for a .keras model from outside convbn (see data/external.py);
             its export goes beside it by default (NAME-folded.keras, ...).
         preprocessing: the export takes raw 0-255 pixels, (N, H, W, 1) float32, and normalizes them itself as the
             run's `data.normalize` did; False: it takes normalized images, as the network inside convbn does.

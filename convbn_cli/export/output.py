@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..errors import ConvbnError
 
+FORMATS = ("keras", "savedmodel", "tflite")
+
 SUFFIX = {"keras": ".keras", "tflite": ".tflite"}  # a SavedModel is a directory: any name without these
 SAVEDMODEL_ENTRIES = {"saved_model.pb", "variables", "assets", "fingerprint.pb", "keras_metadata.pb"}
 

@@ -1,7 +1,7 @@
 """Build the Keras model from a validated config: conv -> BN (per channel) -> activation, and so on.
 
-The plan (config/plan.py) has already checked shapes and chosen names and BN implementations, and each layer
-type builds its own Keras layer (config/schema.py); this module only chains them. The model always takes NHWC
+The plan (config/plan.py) has already checked shapes and chosen names and BN implementations, layers.py makes
+each planned layer's Keras layer and bn.py its BN; this module only chains them. The model always takes NHWC
 images (what the data pipeline gives); with `data_format: channels_first` a Permute layer turns them to NCHW.
 """
 
@@ -12,6 +12,7 @@ import keras
 from ..config import plan_layers
 from ..config.schema import Config
 from .bn import make_bn_layer
+from .layers import keras_layer
 
 
 def build_model(cfg: Config, plan=None, precision: str = "float32") -> keras.Model:
@@ -37,7 +38,7 @@ def build_model(cfg: Config, plan=None, precision: str = "float32") -> keras.Mod
         x = keras.layers.Permute((3, 1, 2), name="to_channels_first")(x)
     for i, layer in enumerate(plan):
         dt = policy if i < len(plan) - 1 else None  # the last layer gives float32 logits
-        x = layer.spec.keras_layer(layer, fmt, dt)(x)
+        x = keras_layer(layer, fmt, dt)(x)
         if layer.bn is not None:
             axis = channel_axis if len(layer.out_shape) == 3 else -1
             x = make_bn_layer(layer.bn, layer.bn_impl, axis, layer.bn_name, dtype=dt)(x)

@@ -5,7 +5,7 @@ whenever the tensor's last dimension equals the bias length. In channels_first (
 the width, so a conv whose output width equals its filter count gets its bias added along the width: wrong
 outputs and gradients, eagerly and under XLA (tf.function often hides it, when the width is not static).
 This layer adds the bias with `tf.nn.bias_add` in the layer's own data format. Exports do not need it: they
-are rebuilt in channels_last (export/fold.py), where Keras' own Conv2D is right.
+are rebuilt in channels_last (model/fold.py), where Keras' own Conv2D is right.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from .variance import MOVING_VARIANCE, convert, values_per_channel
+
 
 @keras.saving.register_keras_serializable(package="convbn")
 class FusedBatchNorm(keras.layers.Layer):
@@ -29,8 +31,8 @@ class FusedBatchNorm(keras.layers.Layer):
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, moving_variance="biased",
                  **kwargs):
         super().__init__(**kwargs)
-        if moving_variance not in ("biased", "unbiased"):
-            raise ValueError(f"moving_variance must be 'biased' or 'unbiased', got {moving_variance!r}")
+        if moving_variance not in MOVING_VARIANCE:
+            raise ValueError(f"moving_variance must be one of {MOVING_VARIANCE}, got {moving_variance!r}")
         self.moving_variance_rule = moving_variance
         if axis not in (-1, 3, 1):
             raise ValueError(f"FusedBatchNorm normalizes channels on axis -1/3 (NHWC) or 1 (NCHW), got {axis}")
@@ -73,10 +75,8 @@ class FusedBatchNorm(keras.layers.Layer):
         if training and self.trainable:  # a frozen BN layer runs in inference mode, as in Keras
             y, mean, var = tf.compat.v1.nn.fused_batch_norm(
                 x, gamma, beta, epsilon=self.epsilon, data_format=self.data_format, is_training=True)
-            shape = tf.shape(x)
-            n = tf.cast(tf.reduce_prod(shape) // shape[self.axis], tf.float32)
-            if self.moving_variance_rule == "biased":
-                var = var * ((n - 1.0) / tf.maximum(n, 1.0))  # Bessel-corrected -> biased (see module docstring)
+            if self.moving_variance_rule == "biased":  # the kernel's Bessel-corrected variance (module docstring)
+                var = convert(var, values_per_channel(x, mean), to="biased")
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(self.moving_variance * self.momentum + var * (1.0 - self.momentum))
             return y

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import keras
 
+from .keras_private import made_by, run_through_graph, takes_training
+
 
 def producer(layer):
     """The layer whose output `layer` takes as its (single) input, or None (the model's input, or several)."""
@@ -16,8 +18,7 @@ def producer(layer):
         return None
     if isinstance(tensor, (list, tuple)):
         return None
-    history = getattr(tensor, "_keras_history", None)
-    op = history[0] if history else None
+    op = made_by(tensor)
     return None if op is None or isinstance(op, keras.layers.InputLayer) else op
 
 
@@ -30,8 +31,7 @@ def consumers(model, layer) -> list:
         except (AttributeError, ValueError):
             continue
         for t in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
-            history = getattr(t, "_keras_history", None)
-            if history and history[0] is layer:
+            if made_by(t) is layer:
                 out.append(other)
                 break
     return out
@@ -46,13 +46,13 @@ def run_graph(model, x, training_for):
     """The model's output for `x`, calling every layer `l` with training=training_for(l).
 
     Keras gives one `training` flag to a whole model; this walks its graph so that, e.g., BN layers use batch
-    statistics while dropout stays off. (Keras' `_run_through_graph` is what `Functional.call` itself uses;
-    it is the one private call here, as no public API takes a per-layer flag.)
+    statistics while dropout stays off. (Keras' private `_run_through_graph`, keras_private.py, is what
+    `Functional.call` itself uses; no public API takes a per-layer flag.)
     """
 
     def operation_fn(op):
         def call(*args, **kwargs):
-            if getattr(op, "_call_has_training_arg", False):
+            if takes_training(op):
                 kwargs["training"] = training_for(op)
             return op(*args, **kwargs)
 
@@ -62,5 +62,5 @@ def run_graph(model, x, training_for):
         for layer in model.layers:
             x = operation_fn(layer)(x)
         return x
-    outputs = model._run_through_graph(x, operation_fn=operation_fn)
+    outputs = run_through_graph(model, x, operation_fn)
     return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs

@@ -12,6 +12,8 @@ otherwise), with the same weights and names as Keras' layer; exports turn it bac
 3. `moving_variance="unbiased"` puts the Bessel-corrected batch variance (n / (n - 1) times the biased one,
    n = values per channel) into the moving average, as TF1's fused batch_norm did; normalization always uses
    the biased variance, as in every framework.
+
+(2) overrides Keras' private `_moments` and reads `_reduction_axes`: see keras_private.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-MOVING_VARIANCE = ("biased", "unbiased")
+from .variance import MOVING_VARIANCE, convert, values_per_channel
+
 
 
 @keras.saving.register_keras_serializable(package="convbn")
@@ -56,8 +59,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
             mean, variance, n = stable_sync_moments(x, self._reduction_axes, replica, with_count=True)
         else:
             mean, variance = self._moments(x, mask)
-            n = tf.cast(tf.size(x), tf.float32) / tf.cast(tf.size(mean), tf.float32)  # values per channel
-        unbiased = variance * n / tf.maximum(n - 1.0, 1.0)
+            n = values_per_channel(x, mean)
+        unbiased = convert(variance, n, to="unbiased")
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(self.moving_variance * self.momentum + unbiased * (1.0 - self.momentum))
         gamma = tf.cast(self.gamma, tf.float32) if self.scale else None

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .bn import bn_layers, moving_variance_rule, reduction_axes
 from .graph import input_model
+from .variance import convert, values_per_channel
 
 
 class Recalibrated(dict):
@@ -56,8 +57,7 @@ def recalibrate_model(model, batches, progress=False) -> Recalibrated:
             # statistics in float32 whatever the compute precision (tf.nn.moments would keep bfloat16)
             mean, var = tf.nn.moments(tf.cast(h, tf.float32), reduction_axes(bn, len(h.shape)))  # biased
             if unbiased:  # the layer's own convention (bn.moving_variance: unbiased, as TF1)
-                n = tf.cast(tf.size(h), tf.float32) / tf.cast(tf.size(mean), tf.float32)
-                var = var * n / tf.maximum(n - 1.0, 1.0)
+                var = convert(var, values_per_channel(h, mean), to="unbiased")
             return mean, var
 
         means, variances = [], []

@@ -24,7 +24,7 @@ def _versions() -> dict:
     import numpy
     import tensorflow as tf
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"convbn": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": numpy.__version__, "python": platform.python_version()}

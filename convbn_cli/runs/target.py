@@ -11,11 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import keras
+import tensorflow as tf
+
 from ..config.schema import Config
+from ..data.pipeline import make_splits, pixels_of
+from ..data.sources import fetch
+from ..model import build_model
+from ..model.fold import NORMALIZE_LAYER, PIXELS_INPUT, takes_pixels, without_preprocessing
+from ..tf_setup import quiet_native
 from .checkpoints import CheckpointError, find, restore, run_of_prefix
 from .locate import locate
-
-PIXELS_INPUT = "pixels"  # the input name of an export that takes raw pixels (export/fold.py)
 from .rundir import RunDir, RunDirError
 
 
@@ -48,8 +54,6 @@ class Target:
         if data is not None:
             self._arrays = data
         if self._arrays is None:
-            from ..data import fetch
-
             if self.config is None:
                 raise CheckpointError(f"{self.source}: no run directory (config.yaml) above this model to say which "
                                       "data it was trained on")
@@ -57,8 +61,6 @@ class Target:
         return self._arrays
 
     def splits(self, data=None, log=lambda m: None, progress=False):
-        from ..data.pipeline import make_splits
-
         return make_splits(self.arrays(data, log, progress), self.config)
 
 
@@ -82,16 +84,12 @@ def open_target(target, which="best", *, tflite=False) -> Target:
         cfg = run.load_config()
     except RunDirError as e:
         raise CheckpointError(str(e)) from None
-    from ..model import build_model
-
     model = build_model(cfg)
     restore(model, prefix)
     return Target("checkpoint", prefix, cfg, model, run, _keras_predict(model))
 
 
 def _open_keras(path: Path) -> Target:
-    import keras
-
     run, cfg = _run_above(path)
     try:
         model = keras.saving.load_model(path, safe_mode=True)  # safe_mode: no arbitrary code from the file
@@ -99,8 +97,6 @@ def _open_keras(path: Path) -> Target:
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     affine = None
     if cfg is not None:
-        from ..export.fold import NORMALIZE_LAYER, takes_pixels, without_preprocessing
-
         if takes_pixels(model):
             # an export that normalizes raw pixels itself is opened as its network: every command feeds it
             # normalized images, as it feeds a checkpoint
@@ -130,8 +126,6 @@ def _open_tflite(path: Path) -> Target:
         raise CheckpointError(f"{path}: not a readable TFLite model ({' '.join(str(e).split())[:300]})") from None
     predict = tflite_predict(interpreter)
     if cfg is not None and PIXELS_INPUT in interpreter.get_input_details()[0]["name"]:
-        from ..data.pipeline import pixels_of
-
         # it takes raw pixels (exported with its preprocessing): callers hand every target normalized images
         to_pixels, raw = pixels_of(cfg), predict
         predict = lambda x: raw(to_pixels(x).numpy())  # noqa: E731
@@ -141,10 +135,6 @@ def _open_tflite(path: Path) -> Target:
 def open_interpreter(path):
     """A TFLite interpreter with its tensors allocated, without the deprecation warning and the XNNPACK notice
     it prints (shown with --verbose)."""
-    import tensorflow as tf
-
-    from ..tf_setup import quiet_native
-
     with quiet_native():
         interpreter = tf.lite.Interpreter(model_path=str(path))
         interpreter.allocate_tensors()
@@ -164,8 +154,6 @@ def _run_above(path: Path):
 
 
 def _keras_predict(model):
-    import tensorflow as tf
-
     fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     return lambda x: fn(tf.constant(x)).numpy()
 

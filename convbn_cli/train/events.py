@@ -285,12 +285,12 @@ class Plots(Subscriber):
     confusion_matrix.png (test split, with the dataset's class names) at the end."""
 
     def on_epoch_end(self, trainer, row):
-        from ..analysis.plots import curves
+        from ..present.plots import curves
 
         curves(trainer.metrics, trainer.run.path / "curves.png", title=str(trainer.run.path))
 
     def on_finish(self, trainer, results):
-        from ..analysis.plots import confusion_matrix
+        from ..present.plots import confusion_matrix
 
         confusion_matrix(trainer.last_test["confusion"], trainer.cfg.dataset.class_names,
                          trainer.run.path / "confusion_matrix.png",

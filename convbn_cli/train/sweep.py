@@ -206,7 +206,7 @@ def summarize(path, sweep: dict) -> list:
 
 def write_summary(path, sweep: dict) -> dict:
     """summary.json, summary.csv and summary.png in the sweep directory (atomically); returns the summary."""
-    from ..analysis.plots import sweep_summary
+    from ..present.plots import sweep_summary
 
     path = Path(path)
     rows = summarize(path, sweep)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import DataError
-from ..data.formats import npz_header
+from ..errors import DataError
+from .formats import npz_header
 
 MAX_DATA_BYTES = 2 << 30  # an --data array larger than this (by its header) is refused before it is loaded
 
@@ -46,8 +46,8 @@ def external_data(model, data, batches: int, scale: float, log=lambda m: None, b
 
 def _arrays(data, log):
     """(evaluation images, labels, training images) from a dataset name or an .npz with x and y."""
-    from ..data import fetch
-    from ..data.registry import DATASETS
+    from .registry import DATASETS
+    from .sources import fetch
 
     if data in DATASETS:
         arrays = fetch(data, log=log, progress=False)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from ..model.bn import is_bn
-from ..model.fused_bn import FusedBatchNorm
-from ..model.graph import consumers, producer
-from ..model.stats import bn_layer_parameters
-from ..runs.target import PIXELS_INPUT  # the input of an export that takes raw pixels
+from .bn import is_bn
+from .fused_bn import FusedBatchNorm
+from .graph import consumers, producer
+from .stats import bn_layer_parameters
+
+PIXELS_INPUT = "pixels"  # the input name of a model that takes raw pixels and normalizes them itself
 
 FOLDABLE = (keras.layers.Conv2D, keras.layers.Dense)
 
