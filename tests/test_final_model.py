@@ -197,3 +197,24 @@ def test_seed_toy_bn_updates_its_moving_statistics_exactly_as_tf1(tmp_path):
         np.testing.assert_allclose(out, expected, atol=2e-4)  # gamma 1, beta 0: the batch's own statistics
     np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- users' own callbacks
+
+def test_users_subscribe_their_own_callbacks_to_the_trainer(tmp_path, synthetic):
+    class Recorder:  # no base class needed: only the methods it has are called
+        def __init__(self):
+            self.events = []
+
+        def on_epoch_end(self, trainer, row):
+            self.events.append(("epoch", row["epoch"], round(trainer.model.count_params())))
+
+        def on_finish(self, trainer, results):
+            self.events.append(("finish", results["final_checkpoint"]))
+
+    recorder = Recorder()
+    cfg = load_config(raw=tiny_raw(tmp_path))
+    result = train(cfg, data=synthetic, log=lambda m: None, progress=False, subscribers=[recorder])
+    params = result.model.count_params()
+    assert recorder.events == [("epoch", 1, params), ("epoch", 2, params),
+                               ("finish", results_of(result.run_dir)["final_checkpoint"])]

@@ -19,7 +19,6 @@ from ..model import Evaluator, bn_layers, recalibrate_model
 from ..model.bn import channel_axis
 from ..model.graph import consumers, input_model, producer
 from ..model.stats import bn_layer_parameters
-from ..data.external import external_data
 
 SEVERITIES = ("info", "warning", "error")
 MATERIAL_GAP = 0.02  # accuracy points between batch- and moving-statistics inference that call for a look
@@ -50,7 +49,7 @@ class Context:
     images: np.ndarray  # normalized, as the model takes them
     labels: np.ndarray
     batch_size: int  # per replica, as trained (or a usual 128 when unknown)
-    calibration: list  # batches of training images for an in-memory precise BN
+    calibration: object  # batches of training images for an in-memory precise BN (model.recalibrate_model's)
     steps: int | None = None  # training steps taken, when known
     config: object = None
     kind: str = "external"
@@ -348,13 +347,10 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=
     t = open_target(target, which)
     if not bn_layers(t.model):
         raise CheckpointError(f"{t.source}: the model has no BN layers to diagnose")
-    if t.config is not None and data is None:
-        ctx = _convbn_context(t, batches, log)
-    elif data is None:
-        raise CheckpointError(f"{t.source}: a model from outside convbn needs --data (mnist, fashion_mnist or an .npz "
-                              "with x and y) to be diagnosed")
-    else:
-        ctx = _external_context(t, data, batches, scale, log)
+    d = t.eval_data(batches, data_source=data, scale=scale, log=log)
+    n = batches * d.batch_size  # batches of the training size (a model from elsewhere: of 128)
+    ctx = Context(t.model, d.num_classes, d.images[:n], d.labels[:n], d.batch_size, d.calibration, _steps(t),
+                  t.config, t.kind)
     findings = diagnose_model(ctx)
     for f in findings:  # the fixes name the user's own target
         f.fix = f.fix.replace("TARGET", str(target))
@@ -362,28 +358,14 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=
             "findings": findings, "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES}}
 
 
-def _convbn_context(t, batches, log) -> Context:
-    from ..data.pipeline import calibration_batches, normalizer
-
-    cfg, splits = t.config, t.splits(None, log)
-    split = "val" if splits.size("val") else "test"
-    bs = cfg.data.batch_size
-    n = min(splits.size(split), max(batches, 1) * max(bs, 2))
-    x = normalizer(cfg)(getattr(splits, f"x_{split}")[:n]).numpy()
-    y = getattr(splits, f"y_{split}")[:n].numpy()
-    rows = t.run.read_metrics() if t.run is not None else []
-    # a precise-BN or EMA checkpoint's statistics were computed for its weights, not averaged with the decay over
-    # the training steps: the decay has nothing left to say about them (they are judged by what they measure)
-    computed = t.run is not None and Path(t.source).parent.resolve() in (t.run.recalibrated.resolve(),
-                                                                         t.run.ema.resolve())
-    steps = rows[-1]["step"] if rows and not computed else None
-    calib = [xb for xb, _ in calibration_batches(splits, cfg, batches)]
-    return Context(t.model, cfg.dataset.num_classes, x, y, max(bs, 2), calib, steps, cfg, t.kind)
-
-
-def _external_context(t, data, batches, scale, log) -> Context:
-    d = external_data(t.model, data, batches, scale, log)
+def _steps(t):
+    """The training steps the model took, when known: a run's metrics, else a compiled model's optimizer."""
+    if t.run is not None:
+        rows = t.run.read_metrics()
+        # a precise-BN or EMA checkpoint's statistics were computed for its weights, not averaged with the decay
+        # over the training steps: the decay has nothing left to say about them (they are judged by what they measure)
+        computed = Path(t.source).parent.resolve() in (t.run.recalibrated.resolve(), t.run.ema.resolve())
+        return rows[-1]["step"] if rows and not computed else None
     optimizer = getattr(t.model, "optimizer", None)
     steps = int(optimizer.iterations.numpy()) if optimizer is not None and hasattr(optimizer, "iterations") else None
-    return Context(t.model, d.num_classes, d.images, d.labels, d.batch_size, d.calibration, steps or None, None,
-                   t.kind)
+    return steps or None

@@ -141,16 +141,10 @@ def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str 
     Returns:
         source, class_names, and predictions: one {input, top: [{class, name, probability}, ...]} per input.
     """
-    from ..data.registry import pixel_affine
     from ..runs.target import open_target
 
     t = open_target(target, which, tflite=True)
-    if t.config is not None:
-        shape, names = tuple(t.config.model.input_shape), t.config.dataset.class_names
-        factor, offset = pixel_affine(t.config.data.dataset, t.config.data.normalize)
-    else:
-        shape, factor, offset = tuple(t.model.input_shape[1:]), scale, 0.0
-        names = tuple(str(i) for i in range(int(t.model.output_shape[-1])))
+    shape, names, factor, offset = t.pixel_contract(scale)
     if len(shape) != 3 or shape[-1] != 1:
         raise DataError(f"{t.source}: takes inputs of shape {shape}; predict needs grayscale images (H, W, 1)")
     files, pixels = load_inputs(inputs, shape[:2], invert, log)

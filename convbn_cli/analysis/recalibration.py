@@ -6,13 +6,11 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from ..data.pipeline import calibration_batches, eval_dataset
 from ..files import staged
 from ..model import Evaluator, recalibrate_model
 from ..runs import checkpoint_step
 from ..runs.checkpoints import CheckpointError, save_recalibrated
 from ..runs.target import open_target
-from ..data.external import external_data
 
 
 def recalibrate(target, *, which="best", batches: int | None = 200, split=None, data=None, data_source=None,
@@ -35,32 +33,19 @@ def recalibrate(target, *, which="best", batches: int | None = 200, split=None, 
         ({name: (old mean, old var, new mean, new var)}) and source_step.
     """
     t = open_target(target, which)
-    if t.kind == "external" or data_source is not None:
-        return _recalibrate_keras_file(t, batches or 200, data_source, scale, log)
-    cfg, splits = t.config, t.splits(data, log, progress)
-    split = split or ("val" if splits.size("val") else "test")
-    evaluate = Evaluator(t.model, cfg.dataset.num_classes)
-    before = evaluate(eval_dataset(splits, cfg, split))
-    changes = recalibrate_model(t.model, calibration_batches(splits, cfg, batches), progress=progress)
-    after = evaluate(eval_dataset(splits, cfg, split))
-    saved = save_recalibrated(t.model, t.run, t.source) if t.kind == "checkpoint" else _save_beside(t)
-    return {"source": t.source, "checkpoint": saved, "split": split, "batches": changes.batches,
-            "before": before, "after": after, "layers": changes, "source_step": checkpoint_step(t.source)}
-
-
-def _recalibrate_keras_file(t, batches, data, scale, log) -> dict:
-    """A .keras model with --data: calibrate on the data's training images, report on its evaluation images."""
-    d = external_data(t.model, data, batches, scale, log)
+    d = t.eval_data(batches, split=split, data=data, data_source=data_source, scale=scale, log=log,
+                    progress=progress)
     evaluate = Evaluator(t.model, d.num_classes)
 
-    def dataset():
-        return tf.data.Dataset.from_tensor_slices((d.images, d.labels)).batch(d.batch_size)
+    def measure():
+        return evaluate(tf.data.Dataset.from_tensor_slices((d.images, d.labels)).batch(500), progress)
 
-    before = evaluate(dataset())
-    changes = recalibrate_model(t.model, d.calibration)
-    after = evaluate(dataset())
-    return {"source": t.source, "checkpoint": _save_beside(t), "split": f"--data {data}",
-            "batches": changes.batches, "before": before, "after": after, "layers": changes, "source_step": -1}
+    before = measure()
+    changes = recalibrate_model(t.model, d.calibration, progress=progress)
+    after = measure()
+    saved = save_recalibrated(t.model, t.run, t.source) if t.kind == "checkpoint" else _save_beside(t)
+    return {"source": t.source, "checkpoint": saved, "split": d.split, "batches": changes.batches,
+            "before": before, "after": after, "layers": changes, "source_step": checkpoint_step(t.source)}
 
 
 def _save_beside(t) -> str:

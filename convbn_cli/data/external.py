@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -16,12 +17,17 @@ MAX_DATA_BYTES = 2 << 30  # an --data array larger than this (by its header) is 
 
 
 @dataclass
-class ExternalData:
+class EvalData:
+    """The images a model is measured on and calibrated with, as it takes them: a run's evaluation split and
+    training batches (runs/target.py, Target.eval_data), or --data's for a model from outside convbn."""
+
     images: np.ndarray  # scaled and shaped as the model takes them
     labels: np.ndarray
-    calibration: list  # batches of (training) images for precise BN
-    batch_size: int
+    calibration: object  # batches of (training) images for precise BN: a list, or a tf.data.Dataset of (x, y)
+    batch_size: int  # the batch size BN's batch statistics are taken over (the training batch size)
     num_classes: int
+    split: str = "--data"  # where the images come from
+    pixels: Optional[np.ndarray] = None  # the same images as pixels 0-255, when the model's normalization is known
 
 
 def external_data(model, data, batches: int, scale: float, log=lambda m: None, batch_size: int = 128):
@@ -41,7 +47,8 @@ def external_data(model, data, batches: int, scale: float, log=lambda m: None, b
         raise DataError(f"--data: images of shape {x.shape[1:]} do not fit the model's input {shape}")
     calib = [prepare(x_train[i:i + batch_size])
              for i in range(0, min(len(x_train), batches * batch_size) - batch_size + 1, batch_size)]
-    return ExternalData(x, y, calib or [x[:batch_size]], min(batch_size, len(x)), int(model.output_shape[-1]))
+    return EvalData(x, y, calib or [x[:batch_size]], min(batch_size, len(x)), int(model.output_shape[-1]),
+                    f"--data {data}")
 
 
 def _arrays(data, log):

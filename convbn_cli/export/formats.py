@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from ..data.pipeline import normalizer
 from ..data.registry import pixel_affine
 from ..errors import ConvbnError
 from ..files import remove_stale_temporaries, staged
 from ..model.fold import standard_model
-from ..runs.checkpoints import CheckpointError
 from ..runs.target import open_interpreter, open_target, tflite_predict
 from ..tf_setup import quiet_native
 from .output import FORMATS, check_output
@@ -28,14 +26,8 @@ class ExportError(ConvbnError):
 def _check_images(t, data, data_source, scale, n, log):
     """(pixels 0-255, normalized images) the exported model is checked on: the run's test images, or --data's
     for a model from elsewhere (pixels None: its export keeps its own input contract)."""
-    if t.config is None:
-        from ..data.external import external_data
-
-        if data_source is None:
-            raise CheckpointError(f"{t.source}: a model from outside convbn needs --data to check its export on")
-        return None, external_data(t.model, data_source, -(-n // 128), scale, log).images[:n]
-    pixels = t.splits(data, log).x_test[:n]
-    return tf.cast(pixels, tf.float32).numpy(), normalizer(t.config)(pixels).numpy()
+    d = t.eval_data(max(1, -(-n // 128)), split="test", data=data, data_source=data_source, scale=scale, log=log)
+    return (None if d.pixels is None else d.pixels[:n]), d.images[:n]
 
 
 def default_path(t, fmt: str, fold_bn: bool) -> Path:

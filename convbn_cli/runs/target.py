@@ -15,7 +15,9 @@ import keras
 import tensorflow as tf
 
 from ..config.schema import Config
-from ..data.pipeline import make_splits, pixels_of
+from ..data.external import EvalData, external_data
+from ..data.pipeline import calibration_batches, make_splits, normalizer, pixels_of
+from ..data.registry import pixel_affine
 from ..data.sources import fetch
 from ..model import build_model
 from ..model.fold import NORMALIZE_LAYER, PIXELS_INPUT, takes_pixels, without_preprocessing
@@ -62,6 +64,40 @@ class Target:
 
     def splits(self, data=None, log=lambda m: None, progress=False):
         return make_splits(self.arrays(data, log, progress), self.config)
+
+    def pixel_contract(self, scale=1 / 255):
+        """(input shape (H, W, C), class names, factor, offset): what the model takes is pixels (0-255) x factor +
+        offset, as its run's data.normalize says; a model from elsewhere: its own input shape, classes by number,
+        and `scale` (--scale)."""
+        if self.config is None:
+            names = tuple(str(i) for i in range(int(self.model.output_shape[-1])))
+            return tuple(self.model.input_shape[1:]), names, scale, 0.0
+        cfg = self.config
+        return (tuple(cfg.model.input_shape), cfg.dataset.class_names,
+                *pixel_affine(cfg.data.dataset, cfg.data.normalize))
+
+    def eval_data(self, batches: Optional[int], *, split=None, data=None, data_source=None, scale=1 / 255,
+                  log=lambda m: None, progress=False) -> EvalData:
+        """What to measure this model on and calibrate it with, decided here once for every command.
+
+        A run's model: the images of `split` (default: val if the run has one, else test), normalized as in
+        training, and `batches` training batches as training makes them (None: one pass); its config says which
+        data (`data_source` is for models without one). A model from elsewhere: --data's (`data_source`, pixels
+        times `scale`), `batches` batches of 128 of each.
+        """
+        if self.config is None:
+            if data_source is None:
+                raise CheckpointError(f"{self.source}: a model from outside convbn needs --data (mnist, fashion_mnist "
+                                      "or an .npz with x and y)")
+            return external_data(self.model, data_source, batches or 200, scale, log)  # (--full: 200 batches)
+        cfg, splits = self.config, self.splits(data, log, progress)
+        split = split or ("val" if splits.size("val") else "test")
+        if splits.size(split) == 0:
+            raise CheckpointError(f"the run's config holds out no {split} split (data.val_split is 0)")
+        pixels = getattr(splits, f"x_{split}")
+        calibration = calibration_batches(splits, cfg, batches)  # streamed: a full pass is the whole training split
+        return EvalData(normalizer(cfg)(pixels).numpy(), getattr(splits, f"y_{split}").numpy(), calibration,
+                        max(cfg.data.batch_size, 2), cfg.dataset.num_classes, split, tf.cast(pixels, tf.float32).numpy())
 
 
 def open_target(target, which="best", *, tflite=False) -> Target:

@@ -10,7 +10,8 @@ The trainer (loop.py) calls, in order:
     on_epoch_end(trainer, row)         after the checkpoint is saved
     on_finish(trainer, results)        after the final model is settled (final.py) and tested, before results.json
     on_close(trainer)                  always, last, also after an error
-A subscriber implements the ones it needs; adding per-epoch work (plots, early stopping) means adding one.
+A subscriber implements the ones it needs; adding per-epoch work (plots, early stopping) means adding one, and
+users add theirs with train(cfg, subscribers=[...]) (any object with some of these methods).
 """
 
 from __future__ import annotations
@@ -243,6 +244,19 @@ class StepCallback(Subscriber):
 
     def on_step(self, trainer, step):
         self.fn(step, trainer.model)
+
+
+EVENTS = [name for name in vars(Subscriber) if name.startswith("on_")]
+
+
+class UserSubscriber(Subscriber):
+    """A user's callback object (train(..., subscribers=[...])): only the methods it defines are called, so it
+    need not subclass Subscriber."""
+
+    def __init__(self, obj):
+        for event in EVENTS:
+            if callable(getattr(obj, event, None)):
+                setattr(self, event, getattr(obj, event))  # called as event(trainer, *args)
 
 
 class EarlyStopping(Subscriber):

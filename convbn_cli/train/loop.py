@@ -83,7 +83,7 @@ def make_checkpoint(model, optimizer):
 
 
 def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, progress: bool = True,
-          on_step=None, overrides=(), run_dir=None, warn=None) -> TrainResult:
+          on_step=None, overrides=(), run_dir=None, warn=None, subscribers=()) -> TrainResult:
     """Train the network `cfg` describes and write a run directory; or continue a run.
 
     Args:
@@ -98,6 +98,9 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         overrides: the KEY=VALUE overrides the config was made with (recorded in run.json).
         run_dir: write the run exactly there (a new directory; a sweep's combination) instead of
             output.root/output.name/<n>.
+        subscribers: your own callbacks: objects with any of events.Subscriber's methods (on_start,
+            on_epoch_start, on_step, on_epoch_metrics, on_epoch_end, on_finish, on_close), each called with the
+            Trainer (its cfg, model, metrics, run) and the event's arguments, after convbn's own.
 
     Returns:
         TrainResult: run_dir, metrics (one dict per epoch), test_loss, test_acc and the trained model.
@@ -114,6 +117,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         log, warn, progress = _silent, _silent, False
     if resume is not None and not hasattr(resume, "run"):
         resume = open_for_resume(resume)
+    user = list(subscribers)
     subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Console(log)]
     subscribers += [events.Plots()] if cfg.output.plots else []
     if cfg.train.early_stopping is not None:
@@ -122,6 +126,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         subscribers.append(events.Provenance(lambda: provenance(resume.overrides if resume else overrides)))
     subscribers += [events.ProgressBar()] if progress else []
     subscribers += [events.StepCallback(on_step)] if on_step is not None else []
+    subscribers += [events.UserSubscriber(s) for s in user]
     subscribers.append(events.StopOnSignal())  # last: a signal sent by an earlier subscriber is seen at once
     trainer = Trainer(cfg, strategy, subscribers, log, progress, warn)
     try:
