@@ -107,6 +107,38 @@ def trained(tmp_path_factory, mnist):
     return cfg, train(cfg, data=mnist, log=lambda m: None, progress=False)
 
 
+def assert_png_not_blank(path, min_size=(200, 300)):
+    """A PNG at least min_size (rows, columns) whose pixels are not all alike."""
+    import matplotlib.image
+
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] >= min_size[0] and img.shape[1] >= min_size[1] and img[..., :3].std() > 0.05
+
+
+def quiet(*_):
+    """A `log` that prints nothing."""
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A copy of the shared trained run (`trained`), to change or attack without touching the original."""
+    import shutil
+
+    return Path(shutil.copytree(trained[1].run_dir, tmp_path / "runs" / "tiny" / "1"))
+
+
+@pytest.fixture
+def cli(mnist_cache):
+    """cli(*args): `convbn ARGS` in this process (Click's runner), with the session's real MNIST cache."""
+    from click.testing import CliRunner
+
+    from convbn_cli.cli import main
+
+    runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
+    return lambda *args: runner.invoke(main, [str(a) for a in args])
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     """An empty cache directory for this test only."""

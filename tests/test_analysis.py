@@ -10,22 +10,14 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
 
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
 from convbn_cli.analysis import compare, evaluate, inspect_bn  # noqa: E402
-from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.data.pipeline import eval_dataset, make_splits  # noqa: E402
 from convbn_cli.model import bn_layers, build_model  # noqa: E402
 from convbn_cli.runs.target import open_target  # noqa: E402
-
-
-@pytest.fixture
-def cli(mnist_cache):
-    runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
-    return lambda *args: runner.invoke(main, [str(a) for a in args])
 
 
 def latest(result):

@@ -16,15 +16,11 @@ import yaml
 
 tf = pytest.importorskip("tensorflow")
 
-from conftest import run_cli, tiny_raw  # noqa: E402
+from conftest import quiet, run_cli, tiny_raw  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.runs import RunDir  # noqa: E402
 from convbn_cli.runs.target import open_target  # noqa: E402
 from convbn_cli.train import Diverged, Interrupted, train  # noqa: E402
-
-
-def quiet(*_):
-    pass
 
 
 def weights(model):

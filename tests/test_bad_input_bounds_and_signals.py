@@ -1,4 +1,4 @@
-"""Reliability, round 2: export never deletes, nothing hangs, every bad input is one line, every read is bounded.
+"""Export never deletes, nothing hangs, every bad input is one line, every read is bounded, signals and leftovers.
 
 Each test reproduces one way today's hostile user broke convbn and checks the promised exit code and message,
 with the files that could have been damaged hashed before and after."""
@@ -40,18 +40,6 @@ def tree_hashes(root):
 
 def errors_of(output):
     return [ln for ln in output.splitlines() if ln.startswith("error:")]
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    """A copy of the shared trained run, to be attacked."""
-    return Path(shutil.copytree(trained[1].run_dir, tmp_path / "runs" / "tiny" / "1"))
-
-
-@pytest.fixture
-def cli(mnist_cache):
-    runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
-    return lambda *args: runner.invoke(main, [str(a) for a in args])
 
 
 # --------------------------------------------------------------------------- 1. export never deletes

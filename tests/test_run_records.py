@@ -13,23 +13,11 @@ from click.testing import CliRunner
 
 tf = pytest.importorskip("tensorflow")
 
-from conftest import CONFIGS, tiny_raw  # noqa: E402
+from conftest import CONFIGS, assert_png_not_blank, quiet, tiny_raw  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.runs import RunDir  # noqa: E402
 from convbn_cli.train import Interrupted, train  # noqa: E402
-
-
-def quiet(*_):
-    pass
-
-
-def assert_png_not_blank(path, min_size=(200, 300)):
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    img = matplotlib.image.imread(path)
-    assert img.shape[0] >= min_size[0] and img.shape[1] >= min_size[1] and img[..., :3].std() > 0.05
 
 
 # --------------------------------------------------------------------------- built-in configs

@@ -1,4 +1,4 @@
-"""Issue 16: several training steps per compiled call with the batches made inside the graph, the BN-aware weight
+"""Several training steps per compiled call with the batches made inside the graph, the BN-aware weight
 EMA (train.ema) that eval, inspect-bn and export see, and test-time augmentation in eval."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_raw
+from conftest import quiet, run_cli, tiny_raw
 
 tf = pytest.importorskip("tensorflow")
 
@@ -20,10 +20,6 @@ from convbn_cli.runs import RunDir  # noqa: E402
 from convbn_cli.runs.target import open_target  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
 from convbn_cli.train.loop import Interrupted  # noqa: E402
-
-
-def quiet(*_):
-    pass
 
 
 def weights(model):

@@ -1,0 +1,184 @@
+"""`convbn runs` and `runs compare` (listing, differences, curves), sweeps (validated up front, resumable,
+seeds), and what needs no TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+tf = pytest.importorskip("tensorflow")
+
+from conftest import assert_png_not_blank, run_cli, tiny_raw  # noqa: E402
+from convbn_cli.cli import main  # noqa: E402
+from convbn_cli.config import load_config  # noqa: E402
+from convbn_cli.train import train  # noqa: E402
+
+
+# --------------------------------------------------------------------------- runs and runs compare
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory, synthetic):
+    tmp = tmp_path_factory.mktemp("three")
+    settings = [{"model.bn.decay": 0.9}, {"model.bn.decay": 0.5}, {"model.bn.decay": 0.9, "train.epochs": 1}]
+    results = [train(load_config(raw=tiny_raw(tmp, **s)), data=synthetic, log=lambda m: None, progress=False)
+               for s in settings]
+    return tmp / "runs", results
+
+
+def test_runs_lists_every_run_with_what_sets_it_apart(three_runs, tmp_path):
+    root, results = three_runs
+    r = CliRunner().invoke(main, ["runs", str(root), "--json"])
+    assert r.exit_code == 0, r.output
+    listing = json.loads(r.output)
+    assert [x["run"] for x in listing["runs"]] == ["tiny/1", "tiny/2", "tiny/3"]
+    assert listing["differing_keys"] == ["model.bn.decay", "train.epochs"]
+    for line, result in zip(listing["runs"], results):
+        saved = json.loads((result.run_dir / "results.json").read_text())
+        assert line["test_acc"] == saved["test_acc"] and line["best_val_acc"] == saved["best_val_acc"]
+        assert line["epochs_done"] == len(result.metrics) and line["dataset"] == "mnist"
+    assert listing["runs"][1]["differs"] == {"model.bn.decay": 0.5, "train.epochs": 2}
+    text = CliRunner().invoke(main, ["runs", str(root)]).output.splitlines()
+    assert text[0].split() == ["run", "date", "(UTC)", "dataset", "epochs", "best", "val", "test", "time", "differs"]
+    assert text[3].startswith("tiny/2") and "model.bn.decay=0.5 train.epochs=2" in text[3]
+    assert f"{results[1].test_acc:.2%}" in text[3]
+    # an unfinished run (no results.json yet) is listed as such; the default ROOT is ./runs
+    unfinished = tmp_path / "runs" / "x" / "1"
+    shutil.copytree(results[0].run_dir, unfinished)
+    (unfinished / "results.json").unlink()
+    import os
+
+    os.chdir(tmp_path)
+    try:
+        r = CliRunner().invoke(main, ["runs"])
+    finally:
+        os.chdir("/")
+    assert r.exit_code == 0 and "x/1" in r.output and "unfinished" in r.output
+    assert CliRunner().invoke(main, ["runs", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_runs_compare_shows_differences_and_overlays_curves(three_runs, tmp_path, monkeypatch):
+    root, results = three_runs
+    monkeypatch.chdir(tmp_path)
+    a, b = results[0].run_dir, results[1].run_dir
+    r = CliRunner().invoke(main, ["runs", "compare", str(a), str(b)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[2].split() == ["model.bn.decay", "0.9", "0.5"] and "curves: compare-1.png" in r.output
+    assert_png_not_blank(tmp_path / "compare-1.png")
+    again = CliRunner().invoke(main, ["runs", "compare", str(a), str(b), "--json"])
+    assert json.loads(again.output)["plot"] == "compare-2.png"  # never over the earlier picture
+    refused = CliRunner().invoke(main, ["runs", "compare", str(a), str(b), "--plot", "compare-1.png"])
+    assert refused.exit_code == 2 and "add --force" in refused.output
+    assert CliRunner().invoke(main, ["runs", "compare", str(a)]).exit_code == 2
+    bad = CliRunner().invoke(main, ["runs", "compare", str(a), str(tmp_path)])
+    assert bad.exit_code == 2 and "config.yaml is missing" in bad.output
+
+
+# --------------------------------------------------------------------------- sweep
+
+def test_sweep_validates_every_combination_before_training(tmp_path):
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path)))
+    r = CliRunner().invoke(main, ["sweep", str(config), "model.bn.decay=0.9,1.5", "train.epochs=0,1"])
+    assert r.exit_code == 2
+    assert "model.bn.decay=1.5,train.epochs=1: model.bn.decay: must be" in r.output
+    assert "model.bn.decay=0.9,train.epochs=0: train.epochs" in r.output
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_sweep_of_2x2_survives_an_interruption(mnist_cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path, **{"data.max_train": 800, "data.max_test": 200,
+                                                            "train.epochs": 1})))
+    args = [sys.executable, "-m", "convbn_cli", "sweep", str(config), "model.bn.decay=0.5,0.99",
+            "train.label_smoothing=0.0,0.1", "--no-progress"]
+    sweep_dir = tmp_path / "runs" / "tiny" / "sweep-1"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(sweep_dir.glob("*/results.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # during the second combination (or right after the first)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"convbn sweep --resume {sweep_dir}" in err
+    first = sweep_dir / "model.bn.decay=0.5,train.label_smoothing=0.0" / "results.json"
+    done_at = first.stat().st_mtime_ns
+    resumed = run_cli("sweep", "--resume", sweep_dir, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[1/4] model.bn.decay=0.5,train.label_smoothing=0.0: done already" in resumed.stdout
+    assert first.stat().st_mtime_ns == done_at  # a finished combination is not trained again
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert [(r["model.bn.decay"], r["train.label_smoothing"]) for r in summary["rows"]] == [
+        ("0.5", "0.0"), ("0.5", "0.1"), ("0.99", "0.0"), ("0.99", "0.1")]
+    for row in summary["rows"]:
+        name = f"model.bn.decay={row['model.bn.decay']},train.label_smoothing={row['train.label_smoothing']}"
+        saved = json.loads((sweep_dir / name / "results.json").read_text())
+        assert row["seeds_done"] == 1 and row["test_acc_mean"] == saved["test_acc"]
+        assert row["bn_gap_mean"] == saved["inference_gap"]["gap"]
+        assert load_config(sweep_dir / name / "config.yaml").model.bn.decay == float(row["model.bn.decay"])
+    csv_rows = (sweep_dir / "summary.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("model.bn.decay,train.label_smoothing,seeds_done,seeds,test_acc_mean") \
+        and len(csv_rows) == 5
+    assert_png_not_blank(sweep_dir / "summary.png")
+    assert "written: " in resumed.stdout and "BN gap (batch - moving)" in resumed.stdout
+
+
+def test_sweep_seeds_give_mean_and_spread(tmp_path, synthetic, monkeypatch):
+    from convbn_cli.train import sweep as sw
+
+    raw = tiny_raw(tmp_path, **{"train.epochs": 1})
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    planned = sw.plan(config, ["model.bn.decay=0.5,0.9"], seeds=2)
+    assert [r["name"] for r in planned["runs"]] == ["model.bn.decay=0.5,seed=1", "model.bn.decay=0.5,seed=2",
+                                                   "model.bn.decay=0.9,seed=1", "model.bn.decay=0.9,seed=2"]
+    path = sw.create(planned)
+    import convbn_cli.data.sources as sources
+
+    monkeypatch.setattr(sources, "fetch", lambda *a, **k: synthetic)  # where convbn_cli.data's lazy name leads
+    summary = sw.run_sweep(path, log=lambda m: None, progress=False)
+    row = summary["rows"][0]
+    accs = [json.loads((path / f"model.bn.decay=0.5,seed={s}" / "results.json").read_text())["test_acc"]
+            for s in (1, 2)]
+    assert row["seeds_done"] == 2 and row["test_acc_mean"] == pytest.approx(np.mean(accs))
+    assert row["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
+
+
+def test_listing_comparing_and_planning_need_no_tensorflow(three_runs, tmp_path):
+    import subprocess
+    import sys
+
+    root, results = three_runs
+    code = ("import sys; from click.testing import CliRunner; from convbn_cli.cli import main; "
+            "r = CliRunner().invoke(main, ['runs', sys.argv[1]]); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(main, ['runs', 'compare', sys.argv[2], sys.argv[3], '--plot', sys.argv[4]]); "
+            "assert r.exit_code == 0, r.output; "
+            "from convbn_cli.train import sweep; import convbn_cli.present.plots; "
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(root), str(results[0].run_dir), str(results[1].run_dir),
+                          str(tmp_path / "c.png")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_analysis_names_are_the_functions_whatever_was_imported_first():
+    import convbn_cli.analysis.evaluation  # noqa: F401  (a submodule import must not shadow the function)
+    import convbn_cli.analysis.recalibration  # noqa: F401
+    from convbn_cli.analysis import evaluate, recalibrate
+
+    assert callable(evaluate) and callable(recalibrate)
