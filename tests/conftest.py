@@ -120,6 +120,18 @@ def quiet(*_):
     """A `log` that prints nothing."""
 
 
+def lagging_run(tmp, mnist, **over):
+    """(cfg, TrainResult) of a run whose moving statistics lag on purpose: TF1's decay 0.999 over a short run on
+    3,000 real MNIST images, and no precise BN at the end (what a run without convbn's fix leaves); `over` as in
+    tiny_raw."""
+    from convbn_cli.config import load_config
+    from convbn_cli.train import train
+
+    raw = tiny_raw(tmp, **{"data.max_train": 3000, "model.bn": {"decay": 0.999}, "train.precise_bn": "off", **over})
+    cfg = load_config(raw=raw)
+    return cfg, train(cfg, data=mnist, log=quiet, progress=False)
+
+
 @pytest.fixture
 def run_copy(trained, tmp_path):
     """A copy of the shared trained run (`trained`), to change or attack without touching the original."""

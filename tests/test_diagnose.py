@@ -13,7 +13,7 @@ from click.testing import CliRunner
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from conftest import synthetic_arrays, tiny_raw  # noqa: E402
+from conftest import lagging_run, synthetic_arrays, tiny_raw  # noqa: E402
 from convbn_cli.analysis.diagnose import diagnose  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
@@ -45,10 +45,7 @@ def healthy(tmp_path_factory, mnist):
 @pytest.fixture(scope="module")
 def lagging(tmp_path_factory, mnist):
     """TF1's decay 0.999 on a short run: the moving statistics still sit near their start."""
-    tmp = tmp_path_factory.mktemp("lag")
-    raw = tiny_raw(tmp, **{"data.max_train": 3000, "data.max_test": 500, "model.bn": {"decay": 0.999},
-                           "train.precise_bn": "off"})  # what a run without convbn's end-of-run precise BN leaves
-    return train(load_config(raw=raw), data=mnist, log=lambda m: None, progress=False).run_dir
+    return lagging_run(tmp_path_factory.mktemp("lag"), mnist, **{"data.max_test": 500})[1].run_dir
 
 
 def test_a_healthy_model_gets_no_warning_or_error(healthy, mnist):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from conftest import tiny_raw  # noqa: E402
+from conftest import lagging_run, tiny_raw  # noqa: E402
 from convbn_cli.analysis.recalibration import recalibrate  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
@@ -30,15 +30,13 @@ from convbn_cli.runs.target import open_target  # noqa: E402
 
 @pytest.fixture(scope="module")
 def lagging(tmp_path_factory, mnist):
-    """Trained briefly with TF1's default decay 0.999: the moving averages still sit near their start."""
-    tmp = tmp_path_factory.mktemp("lagging")
-    raw = tiny_raw(tmp, **{"data.max_train": 3000, "data.max_test": 1000, "model.bn": {"decay": 0.999},
-                           "train.epochs": 2, "train.precise_bn": "off"})  # precise BN only where a test asks
-    raw["model"]["layers"][-1:-1] = [{"type": "flatten"}, {"type": "dense", "units": 16, "activation": "relu",
-                                                           "bn": True}]
-    raw["model"]["layers"].remove({"type": "global_pool"})
-    cfg = load_config(raw=raw)
-    return cfg, train(cfg, data=mnist, log=lambda m: None, progress=False)
+    """Trained briefly with TF1's default decay 0.999: the moving averages still sit near their start (the tiny net
+    with a BN'd dense layer instead of the global pool)."""
+    layers = [layer for layer in tiny_raw(tmp_path_factory.getbasetemp())["model"]["layers"]
+              if layer["type"] != "global_pool"]
+    layers[-1:-1] = [{"type": "flatten"}, {"type": "dense", "units": 16, "activation": "relu", "bn": True}]
+    return lagging_run(tmp_path_factory.mktemp("lagging"), mnist,
+                       **{"data.max_test": 1000, "train.epochs": 2, "model.layers": layers})
 
 
 def file_hashes(folder):
