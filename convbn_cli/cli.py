@@ -157,7 +157,7 @@ def validate(config, overrides):
     """
     from .config import dump_config, layer_table, load_config, plan_layers
     from .config.plan import estimate
-    from .reports import LayerTable
+    from .present.reports import LayerTable
 
     cfg = load_config(config, overrides)
     plan = plan_layers(cfg)
@@ -238,7 +238,7 @@ def sweep(ctx, config, settings, seeds, resume, no_progress):
         path = sw.create(planned)
         click.echo(f"sweep directory: {path} ({len(planned['runs'])} runs)")
     _tf(ctx)
-    from .reports import SweepReport
+    from .present.reports import SweepReport
 
     quiet = _quiet()
     summary = sw.run_sweep(path, log=(lambda m: None) if quiet else print, progress=_progress(no_progress))
@@ -266,7 +266,7 @@ def eval_cmd(ctx, target, which, split, bn_stats, tta, as_json, no_progress):
     _check_paths(target, tflite=True)
     _tf(ctx)
     from .analysis import evaluate
-    from .reports import EvalReport, dumps
+    from .present.reports import EvalReport, dumps
 
     report = EvalReport(evaluate(target, which=which, split=split, bn_stats=bn_stats, tta=tta,
                                  progress=_progress(no_progress) and not as_json, log=_stderr))
@@ -293,7 +293,7 @@ def predict_cmd(ctx, target, inputs, which, top_k, invert, scale, as_json):
     _check_paths(target, tflite=True, inputs=inputs)
     _tf(ctx)
     from .analysis.predict import predict
-    from .reports import PredictReport, dumps
+    from .present.reports import PredictReport, dumps
 
     report = PredictReport(predict(target, inputs, top_k=top_k, invert=invert, which=which, scale=scale,
                                    log=_stderr))
@@ -329,7 +329,8 @@ def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresh
     _check_paths(target, *([other] if other else []))
     _tf(ctx)
     from .analysis import inspection as ib
-    from .reports import InspectReport, dumps
+    from .present.inspection import plot as plot_bn
+    from .present.reports import InspectReport, dumps
 
     result = ib.inspect_bn(target, which=which, layers=list(layers) or None)
     diff = None
@@ -348,7 +349,7 @@ def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresh
     else:
         click.echo(report.render())
     if plot_path:
-        ib.plot(result, plot_path, dead_threshold)
+        plot_bn(result, plot_path, dead_threshold)
         _stderr(f"plot written to {plot_path}")
 
 
@@ -373,7 +374,7 @@ def diagnose_cmd(ctx, target, which, data, batches, scale, as_json, fail_on):
     _tf(ctx)
     from .analysis.diagnose import SEVERITIES, diagnose
     from .errors import EXIT_FINDINGS
-    from .reports import DiagnoseReport, dumps
+    from .present.reports import DiagnoseReport, dumps
 
     report = DiagnoseReport(diagnose(target, which=which, data=data, batches=batches, scale=scale, log=_stderr))
     click.echo(dumps(report.to_json()) if as_json else report.render())
@@ -405,7 +406,7 @@ def recalibrate(ctx, target, which, batches, full, split, data, scale, no_progre
     _check_paths(target, data=data)
     _tf(ctx)
     from .analysis.recalibration import recalibrate as run_recalibrate
-    from .reports import RecalibrateReport
+    from .present.reports import RecalibrateReport
 
     r = run_recalibrate(target, which=which, batches=None if full else batches, split=split, data_source=data,
                         scale=scale, progress=_progress(no_progress), log=_stderr)
@@ -434,7 +435,7 @@ def export_cmd(ctx, target, fmt, fold_bn, output, force, no_preprocessing, which
     _check_paths(target, data=data)
     _tf(ctx)
     from .export import export
-    from .reports import ExportReport
+    from .present.reports import ExportReport
 
     r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, force=force, data_source=data, scale=scale,
                preprocessing=not no_preprocessing, log=_stderr)
@@ -464,7 +465,7 @@ def runs():
 def runs_list(root, as_json):
     """One line per run under ROOT (default: runs): date, dataset, epochs, best validation and test accuracy,
     time, and the config keys where it differs from the others."""
-    from .reports import RunsReport, dumps
+    from .present.reports import RunsReport, dumps
     from .runs.listing import list_runs
 
     report = RunsReport(list_runs(root))
@@ -481,7 +482,7 @@ def runs_compare(run_dirs, plot_path, force, as_json):
     """The config differences of the runs in RUN_DIR..., their results, and their curves in one picture."""
     from .present.plots import compare_curves
     from .errors import ConvbnError
-    from .reports import CompareReport, dumps
+    from .present.reports import CompareReport, dumps
     from .runs.listing import compare_runs
     from .runs.rundir import next_number
 
@@ -555,7 +556,7 @@ def data_fetch(dataset, source, no_progress):
 def data_info(as_json):
     """Show the cache directory and what it holds."""
     from .data import cache_dir, info
-    from .reports import DataInfoReport, dumps
+    from .present.reports import DataInfoReport, dumps
 
     report = DataInfoReport(str(cache_dir()), [info(d) for d in DATASETS])
     click.echo(dumps(report.to_json()) if as_json else report.render())

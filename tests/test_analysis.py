@@ -186,7 +186,7 @@ def test_checkpoint_option_selects_a_step_or_recalibrated(trained, cli, tmp_path
 
 def test_eval_shows_the_datasets_class_names():
     from convbn_cli.data.registry import FASHION_MNIST
-    from convbn_cli.reports import EvalReport
+    from convbn_cli.present.reports import EvalReport
 
     confusion = np.eye(10, dtype=np.int64) * 3
     text = EvalReport({"checkpoint": "c", "split": "test", "images": 30, "bn_stats": "moving", "loss": 0.1,

@@ -185,11 +185,10 @@ LAYERS = [
     {"config"},
     {"model"},
     {"runs"},
-    {"present"},  # plots: drawn by training, sweeps and the CLI
+    {"present"},  # plots, tables and reports: drawn by training and sweeps, printed by the CLI
     {"train"},
     {"analysis"},
     {"export"},
-    {"reports"},
     {"cli", "api", "__init__", "__main__"},
 ]
 

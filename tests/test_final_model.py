@@ -149,7 +149,7 @@ def test_the_summary_reports_the_model_eval_opens(tmp_path, mnist, mnist_cache, 
 
 def test_recalibrate_reports_the_batches_it_used(trained, mnist):
     from convbn_cli.analysis import recalibrate
-    from convbn_cli.reports import RecalibrateReport
+    from convbn_cli.present.reports import RecalibrateReport
 
     cfg, result = trained
     out = recalibrate(result.run_dir, batches=200, data=mnist)

@@ -8,6 +8,8 @@ import io
 import json
 from dataclasses import dataclass, field
 
+from . import inspection as ib
+
 
 def dumps(obj) -> str:
     return json.dumps(obj, indent=2)
@@ -76,8 +78,6 @@ class InspectReport:
     diff: dict | None = None  # {layer: {quantity: array}} with --compare
 
     def to_json(self) -> dict:
-        from .analysis import inspection as ib
-
         out = ib.to_json(self.result, self.dead_threshold)
         for name in out["layers"]:
             r = self.ranks.get(name) if self.ranks else None
@@ -90,16 +90,12 @@ class InspectReport:
         return out
 
     def to_csv(self) -> str:
-        from .analysis import inspection as ib
-
         rows = ib.diff_csv_rows(self.diff, self.result) if self.diff is not None else ib.csv_rows(self.result)
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows(rows)
         return buf.getvalue()
 
     def render(self) -> str:
-        from .analysis import inspection as ib
-
         order = {n: r["order"] for n, r in self.ranks.items() if r is not None} if self.ranks else None
         text = ib.table(self.result, self.dead_threshold, order, self.diff)
         if self.ranks:
