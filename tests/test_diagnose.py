@@ -114,6 +114,25 @@ def _save(model, tmp_path, name="m.keras"):
     return path
 
 
+def test_a_sequential_keras_model_is_diagnosed_recalibrated_and_inspected(npz, tmp_path):
+    """The keras-io convnet written the keras-io way (keras.Sequential with an Input), with BN: Keras 3.15's
+    `Sequential.input` raises for it once loaded from a file, which made diagnose crash with a traceback."""
+    path, a = npz
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(8, 3, use_bias=False),
+                              keras.layers.BatchNormalization(name="seq_bn"), keras.layers.ReLU(),
+                              keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(10)])
+    src = _save(_fit(model, a), tmp_path, "keras_io.keras")
+    runner = CliRunner()
+    r = runner.invoke(main, ["diagnose", str(src), "--data", str(path), "--batches", "2", "--json"])
+    assert r.exit_code in (0, 4) and "Traceback" not in r.output, r.output
+    report = json.loads(r.stdout)
+    assert report["bn_layers"] == ["seq_bn"]
+    assert "moving_statistics_never_updated" not in {f["name"] for f in report["findings"]}
+    r = runner.invoke(main, ["recalibrate", str(src), "--data", str(path), "--batches", "2"])
+    assert r.exit_code == 0 and (tmp_path / "keras_io-recalibrated.keras").is_file(), r.output
+    assert runner.invoke(main, ["inspect-bn", str(src)]).exit_code == 0
+
+
 def test_plain_keras_model_trained_without_training_true_never_updated(npz, tmp_path):
     path, a = npz
     model = _fit(_plain_keras(), a, training=False)  # the TF1 UPDATE_OPS / training-flag bug

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from ..model import Evaluator, bn_layers, recalibrate_model
 from ..model.bn import channel_axis
-from ..model.graph import consumers, input_model, producer
+from ..model.graph import consumers, input_model, output_model, producer
 from ..model.stats import bn_layer_parameters
 
 SEVERITIES = ("info", "warning", "error")
@@ -156,7 +156,7 @@ def check_dead_channels(ctx) -> list:
             found.update({int(c): "gamma" for c in np.flatnonzero(np.abs(bn.gamma.numpy()) < DEAD_GAMMA)})
         relu = _following_relu(ctx.model, bn)
         if relu is not None:
-            upto = _output_model(ctx.model, relu)
+            upto = output_model(ctx.model, relu)
             peak = np.max([per_channel(upto(x, training=False), bn).max(0) for x, _ in ctx.batches()], axis=0)
             found.update({int(c): found.get(int(c), "never positive after ReLU") for c in np.flatnonzero(peak <= 0)})
         if found:
@@ -309,12 +309,6 @@ def _following_relu(model, bn):
                                               and getattr(act.activation, "__name__", "") == "relu"):
         return act
     return None
-
-
-def _output_model(model, layer):
-    import keras
-
-    return keras.Model(model.input, layer.output)
 
 
 def diagnose_model(ctx: Context) -> list:

@@ -37,9 +37,20 @@ def consumers(model, layer) -> list:
     return out
 
 
+def model_input(model):
+    """The model's symbolic input(s). Not `model.input`: Keras 3.15 raises there for a Sequential model that was
+    built with an Input but never called as a functional graph (every keras-io convnet loaded from a file)."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
 def input_model(model, layer) -> keras.Model:
     """A model sharing `model`'s layers that maps the model's input to `layer`'s input."""
-    return keras.Model(model.input, layer.input)
+    return keras.Model(model_input(model), layer.input)
+
+
+def output_model(model, layer) -> keras.Model:
+    """A model sharing `model`'s layers that maps the model's input to `layer`'s output."""
+    return keras.Model(model_input(model), layer.output)
 
 
 def run_graph(model, x, training_for):
