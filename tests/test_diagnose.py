@@ -17,6 +17,7 @@ from conftest import lagging_run, synthetic_arrays, tiny_raw  # noqa: E402
 from convbn_cli.analysis.diagnose import diagnose  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
+from convbn_cli.model import bn_layers  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
 
 
@@ -61,6 +62,7 @@ def test_slow_decay_and_the_inference_gap_are_measured(lagging):
     assert slow.severity == "warning" and slow.layers == ["conv1_bn", "conv2_bn"]
     assert slow.evidence["decay"] == pytest.approx(0.999) and slow.evidence["pytorch_momentum"] == pytest.approx(0.001)
     assert slow.evidence["steps"] == 150 and slow.evidence["initial_weight_left"] == pytest.approx(0.999 ** 150)
+    assert "lower model.bn.decay to 0.96 or below for 150 steps" in slow.fix  # fits the run, not a fixed 0.9
     gap = finding(r, "inference_training_gap")
     e = gap.evidence
     assert e["accuracy_batch"] - e["accuracy_moving"] > 0.02
@@ -171,6 +173,7 @@ def test_dead_channels_by_gamma_and_by_relu(npz, tmp_path):
     ("nan", "non_finite_bn_values", "error"),
     ("tiny_variance", "epsilon_dominates", "warning"),
     ("bfloat16", "bn_variables_not_float32", "error"),
+    ("negative_variance", "negative_moving_variance", "error"),  # it used to pass as "BN looks healthy"
 ])
 def test_bad_values_and_dtypes(npz, tmp_path, fault, name, severity):
     path, a = npz
@@ -182,8 +185,14 @@ def test_bad_values_and_dtypes(npz, tmp_path, fault, name, severity):
         bn.moving_variance.assign(var)
     elif fault == "tiny_variance":
         bn.moving_variance.assign(np.full(6, 1e-5, np.float32))
+    elif fault == "negative_variance":
+        var = bn.moving_variance.numpy()
+        var[3] = -0.5
+        bn.moving_variance.assign(var)
     f = finding(diagnose(_save(model, tmp_path), data=str(path), batches=2), name)
     assert f.severity == severity and f.layers == ["bn1"]
+    if fault == "negative_variance":
+        assert f.channels == {"bn1": [3]} and f.evidence["min_moving_variance"] == -0.5
 
 
 def test_too_few_values_per_channel_in_a_run(tmp_path, synthetic, monkeypatch):
@@ -281,3 +290,66 @@ def test_a_data_file_whose_header_lies_is_refused_before_loading(tmp_path):
         z.writestr("y.npy", buf.getvalue())
     r = CliRunner().invoke(main, ["diagnose", str(_save(_plain_keras(), tmp_path)), "--data", str(lie)])
     assert r.exit_code == 2 and "x declares shape (1000000000, 28, 28) (uint8), more than 2 GiB" in r.output
+
+
+# --------------------------------------------------------------------------- structure, floors and advice
+
+def _one_bn_model(conv_kwargs=None, bn_kwargs=None, shape=(28, 28, 1)):
+    inp = keras.Input(shape)
+    x = keras.layers.Conv2D(6, 3, name="c1", **(conv_kwargs or {}))(inp)
+    x = keras.layers.BatchNormalization(name="bn1", **(bn_kwargs or {}))(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D(data_format=(conv_kwargs or {}).get("data_format"))(x)
+    return keras.Model(inp, keras.layers.Dense(10, name="logits")(x))
+
+
+def _context(model, steps=None):
+    from convbn_cli.analysis.diagnose import Context
+
+    ctx = Context(model, 10, np.zeros((4, 28, 28, 1), np.float32), np.zeros(4, np.int32), 2, [], steps)
+    ctx.bns = bn_layers(model)
+    return ctx
+
+
+def test_bn_on_the_wrong_axis_is_an_error_naming_the_fix(npz, tmp_path):
+    """The seed question's own mistake: statistics per image row (axis=1 on channels_last), not per feature map.
+    The model still learns, so only the structure tells."""
+    path, a = npz
+    model = _fit(_one_bn_model(bn_kwargs={"axis": 1}), a)
+    f = finding(diagnose(_save(model, tmp_path), data=str(path), batches=2), "bn_wrong_axis")
+    assert f.severity == "error" and f.layers == ["bn1"] and "BatchNormalization(axis=-1)" in f.fix
+    assert f.evidence["bn_axis"] == 1 and f.evidence["channel_axis"] == 3
+    from convbn_cli.analysis.diagnose import check_bn_axis
+
+    # a channels_first conv followed by the default axis=-1 (checked on the structure: nothing runs)
+    first = _one_bn_model({"data_format": "channels_first"}, shape=(1, 28, 28))
+    [wrong] = check_bn_axis(_context(first))
+    assert wrong.evidence["channel_axis"] == 1 and "BatchNormalization(axis=1)" in wrong.fix
+    assert check_bn_axis(_context(_one_bn_model({"data_format": "channels_first"}, {"axis": 1}, (1, 28, 28)))) == []
+    assert check_bn_axis(_context(_one_bn_model())) == []
+
+
+def test_a_model_at_chance_in_every_mode_is_not_called_healthy(npz, tmp_path):
+    path, a = npz
+    r = diagnose(_save(_one_bn_model(), tmp_path), data=str(path), batches=2)  # never trained
+    f = finding(r, "accuracy_at_chance")
+    assert f.severity == "error" and set(f.evidence["accuracy"]) == {"moving", "batch", "precise_bn"}
+
+
+def test_a_bias_before_the_producers_own_relu_is_not_redundant(npz, tmp_path):
+    path, a = npz
+    model = _fit(_one_bn_model({"activation": "relu", "use_bias": True}), a)
+    assert "redundant_bias_before_bn" not in names(diagnose(_save(model, tmp_path), data=str(path), batches=2))
+
+
+def test_decay_advice_fits_the_steps_and_skips_frozen_layers():
+    from convbn_cli.analysis.diagnose import check_decay, fitting_decay
+
+    for steps in (5, 32, 150, 1000):
+        d = fitting_decay(steps)
+        assert d ** steps <= 0.01 and 1 / (1 - d) <= steps / 3  # it forgets its start and fits the run
+    model = _one_bn_model(bn_kwargs={"momentum": 0.9})
+    [slow] = check_decay(_context(model, steps=32))
+    assert "to 0.86 or below" in slow.fix and "0.9 " not in slow.fix  # never the value already configured
+    model.get_layer("bn1").trainable = False  # frozen for fine-tuning: nothing is averaged, nothing to advise
+    assert check_decay(_context(model, steps=32)) == []

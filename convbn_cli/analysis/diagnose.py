@@ -55,6 +55,7 @@ class Context:
     kind: str = "external"
     bns: list = field(default_factory=list)
     _stats: dict = field(default_factory=dict)
+    _measured: dict = field(default_factory=dict)  # accuracies by BN mode, each measured once
 
     def batches(self):
         n = len(self.images)
@@ -100,19 +101,30 @@ def check_decay(ctx) -> list:
     if not ctx.steps:
         return []
     out = []
-    for decay in sorted({round(float(bn.momentum), 6) for bn in ctx.bns}):
+    updating = [bn for bn in ctx.bns if bn.trainable]  # a frozen layer's statistics are not averaged at all
+    for decay in sorted({round(float(bn.momentum), 6) for bn in updating}):
         left = decay ** ctx.steps  # the weight the initial (0, 1) still has in the average
         if left > 0.01 or ctx.steps < 3 / max(1 - decay, 1e-9):
-            names = [bn.name for bn in ctx.bns if round(float(bn.momentum), 6) == decay]
+            names = [bn.name for bn in updating if round(float(bn.momentum), 6) == decay]
+            fitting = fitting_decay(ctx.steps)
+            lower = (f"lower model.bn.decay to {fitting:g} or below for {ctx.steps} steps, or " if fitting < decay
+                     else "")
             out.append(Finding(
                 "decay_too_slow", "warning",
                 f"decay {decay:g} averages over ~{1 / (1 - decay):.0f} steps but training took {ctx.steps}: the "
                 f"initial statistics still weigh {left:.1%} and the rest lags behind the final weights",
-                "lower model.bn.decay (e.g. 0.9) for short runs, or run convbn recalibrate TARGET (train.precise_bn)",
+                f"{lower}run convbn recalibrate TARGET (train.precise_bn: auto does it at the end of a run)",
                 layers=names, evidence={"decay": decay, "keras_momentum": decay, "pytorch_momentum": 1 - decay,
                                         "horizon_steps": 1 / (1 - decay), "steps": ctx.steps,
                                         "initial_weight_left": left}))
     return out
+
+
+def fitting_decay(steps: int) -> float:
+    """The largest decay (two decimals) whose average forgets its start (weight below 1%) and spans at most a third
+    of `steps`: what check_decay suggests."""
+    d = min(0.01 ** (1 / max(steps, 1)), 1 - 3 / max(steps, 3))
+    return max(0.0, float(np.floor(d * 100) / 100))
 
 
 def check_inference_gap(ctx) -> list:
@@ -145,6 +157,54 @@ def check_inference_gap(ctx) -> list:
                     evidence={"accuracy_moving": moving["accuracy"], "accuracy_batch": batch["accuracy"],
                               "loss_moving": moving["loss"], "loss_batch": batch["loss"],
                               "accuracy_after_precise_bn": recal, "layers": per_layer})]
+
+
+def check_bn_axis(ctx) -> list:
+    """BN normalizing an axis that is not the channel axis of the conv that feeds it: one statistic (and one gamma
+    and beta) per image row or column instead of per feature map. `axis=1` on channels_last data, or the default
+    axis=-1 after a channels_first conv: the very mistake the classic "BN on a conv layer" question is about."""
+    out = []
+    for bn in ctx.bns:
+        prev = producer(bn)
+        fmt = getattr(prev, "data_format", None)
+        shape = tuple(bn.input.shape)
+        if fmt not in ("channels_last", "channels_first") or len(shape) != 4:
+            continue
+        want = 1 if fmt == "channels_first" else 3
+        got = channel_axis(bn, 4)
+        if got != want:
+            out.append(Finding(
+                "bn_wrong_axis", "error",
+                f"{bn.name} normalizes axis {got} (size {shape[got]}) of {prev.name}'s {fmt} output, whose feature "
+                f"maps are on axis {want} ({shape[want]} channels): it learns one scale and shift per "
+                f"{'row' if got in (1, 2) and fmt == 'channels_last' else 'position'}, not per feature map",
+                f"BatchNormalization(axis={-1 if want == 3 else 1}) after a {fmt} conv", layers=[bn.name],
+                evidence={"bn_axis": got, "channel_axis": want, "data_format": fmt, "input_shape": list(shape)}))
+    return out
+
+
+def check_accuracy_floor(ctx) -> list:
+    """A model at chance whatever BN uses (moving statistics, each batch's own, precise BN): these images do not fit
+    the model (another dataset, another preprocessing or --scale, or it never learned), and no BN verdict can be
+    drawn from them."""
+    labels = np.asarray(ctx.labels)
+    if len(labels) == 0:
+        return []
+    chance = float(np.bincount(labels.astype(np.int64)).max()) / len(labels)  # always guessing the commonest class
+    margin = max(0.03, 2 * np.sqrt(chance * (1 - chance) / len(labels)))  # two standard errors of guessing
+    modes = {"moving": _evaluate(ctx, "moving")["accuracy"], "batch": _evaluate(ctx, "batch")["accuracy"]}
+    if max(modes.values()) > chance + margin:
+        return []
+    modes["precise_bn"] = _recalibrated_accuracy(ctx)
+    if modes["precise_bn"] > chance + margin:
+        return []
+    return [Finding("accuracy_at_chance", "error",
+                    f"the model is at chance on these images whatever BN uses (moving statistics {modes['moving']:.2%}, "
+                    f"batch statistics {modes['batch']:.2%}, precise BN {modes['precise_bn']:.2%}; chance "
+                    f"{chance:.2%}): the data do not fit the model, which is not a BN verdict",
+                    "check that the images are the ones it was trained on, preprocessed the same way (--scale: what "
+                    "its pixels 0-255 were multiplied by), and that it was trained at all", layers=[],
+                    evidence={"accuracy": modes, "chance": chance})]
 
 
 def check_dead_channels(ctx) -> list:
@@ -181,6 +241,18 @@ def check_values(ctx) -> list:
                                "retrain from the last finite checkpoint with a lower learning rate", layers=[bn.name],
                                evidence={"non_finite_counts": bad}))
             continue
+        negative = np.flatnonzero(p["moving_variance"] + bn.epsilon <= 0)
+        if len(negative):  # sqrt(variance + epsilon) of a negative number: NaN at inference
+            out.append(Finding("negative_moving_variance", "error",
+                               f"{bn.name}: {len(negative)} channel(s) have a negative moving variance (down to "
+                               f"{float(p['moving_variance'].min()):.3g}); inference divides by the square root of "
+                               "variance + epsilon, so those channels give NaN",
+                               "recompute the statistics: convbn recalibrate TARGET (and look for what wrote them: a "
+                               "hand-edited or converted checkpoint)", layers=[bn.name],
+                               channels={bn.name: negative.tolist()},
+                               evidence={"min_moving_variance": float(p["moving_variance"].min()),
+                                         "epsilon": float(bn.epsilon)}))
+            continue
         big = {q: float(np.abs(a).max()) for q, a in arrays.items() if np.abs(a).max() > 1e6}
         if big:
             out.append(Finding("extreme_bn_values", "warning", f"{bn.name}: values above 1e6 in {', '.join(big)}",
@@ -198,11 +270,13 @@ def check_values(ctx) -> list:
 
 
 def check_redundant_bias(ctx) -> list:
-    """A bias in the conv/dense right before a BN with center: BN's beta already shifts each channel."""
+    """A bias in the conv/dense right before a BN with center: BN's beta already shifts each channel. Only for a
+    linear producer: a bias before the producer's own activation (Conv2D(activation="relu")) is not redundant."""
     hits = {}
     for bn in ctx.bns:
         prev = producer(bn)
-        if bn.center and getattr(prev, "use_bias", False) and getattr(prev, "bias", None) is not None:
+        linear = getattr(getattr(prev, "activation", None), "__name__", "linear") == "linear"
+        if bn.center and linear and getattr(prev, "use_bias", False) and getattr(prev, "bias", None) is not None:
             hits[prev.name] = int(np.prod(prev.bias.shape))
     if not hits:
         return []
@@ -276,26 +350,35 @@ def check_unfolded_export(ctx) -> list:
                     layers=[bn.name for bn in pairs])]
 
 
-CHECKS = (check_never_updated, check_decay, check_inference_gap, check_dead_channels, check_values,
-          check_redundant_bias, check_dtypes, check_few_values, check_frozen, check_unfolded_export)
+CHECKS = (check_never_updated, check_decay, check_bn_axis, check_accuracy_floor, check_inference_gap,
+          check_dead_channels, check_values, check_redundant_bias, check_dtypes, check_few_values, check_frozen,
+          check_unfolded_export)
 
 
 # --------------------------------------------------------------------------- helpers
 
+def _dataset(ctx):
+    return tf.data.Dataset.from_tensor_slices((ctx.images, ctx.labels)).batch(ctx.batch_size, drop_remainder=True)
+
+
 def _evaluate(ctx, bn_stats):
-    ds = tf.data.Dataset.from_tensor_slices((ctx.images, ctx.labels)).batch(ctx.batch_size, drop_remainder=True)
-    return Evaluator(ctx.model, ctx.num_classes, bn_stats)(ds)
+    """{loss, accuracy, ...} with the moving ("moving") or each batch's own ("batch") BN statistics, once each."""
+    if bn_stats not in ctx._measured:
+        ctx._measured[bn_stats] = Evaluator(ctx.model, ctx.num_classes, bn_stats)(_dataset(ctx))
+    return ctx._measured[bn_stats]
 
 
 def _recalibrated_accuracy(ctx) -> float:
     """Accuracy after an in-memory precise BN (the moving statistics are put back afterwards: nothing written)."""
-    saved = [(v, v.numpy()) for bn in ctx.bns for v in (bn.moving_mean, bn.moving_variance)]
-    try:
-        recalibrate_model(ctx.model, ctx.calibration)
-        return _evaluate(ctx, "moving")["accuracy"]
-    finally:
-        for v, value in saved:
-            v.assign(value)
+    if "precise" not in ctx._measured:
+        saved = [(v, v.numpy()) for bn in ctx.bns for v in (bn.moving_mean, bn.moving_variance)]
+        try:
+            recalibrate_model(ctx.model, ctx.calibration)
+            ctx._measured["precise"] = Evaluator(ctx.model, ctx.num_classes)(_dataset(ctx))
+        finally:
+            for v, value in saved:
+                v.assign(value)
+    return ctx._measured["precise"]["accuracy"]
 
 
 def _following_relu(model, bn):
