@@ -141,6 +141,8 @@ def test_plain_keras_model_trained_without_training_true_never_updated(npz, tmp_
     r = diagnose(_save(model, tmp_path), data=str(path), batches=2)
     f = finding(r, "moving_statistics_never_updated")
     assert f.severity == "error" and f.layers == ["bn1"] and r["kind"] == "external"
+    # recalibrate is offered because it was measured to help, with the numbers
+    assert f.evidence["accuracy_after_precise_bn"] > f.evidence["accuracy_moving"] and "convbn recalibrate" in f.fix
 
 
 def test_functional_branch_with_a_redundant_bias_and_a_frozen_bn(npz, tmp_path):
@@ -353,3 +355,17 @@ def test_decay_advice_fits_the_steps_and_skips_frozen_layers():
     assert "to 0.86 or below" in slow.fix and "0.9 " not in slow.fix  # never the value already configured
     model.get_layer("bn1").trainable = False  # frozen for fine-tuning: nothing is averaged, nothing to advise
     assert check_decay(_context(model, steps=32)) == []
+
+
+def test_channels_silenced_by_stale_statistics_are_not_called_dead(npz, tmp_path):
+    """Moving means shifted far above the data's: every channel is negative before the ReLU with the moving
+    statistics, and comes back with precise BN's. Pruning them would do harm, so they are not "dead_channels"."""
+    path, a = npz
+    model = _fit(_plain_keras(), a)
+    bn = model.get_layer("bn1")
+    bn.moving_mean.assign(bn.moving_mean.numpy() + 5 * np.sqrt(bn.moving_variance.numpy()))
+    r = diagnose(_save(model, tmp_path), data=str(path), batches=2)
+    assert "dead_channels" not in names(r)
+    f = finding(r, "channels_silenced_by_stale_statistics")
+    assert f.channels == {"bn1": list(range(6))} and "do not prune" in f.fix
+    assert "convbn recalibrate" in finding(r, "inference_training_gap").fix

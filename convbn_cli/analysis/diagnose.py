@@ -87,12 +87,16 @@ def check_never_updated(ctx) -> list:
     trained = any(np.any(bn.gamma.numpy() != 1) for bn in ctx.bns if bn.scale) or bool(ctx.steps)
     if not stuck or not trained:
         return []
+    moving, precise = _evaluate(ctx, "moving")["accuracy"], _recalibrated_accuracy(ctx)
+    now = (f"; or recompute them now: convbn recalibrate TARGET (measured here: {moving:.2%} -> {precise:.2%})"
+           if _helps(ctx, moving, precise) else "")
     return [Finding("moving_statistics_never_updated", "error",
                     f"{len(stuck)} BN layer(s) still hold their initial moving statistics (mean 0, variance 1) in a "
                     "trained model: inference normalizes with numbers that were never measured",
                     "train with training=True so the update runs (in TF1: run tf.GraphKeys.UPDATE_OPS with the train "
-                    "op); or recompute them now: convbn recalibrate TARGET", layers=stuck,
-                    evidence={"moving_mean": 0.0, "moving_variance": 1.0, "steps": ctx.steps})]
+                    f"op){now}", layers=stuck,
+                    evidence={"moving_mean": 0.0, "moving_variance": 1.0, "steps": ctx.steps,
+                              "accuracy_moving": moving, "accuracy_after_precise_bn": precise})]
 
 
 def check_decay(ctx) -> list:
@@ -148,11 +152,15 @@ def check_inference_gap(ctx) -> list:
     recal = _recalibrated_accuracy(ctx)
     # A gap that precise BN does not close comes from evaluating with small batches' own statistics, not from
     # stale moving averages: worth knowing, not a fault.
-    severity = "error" if gap > 0.1 else "warning" if recal - moving["accuracy"] >= MATERIAL_GAP / 2 else "info"
+    helps = _helps(ctx, moving["accuracy"], recal)
+    severity = "error" if gap > 0.1 else "warning" if helps else "info"
+    fix = ("convbn recalibrate TARGET (precise BN, measured here), or train.precise_bn / a lower model.bn.decay"
+           if helps else "keep the moving statistics: precise BN does not improve them here (the gap comes from "
+           "normalizing small evaluation batches with their own statistics, or from layers meant to stay frozen)")
     return [Finding("inference_training_gap", severity,
                     f"inference with the moving statistics reaches {moving['accuracy']:.2%}, with each batch's own "
                     f"statistics {batch['accuracy']:.2%}; precise BN would give {recal:.2%}",
-                    "convbn recalibrate TARGET (precise BN), or train.precise_bn / a lower model.bn.decay",
+                    fix,
                     layers=list(channels) or [bn.name for bn in ctx.bns], channels=channels,
                     evidence={"accuracy_moving": moving["accuracy"], "accuracy_batch": batch["accuracy"],
                               "loss_moving": moving["loss"], "loss_batch": batch["loss"],
@@ -208,8 +216,35 @@ def check_accuracy_floor(ctx) -> list:
 
 
 def check_dead_channels(ctx) -> list:
-    """Channels that carry nothing: |gamma| near 0, or never positive after the ReLU that follows the BN."""
+    """Channels that carry nothing: |gamma| near 0, or never positive after the ReLU that follows the BN. A channel
+    is judged with the statistics precise BN gives when those differ materially from the moving ones: a channel
+    "dead" only because stale moving statistics shift it below zero comes back after precise BN, and pruning it
+    would do harm (it is reported as such, with no pruning advice)."""
+    stale = _helps(ctx, _evaluate(ctx, "moving")["accuracy"], _recalibrated_accuracy(ctx))
+    now = _dead(ctx)
+    settled = _in_precise_bn(ctx, lambda: _dead(ctx)) if stale else now
     out = []
+    for bn in ctx.bns:
+        found, only_stale = settled.get(bn.name, {}), sorted(set(now.get(bn.name, {})) - set(settled.get(bn.name, {})))
+        if found:
+            out.append(Finding("dead_channels", "warning",
+                               f"{bn.name}: {len(found)} of {bn.moving_mean.shape[0]} channel(s) carry nothing",
+                               "prune them (convbn inspect-bn TARGET --rank), or train with less weight decay / a "
+                               "lower learning rate", layers=[bn.name], channels={bn.name: sorted(found)},
+                               evidence={"why": {str(c): w for c, w in sorted(found.items())},
+                                         "gamma_threshold": DEAD_GAMMA}))
+        if only_stale:
+            out.append(Finding("channels_silenced_by_stale_statistics", "info",
+                               f"{bn.name}: {len(only_stale)} channel(s) are never positive after the ReLU with the "
+                               "moving statistics but come back with precise BN's: a consequence of the stale "
+                               "statistics, not dead channels", "do not prune them: convbn recalibrate TARGET",
+                               layers=[bn.name], channels={bn.name: only_stale}))
+    return out
+
+
+def _dead(ctx) -> dict:
+    """{BN layer: {channel: why}} of the channels that carry nothing with the model's current statistics."""
+    out = {}
     for bn in ctx.bns:
         found = {}
         if bn.scale:
@@ -220,12 +255,7 @@ def check_dead_channels(ctx) -> list:
             peak = np.max([per_channel(upto(x, training=False), bn).max(0) for x, _ in ctx.batches()], axis=0)
             found.update({int(c): found.get(int(c), "never positive after ReLU") for c in np.flatnonzero(peak <= 0)})
         if found:
-            out.append(Finding("dead_channels", "warning",
-                               f"{bn.name}: {len(found)} of {bn.moving_mean.shape[0]} channel(s) carry nothing",
-                               "prune them (convbn inspect-bn TARGET --rank), or train with less weight decay / a "
-                               "lower learning rate", layers=[bn.name], channels={bn.name: sorted(found)},
-                               evidence={"why": {str(c): w for c, w in sorted(found.items())},
-                                         "gamma_threshold": DEAD_GAMMA}))
+            out[bn.name] = found
     return out
 
 
@@ -368,17 +398,33 @@ def _evaluate(ctx, bn_stats):
     return ctx._measured[bn_stats]
 
 
-def _recalibrated_accuracy(ctx) -> float:
-    """Accuracy after an in-memory precise BN (the moving statistics are put back afterwards: nothing written)."""
-    if "precise" not in ctx._measured:
-        saved = [(v, v.numpy()) for bn in ctx.bns for v in (bn.moving_mean, bn.moving_variance)]
-        try:
+def _in_precise_bn(ctx, fn):
+    """fn() run with the statistics an in-memory precise BN gives (computed once); the model's own are put back
+    afterwards: nothing is written."""
+    saved = [(v, v.numpy()) for bn in ctx.bns for v in (bn.moving_mean, bn.moving_variance)]
+    try:
+        if "precise_stats" not in ctx._measured:
             recalibrate_model(ctx.model, ctx.calibration)
-            ctx._measured["precise"] = Evaluator(ctx.model, ctx.num_classes)(_dataset(ctx))
-        finally:
-            for v, value in saved:
-                v.assign(value)
+            ctx._measured["precise_stats"] = [v.numpy() for v, _ in saved]
+        for (v, _), value in zip(saved, ctx._measured["precise_stats"]):
+            v.assign(value)
+        return fn()
+    finally:
+        for v, value in saved:
+            v.assign(value)
+
+
+def _recalibrated_accuracy(ctx) -> float:
+    """Accuracy after an in-memory precise BN (nothing written)."""
+    if "precise" not in ctx._measured:
+        ctx._measured["precise"] = _in_precise_bn(ctx, lambda: Evaluator(ctx.model, ctx.num_classes)(_dataset(ctx)))
     return ctx._measured["precise"]["accuracy"]
+
+
+def _helps(ctx, before: float, after: float) -> bool:
+    """Whether precise BN measurably improves the accuracy: by more than two standard errors (at least a point)."""
+    n = max(len(ctx.images), 1)
+    return after - before > max(MATERIAL_GAP / 2, 2 * np.sqrt(max(before * (1 - before), 1e-4) / n))
 
 
 def _following_relu(model, bn):
