@@ -369,3 +369,18 @@ def test_channels_silenced_by_stale_statistics_are_not_called_dead(npz, tmp_path
     f = finding(r, "channels_silenced_by_stale_statistics")
     assert f.channels == {"bn1": list(range(6))} and "do not prune" in f.fix
     assert "convbn recalibrate" in finding(r, "inference_training_gap").fix
+
+
+def test_an_input_scale_mismatch_is_named_with_the_scale_to_use(npz, tmp_path):
+    """Trained on pixels in [0, 1], fed raw 0-255 pixels (--scale 1): not stale statistics, and no recalibrate."""
+    path, a = npz
+    src = _save(_fit(_plain_keras(bn_kwargs={"momentum": 0.9}), a), tmp_path)  # statistics that forgot their start
+    r = diagnose(src, data=str(path), batches=2, scale=1.0)
+    f = finding(r, "input_scale_mismatch")
+    assert f.severity == "error" and f.layers == ["bn1"] and "(pixels in [0, 1])" in f.fix
+    assert f.evidence["scale_suggested"] == pytest.approx(1 / 255, rel=0.2)
+    gap = [g for g in r["findings"] if g.name == "inference_training_gap"]
+    assert all("convbn recalibrate" not in g.fix for g in gap)
+    assert "input_scale_mismatch" not in names(diagnose(src, data=str(path), batches=2))  # the right scale
+    lagging = _save(_fit(_plain_keras(bn_kwargs={"momentum": 0.999}), a), tmp_path, "lagging.keras")
+    assert "input_scale_mismatch" not in names(diagnose(lagging, data=str(path), batches=2))  # stale, not scaled

@@ -53,9 +53,11 @@ class Context:
     steps: int | None = None  # training steps taken, when known
     config: object = None
     kind: str = "external"
+    scale: float | None = None  # what a model from elsewhere was fed: pixels x scale (--scale); None for runs
     bns: list = field(default_factory=list)
     _stats: dict = field(default_factory=dict)
     _measured: dict = field(default_factory=dict)  # accuracies by BN mode, each measured once
+    scale_mismatch: bool = False  # set by check_input_scale: the statistics look stale because the inputs are off
 
     def batches(self):
         n = len(self.images)
@@ -154,7 +156,9 @@ def check_inference_gap(ctx) -> list:
     # stale moving averages: worth knowing, not a fault.
     helps = _helps(ctx, moving["accuracy"], recal)
     severity = "error" if gap > 0.1 else "warning" if helps else "info"
-    fix = ("convbn recalibrate TARGET (precise BN, measured here), or train.precise_bn / a lower model.bn.decay"
+    fix = ("scale the inputs as in training first (input_scale_mismatch): the statistics only look stale"
+           if ctx.scale_mismatch else
+           "convbn recalibrate TARGET (precise BN, measured here), or train.precise_bn / a lower model.bn.decay"
            if helps else "keep the moving statistics: precise BN does not improve them here (the gap comes from "
            "normalizing small evaluation batches with their own statistics, or from layers meant to stay frozen)")
     return [Finding("inference_training_gap", severity,
@@ -189,6 +193,42 @@ def check_bn_axis(ctx) -> list:
                 f"BatchNormalization(axis={-1 if want == 3 else 1}) after a {fmt} conv", layers=[bn.name],
                 evidence={"bn_axis": got, "channel_axis": want, "data_format": fmt, "input_shape": list(shape)}))
     return out
+
+
+def check_input_scale(ctx) -> list:
+    """A model from elsewhere fed pixels on another scale than it was trained on (0-255 against 0-1): the first BN
+    layer's moving variance is off from what the data give by the same large factor in every channel (s^2, for
+    inputs s times too small or too large), which precise BN would only hide. Names the --scale to use."""
+    if ctx.scale is None or not ctx.bns:
+        return []
+    first = ctx.bns[0]
+    mean, var = ctx.population_stats(first)
+    ratio = first.moving_variance.numpy() / np.maximum(var, 1e-12)
+    live = ratio[(var > 1e-8) & (first.moving_variance.numpy() > first.epsilon)]
+    if len(live) == 0:
+        return []
+    spread = np.log10(live.max() / live.min())
+    factor = float(np.sqrt(np.median(live)))  # the trained inputs were `factor` times the ones given here
+    if not (factor > 10 or factor < 0.1) or spread > 1:
+        return []
+    # The means must tell the same story (they scale by the factor, not by its square): statistics that merely
+    # lag from their start (mean 0, variance 1) give a variance far off too, but not means `factor` apart.
+    clear = np.abs(mean) > 0.1 * np.sqrt(var)
+    means = first.moving_mean.numpy()[clear] / mean[clear]
+    if not len(means) or not 0.5 < float(np.median(means)) / factor < 2:
+        return []
+    ctx.scale_mismatch = True
+    suggested = ctx.scale * factor
+    return [Finding("input_scale_mismatch", "error",
+                    f"{first.name}, the first BN layer, expects inputs about {factor:.3g} times the ones given (moving "
+                    f"variance {np.median(live):.3g} times the data's, alike in all {len(live)} channels): the images "
+                    f"are not scaled as in training (--scale {ctx.scale:.4g} now)",
+                    f"--scale {suggested:.4g}" + (" (raw pixels 0-255)" if abs(suggested - 1) < 0.2 else
+                                                  " (pixels in [0, 1])" if abs(suggested * 255 - 1) < 0.2 else "")
+                    + ", then diagnose again; recalibrating on wrongly scaled images would only hide this",
+                    layers=[first.name], evidence={"variance_ratio_median": float(np.median(live)),
+                                                   "variance_ratio_spread_decades": float(spread),
+                                                   "scale_given": ctx.scale, "scale_suggested": suggested})]
 
 
 def check_accuracy_floor(ctx) -> list:
@@ -380,9 +420,10 @@ def check_unfolded_export(ctx) -> list:
                     layers=[bn.name for bn in pairs])]
 
 
-CHECKS = (check_never_updated, check_decay, check_bn_axis, check_accuracy_floor, check_inference_gap,
-          check_dead_channels, check_values, check_redundant_bias, check_dtypes, check_few_values, check_frozen,
-          check_unfolded_export)
+# in this order: check_input_scale tells check_inference_gap whether stale-looking statistics are a scale problem
+CHECKS = (check_never_updated, check_decay, check_bn_axis, check_input_scale, check_accuracy_floor,
+          check_inference_gap, check_dead_channels, check_values, check_redundant_bias, check_dtypes, check_few_values,
+          check_frozen, check_unfolded_export)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -473,7 +514,7 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=
     d = t.eval_data(batches, data_source=data, scale=scale, log=log)
     n = batches * d.batch_size  # batches of the training size (a model from elsewhere: of 128)
     ctx = Context(t.model, d.num_classes, d.images[:n], d.labels[:n], d.batch_size, d.calibration, _steps(t),
-                  t.config, t.kind)
+                  t.config, t.kind, scale=None if t.config is not None else scale)
     findings = diagnose_model(ctx)
     for f in findings:  # the fixes name the user's own target
         f.fix = f.fix.replace("TARGET", str(target))
