@@ -370,13 +370,19 @@ def diagnose_cmd(ctx, target, which, data, batches, scale, as_json, fail_on):
     TARGET: a run directory, checkpoint, export or any Keras 3 .keras model with BN layers. Each finding names
     its layers, its evidence and a fix. Exit 0, or 4 when something at or above --fail-on was found.
     """
-    _check_paths(target, data=data)
-    _tf(ctx)
-    from .analysis.diagnose import SEVERITIES, diagnose
-    from .errors import EXIT_FINDINGS
+    from .errors import EXIT_FINDINGS, ConvbnError
     from .present.reports import DiagnoseReport, dumps
 
-    report = DiagnoseReport(diagnose(target, which=which, data=data, batches=batches, scale=scale, log=_stderr))
+    try:
+        _check_paths(target, data=data)
+        _tf(ctx)
+        from .analysis.diagnose import SEVERITIES, diagnose
+
+        report = DiagnoseReport(diagnose(target, which=which, data=data, batches=batches, scale=scale, log=_stderr))
+    except ConvbnError as e:
+        if as_json:  # a script reading stdout gets an object either way; the one-line error still goes to stderr
+            click.echo(dumps({"error": e.lines, "exit_code": e.exit_code}))
+        raise
     click.echo(dumps(report.to_json()) if as_json else report.render())
     worst = SEVERITIES.index(fail_on)
     if any(SEVERITIES.index(f.severity) >= worst for f in report.result["findings"]):

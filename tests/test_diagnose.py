@@ -225,16 +225,24 @@ def test_cli_report_exit_codes_and_json(lagging, healthy, mnist_cache):
     assert r.exit_code == 0, r.output  # warnings only; the default --fail-on is error
     assert "warning" in r.stdout and "decay_too_slow" in r.stdout and "fix:" in r.stdout
     assert r.stdout.splitlines()[-1].startswith("verdict:")
+    evidence = [ln for ln in r.stdout.splitlines() if ln.lstrip().startswith("evidence:")]
+    assert evidence and max(map(len, evidence)) <= 300  # short readable lines; --json has everything
+    assert "passed (" in r.stdout and "bn_axis" in r.stdout  # the checks that found nothing are listed too
+    assert "diagnosing " in r.stderr and "measuring" in r.stderr  # a progress line while it measures
     assert runner.invoke(main, ["diagnose", str(lagging), "--batches", "5", "--fail-on", "warning"]).exit_code == 4
     ok = runner.invoke(main, ["diagnose", str(healthy), "--batches", "5", "--fail-on", "warning", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["counts"] == {"info": 0, "warning": 0, "error": 0}
+    assert {"never_updated", "bn_axis", "input_scale", "accuracy_floor", "values"} <= set(json.loads(ok.stdout)["passed"])
 
 
 def test_external_model_without_data_is_one_line(npz, tmp_path):
     model = _plain_keras()
     r = CliRunner().invoke(main, ["diagnose", str(_save(model, tmp_path))])
     assert r.exit_code == 2 and "needs --data" in r.output
+    r = CliRunner().invoke(main, ["diagnose", str(_save(model, tmp_path)), "--json"])  # a script still gets JSON
+    assert r.exit_code == 2 and "needs --data" in json.loads(r.stdout)["error"][0]
+    assert json.loads(r.stdout)["exit_code"] == 2 and "needs --data" in r.stderr
 
 
 @pytest.mark.parametrize("decay,precise,hint", [(0.999, "off", True), (0.999, "auto", False), (0.5, "off", False)])

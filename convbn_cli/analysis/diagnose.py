@@ -481,10 +481,16 @@ def _following_relu(model, bn):
     return None
 
 
-def diagnose_model(ctx: Context) -> list:
-    """Every check's findings for an opened model and its data, most severe first."""
+def diagnose_model(ctx: Context, passed: list | None = None) -> list:
+    """Every check's findings for an opened model and its data, most severe first; the names of the checks that
+    found nothing are appended to `passed`."""
     ctx.bns = bn_layers(ctx.model)
-    findings = [f for check in CHECKS for f in check(ctx)]
+    findings = []
+    for check in CHECKS:
+        found = check(ctx)
+        findings += found
+        if not found and passed is not None:
+            passed.append(check.__name__.removeprefix("check_"))
     return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))
 
 
@@ -515,11 +521,15 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=
     n = batches * d.batch_size  # batches of the training size (a model from elsewhere: of 128)
     ctx = Context(t.model, d.num_classes, d.images[:n], d.labels[:n], d.batch_size, d.calibration, _steps(t),
                   t.config, t.kind, scale=None if t.config is not None else scale)
-    findings = diagnose_model(ctx)
+    log(f"diagnosing {t.source}: {len(bn_layers(t.model))} BN layer(s), {len(ctx.images)} images; measuring with "
+        "the moving statistics, each batch's own and an in-memory precise BN ...")
+    passed = []
+    findings = diagnose_model(ctx, passed)
     for f in findings:  # the fixes name the user's own target
         f.fix = f.fix.replace("TARGET", str(target))
     return {"target": t.source, "kind": t.kind, "bn_layers": [bn.name for bn in ctx.bns], "images": len(ctx.images),
-            "findings": findings, "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES}}
+            "findings": findings, "passed": passed,
+            "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES}}
 
 
 def _steps(t):

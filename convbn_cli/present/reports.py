@@ -188,8 +188,12 @@ class DiagnoseReport:
                     more = f" (+{len(channels) - 16} more)" if len(channels) > 16 else ""
                     lines.append(f"    {layer} channels: {', '.join(map(str, channels[:16]))}{more}")
                 if f.evidence:
-                    lines.append(f"    evidence: {_compact(f.evidence)}")
+                    evidence = _compact(f.evidence)
+                    cut = evidence if len(evidence) <= EVIDENCE_CHARS else evidence[:EVIDENCE_CHARS] + " ... (--json)"
+                    lines.append(f"    evidence: {cut}")
                 lines.append(f"    fix: {f.fix}")
+        if r.get("passed"):
+            lines += ["", f"passed ({len(r['passed'])}): {', '.join(r['passed'])}"]
         return "\n".join(lines + ["", self.verdict()])
 
     def verdict(self) -> str:
@@ -199,6 +203,9 @@ class DiagnoseReport:
         worst = next(f for f in self.result["findings"] if f.severity in ("error", "warning"))
         return (f"verdict: {c['error']} error(s), {c['warning']} warning(s), {c['info']} note(s); "
                 f"first: {worst.name}")
+
+
+EVIDENCE_CHARS = 240  # one readable line of evidence in the text report; --json holds all of it
 
 
 def _compact(value, depth=0) -> str:
