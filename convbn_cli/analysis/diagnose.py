@@ -24,6 +24,7 @@ SEVERITIES = ("info", "warning", "error")
 MATERIAL_GAP = 0.02  # accuracy points between batch- and moving-statistics inference that call for a look
 DEAD_GAMMA = 1e-2
 FEW_VALUES = 16  # values per channel per replica under which batch statistics are too noisy to trust
+SCALE_OFF = 10.0  # inputs this many times too large (or small) for the first BN layer: a scale mismatch
 
 
 @dataclass
@@ -209,7 +210,7 @@ def check_input_scale(ctx) -> list:
         return []
     spread = np.log10(live.max() / live.min())
     factor = float(np.sqrt(np.median(live)))  # the trained inputs were `factor` times the ones given here
-    if not (factor > 10 or factor < 0.1) or spread > 1:
+    if not (factor > SCALE_OFF or factor < 1 / SCALE_OFF) or spread > 1:
         return []
     # The means must tell the same story (they scale by the factor, not by its square): statistics that merely
     # lag from their start (mean 0, variance 1) give a variance far off too, but not means `factor` apart.
