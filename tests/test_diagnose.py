@@ -392,3 +392,33 @@ def test_an_input_scale_mismatch_is_named_with_the_scale_to_use(npz, tmp_path):
     assert "input_scale_mismatch" not in names(diagnose(src, data=str(path), batches=2))  # the right scale
     lagging = _save(_fit(_plain_keras(bn_kwargs={"momentum": 0.999}), a), tmp_path, "lagging.keras")
     assert "input_scale_mismatch" not in names(diagnose(lagging, data=str(path), batches=2))  # stale, not scaled
+
+
+def _nested(bn_kwargs=None):
+    """A model whose BN sits inside a nested functional block (as Keras applications and user blocks do)."""
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((13, 13, 6))
+    y = keras.layers.BatchNormalization(name="inner_bn", **(bn_kwargs or {}))(inner_in)
+    block = keras.Model(inner_in, keras.layers.ReLU(name="inner_relu")(y), name="block")
+    inp = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(6, 3, strides=2, use_bias=False, name="c1")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(block(x))
+    return keras.Model(inp, keras.layers.Dense(10, name="logits")(x))
+
+
+def test_bn_inside_a_nested_model_is_found_measured_and_recalibrated(npz, tmp_path):
+    """A never-updated BN inside a nested block: it used to be "no BN layers to diagnose" (exit 2)."""
+    path, a = npz
+    src = _save(_fit(_nested(), a, training=False), tmp_path, "nested.keras")
+    r = diagnose(src, data=str(path), batches=2)
+    assert r["bn_layers"] == ["inner_bn"]
+    f = finding(r, "moving_statistics_never_updated")
+    assert f.layers == ["inner_bn"] and f.evidence["accuracy_after_precise_bn"] > f.evidence["accuracy_moving"]
+    gap = finding(r, "inference_training_gap")  # batch statistics reached the nested BN too
+    assert gap.evidence["accuracy_batch"] > gap.evidence["accuracy_moving"]
+    out = CliRunner().invoke(main, ["recalibrate", str(src), "--data", str(path), "--batches", "2"])
+    assert out.exit_code == 0, out.output
+    fixed = keras.saving.load_model(tmp_path / "nested-recalibrated.keras").get_layer("block").get_layer("inner_bn")
+    assert not np.all(fixed.moving_variance.numpy() == 1)  # precise BN reached it through the nesting
+    assert "moving_statistics_never_updated" not in names(diagnose(tmp_path / "nested-recalibrated.keras",
+                                                                   data=str(path), batches=2))

@@ -147,12 +147,11 @@ def test_the_summary_reports_the_model_eval_opens(tmp_path, mnist, mnist_cache, 
             assert res["stopped_early"] and res["epochs_done"] == 2
 
 
-def test_recalibrate_reports_the_batches_it_used(trained, mnist):
+def test_recalibrate_reports_the_batches_it_used(run_copy, mnist):
     from convbn_cli.analysis import recalibrate
     from convbn_cli.present.reports import RecalibrateReport
 
-    cfg, result = trained
-    out = recalibrate(result.run_dir, batches=200, data=mnist)
+    out = recalibrate(run_copy, batches=200, data=mnist)  # a copy: the shared run must keep no recalibrated one
     assert out["batches"] == 50  # 1,600 training images in batches of 32, not the 200 asked for
     assert "over 50 batches" in RecalibrateReport(out).render()
 

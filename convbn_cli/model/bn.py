@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras
 
 from .fused_bn import FusedBatchNorm
+from .graph import all_layers
 from .keras_bn import BatchNormalization
 
 BN_TYPES = (FusedBatchNorm, keras.layers.BatchNormalization)
@@ -20,8 +21,9 @@ def is_bn(layer) -> bool:
 
 
 def bn_layers(model) -> list:
-    """The model's BN layers (fused or Keras), in the model's (topological) layer order."""
-    return [layer for layer in model.layers if is_bn(layer)]
+    """The model's BN layers (fused or Keras), in the model's (topological) layer order, those of models nested in
+    it included (in their place)."""
+    return [layer for layer in all_layers(model) if is_bn(layer)]
 
 
 def bn_impl(layer) -> str:
