@@ -233,7 +233,8 @@ def test_cli_report_exit_codes_and_json(lagging, healthy, mnist_cache):
     ok = runner.invoke(main, ["diagnose", str(healthy), "--batches", "5", "--fail-on", "warning", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["counts"] == {"info": 0, "warning": 0, "error": 0}
-    assert {"never_updated", "bn_axis", "input_scale", "accuracy_floor", "values"} <= set(json.loads(ok.stdout)["passed"])
+    passed = set(json.loads(ok.stdout)["passed"])
+    assert {"never_updated", "bn_axis", "input_scale", "accuracy_floor", "values"} <= passed
 
 
 def test_external_model_without_data_is_one_line(npz, tmp_path):

@@ -240,7 +240,8 @@ def check_accuracy_floor(ctx) -> list:
     if len(labels) == 0:
         return []
     chance = float(np.bincount(labels.astype(np.int64)).max()) / len(labels)  # always guessing the commonest class
-    margin = max(0.03, 2 * np.sqrt(chance * (1 - chance) / len(labels)))  # two standard errors of guessing
+    measured = max(_evaluate(ctx, "moving")["count"], 1)  # (whole batches of the images)
+    margin = max(0.05, 2 * np.sqrt(chance * (1 - chance) / measured))  # 5 points, or two standard errors of guessing
     modes = {"moving": _evaluate(ctx, "moving")["accuracy"], "batch": _evaluate(ctx, "batch")["accuracy"]}
     if max(modes.values()) > chance + margin:
         return []
@@ -248,7 +249,8 @@ def check_accuracy_floor(ctx) -> list:
     if modes["precise_bn"] > chance + margin:
         return []
     return [Finding("accuracy_at_chance", "error",
-                    f"the model is at chance on these images whatever BN uses (moving statistics {modes['moving']:.2%}, "
+                    "the model is at chance on these images whatever BN uses (moving statistics "
+                    f"{modes['moving']:.2%}, "
                     f"batch statistics {modes['batch']:.2%}, precise BN {modes['precise_bn']:.2%}; chance "
                     f"{chance:.2%}): the data do not fit the model, which is not a BN verdict",
                     "check that the images are the ones it was trained on, preprocessed the same way (--scale: what "
