@@ -338,6 +338,13 @@ def test_bn_on_the_wrong_axis_is_an_error_naming_the_fix(npz, tmp_path):
     assert wrong.evidence["channel_axis"] == 1 and "BatchNormalization(axis=1)" in wrong.fix
     assert check_bn_axis(_context(_one_bn_model({"data_format": "channels_first"}, {"axis": 1}, (1, 28, 28)))) == []
     assert check_bn_axis(_context(_one_bn_model())) == []
+    # after a ReLU (no conv right before it): judged by the model's one layout
+    inp = keras.Input((28, 28, 1))
+    x = keras.layers.ReLU()(keras.layers.Conv2D(6, 3, name="c1")(inp))
+    x = keras.layers.BatchNormalization(axis=2, name="late_bn")(x)
+    late = keras.Model(inp, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x)))
+    [after_relu] = check_bn_axis(_context(late))
+    assert after_relu.layers == ["late_bn"] and "the model's channels_last output" in after_relu.message
 
 
 def test_a_model_at_chance_in_every_mode_is_not_called_healthy(npz, tmp_path):

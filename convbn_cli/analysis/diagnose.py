@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from ..model import Evaluator, bn_layers, recalibrate_model
 from ..model.bn import channel_axis
-from ..model.graph import consumers, input_model, output_model, producer
+from ..model.graph import all_layers, consumers, input_model, output_model, producer
 from ..model.stats import bn_layer_parameters
 
 SEVERITIES = ("info", "warning", "error")
@@ -175,11 +175,17 @@ def check_inference_gap(ctx) -> list:
 def check_bn_axis(ctx) -> list:
     """BN normalizing an axis that is not the channel axis of the conv that feeds it: one statistic (and one gamma
     and beta) per image row or column instead of per feature map. `axis=1` on channels_last data, or the default
-    axis=-1 after a channels_first conv: the very mistake the classic "BN on a conv layer" question is about."""
+    axis=-1 after a channels_first conv: the very mistake the classic "BN on a conv layer" question is about.
+    A BN with no conv or pooling layer right before it (after an Add, a ReLU, the input) is judged by the layout
+    of the model's conv and pooling layers, when they all share one."""
+    layouts = {getattr(layer, "data_format", None) for layer in all_layers(ctx.model)} - {None}
+    only = next(iter(layouts)) if len(layouts) == 1 else None
     out = []
     for bn in ctx.bns:
         prev = producer(bn)
         fmt = getattr(prev, "data_format", None)
+        source = f"{prev.name}'s" if fmt else "the model's"
+        fmt = fmt or only
         shape = tuple(bn.input.shape)
         if fmt not in ("channels_last", "channels_first") or len(shape) != 4:
             continue
@@ -188,7 +194,7 @@ def check_bn_axis(ctx) -> list:
         if got != want:
             out.append(Finding(
                 "bn_wrong_axis", "error",
-                f"{bn.name} normalizes axis {got} (size {shape[got]}) of {prev.name}'s {fmt} output, whose feature "
+                f"{bn.name} normalizes axis {got} (size {shape[got]}) of {source} {fmt} output, whose feature "
                 f"maps are on axis {want} ({shape[want]} channels): it learns one scale and shift per "
                 f"{'row' if got in (1, 2) and fmt == 'channels_last' else 'position'}, not per feature map",
                 f"BatchNormalization(axis={-1 if want == 3 else 1}) after a {fmt} conv", layers=[bn.name],
