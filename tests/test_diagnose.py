@@ -395,8 +395,10 @@ def test_an_input_scale_mismatch_is_named_with_the_scale_to_use(npz, tmp_path):
     f = finding(r, "input_scale_mismatch")
     assert f.severity == "error" and f.layers == ["bn1"] and "(pixels in [0, 1])" in f.fix
     assert f.evidence["scale_suggested"] == pytest.approx(1 / 255, rel=0.2)
-    gap = [g for g in r["findings"] if g.name == "inference_training_gap"]
-    assert all("convbn recalibrate" not in g.fix for g in gap)
+    consequences = [g for g in r["findings"] if g.name in ("inference_training_gap",
+                                                            "channels_silenced_by_stale_statistics")]
+    assert all("convbn recalibrate" not in g.fix for g in consequences)
+    assert "dead_channels" not in names(r)  # nothing to prune: the channels are silenced by the wrong scale
     assert "input_scale_mismatch" not in names(diagnose(src, data=str(path), batches=2))  # the right scale
     lagging = _save(_fit(_plain_keras(bn_kwargs={"momentum": 0.999}), a), tmp_path, "lagging.keras")
     assert "input_scale_mismatch" not in names(diagnose(lagging, data=str(path), batches=2))  # stale, not scaled

@@ -286,7 +286,9 @@ def check_dead_channels(ctx) -> list:
             out.append(Finding("channels_silenced_by_stale_statistics", "info",
                                f"{bn.name}: {len(only_stale)} channel(s) are never positive after the ReLU with the "
                                "moving statistics but come back with precise BN's: a consequence of the stale "
-                               "statistics, not dead channels", "do not prune them: convbn recalibrate TARGET",
+                               "statistics, not dead channels",
+                               "do not prune them: " + ("scale the inputs as in training (input_scale_mismatch)"
+                                                        if ctx.scale_mismatch else "convbn recalibrate TARGET"),
                                layers=[bn.name], channels={bn.name: only_stale}))
     return out
 
