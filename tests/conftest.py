@@ -120,6 +120,25 @@ def quiet(*_):
     """A `log` that prints nothing."""
 
 
+def fit_keras(model, data, steps=60, training=True, window=600):
+    """Train a plain Keras model with a hand-written loop (as users outside convbn do): Adam 0.01, batches of 32
+    from the first `window` training images of `data` (pixels scaled to [0, 1]); `training=False` calls the
+    model in inference mode, the TF1 UPDATE_OPS / training-flag bug (BN statistics never updated)."""
+    import keras
+    import tensorflow as tf
+
+    opt = keras.optimizers.Adam(0.01)
+    x = data["x_train"][..., None].astype(np.float32) / 255.0
+    y = data["y_train"].astype(np.int32)
+    for i in range(steps):
+        xb, yb = x[(i * 32) % window:][:32], y[(i * 32) % window:][:32]
+        with tf.GradientTape() as tape:
+            logits = model(xb, training=training)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    return model
+
+
 def lagging_run(tmp, mnist, **over):
     """(cfg, TrainResult) of a run whose moving statistics lag on purpose: TF1's decay 0.999 over a short run on
     3,000 real MNIST images, and no precise BN at the end (what a run without convbn's fix leaves); `over` as in

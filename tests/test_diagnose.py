@@ -13,7 +13,7 @@ from click.testing import CliRunner
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from conftest import lagging_run, synthetic_arrays, tiny_raw  # noqa: E402
+from conftest import fit_keras, lagging_run, synthetic_arrays, tiny_raw  # noqa: E402
 from convbn_cli.analysis.diagnose import diagnose  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
@@ -88,18 +88,7 @@ def _plain_keras(branch=False, conv_bias=False, bn_kwargs=None, seed=0):
     return keras.Model(inp, keras.layers.Dense(10, name="logits")(x))
 
 
-def _fit(model, data, steps=60, training=True):
-    opt = keras.optimizers.Adam(0.01)
-    x = data["x_train"][..., None].astype(np.float32) / 255.0
-    y = data["y_train"].astype(np.int32)
-    for i in range(steps):
-        xb, yb = x[(i * 32) % 600:][:32], y[(i * 32) % 600:][:32]
-        with tf.GradientTape() as tape:
-            logits = model(xb, training=training)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, logits))
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-    return model
+_fit = fit_keras
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from conftest import synthetic_arrays  # noqa: E402
+from conftest import fit_keras, synthetic_arrays  # noqa: E402
 from convbn_cli.analysis.diagnose import SEVERITIES, diagnose  # noqa: E402
 from convbn_cli.model import Evaluator  # noqa: E402
 
@@ -57,15 +57,7 @@ def build(kind, bn=None, bn_dtype=None):
 
 
 def fit(model, data, steps=120, training=True):
-    opt = keras.optimizers.Adam(0.01)
-    x = data["x_train"][..., None].astype(np.float32) / 255.0
-    y = data["y_train"].astype(np.int32)
-    for i in range(steps):
-        xb, yb = x[(i * 32) % 608:][:32], y[(i * 32) % 608:][:32]
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yb, model(xb, training=training)))
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-    return model
+    return fit_keras(model, data, steps, training, window=608)
 
 
 @pytest.fixture(scope="module")
