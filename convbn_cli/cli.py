@@ -131,7 +131,6 @@ def _tf(ctx):
 def _check_paths(*targets, tflite=False, data=None, inputs=()):
     """What the command was pointed at exists and is of a usable kind: checked before TensorFlow loads (seconds),
     so that a mistyped path is one line at once. The commands check everything else themselves."""
-    from .data.registry import DATASETS
     from .errors import DataError
     from .runs.locate import locate
 

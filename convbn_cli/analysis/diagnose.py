@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..model import Evaluator, bn_layers, recalibrate_model
-from ..model.bn import channel_axis
+from ..model.bn import channel_axis, restore_statistics, snapshot_statistics
 from ..model.graph import all_layers, consumers, input_model, output_model, producer
 from ..model.stats import bn_layer_parameters
 
@@ -453,17 +453,15 @@ def _evaluate(ctx, bn_stats):
 def _in_precise_bn(ctx, fn):
     """fn() run with the statistics an in-memory precise BN gives (computed once); the model's own are put back
     afterwards: nothing is written."""
-    saved = [(v, v.numpy()) for bn in ctx.bns for v in (bn.moving_mean, bn.moving_variance)]
+    saved = snapshot_statistics(ctx.model)
     try:
         if "precise_stats" not in ctx._measured:
             recalibrate_model(ctx.model, ctx.calibration)
-            ctx._measured["precise_stats"] = [v.numpy() for v, _ in saved]
-        for (v, _), value in zip(saved, ctx._measured["precise_stats"]):
-            v.assign(value)
+            ctx._measured["precise_stats"] = snapshot_statistics(ctx.model)
+        restore_statistics(ctx._measured["precise_stats"])
         return fn()
     finally:
-        for v, value in saved:
-            v.assign(value)
+        restore_statistics(saved)
 
 
 def _recalibrated_accuracy(ctx) -> float:

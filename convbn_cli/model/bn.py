@@ -26,6 +26,17 @@ def bn_layers(model) -> list:
     return [layer for layer in all_layers(model) if is_bn(layer)]
 
 
+def snapshot_statistics(model) -> list:
+    """[(variable, value)] of every BN layer's moving mean and variance, to put back with restore_statistics:
+    what is measured with other statistics (batch statistics, an in-memory precise BN) leaves the model as it was."""
+    return [(v, v.numpy()) for layer in bn_layers(model) for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def restore_statistics(snapshot) -> None:
+    for variable, value in snapshot:
+        variable.assign(value)
+
+
 def bn_impl(layer) -> str:
     """"fused" (convbn's FusedBatchNorm), "sync" (Keras' synchronized BN) or "keras"."""
     if isinstance(layer, FusedBatchNorm):

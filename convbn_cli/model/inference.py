@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from .bn import bn_layers, is_bn
+from .bn import is_bn, restore_statistics, snapshot_statistics
 from .graph import run_graph
 
 
@@ -21,13 +21,12 @@ def forward_fn(model, bn_stats: str = "moving"):
     that the model is left exactly as it was."""
     if bn_stats == "moving":
         return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    saved = [(v, v.numpy()) for layer in bn_layers(model) for v in (layer.moving_mean, layer.moving_variance)]
+    saved = snapshot_statistics(model)
     forward = tf.function(lambda x: run_graph(model, x, is_bn), reduce_retracing=True)
 
     def run(x):
         out = forward(x)
-        for var, value in saved:
-            var.assign(value)
+        restore_statistics(saved)
         return out
 
     return run

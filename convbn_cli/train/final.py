@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..data.pipeline import calibration_batches, eval_dataset
-from ..model import Evaluator, bn_layers, build_model, recalibrate_model
+from ..model import Evaluator, build_model, recalibrate_model
+from ..model.bn import restore_statistics, snapshot_statistics
 from ..runs.checkpoints import restore, save_ema, save_recalibrated
 
 GAP_TRAIN_IMAGES = 5000  # without a validation split, the lag is measured on the first training images
@@ -113,7 +114,7 @@ def settle(trainer, results: dict) -> FinalModel:
     if ema or (precise is not None and (precise.when == "always" or before.material)):
         record.update(mechanism="ema" if ema else "precise_bn",
                       trigger="train.ema" if ema else f"train.precise_bn: {precise.when}")
-        kept_stats = [(v, v.numpy()) for layer in bn_layers(model) for v in (layer.moving_mean, layer.moving_variance)]
+        trained_stats = snapshot_statistics(model)
         if not ema:
             test_before = trainer.evaluate_test(model)
         n = cfg.train.ema_bn_batches if ema else precise.batches
@@ -121,8 +122,7 @@ def settle(trainer, results: dict) -> FinalModel:
         after = measure_gap(model, trainer.splits, cfg, batch_acc=before.batch_acc)
         record.update(batches=changes.batches, after=after.to_json())
         if not ema and precise.when == "auto" and after.moving_acc < before.moving_acc:
-            for var, value in kept_stats:  # it did not help: the trained statistics stay
-                var.assign(value)
+            restore_statistics(trained_stats)  # it did not help: the trained statistics stay
             record["kept"], test_before = False, None
         else:
             record["kept"], final_gap = True, after
