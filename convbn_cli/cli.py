@@ -41,7 +41,7 @@ class ConvbnGroup(click.Group):
     def invoke(self, ctx):
         import signal
 
-        from .errors import EXIT_BAD_INPUT, ConvbnError, Terminated
+        from .errors import EXIT_BAD_INPUT, ConvbnError, Stopped, Terminated
 
         def terminate(signum, frame):
             raise Terminated(signum)
@@ -55,10 +55,10 @@ class ConvbnGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted by SIGINT", err=True)
             sys.exit(130)
+        except Stopped as e:  # a signal: not an error (training saved a checkpoint first and says where)
+            click.echo(str(e), err=True)
+            sys.exit(e.exit_code)
         except ConvbnError as e:
-            if e.exit_code > 128:  # interrupted: not an error, the checkpoint is saved
-                click.echo(str(e), err=True)
-                sys.exit(e.exit_code)
             fail(e.lines, e.exit_code)
         except OSError as e:  # the machine said no: a full disk, a path that cannot be written, ...
             where = f"{e.filename}: " if e.filename else ""
@@ -87,8 +87,16 @@ data_option = click.option(
     "--data", metavar="mnist|fashion_mnist|FILE.npz",
     help="Images for a .keras model from outside convbn: a dataset name, or an .npz with x (N, H, W[, C]) and y. "
          "convbn's own runs use their config's dataset.")
+def _scale(ctx, param, value):
+    import math
+
+    if not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a positive finite number, got {value}")
+    return value
+
+
 scale_option = click.option(
-    "--scale", type=float, default=1 / 255, show_default="1/255",
+    "--scale", type=float, default=1 / 255, show_default="1/255", callback=_scale,
     help="What pixels (0-255) are multiplied by before they reach a model from outside convbn: 1/255 gives [0, 1], "
          "1 keeps raw pixels. Match the preprocessing the model was trained with.")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -137,8 +145,8 @@ def _check_paths(*targets, tflite=False, data=None, inputs=()):
     for target in targets:
         locate(target, tflite=tflite)
     if data is not None and data not in DATASETS and not Path(data).is_file():
-        raise DataError(f"--data {data}: no such file (a dataset name, {' or '.join(DATASETS)}, or an .npz with x "
-                        "and y)")
+        what = "not a regular file" if Path(data).exists() else "no such file"
+        raise DataError(f"--data {data}: {what} (a dataset name, {' or '.join(DATASETS)}, or an .npz with x and y)")
     for p in inputs:
         if not Path(p).exists():
             raise DataError(f"{p}: no such file or directory")

@@ -41,11 +41,18 @@ class TargetError(ConvbnError):
     """A TARGET (run directory, checkpoint, exported model) that is missing, unreadable, or does not fit."""
 
 
-class Terminated(ConvbnError):
-    """A signal (SIGTERM) ended a command that was not training; exit 128 + signal number."""
+class Stopped(BaseException):
+    """A signal (SIGINT, SIGTERM) ended the command: not an error, and the exit code is 128 + signal number.
 
-    def __init__(self, signum):
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way up (around a damaged
+    file's many failure modes, say) can swallow it or report it as bad input."""
+
+    def __init__(self, signum, message=None):
         import signal
 
         self.signum, self.exit_code = signum, 128 + signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+
+
+class Terminated(Stopped):
+    """SIGTERM ended a command while it was not training (training saves a checkpoint first: Interrupted)."""

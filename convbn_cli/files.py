@@ -52,15 +52,18 @@ def write_json_atomic(path, obj) -> None:
 
 
 @contextlib.contextmanager
-def staged(path):
+def staged(path, before_replace=None):
     """Yield a temporary path beside `path` (for a file or a whole directory, e.g. a SavedModel); move it into
     place only if the block succeeds. A failed write then leaves nothing half-written at `path`, and an earlier
-    file or directory at `path` is replaced only by a complete new one."""
+    file or directory at `path` is replaced only by a complete new one, after `before_replace()` (which raises to
+    refuse) has checked it again: what the caller checked at the start may have changed meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp / path.name
+        if before_replace is not None and (path.exists() or path.is_symlink()):
+            before_replace()
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
@@ -100,3 +103,53 @@ def remove_stale_temporaries(folder, name: str) -> list:
         except FileNotFoundError:  # another process cleaned it first
             pass
     return stale
+
+
+LOCK_NAME = ".owner.lock"
+
+
+@contextlib.contextmanager
+def scratch_dir(folder, name: str):
+    """A temporary directory `folder/.NAME.XXXXXXXX.tmp` for a big download, removed afterwards. Its owner holds
+    an flock on a file inside for as long as it lives, so that a later `remove_abandoned(folder, name)` can tell
+    one whose process was killed (SIGKILL leaves no chance to clean up) from one still in use, at once instead of
+    after STALE_AFTER_S. Falls back to the system's temporary directory where `folder` cannot be written."""
+    import fcntl
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder))
+    except OSError:
+        tmp = Path(tempfile.mkdtemp(prefix=f"convbn-{name}-"))
+    lock = os.open(tmp / LOCK_NAME, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield tmp
+    finally:
+        os.close(lock)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_abandoned(folder, name: str) -> list:
+    """Remove the scratch_dir()s of `name` under `folder` whose owner is gone (their lock is free)."""
+    import fcntl
+
+    removed, folder = [], Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if not (is_our_temporary(p, name) and p.is_dir() and not p.is_symlink()):
+            continue
+        try:
+            fd = os.open(p / LOCK_NAME, os.O_RDONLY)
+        except OSError:  # no lock file: made in the instant between mkdtemp and the lock, or not ours
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its owner is alive
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed

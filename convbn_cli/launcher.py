@@ -19,11 +19,26 @@ import sys
 import tempfile
 import time
 
-from .errors import ConvbnError, Terminated
+from .errors import ConvbnError, Stopped
 
 READY_FD_ENV = "CONVBN_READY_FD"  # the child writes to this pipe once every worker has joined
 SUPERVISED_ENV = "CONVBN_SUPERVISED"  # set for processes that already have a watcher (no second one)
 STARTUP_TIMEOUT_S = float(os.environ.get("CONVBN_WORKER_STARTUP_TIMEOUT", "120"))
+STOP_GRACE_S = 4.0  # a signalled launcher's workers get this long to save a checkpoint, then are killed
+
+
+def _die_with_parent():
+    """In a worker, between fork and exec: the kernel SIGKILLs it when its launcher dies, however the launcher
+    dies (SIGKILL included, where the launcher itself can do nothing). prctl(PR_SET_PDEATHSIG) is Linux's; on
+    other systems the launcher's own signal handling is all there is. SIGKILL, not SIGTERM: a worker whose peers
+    are gone would wait in a collective operation, deaf to SIGTERM; its last epoch's checkpoint is complete."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 class WorkerFailed(ConvbnError):
@@ -57,7 +72,8 @@ def launch_workers(k: int, train_args: list[str], log=print, poll_s: float = 0.5
         err = None if i == 0 else tempfile.TemporaryFile()
         proc = subprocess.Popen([sys.executable, "-m", "convbn_cli", "train", *train_args,
                                  "distribute.strategy=multi_worker"], env=env,
-                                stdout=None if i == 0 else subprocess.DEVNULL, stderr=err)
+                                stdout=None if i == 0 else subprocess.DEVNULL, stderr=err,
+                                preexec_fn=_die_with_parent)
         proc.err_file = err
         procs.append(proc)
     log(f"started {k} workers on {', '.join(cluster['worker'])} (worker 0 is the chief)")
@@ -66,16 +82,23 @@ def launch_workers(k: int, train_args: list[str], log=print, poll_s: float = 0.5
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                i, code = failed[0]
+                # a worker that dies takes its peers' collectives down with it, and they may exit first: give
+                # them a moment, then name the one killed by a signal (the cause) before those that exited
+                time.sleep(poll_s)
+                failed = [(i, c) for i, c in enumerate(p.poll() for p in procs) if c not in (None, 0)]
+                i, code = min(failed, key=lambda f: (f[1] >= 0, f[0]))
                 reason = _last_line(procs[i]) if i else ""
-                _stop(procs)
+                _stop(procs, grace_s=STOP_GRACE_S)  # a peer is gone: the rest cannot save (a collective)
                 how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                 raise WorkerFailed(f"worker {i} {how}{': ' + reason if reason else ''}; the run was stopped")
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(poll_s)
-    except KeyboardInterrupt:
-        _stop(procs, signal.SIGINT)
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too (one process group): they are saving a checkpoint
+        _stop(procs, signal.SIGINT, grace_s=STOP_GRACE_S)
+        raise
+    except Stopped as e:  # SIGTERM to the launcher alone: pass it on, then make sure
+        _stop(procs, e.signum, grace_s=STOP_GRACE_S)
         raise
 
 
@@ -104,7 +127,8 @@ def supervise(train_args: list[str], peers: dict, timeout_s: float | None = None
     timeout_s = STARTUP_TIMEOUT_S if timeout_s is None else timeout_s
     read_fd, write_fd = os.pipe()
     env = {**os.environ, SUPERVISED_ENV: "1", READY_FD_ENV: str(write_fd)}
-    proc = subprocess.Popen([sys.executable, "-m", "convbn_cli", "train", *train_args], env=env, pass_fds=(write_fd,))
+    proc = subprocess.Popen([sys.executable, "-m", "convbn_cli", "train", *train_args], env=env, pass_fds=(write_fd,),
+                            preexec_fn=_die_with_parent)
     os.close(write_fd)
     deadline, ready = time.monotonic() + timeout_s, False
     try:
@@ -120,7 +144,7 @@ def supervise(train_args: list[str], peers: dict, timeout_s: float | None = None
             else:
                 time.sleep(0.2)
         return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, Stopped) as e:
         # once started, the child saves a checkpoint on the signal (it got it too, from the terminal or from us)
         if not ready:  # still blocked inside TensorFlow: it cannot save anything, nor hear the signal
             _stop([proc], signal.SIGKILL, grace_s=5)

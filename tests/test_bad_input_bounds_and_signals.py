@@ -53,9 +53,9 @@ def test_export_refuses_existing_outputs_and_never_replaces_what_is_not_an_expor
     guarded = {p: tree_hashes(p) for p in (run_copy, user_dir)}
     cases = [  # (output, format, with --force, message)
         (run_copy, "savedmodel", False, "already exists; add --force"),
-        (run_copy, "savedmodel", True, "not a SavedModel directory"),
-        (run_copy.parent, "savedmodel", True, "not a SavedModel directory"),  # runs/<name>: every run under it
-        (user_dir, "savedmodel", True, "not a SavedModel directory"),
+        (run_copy, "savedmodel", True, "only a SavedModel directory convbn wrote"),
+        (run_copy.parent, "savedmodel", True, "only a SavedModel directory convbn wrote"),  # runs/<name>: every run under it
+        (user_dir, "savedmodel", True, "only a SavedModel directory convbn wrote"),
         (user_dir, "savedmodel", False, "already exists"),
         (Path("."), "savedmodel", True, "working directory"),
         (Path("."), "tflite", True, "must end in .tflite"),
@@ -274,7 +274,7 @@ def test_idx_reads_are_bounded_by_the_header(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    (None, "larger than 1024 KiB; not a convbn config"),  # /dev/zero
+    (None, "is a device, not a file; refused"),  # /dev/zero: never read
     ("model: " + "[" * 20000 + "]" * 20000, "nest"),  # libyaml's own limit, or convbn's (32 levels)
     ("model: " + "[" * 40 + "]" * 40, "nested more than 32 levels deep"),
     ("model:\n  layers: [{type: flatten}, {type: dense, units: 10}]\ntrain: {epochs: 1}\ntrain: {epochs: 2}\n",
@@ -332,7 +332,8 @@ def test_a_run_directory_deleted_while_training_stops_the_run(tmp_path, syntheti
     assert not (tmp_path / "runs" / "tiny" / "1").exists()  # not silently recreated
 
 
-@pytest.mark.parametrize("line", ['[1, 2]', '{"epoch": "one"}', '{"step": 3}', '"text"'])
+@pytest.mark.parametrize("line", ['[1, 2]', '{"epoch": "one"}', '{"step": 3}', '"text"',
+                                  '{"epoch": 1, "step": 20}'])  # the last: no wall_time_s (was a KeyError)
 def test_corrupt_metrics_on_resume_is_one_line(run_copy, cli, line):
     (run_copy / "metrics.jsonl").write_text(line + "\n")
     before = tree_hashes(run_copy)

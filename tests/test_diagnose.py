@@ -289,7 +289,7 @@ def test_a_data_file_whose_header_lies_is_refused_before_loading(tmp_path):
         z.writestr("x.npy", buf.getvalue() + bytes(100))
         z.writestr("y.npy", buf.getvalue())
     r = CliRunner().invoke(main, ["diagnose", str(_save(_plain_keras(), tmp_path)), "--data", str(lie)])
-    assert r.exit_code == 2 and "x declares shape (1000000000, 28, 28) (uint8), more than 2 GiB" in r.output
+    assert r.exit_code == 2 and "x declares shape (1000000000, 28, 28) (uint8), more than 256 MiB" in r.output
 
 
 # --------------------------------------------------------------------------- structure, floors and advice

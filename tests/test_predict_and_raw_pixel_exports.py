@@ -147,7 +147,7 @@ def test_predict_refuses_bad_inputs_in_one_line(run_copy, trained, tmp_path):
              tmp_path / "fake.png": "not a readable image",
              tmp_path / "wrong.npy": "shape (2, 30, 30); expected (N, 28, 28)",
              empty: "no PNG/JPG/JPEG images in this directory",
-             tmp_path / "huge.npy": "is more than 1 GiB"}
+             tmp_path / "huge.npy": "is more than 10,000 images"}
     for path, message in cases.items():
         r = CliRunner().invoke(main, ["predict", str(run), str(path)])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (path, r.output)

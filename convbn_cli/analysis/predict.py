@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError
-from ..data.formats import npz_header
+from ..data.external import load_npz_arrays
+from ..readers import array_bytes, array_header, check_zip, open_regular
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npy", ".npz")
-MAX_IMAGE_PIXELS = 64_000_000  # a bigger picture (by its header) is refused before it is decoded
-MAX_ARRAY_BYTES = 1 << 30  # likewise for an .npy/.npz array
-MAX_INPUTS = 1_000_000
+MAX_IMAGE_PIXELS = 25_000_000  # a bigger picture (by its header) is refused before it is decoded (a 12 MP photo fits)
+MAX_IMAGE_SIDE = 20_000  # and so is a thin strip whose one side is absurd
+MAX_INPUTS = 10_000  # images per call (MNIST's test set); the whole batch is held as float32, ~3 KB an image
+MAX_ARRAY_BYTES = 64 << 20  # an .npy/.npz by its header: MAX_INPUTS MNIST-sized images as float64
 
 
 def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None):
@@ -60,27 +62,35 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None):
 
 def load_image(path: Path, size: tuple, invert: str = "auto") -> np.ndarray:
     """One picture as (height, width) float32 pixels 0-255, light on dark."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise DataError(f"{path}: {img.width}x{img.height} pixels, more than {MAX_IMAGE_PIXELS:,} allowed")
+        with open_regular(path, DataError) as f, Image.open(f) as img:
+            # the header's size, before a pixel is decoded: a 60 KB PNG may declare a billion pixels
+            if img.width * img.height > MAX_IMAGE_PIXELS or max(img.size) > MAX_IMAGE_SIDE:
+                raise DataError(f"{path}: {img.width}x{img.height} pixels, more than {MAX_IMAGE_PIXELS:,} (or a side "
+                                f"over {MAX_IMAGE_SIDE:,}); scale it down first")
             img = ImageOps.exif_transpose(img)  # phone pictures: the orientation the camera recorded
             if img.mode in ("RGBA", "LA") or "transparency" in img.info:  # transparent: on white, like paper
                 img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
             gray = img.convert("L")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001  Pillow fails on a damaged picture in many ways (OSError, SyntaxError,
+        # ValueError, struct.error, ...: found by fuzzing); a signal is not an Exception here (errors.Stopped)
         raise DataError(f"{path}: not a readable image ({' '.join(str(e).split())[:200]})") from None
-    a = np.asarray(gray, np.float32)
+    a = np.asarray(gray, np.uint8)
     if invert == "yes" or (invert == "auto" and _border_is_light(a)):
-        a = 255.0 - a
-    gray = Image.fromarray(a.astype(np.uint8))
-    side = max(gray.size)  # pad to a square with the background (black, after inverting) so nothing stretches
-    square = Image.new("L", (side, side), 0)
-    square.paste(gray, ((side - gray.width) // 2, (side - gray.height) // 2))
+        a = 255 - a
+    gray = Image.fromarray(a)
+    # shrink to the model's size keeping the aspect, then pad to its square with the background (black, after
+    # inverting), so nothing stretches; padding the original first would allocate a square of its longest side
     h, w = size
-    return np.asarray(square.resize((w, h), Image.LANCZOS), np.float32)
+    k = min(w / gray.width, h / gray.height)
+    inner = gray.resize((max(1, round(gray.width * k)), max(1, round(gray.height * k))), Image.LANCZOS)
+    square = Image.new("L", (w, h), 0)
+    square.paste(inner, ((w - inner.width) // 2, (h - inner.height) // 2))
+    return np.asarray(square, np.float32)
 
 
 def _border_is_light(a: np.ndarray) -> bool:
@@ -92,27 +102,29 @@ def _border_is_light(a: np.ndarray) -> bool:
 def load_array(path: Path, size: tuple, log=lambda m: None) -> np.ndarray:
     """Pixels (N, height, width) from an .npy, or from an .npz's x, x_test or only array; shapes (N, H, W),
     (N, H, W, 1) or one image (H, W). Pixels are 0-255; a float array with values in [0, 1] is scaled to that."""
-    try:
-        if path.suffix.lower() == ".npy":
-            with open(path, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read(f)
-            _check_header(path, "", shape, dtype, size)
-            x = np.load(path, allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as f:
-                key = next((k for k in ("x", "x_test") if k in f.files), f.files[0] if len(f.files) == 1 else None)
-                if key is None:
-                    raise DataError(f"{path}: which array? name it x (it holds {', '.join(f.files)})")
-                shape, dtype = npz_header(f, key)
-                _check_header(path, f"[{key}]", shape, dtype, size)
-                x = f[key]
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise DataError(f"{path}: not a readable {path.suffix} array ({' '.join(str(e).split())[:200]})") from None
+    if path.suffix.lower() == ".npy":
+        try:
+            with open_regular(path, DataError) as f:
+                shape, dtype = array_header(f, path, DataError)
+                _check_header(path, "", shape, dtype, size)
+                f.seek(0)
+                x = np.lib.format.read_array(f, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{path}: not a readable .npy array ({' '.join(str(e).split())[:200]})") from None
+    else:
+        members = {m.filename[:-4] for m in check_zip(path, {}, MAX_ARRAY_BYTES, max_members=64,
+                                                       what="an .npz of arrays", error=DataError)}
+        key = next((k for k in ("x", "x_test") if k in members), next(iter(members)) if len(members) == 1 else None)
+        if key is None:
+            raise DataError(f"{path}: which array? name it x (it holds {', '.join(sorted(members)) or 'nothing'})")
+        x = load_npz_arrays(path, (key,), MAX_ARRAY_BYTES, "",
+                            check=lambda k, shape, dtype: _check_header(path, f"[{k}]", shape, dtype, size))[0]
+    if x.size == 0:
+        raise DataError(f"{path}: holds no images (shape {x.shape})")
     floats = np.issubdtype(x.dtype, np.floating)
     x = np.asarray(x, np.float32).reshape((-1, *size))
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: holds pixels that are not finite numbers (NaN or infinity)")
     if floats and 0 < x.max() <= 1.0:
         log(f"{path}: values in [0, 1]; taken as pixels / 255")
         x = x * 255.0
@@ -127,8 +139,9 @@ def _check_header(path, key, shape, dtype, size) -> None:
         raise DataError(f"{path}{key}: shape {tuple(shape)}; expected (N, {h}, {w}), (N, {h}, {w}, 1) or ({h}, {w})")
     if dtype.kind not in "uif":
         raise DataError(f"{path}{key}: dtype {dtype}; expected numbers (pixels 0-255)")
-    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > MAX_ARRAY_BYTES:
-        raise DataError(f"{path}{key}: shape {tuple(shape)} ({dtype}) is more than {MAX_ARRAY_BYTES >> 30} GiB")
+    if (shape[0] if len(shape) > 2 else 1) > MAX_INPUTS or array_bytes(shape, dtype) > MAX_ARRAY_BYTES:
+        raise DataError(f"{path}{key}: shape {tuple(shape)} is more than {MAX_INPUTS:,} images; predict on fewer "
+                        "at a time (or measure a whole set with `convbn eval`)")
 
 
 def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str = "best", scale: float = 1 / 255,

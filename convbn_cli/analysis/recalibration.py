@@ -58,7 +58,7 @@ def _save_beside(t) -> str:
         model = standard_model(t.model, pixel_affine=t.pixel_affine)[0]
     for k in range(1, 10_000):
         out = path.with_name(f"{path.stem}-recalibrated{'' if k == 1 else f'-{k}'}.keras")
-        if not out.exists():
+        if not (out.exists() or out.is_symlink()):  # a dangling link is someone's too: never replaced
             with staged(out) as tmp:
                 model.save(tmp)
             return str(out)

@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ConvbnError
+from ..readers import read_bytes
 from . import builtin, schema
 from .plan import plan_layers
 
@@ -47,6 +48,20 @@ class _UniqueKeyLoader(_SafeLoader):
                 pass
         return super().construct_mapping(node, deep=deep)
 
+    def refuse_tag(self, node):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.tag.rsplit(':', 1)[-1]!r} values (tag {node.tag}) are not allowed: a config holds "
+            "text, numbers, booleans, lists and mappings", node.start_mark)
+
+
+# what YAML would make a date, bytes, a set or ordered pairs of stays out of a config: every reader of config.yaml
+# (the schema, `convbn runs`, JSON output) expects plain data; an unquoted 2024-01-01 stays the text it looks like
+for _tag in ("timestamp", "binary", "set", "omap", "pairs"):
+    _UniqueKeyLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _UniqueKeyLoader.refuse_tag)
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in _SafeLoader.yaml_implicit_resolvers.items()}
+
 
 def safe_parse(text):
     """YAML text -> Python data, with no Python tags, no duplicate keys and bounded nesting.
@@ -68,17 +83,12 @@ def safe_parse(text):
 def read_yaml(path) -> dict:
     """Parse a config file (at most MAX_CONFIG_BYTES, see safe_parse), insisting on a mapping at the top."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:  # bounded: `convbn validate /dev/zero` must not read forever
-            text = f.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: no such file (built-in configs: {', '.join(builtin.builtin_names())})"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{path}: is a directory, expected a YAML file"]) from None
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a convbn config"])
+    if not (path.exists() or path.is_symlink()):
+        raise ConfigError([f"{path}: no such file (built-in configs: {', '.join(builtin.builtin_names())})"])
+    try:  # bounded, and never a FIFO or a device: `convbn validate /dev/zero` must not read forever
+        text = read_bytes(path, MAX_CONFIG_BYTES, "a convbn config")
+    except ConvbnError as e:
+        raise ConfigError([str(e)]) from None
     try:
         raw = safe_parse(text)
     except yaml.YAMLError as e:

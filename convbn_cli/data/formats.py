@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import DataError  # noqa: F401  (re-exported: a data file or source that cannot be used)
 from ..files import atomic_open
+from ..readers import array_header
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 IDX_FILES = {  # the four files of the original distribution, for either dataset
@@ -130,10 +131,7 @@ def read_npz(path, dataset=None) -> dict:
 def npz_header(npz, key):
     """(shape, dtype) of one array of an open np.load(...) npz, read from its header: nothing is allocated."""
     with npz.zip.open(key + ".npy") as member:
-        version = np.lib.format.read_magic(member)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(member)
-    return shape, dtype
+        return array_header(member, f"{npz.zip.filename or 'the .npz'}[{key}]", DataError)
 
 
 def _check_npz_headers(npz, path, dataset) -> None:

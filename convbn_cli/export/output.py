@@ -3,21 +3,23 @@ user did not ask to replace (no TensorFlow)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from ..errors import ConvbnError
+from ..files import write_json_atomic
+from ..readers import read_json
 
 FORMATS = ("keras", "savedmodel", "tflite")
 
 SUFFIX = {"keras": ".keras", "tflite": ".tflite"}  # a SavedModel is a directory: any name without these
-SAVEDMODEL_ENTRIES = {"saved_model.pb", "variables", "assets", "fingerprint.pb", "keras_metadata.pb"}
 
 
 def check_output(path: Path, fmt: str, force: bool) -> Path:
     """Refuse (exit 2, nothing touched) an output whose name does not fit the format, or one that exists, unless
-    `force` and it is a previous export of the same kind: a file for .keras/.tflite, a directory holding exactly
-    a SavedModel for savedmodel. Never the working directory or above it, a run directory or anything holding one.
+    `force` and it is a previous export of the same kind: a file for .keras/.tflite; for savedmodel, a directory
+    whose every file convbn wrote there, unchanged (its manifest, MANIFEST, says so). Never the working directory or above it, a run directory or anything holding one.
     """
     path = Path(path)
     want = SUFFIX.get(fmt)
@@ -37,14 +39,63 @@ def check_output(path: Path, fmt: str, force: bool) -> Path:
         if path.is_symlink() or not path.is_file():
             raise ConvbnError(f"--output {path}: not a {want} file; --force replaces only a previous export")
         return path
-    if path.is_symlink() or not path.is_dir() or not _is_savedmodel(path):
-        raise ConvbnError(f"--output {path}: not a SavedModel directory (or it holds other files); --force replaces "
-                          "only a previous export")
+    if path.is_symlink() or not path.is_dir():
+        raise ConvbnError(f"--output {path}: not a SavedModel directory; --force replaces only a previous export")
+    problem = _not_ours(path)
+    if problem:
+        raise ConvbnError(f"--output {path}: {problem}; --force replaces only a SavedModel directory convbn wrote, "
+                          "exactly as it wrote it")
     return path
 
 
-def _is_savedmodel(folder: Path) -> bool:
-    """Exactly a SavedModel: saved_model.pb and nothing but SavedModel entries (so no run directory, no config.yaml,
-    no user's files)."""
-    names = set(os.listdir(folder))
-    return "saved_model.pb" in names and names <= SAVEDMODEL_ENTRIES
+MANIFEST = "convbn_export.json"  # in every SavedModel export: each file convbn wrote there, with size and hash
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def _hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file and directory under `folder` (just written by convbn, still in its staging directory),
+    so that a later `--force` can tell the tree is still exactly what convbn wrote."""
+    folder = Path(folder)
+    files, dirs = {}, []
+    for here, subdirs, names in os.walk(folder):
+        rel = Path(here).relative_to(folder)
+        dirs += [str(rel / d) for d in subdirs]
+        for n in names:
+            files[str(rel / n)] = {"size": (Path(here) / n).stat().st_size, "sha256": _hash(Path(here) / n)}
+    write_json_atomic(folder / MANIFEST, {"written_by": "convbn", "dirs": sorted(dirs), "files": files})
+
+
+def _not_ours(folder: Path):
+    """Why the tree at `folder` is not exactly an export convbn wrote (None if it is): every file must be in its
+    manifest with the same size and hash, every directory too, and nothing may be a link or a special file."""
+    try:
+        manifest = read_json(folder / MANIFEST, MAX_MANIFEST_BYTES, "an export manifest")
+        files, dirs = manifest["files"], set(manifest["dirs"])
+        assert manifest.get("written_by") == "convbn" and isinstance(files, dict)
+    except ConvbnError:
+        return f"holds no readable {MANIFEST} (not an export convbn wrote, or one from before it kept one)"
+    except (KeyError, TypeError, AssertionError):
+        return f"its {MANIFEST} is not one convbn wrote"
+    for here, subdirs, names in os.walk(folder):
+        rel = Path(here).relative_to(folder)
+        for d in subdirs:
+            if (Path(here) / d).is_symlink() or str(rel / d) not in dirs:
+                return f"{rel / d} is not a directory convbn wrote"
+        for n in names:
+            p, key = Path(here) / n, str(rel / n)
+            if key == MANIFEST and rel == Path("."):
+                continue
+            entry = files.get(key)
+            if p.is_symlink() or not p.is_file() or not isinstance(entry, dict):
+                return f"{key} is not a file convbn wrote"
+            if p.stat().st_size != entry.get("size") or _hash(p) != entry.get("sha256"):
+                return f"{key} was changed after convbn wrote it"
+    return None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config.loader import read_yaml
 from ..errors import ConfigError, ConvbnError
-from .rundir import RunDir, RunDirError, read_json
+from .rundir import RunDir, RunDirError
 
 MAX_DEPTH = 6  # runs/<name>/sweep-<k>/<combination>/ is 3 below the root; deeper folders are not convbn's
 IGNORED_KEYS = ("output.",)  # where a run was written says nothing about how it trained
@@ -60,10 +60,10 @@ def summarize(path: Path, root: Path | None = None) -> dict:
         config = flatten(read_yaml(run.config))
     except ConfigError as e:
         raise RunDirError(e.problems[0]) from None
-    results = read_json(run.results)
+    results = run.read_results()
     metrics = run.read_metrics()
     vals = [r["val_acc"] for r in metrics if r.get("val_acc") is not None]
-    info = read_json(run.run_info)
+    info = run.read_run_info()
     when = info.get("time") or datetime.datetime.fromtimestamp(
         run.config.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
     name = str(path.relative_to(root)) if root is not None and path != root else str(path)
@@ -94,7 +94,7 @@ def list_runs(root) -> dict:
     for path in find_runs(root):
         try:
             summaries.append(summarize(path, root))
-        except (RunDirError, OSError) as e:
+        except (ConvbnError, OSError) as e:  # damaged, hand-edited, unreadable: listed with its problem
             broken.append({"run": str(path), "problem": str(e)})
     keys = differing_keys(summaries)
     for s in summaries:

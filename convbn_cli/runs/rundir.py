@@ -27,7 +27,9 @@ from pathlib import Path
 
 from ..config import dump_config, load_config
 from ..errors import ConfigError, ConvbnError
+from .. import readers
 from ..files import is_our_temporary, write_json_atomic, write_text_atomic
+from ..readers import read_json_lines
 
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_ce",
                   "images_per_s", "epoch_time_s", "wall_time_s", "checkpoint"]
@@ -125,20 +127,15 @@ class RunDir:
             raise RunDirError(where + "; ".join(e.problems)) from None
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_jsonl.is_file():
+        """metrics.jsonl's rows, each checked (METRIC_FIELDS): a damaged or hand-edited file is one line, exit 2."""
+        if not (self.metrics_jsonl.exists() or self.metrics_jsonl.is_symlink()):
             return []
         rows = []
-        for n, line in enumerate(self.metrics_jsonl.read_text(errors="replace").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise RunDirError(f"{self.metrics_jsonl}: line {n} is not valid JSON") from None
-                if not isinstance(row, dict) or type(row.get("epoch")) is not int \
-                        or not isinstance(row.get("wall_time_s", 0.0), (int, float)):
-                    raise RunDirError(f"{self.metrics_jsonl}: line {n} is not a metrics row (an object with an "
-                                      "integer \"epoch\")")
-                rows.append(row)
+        for n, row in read_json_lines(self.metrics_jsonl, MAX_METRICS_BYTES, "a metrics file", RunDirError):
+            try:
+                rows.append(check_fields(row, METRIC_FIELDS, "", required=("epoch", "wall_time_s")))
+            except RunDirError as e:
+                raise RunDirError(f"{self.metrics_jsonl}: line {n} is not a metrics row ({str(e)[2:]})") from None
         return rows
 
     def write_metrics(self, rows: list[dict]) -> None:
@@ -159,7 +156,7 @@ class RunDir:
     def final_checkpoint(self):
         """The prefix of the run's final model, as results.json names it (what the end-of-run summary measured),
         or None before training has finished. Only a checkpoint inside this run directory is taken."""
-        rel = read_json(self.results).get("final_checkpoint")
+        rel = self.read_results().get("final_checkpoint")
         if not isinstance(rel, str) or not rel.startswith("checkpoints/") or ".." in Path(rel).parts:
             return None
         prefix = self.path / rel
@@ -167,27 +164,67 @@ class RunDir:
 
     def record_provenance(self, info: dict) -> None:
         """run.json: how the run was made; each --resume adds its own entry under "resumes"."""
-        if self.run_info.is_file():
-            try:
-                old = json.loads(self.run_info.read_text())
-            except (json.JSONDecodeError, OSError):
-                old = None
-            if isinstance(old, dict):
-                info = {**old, "resumes": [*old.get("resumes", []), info]}
+        try:
+            old = read_json(self.run_info)
+        except RunDirError:  # damaged: start it again rather than refuse to train
+            old = {}
+        if old:
+            resumes = old.get("resumes") if isinstance(old.get("resumes"), list) else []
+            info = {**old, "resumes": [*resumes, info]}
         write_json_atomic(self.run_info, info)
+
+    def read_results(self) -> dict:
+        """results.json, checked ({} before the run has finished)."""
+        return check_fields(read_json(self.results), RESULT_FIELDS, str(self.results))
+
+    def read_run_info(self) -> dict:
+        """run.json, checked ({} when there is none)."""
+        return check_fields(read_json(self.run_info), RUN_INFO_FIELDS, str(self.run_info))
+
+
+NUMBER, INTEGER, TEXT = "a number", "an integer", "text"
+METRIC_FIELDS = {"epoch": INTEGER, "step": INTEGER, "checkpoint": TEXT,
+                 **{k: NUMBER for k in METRIC_COLUMNS if k not in ("epoch", "step", "checkpoint")}}
+RESULT_FIELDS = {"test_acc": NUMBER, "test_loss": NUMBER, "best_val_acc": NUMBER, "wall_time_s": NUMBER,
+                 "best_epoch": INTEGER, "epochs": INTEGER, "epochs_done": INTEGER, "stopped_early": TEXT,
+                 "final_checkpoint": TEXT, "checkpoint": TEXT}
+RUN_INFO_FIELDS = {"time": TEXT}
+MAX_METRICS_BYTES = 16 << 20  # a row is ~300 bytes: 50,000 epochs
+
+
+def _is(value, kind) -> bool:
+    if kind == TEXT:
+        return isinstance(value, str)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == INTEGER else isinstance(value, (int, float))
+
+
+def check_fields(obj, fields: dict, where: str, required=()) -> dict:
+    """`obj` itself, once it is a JSON object whose `fields` (those present, and the `required` ones, which must
+    not be null) hold the kind of value convbn writes there; else a RunDirError naming the file and the field."""
+    if not isinstance(obj, dict):
+        raise RunDirError(f"{where}: not a JSON object; not a file convbn wrote")
+    for key in required:
+        if obj.get(key) is None:
+            raise RunDirError(f"{where}: has no \"{key}\"; not written by convbn")
+    for key, kind in fields.items():
+        value = obj.get(key)
+        if value is not None and not _is(value, kind):
+            raise RunDirError(f"{where}: \"{key}\" is {json.dumps(value)[:40]}, expected {kind}")
+    return obj
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object convbn wrote (results.json, run.json), or {} when it is missing or damaged."""
-    if not path.is_file():
+    """A JSON object convbn wrote in a run (results.json, run.json): {} when the file is missing; bounded, and a
+    damaged one (or a FIFO, a huge file, not an object) is a RunDirError, one line."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
         return {}
-    try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_JSON_BYTES + 1)  # ours are a few KB: a bigger file is not one convbn wrote
-        data = json.loads(text) if len(text) <= MAX_JSON_BYTES else None
-    except (ValueError, OSError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    data = readers.read_json(path, MAX_JSON_BYTES, "a file convbn wrote", RunDirError)
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: not a JSON object; not a file convbn wrote")
+    return data
 
 
 def make_numbered(parent: Path, prefix: str = "") -> Path:

@@ -21,6 +21,7 @@ from ..data.registry import pixel_affine
 from ..data.sources import fetch
 from ..model import build_model
 from ..model.fold import NORMALIZE_LAYER, PIXELS_INPUT, takes_pixels, without_preprocessing
+from ..readers import check_zip
 from ..tf_setup import quiet_native
 from .checkpoints import CheckpointError, find, restore, run_of_prefix
 from .locate import locate
@@ -125,12 +126,27 @@ def open_target(target, which="best", *, tflite=False) -> Target:
     return Target("checkpoint", prefix, cfg, model, run, _keras_predict(model))
 
 
+# What a .keras archive of an MNIST-like conv net may declare, member by member (checked before Keras reads any):
+# its config and metadata are a few KB to a few MB; its weights tens of MB for the largest nets convbn builds.
+KERAS_MEMBER_LIMITS = {"config.json": 16 << 20, "metadata.json": 1 << 20, "model.weights.h5": 512 << 20}
+KERAS_OTHER_MEMBER_BYTES = 64 << 20  # assets
+KERAS_TOTAL_BYTES = 600 << 20
+
+
+def check_keras_archive(path) -> None:
+    check_zip(path, KERAS_MEMBER_LIMITS, KERAS_OTHER_MEMBER_BYTES, total_limit=KERAS_TOTAL_BYTES,
+              what="a .keras model of an MNIST-like conv net", error=CheckpointError)
+
+
 def _open_keras(path: Path) -> Target:
     run, cfg = _run_above(path)
+    check_keras_archive(path)  # bounded: a small archive whose members inflate to gigabytes is refused unread
     try:
         model = keras.saving.load_model(path, safe_mode=True)  # safe_mode: no arbitrary code from the file
     except Exception as e:  # noqa: BLE001  a damaged archive fails in many ways (ValueError, KeyError, OSError, ...)
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    if cfg is None:
+        _check_image_classifier(path, model)
     affine = None
     if cfg is not None:
         if takes_pixels(model):
@@ -141,6 +157,22 @@ def _open_keras(path: Path) -> Target:
         _check_fits(path, model.input_shape, model.output_shape, cfg)
     return Target("export" if cfg is not None else "external", str(path), cfg, model, run, _keras_predict(model),
                   pixel_affine=affine)
+
+
+def _check_image_classifier(path, model) -> None:
+    """A model from elsewhere must be what every command here measures: one input of images of a known size
+    (H, W, C), one output of one logit (or probability) per class."""
+    inputs, outputs = list(getattr(model, "inputs", None) or []), list(getattr(model, "outputs", None) or [])
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise CheckpointError(f"{path}: has {len(inputs)} inputs and {len(outputs)} outputs; convbn measures image "
+                              "classifiers with one input (N, H, W, C) and one output (N, classes)")
+    shape, out = tuple(inputs[0].shape), tuple(outputs[0].shape)
+    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        raise CheckpointError(f"{path}: takes inputs of shape {shape}; convbn needs images of a known size, "
+                              "(N, H, W, C)")
+    if len(out) != 2 or not isinstance(out[1], int) or out[1] < 2:
+        raise CheckpointError(f"{path}: gives outputs of shape {out}; convbn needs one score per class, "
+                              "(N, classes) with at least 2 classes")
 
 
 def _check_fits(path, input_shape, output_shape, cfg) -> None:

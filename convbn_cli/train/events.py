@@ -8,6 +8,7 @@ The trainer (loop.py) calls, in order:
                                        train.steps_per_execution) ending at global step `step` (from 1)
     on_epoch_metrics(trainer, row)     the epoch's metrics row, *before* its checkpoint is saved
     on_epoch_end(trainer, row)         after the checkpoint is saved
+    on_train_end(trainer)              after the last training step and its checkpoint
     on_finish(trainer, results)        after the final model is settled (final.py) and tested, before results.json
     on_close(trainer)                  always, last, also after an error
 A subscriber implements the ones it needs; adding per-epoch work (plots, early stopping) means adding one, and
@@ -35,6 +36,7 @@ class Subscriber:
     def on_step(self, trainer, step): pass
     def on_epoch_metrics(self, trainer, row): pass
     def on_epoch_end(self, trainer, row): pass
+    def on_train_end(self, trainer): pass
     def on_finish(self, trainer, results): pass
     def on_close(self, trainer): pass
 
@@ -205,15 +207,21 @@ class ProgressBar(Subscriber):
 
 
 class StopOnSignal(Subscriber):
-    """Turn SIGINT/SIGTERM into a flag checked between steps, so that a signal never lands inside a checkpoint
-    write; at the next step the trainer saves a checkpoint and stops (Interrupted, exit 128 + signal). A second
-    Ctrl-C raises KeyboardInterrupt at once, for a loop that does not come back."""
+    """SIGINT/SIGTERM end the training, whenever they arrive, with the work saved (Interrupted, exit 128 + signal).
+
+    While training steps run, the signal is a flag checked between steps, so that it never lands inside a
+    checkpoint write: at the next step the trainer saves a checkpoint and stops. A second Ctrl-C raises
+    KeyboardInterrupt at once, for a loop that does not come back. After the last step (on_train_end) the
+    last epoch's checkpoint holds everything, so a signal then (settling the final model, testing, pictures)
+    stops at once; the trainer also checks the flag between those phases (check), in case the exception was
+    raised where Python swallows it (inside a garbage-collection callback)."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.after_training, self.trainer = None, False, None
         self._old = {}
 
     def on_start(self, trainer):
+        self.trainer = trainer
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -221,6 +229,9 @@ class StopOnSignal(Subscriber):
                 pass
 
     def _handle(self, signum, frame):
+        if self.after_training:
+            self.signum = signum
+            raise self.trainer.stopped_after_training(signum)
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
@@ -228,6 +239,14 @@ class StopOnSignal(Subscriber):
     def on_step(self, trainer, step):
         if self.signum is not None:
             trainer.interrupt(self.signum)
+
+    def on_train_end(self, trainer):
+        self.check(trainer)
+        self.after_training = True
+
+    def check(self, trainer):
+        if self.signum is not None:
+            raise trainer.stopped_after_training(self.signum)
 
     def on_close(self, trainer):
         for s, h in self._old.items():

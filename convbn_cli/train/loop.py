@@ -25,7 +25,7 @@ from ..config import plan_layers
 from ..config.schema import Config
 from ..data import fetch
 from ..data.pipeline import batch_loader, epoch_order, eval_dataset, make_splits, steps_per_epoch, train_dataset
-from ..errors import EXIT_DIVERGED, ConvbnError
+from ..errors import EXIT_DIVERGED, ConvbnError, Stopped
 from ..model import Evaluator, build_model
 from ..model.stats import bn_statistics
 from ..runs import RunDir, RunDirError, open_for_resume
@@ -35,15 +35,18 @@ from . import distribute, events, final
 from .optim import current_lr, make_optimizer
 
 
-class Interrupted(ConvbnError):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved. `exit_code` is 128 + signal number."""
+class Interrupted(Stopped):
+    """SIGINT/SIGTERM arrived; the training is in a checkpoint. `exit_code` is 128 + signal number.
 
-    def __init__(self, signum, checkpoint):
-        self.signum, self.checkpoint = signum, checkpoint
-        self.exit_code = 128 + signum
+    During training the checkpoint is saved at the step the signal arrived; after the last step (settling the
+    final model, testing, pictures) the last epoch's checkpoint already holds everything, and `--resume` of a
+    run with every epoch done only settles and tests the final model again."""
+
+    def __init__(self, signum, checkpoint, run_dir, when=""):
+        self.checkpoint = checkpoint
         name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name}; saved {checkpoint}; continue with "
-                         f"`convbn train --resume {Path(checkpoint).parent.parent}`")
+        super().__init__(signum, f"interrupted by {name}{when}; saved {checkpoint}; continue with "
+                                 f"`convbn train --resume {run_dir}`")
 
 
 class Diverged(ConvbnError):
@@ -99,8 +102,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         run_dir: write the run exactly there (a new directory; a sweep's combination) instead of
             output.root/output.name/<n>.
         subscribers: your own callbacks: objects with any of events.Subscriber's methods (on_start,
-            on_epoch_start, on_step, on_epoch_metrics, on_epoch_end, on_finish, on_close), each called with the
-            Trainer (its cfg, model, metrics, run) and the event's arguments, after convbn's own.
+            on_epoch_start, on_step, on_epoch_metrics, on_epoch_end, on_train_end, on_finish, on_close), each
+            called with the Trainer (its cfg, model, metrics, run) and the event's arguments, after convbn's own.
 
     Returns:
         TrainResult: run_dir, metrics (one dict per epoch), test_loss, test_acc and the trained model.
@@ -130,7 +133,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     subscribers.append(events.StopOnSignal())  # last: a signal sent by an earlier subscriber is seen at once
     trainer = Trainer(cfg, strategy, subscribers, log, progress, warn)
     try:
-        with _one_line_errors():
+        with _one_line_errors(cluster=cfg.distribute.strategy == "multi_worker", trainer=trainer):
             trainer.setup(data)  # data and model first: a failure here leaves no run directory behind
             run = _open_run(cfg, resume, scratch, log, run_dir)
             result = trainer.fit(run, resume)
@@ -158,11 +161,26 @@ def _open_run(cfg, resume, scratch, log, at=None) -> RunDir:
     return run
 
 
+class PeerLost(ConvbnError):
+    """Another worker of a multi-worker cluster died or became unreachable (exit 1: not bad input)."""
+
+    exit_code = 1
+
+
 @contextlib.contextmanager
-def _one_line_errors():
-    """What TensorFlow or Python raise when a network is too big for this machine, as one line (exit 2)."""
+def _one_line_errors(cluster: bool = False, trainer=None):
+    """What TensorFlow or Python raise when a network is too big for this machine, as one line (exit 2); in a
+    cluster (`cluster`), a collective operation that failed because a peer is gone (exit 1)."""
     try:
         yield
+    except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
+            tf.errors.DeadlineExceededError, tf.errors.InternalError) as e:
+        if not cluster:
+            raise
+        run = getattr(getattr(trainer, "run", None), "path", None) or "RUN_DIR"
+        raise PeerLost(f"another worker of the cluster stopped or cannot be reached ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:160]}); the run's checkpoints are kept: continue with "
+                       f"`convbn train --resume {run}`") from None
     except tf.errors.ResourceExhaustedError as e:
         raise ConvbnError(f"out of memory building or training the network ({' '.join(str(e).split())[:200]}); "
                           "make it smaller or lower data.batch_size") from None
@@ -212,6 +230,7 @@ class Trainer:
                 row = self.run_epoch(epoch)
                 self.end_of_epoch(row)
                 self.skip = 0
+            self.publish("on_train_end")
             return self.finish()
         finally:
             self.publish("on_close")
@@ -334,8 +353,10 @@ class Trainer:
         results = {"epochs": self.epochs, "epochs_done": self.metrics[-1]["epoch"] if self.metrics else 0,
                    **self.best(), "stopped_early": self.stop_reason}
         settled = final.settle(self, results)
+        self.check_signals()
         model, gap, before = settled.model, settled.gap, settled.test_before
         test = self.evaluate_test(model)
+        self.check_signals()
         results.update(test_loss=test["loss"], test_acc=test["accuracy"], checkpoint=str(settled.checkpoint))
         if before is not None:  # what the EMA or precise BN changed, on the test set
             key = "before_ema" if self.cfg.train.ema is not None else "before_precise_bn"
@@ -343,6 +364,7 @@ class Trainer:
         results["wall_time_s"] = time.time() - self.t_start  # precise BN and the EMA's recalibration included
         self.last_test = test
         self.publish("on_finish", results)
+        self.check_signals()
         self.run.write_results(results)
         if gap.material:  # still lagging (precise BN off, or it did not help): say so even under --quiet
             self.warn(f"warning: {gap.split} accuracy is {gap.moving_acc:.2%} with the moving BN statistics but "
@@ -380,7 +402,19 @@ class Trainer:
         self.state["step_in_epoch"].assign(self.done_in_epoch)
         with _signals_deferred():  # a second Ctrl-C must not cut this checkpoint in half
             path = self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
-        raise Interrupted(signum, path)
+        raise Interrupted(signum, path, self.run.path)
+
+    def stopped_after_training(self, signum) -> Interrupted:
+        """What a signal after the last training step ends the command with: the last epoch's checkpoint holds
+        the training; `--resume` settles and tests the final model again (results.json is written last)."""
+        latest = self.manager.latest_checkpoint or "nothing (no epoch finished)"
+        return Interrupted(signum, latest, self.run.path, " after the last training step, before results.json")
+
+    def check_signals(self):
+        """Between the final phases: stop if a signal came (events.StopOnSignal)."""
+        for s in self.subscribers:
+            if isinstance(s, events.StopOnSignal):
+                s.check(self)
 
     def best(self) -> dict:
         """The epoch with the best validation accuracy (training accuracy without a validation split)."""

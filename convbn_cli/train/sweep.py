@@ -12,6 +12,7 @@ resumes exactly from its checkpoint (train --resume), the rest start.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -20,26 +21,30 @@ import signal
 import statistics
 from pathlib import Path
 
+from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError, field_validator
+
 from ..config import dump_config, load_config
-from ..errors import ConfigError, ConvbnError
+from ..errors import ConfigError, Stopped
 from ..files import write_json_atomic, write_text_atomic
-from ..runs.rundir import RunDirError, make_numbered, read_json
+from ..readers import read_json
+from ..runs.rundir import RunDir, RunDirError, make_numbered
 
 PLAN = "sweep.json"
 MAX_RUNS = 1000
 
 
-class SweepInterrupted(ConvbnError):
+class SweepInterrupted(Stopped):
     def __init__(self, signum, sweep_dir, run):
-        self.exit_code = 128 + signum
-        super().__init__(f"sweep interrupted by {signal.Signals(signum).name} at {run}; continue with "
+        super().__init__(signum, f"sweep interrupted by {signal.Signals(signum).name} at {run}; continue with "
                          f"`convbn sweep --resume {sweep_dir}` (finished runs are kept, an interrupted one resumes "
                          "from its checkpoint)")
 
 
 def parse_axes(specs) -> tuple[list, list]:
     """(fixed overrides, axes [(key, [values])]) from KEY=V1,V2,... arguments; a single value is a fixed
-    override. A value written as a YAML list or mapping ([28, 28, 1]) is one value, commas and all."""
+    override. A value written as a YAML list or mapping ([28, 28, 1]) is one value, commas and all. A value
+    given twice (also as another spelling of the same number: 0.9,0.90) is refused: it would train the same run
+    twice and report it as two."""
     fixed, axes = [], []
     for spec in specs:
         key, sep, values = spec.partition("=")
@@ -47,31 +52,55 @@ def parse_axes(specs) -> tuple[list, list]:
             raise ConfigError([f"{spec!r}: expected KEY=VALUE or KEY=V1,V2,..."])
         split = [values] if values.lstrip().startswith(("[", "{")) else values.split(",")
         if any(not v.strip() for v in split):
-            raise ConfigError([f"{spec}: an empty value in the list"])
-        if key in [k for k, _ in axes]:
+            raise ConfigError([f"{spec[:200]}: an empty value in the list"])
+        if key in [k for k, _ in axes] or key in [f.partition("=")[0] for f in fixed]:
             raise ConfigError([f"{key}: swept twice"])
-        if len(split) == 1:
+        values = [v.strip() for v in split]
+        seen = {}
+        for v in values:
+            same = seen.setdefault(_meaning(v), v)
+            if same is not v:
+                raise ConfigError([f"{key}: {v} is given twice" + (f" (as {same})" if same != v else "")
+                                   + "; each value is trained once (more runs of one value: --seeds K)"])
+        if len(values) == 1:
             fixed.append(spec)
         else:
-            axes.append((key, [v.strip() for v in split]))
+            axes.append((key, values))
     return fixed, axes
+
+
+def _meaning(value: str) -> str:
+    """What a value means once parsed as the config reads it (0.9 and 0.90 are one value)."""
+    from ..config.loader import safe_parse
+
+    try:
+        return json.dumps(safe_parse(value), sort_keys=True)
+    except Exception:  # noqa: BLE001  (not YAML: load_config reports it, naming the combination)
+        return value
 
 
 def plan(config, specs, seeds: int = 1) -> dict:
     """Every combination (x seeds) as {name, values, seed, overrides, config}, each validated now: one line per
     problem, naming the combination, before anything trains."""
     fixed, axes = parse_axes(specs)
+    if not axes and seeds == 1:
+        raise ConfigError(["nothing to sweep: give at least one KEY=V1,V2,... (e.g. model.bn.decay=0.9,0.99) or "
+                           "--seeds K; one run is `convbn train`"])
+    count = seeds
+    for _, values in axes:  # counted before anything is built: 4 keys x 100 values is 10^8 combinations
+        count *= len(values)
+    if count > MAX_RUNS:
+        sizes = " x ".join(str(len(v)) for _, v in axes)
+        raise ConfigError([f"{sizes} combinations x {seeds} seeds is {count} runs, more than {MAX_RUNS}"])
     base = load_config(config, fixed)
     combos = list(itertools.product(*[[(k, v) for v in values] for k, values in axes])) or [()]
-    if len(combos) * seeds > MAX_RUNS:
-        raise ConfigError([f"{len(combos)} combinations x {seeds} seeds is more than {MAX_RUNS} runs"])
     runs, problems = [], []
     for combo in combos:
         for i in range(seeds):
             seed = base.train.seed + i
             overrides = fixed + [f"{k}={v}" for k, v in combo] + ([f"train.seed={seed}"] if seeds > 1 else [])
             name = ",".join(f"{k}={v}" for k, v in combo) or "base"
-            name = _dir_name(name + (f",seed={seed}" if seeds > 1 else ""))
+            name = dir_name(name + (f",seed={seed}" if seeds > 1 else ""))
             try:
                 cfg = load_config(config, overrides)
             except ConfigError as e:
@@ -85,9 +114,18 @@ def plan(config, specs, seeds: int = 1) -> dict:
             "root": base.output.root, "name": base.output.name or "run", "runs": runs}
 
 
-def _dir_name(name: str) -> str:
-    # one directory name: a path separator in a value ("a/b") must not make a subdirectory
-    return name.replace("/", "_").replace("\0", "_")[:200]
+MAX_NAME_BYTES = 120  # well under the 255 bytes of a file name
+
+
+def dir_name(name: str) -> str:
+    """The directory of one combination: its name when that is a safe, short file name, else a cut of it made
+    safe plus a hash of the whole name, so that two combinations never share a directory (a cut alone made
+    2-axis names with long values collide)."""
+    safe = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in name)
+    if safe == name and len(name.encode()) <= MAX_NAME_BYTES and not name.startswith("."):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return safe.lstrip(".").encode()[:MAX_NAME_BYTES - 13].decode(errors="ignore") + "~" + digest
 
 
 def create(sweep: dict) -> Path:
@@ -100,24 +138,57 @@ def create(sweep: dict) -> Path:
 MAX_PLAN_BYTES = 64 << 20  # MAX_RUNS resolved configs of a few KB each
 
 
+class PlannedRun(BaseModel):
+    name: StrictStr = Field(min_length=1, max_length=MAX_NAME_BYTES)
+    values: dict[StrictStr, StrictStr]
+    seed: StrictInt
+    overrides: list[StrictStr]
+    config: StrictStr
+
+    @field_validator("name")
+    @classmethod
+    def _a_plain_directory_name(cls, name):
+        if dir_name(name) != name:
+            raise ValueError("not a directory name convbn makes")
+        return name
+
+
+class SweepPlan(BaseModel):
+    """sweep.json, validated like a config (strict types: nothing is coerced): a hand-edited or damaged plan is
+    one line, never a traceback."""
+
+    config: StrictStr
+    axes: list[tuple[StrictStr, list[StrictStr]]]  # JSON has no tuples: [key, [values]]
+    fixed: list[StrictStr]
+    seeds: StrictInt = Field(ge=1, le=100)
+    root: StrictStr
+    name: StrictStr
+    runs: list[PlannedRun] = Field(min_length=1, max_length=MAX_RUNS)
+
+    @field_validator("runs")
+    @classmethod
+    def _distinct(cls, runs):
+        names = [r.name for r in runs]
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:
+            raise ValueError(f"two runs share the directory {twice!r}")
+        return runs
+
+
 def open_sweep(path) -> dict:
-    """The plan in a sweep directory; refused (one line) when it is too big, damaged, or names a run anywhere
-    but directly inside the sweep directory."""
+    """The plan in a sweep directory; refused (one line) when it is not a file, too big, damaged, or does not
+    fit SweepPlan (which also keeps every run directly inside the sweep directory)."""
     path = Path(path)
+    where = path / PLAN
+    if not (where.exists() or where.is_symlink()):
+        raise RunDirError(f"{path}: not a sweep directory ({PLAN} is missing)")
+    raw = read_json(where, MAX_PLAN_BYTES, "a sweep plan", RunDirError)
     try:
-        with open(path / PLAN, "rb") as f:
-            text = f.read(MAX_PLAN_BYTES + 1)
-        assert len(text) <= MAX_PLAN_BYTES
-        sweep = json.loads(text)
-        assert isinstance(sweep, dict) and isinstance(sweep["runs"], list)
-        for r in sweep["runs"]:
-            assert isinstance(r["name"], str) and r["name"] not in ("", ".", "..") and "/" not in r["name"]
-            assert isinstance(r["config"], str) and isinstance(r["overrides"], list)
-    except FileNotFoundError:
-        raise RunDirError(f"{path}: not a sweep directory ({PLAN} is missing)") from None
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise RunDirError(f"{path / PLAN}: unreadable; not a sweep convbn wrote") from None
-    return sweep
+        return SweepPlan.model_validate(raw).model_dump()
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".")
+        raise RunDirError(f"{where}: {loc or 'the top level'}: {first['msg']}; not a sweep convbn wrote") from None
 
 
 def run_sweep(path, *, log=print, progress=True) -> dict:
@@ -149,6 +220,9 @@ def run_sweep(path, *, log=print, progress=True) -> dict:
     try:
         for i, r in enumerate(sweep["runs"], 1):
             run_dir, current = path / r["name"], r["name"]
+            if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+                raise RunDirError(f"{run_dir}: a link or a file where this sweep keeps a run directory; refused "
+                                  "(nothing is written anywhere but inside the sweep directory)")
             if (run_dir / "results.json").is_file():
                 log(f"[{i}/{len(sweep['runs'])}] {r['name']}: done already")
                 continue
@@ -187,7 +261,7 @@ def summarize(path, sweep: dict) -> list:
         key = json.dumps(r["values"], sort_keys=True)
         groups.setdefault(key, {"values": r["values"], "results": [], "runs": 0})
         groups[key]["runs"] += 1
-        results = read_json(Path(path) / r["name"] / "results.json")
+        results = RunDir(Path(path) / r["name"]).read_results()
         if results:
             groups[key]["results"].append(results)
     rows = []
