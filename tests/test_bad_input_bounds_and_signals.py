@@ -80,6 +80,12 @@ def test_force_replaces_a_previous_export_of_the_same_kind(run_copy, cli, tmp_pa
         forced = cli("export", run_copy, "--format", fmt, "--output", out, "--fold-bn", "--force")
         assert forced.exit_code == 0, forced.output
     assert not list(tmp_path.glob(".*.tmp"))
+    # a file of the user's inside a real export: --force refuses, and the export is left exactly as it was
+    (tmp_path / "sm" / "variables" / "thesis.tex").write_text("three years")
+    before = tree_hashes(tmp_path / "sm")
+    refused = cli("export", run_copy, "--format", "savedmodel", "--output", tmp_path / "sm", "--force")
+    assert refused.exit_code == 2 and "variables/thesis.tex is not a file convbn wrote" in refused.output
+    assert tree_hashes(tmp_path / "sm") == before
 
 
 def test_sigterm_during_export_removes_the_staging_and_exits_143(run_copy, cli, tmp_path, monkeypatch):

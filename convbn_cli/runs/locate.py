@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TargetError
+from ..readers import check_zip
 from .rundir import RunDir, RunDirError
 
 
@@ -32,6 +33,8 @@ def locate(target, *, tflite: bool = False) -> Located:
         if path.suffix == ".keras" and not zipfile.is_zipfile(path):
             raise TargetError(f"{path}: not a Keras model file (a .keras file is a zip archive; this one is "
                               f"{'empty' if path.stat().st_size == 0 else 'something else'})")
+        if path.suffix == ".keras":
+            check_keras_archive(path)  # bounded: an archive whose members inflate to gigabytes is refused unread
         return Located(path.suffix[1:], path)
     if path.is_dir():
         try:
@@ -45,3 +48,15 @@ def locate(target, *, tflite: bool = False) -> Located:
         raise TargetError(f"{path}: give the checkpoint prefix without its extension, e.g. "
                           f"{str(path).split('.index')[0].split('.data-')[0]}")
     raise TargetError(f"{path}: no such run directory or checkpoint")
+
+
+# What a .keras archive of an MNIST-like conv net may declare, member by member, checked before Keras reads any:
+# its config and metadata are a few KB to a few MB, its weights tens of MB for the largest nets convbn builds.
+KERAS_MEMBER_LIMITS = {"config.json": 16 << 20, "metadata.json": 1 << 20, "model.weights.h5": 512 << 20}
+KERAS_OTHER_MEMBER_BYTES = 64 << 20  # assets
+KERAS_TOTAL_BYTES = 600 << 20
+
+
+def check_keras_archive(path) -> None:
+    check_zip(path, KERAS_MEMBER_LIMITS, KERAS_OTHER_MEMBER_BYTES, total_limit=KERAS_TOTAL_BYTES,
+              what="a .keras model of an MNIST-like conv net", error=TargetError)

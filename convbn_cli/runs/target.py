@@ -21,10 +21,9 @@ from ..data.registry import pixel_affine
 from ..data.sources import fetch
 from ..model import build_model
 from ..model.fold import NORMALIZE_LAYER, PIXELS_INPUT, takes_pixels, without_preprocessing
-from ..readers import check_zip
 from ..tf_setup import quiet_native
 from .checkpoints import CheckpointError, find, restore, run_of_prefix
-from .locate import locate
+from .locate import check_keras_archive, locate
 from .rundir import RunDir, RunDirError
 
 
@@ -126,21 +125,9 @@ def open_target(target, which="best", *, tflite=False) -> Target:
     return Target("checkpoint", prefix, cfg, model, run, _keras_predict(model))
 
 
-# What a .keras archive of an MNIST-like conv net may declare, member by member (checked before Keras reads any):
-# its config and metadata are a few KB to a few MB; its weights tens of MB for the largest nets convbn builds.
-KERAS_MEMBER_LIMITS = {"config.json": 16 << 20, "metadata.json": 1 << 20, "model.weights.h5": 512 << 20}
-KERAS_OTHER_MEMBER_BYTES = 64 << 20  # assets
-KERAS_TOTAL_BYTES = 600 << 20
-
-
-def check_keras_archive(path) -> None:
-    check_zip(path, KERAS_MEMBER_LIMITS, KERAS_OTHER_MEMBER_BYTES, total_limit=KERAS_TOTAL_BYTES,
-              what="a .keras model of an MNIST-like conv net", error=CheckpointError)
-
-
 def _open_keras(path: Path) -> Target:
     run, cfg = _run_above(path)
-    check_keras_archive(path)  # bounded: a small archive whose members inflate to gigabytes is refused unread
+    check_keras_archive(path)  # again (locate did): the file may have changed since
     try:
         model = keras.saving.load_model(path, safe_mode=True)  # safe_mode: no arbitrary code from the file
     except Exception as e:  # noqa: BLE001  a damaged archive fails in many ways (ValueError, KeyError, OSError, ...)
