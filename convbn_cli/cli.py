@@ -455,6 +455,35 @@ def export_cmd(ctx, target, fmt, fold_bn, output, force, no_preprocessing, which
     click.echo(ExportReport(r, fold_bn).render())
 
 
+# --------------------------------------------------------------------------- report
+
+@main.command("report")
+@click.argument("target", metavar="RUN_DIR|SWEEP_DIR", type=click.Path(file_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), metavar="FILE.html",
+              help="Where to write the page (default: RUN_DIR/report.html, rewritten each time).")
+@click.option("--force", is_flag=True, help="Replace --output's file if it exists.")
+@click.option("--batches", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Batches of images the diagnose checks of a run use.")
+@click.pass_context
+def report_cmd(ctx, target, output, force, batches):
+    """One self-contained HTML page of a run (results, curves, confusion matrix, per-channel BN, diagnose
+    verdict, config, provenance) or of a sweep (summary and every run's curves); opens in any browser, offline."""
+    from .errors import ConvbnError
+
+    path = Path(target)
+    if not path.is_dir():
+        raise ConvbnError(f"{path}: no such run or sweep directory")
+    if not (path / "sweep.json").exists():
+        _check_paths(path)
+        _tf(ctx)
+    from .analysis.report import report
+
+    r = report(path, output=output, force=force, batches=batches, log=_stderr)
+    if r["verdict"]:
+        _stderr(f"diagnose: {r['verdict']}")
+    click.echo(f"report written to {r['path']}")
+
+
 # --------------------------------------------------------------------------- runs
 
 class RunsGroup(click.Group):

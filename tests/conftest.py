@@ -241,3 +241,46 @@ def run_cli(*args, env=None, timeout=600, **kw):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "convbn_cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, **kw)
+
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium to look at generated pages as a person would; installed from Debian (the package
+    `chromium`) where it is missing and this user may install packages. The tests that need it are skipped, with
+    the reason, only where no browser can be had."""
+    import shutil
+    import subprocess
+
+    def found():
+        return next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+
+    if found() is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+                    ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
+            if found():
+                break
+            subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=900)
+    path = found()
+    if path is None:
+        pytest.skip("no headless browser: none of " + ", ".join(BROWSERS) + " is installed, and `apt-get install "
+                    "chromium` was not possible here (not root, no apt-get, or no package source)")
+    return path
+
+
+def screenshot(browser, page: Path, out: Path, size=(1400, 3600)):
+    """Open `page` in headless Chromium and save what it shows; returns the browser's console lines (a page that
+    logs nothing has none)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as profile:
+        r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                            f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}", "--enable-logging=stderr",
+                            "--v=0", f"--screenshot={out}", page.resolve().as_uri()],
+                           capture_output=True, text=True, timeout=120)
+    assert out.is_file(), r.stderr[-2000:]
+    return [ln for ln in r.stderr.splitlines() if ":CONSOLE" in ln]

@@ -82,6 +82,7 @@ def plot(result: dict, path, dead_threshold: float = 1e-2) -> None:
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     layers = result["layers"]
     fig, axes = plt.subplots(len(layers), 3, figsize=(15, 2.8 * len(layers) + 0.6), squeeze=False)
@@ -90,6 +91,7 @@ def plot(result: dict, path, dead_threshold: float = 1e-2) -> None:
         for ax, q, color in zip(row, ("gamma", "beta", "moving_variance"), ("tab:blue", "tab:orange", "tab:green")):
             ax.set_title(f"{name}: {q.replace('_', ' ')}", fontsize=10)
             ax.set_xlabel("channel")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # channels are whole numbers
             if fixed(layer, q):  # not learned: say so instead of drawing a row of identical bars
                 value, key = (1, "scale") if q == "gamma" else (0, "center")
                 ax.text(0.5, 0.5, f"{q} fixed at {value}\n({key}: false)", ha="center", va="center",

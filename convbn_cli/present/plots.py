@@ -18,62 +18,128 @@ def _pyplot():
 
 
 def _save(fig, path) -> None:
+    """To a file (atomically) or to an open binary stream (the HTML report embeds the bytes)."""
     plt = _pyplot()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=90)
+    if hasattr(path, "write"):
+        fig.savefig(path, format="png", dpi=90)
+    else:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
 
 
-def curves(rows: list, path, title: str = "") -> None:
-    """Train/validation loss and accuracy per epoch, and the learning rate."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+HIGH_ACCURACY = 0.99  # from here on, accuracy curves are drawn as error rates on a log scale
 
+
+def best_row(rows: list):
+    """The epoch the run's final model comes from when it is the best one: the best validation accuracy (first of
+    equals), else the best training accuracy."""
+    key = "val_acc" if any(r.get("val_acc") is not None for r in rows) else "train_acc"
+    scored = [r for r in rows if r.get(key) is not None]
+    return (max(scored, key=lambda r: r[key]), key) if scored else (None, key)
+
+
+def curves(rows: list, path, title: str = "", steps: list | None = None) -> None:
+    """Loss, accuracy and learning rate against epochs: the training ones every few steps where `steps`
+    (steps.jsonl) has them, so a short run or a warm-up shows as a line, not a dot; validation per epoch; the best
+    epoch marked. Accuracy is in percent; once it passes 99% it is drawn as the error rate on a log scale, where
+    99.2% and 99.5% are told apart."""
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    steps = [s for s in (steps or []) if s.get("loss") is not None]
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    best, best_key = best_row(rows)
+    accs = [r.get(k) for r in rows for k in ("train_acc", "val_acc") if r.get(k) is not None]
+    as_error = bool(accs) and max(accs) >= HIGH_ACCURACY
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     smoothed = any(r.get("train_ce") is not None and r["train_ce"] != r["train_loss"] for r in rows)
+
+    def acc_value(a):
+        return max(100.0 * (1.0 - a), 1e-3) if as_error else 100.0 * a
+
     for ax, key in zip(axes[:2], ("loss", "acc")):
-        # the training cross-entropy (train_ce; older runs: train_loss) is what compares with validation's loss
-        ax.plot(epochs, [r.get(f"train_ce", r["train_loss"]) if key == "loss" else r["train_acc"] for r in rows],
-                "o-", label="train")
-        val = [(r["epoch"], r[f"val_{key}"]) for r in rows if r.get(f"val_{key}") is not None]
+        if steps:
+            ys = [s.get("train_ce", s["loss"]) if key == "loss" else acc_value(s["train_acc"]) for s in steps]
+            ax.plot([s["epoch"] for s in steps], ys, "-", color="tab:blue", alpha=0.8, linewidth=1,
+                    label="train (every step)" if _every(steps) == 1 else f"train (every {_every(steps)} steps)")
+        else:
+            ax.plot(epochs, [r.get("train_ce", r["train_loss"]) if key == "loss" else acc_value(r["train_acc"])
+                             for r in rows], "o-", color="tab:blue", label="train")
+        val = [(r["epoch"], r[f"val_{key}"] if key == "loss" else acc_value(r["val_acc"])) for r in rows
+               if r.get(f"val_{key}") is not None]
         if val:
-            ax.plot(*zip(*val), "o-", label="validation")
+            ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
         if key == "loss" and smoothed:
             ax.plot(epochs, [r["train_loss"] for r in rows], "o--", color="tab:gray",
                     label="train, with label smoothing")
-        ax.set_title({"loss": "cross-entropy loss", "acc": "accuracy"}[key], fontsize=10)
+        if best is not None:
+            ax.axvline(best["epoch"], color="tab:red", linestyle=":", linewidth=1.2,
+                       label=f"best epoch {best['epoch']}" + (" (validation)" if best_key == "val_acc" else ""))
+        if key == "acc":
+            if as_error:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+                ax.set_title("error rate (100% - accuracy), log scale", fontsize=10)
+            else:
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+                ax.set_title("accuracy", fontsize=10)
+        else:
+            ax.set_title("cross-entropy loss", fontsize=10)
+        ax.legend(fontsize=8)
+    if steps:
+        axes[2].plot([s["epoch"] for s in steps], [s["lr"] for s in steps], "-", color="tab:green")
+        axes[2].set_title("learning rate", fontsize=10)
+    else:
+        axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green")
+        axes[2].set_title("learning rate (end of each epoch)", fontsize=10)
+    last = max(epochs, default=1)
+    for ax in axes:
         ax.set_xlabel("epoch")
-        ax.legend()
+        ax.set_xlim(0 if steps else 0.5, last + (0.05 if steps else 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(10, max(last, 1))))
         ax.grid(alpha=0.3)
-    axes[2].plot(epochs, [r["lr"] for r in rows], "o-", color="tab:green")
-    axes[2].set_title("learning rate (end of epoch)", fontsize=10)
-    axes[2].set_xlabel("epoch")
-    axes[2].grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save(fig, path)
 
 
+def _every(steps):
+    gaps = [b["step"] - a["step"] for a, b in zip(steps, steps[1:]) if b["step"] > a["step"]]
+    return min(gaps) if gaps else steps[0]["step"]
+
+
 def confusion_matrix(confusion, class_names, path, title: str = "") -> None:
-    """Counts, rows the true class and columns the predicted one, labelled with the class names."""
+    """Where the model is wrong: each row (true class) as percentages of that class, so that classes of every
+    size compare; the mistakes coloured on their own scale (with a colour bar), the diagonal (the correct ones)
+    in a separate neutral colour so it does not wash the errors out; every non-zero count written in its cell."""
     plt = _pyplot()
     confusion = np.asarray(confusion)
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n))
-    ax.imshow(confusion, cmap="Blues")
+    totals = confusion.sum(axis=1, keepdims=True)
+    pct = 100.0 * confusion / np.maximum(totals, 1)
+    off = np.ma.masked_where(np.eye(n, dtype=bool), pct)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.75 * n, 1.2 + 0.62 * n))
+    top = max(float(off.max()) if off.count() else 0.0, 1e-9)
+    image = ax.imshow(off, cmap="Reds", vmin=0, vmax=top)
+    diag = np.ma.masked_where(~np.eye(n, dtype=bool), pct)
+    ax.imshow(diag, cmap="Greens", vmin=-100, vmax=200)  # the correct ones: a light, even green
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("% of the true class predicted as this (mistakes)")
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    top = confusion.max() or 1
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if confusion[i, j] > top / 2 else "black")
-    ax.set_title(title, fontsize=10)
+            if confusion[i, j]:
+                strong = i != j and pct[i, j] > top / 2
+                text = f"{pct[i, j]:.1f}%" if i == j else f"{confusion[i, j]}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7 if i == j else 8,
+                        color="white" if strong else "black")
+    errors = int(confusion.sum() - np.trace(confusion))
+    ax.set_title(f"{title}\n{errors} mistakes of {int(confusion.sum())}; numbers: counts (diagonal: % right)"
+                 if title else f"{errors} mistakes of {int(confusion.sum())}", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
@@ -114,10 +180,10 @@ def sweep_summary(rows: list, axes: list, path, title: str = "") -> None:
         for r in rows:
             label = ", ".join(f"{k}={r[k]}" for k in others)
             lines.setdefault(label, []).append(r)
-        for ax, metric, name in ((grid[0][col], "test_acc", "test accuracy"),
-                                 (grid[1][col], "bn_gap", "accuracy gap: batch - moving BN statistics")):
+        for ax, metric, name in ((grid[0][col], "test_acc", "test accuracy (%)"),
+                                 (grid[1][col], "bn_gap", "accuracy gap: batch - moving BN statistics (points)")):
             for label, members in lines.items():
-                pts = sorted((values.index(r[key]), r[f"{metric}_mean"], r[f"{metric}_std"] or 0.0)
+                pts = sorted((values.index(r[key]), 100 * r[f"{metric}_mean"], 100 * (r[f"{metric}_std"] or 0.0))
                              for r in members if r[f"{metric}_mean"] is not None)
                 if pts:
                     x, y, err = zip(*pts)

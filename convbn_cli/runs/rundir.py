@@ -8,6 +8,7 @@
     checkpoints/ema/ckpt-<step>  with train.ema: the averaged weights with their BN statistics recomputed (the
                                  run's final model, which every command opens by default)
     metrics.jsonl, .csv          one row per epoch
+    steps.jsonl                  the training loss, accuracy and learning rate every output.log_every_steps steps
     bn_stats/epoch_<k>.json      every BN layer's per-channel gamma, beta, moving mean and moving variance
     tensorboard/                 event files: scalars, and histograms of each BN layer's gamma and beta
     results.json                 test loss and accuracy of the run's final model, which it names
@@ -55,6 +56,7 @@ class RunDir:
     export = property(lambda self: self.path / "export")
     metrics_jsonl = property(lambda self: self.path / "metrics.jsonl")
     metrics_csv = property(lambda self: self.path / "metrics.csv")
+    steps_jsonl = property(lambda self: self.path / "steps.jsonl")
     bn_stats = property(lambda self: self.path / "bn_stats")
     tensorboard = property(lambda self: self.path / "tensorboard")
     results = property(lambda self: self.path / "results.json")
@@ -147,6 +149,16 @@ class RunDir:
         w.writerows(rows)
         write_text_atomic(self.metrics_csv, buf.getvalue())
 
+    def write_steps(self, rows: list[dict]) -> None:
+        write_text_atomic(self.steps_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def read_steps(self) -> list[dict]:
+        """steps.jsonl's rows (the training loss every few steps), each checked; [] when there is none."""
+        if not (self.steps_jsonl.exists() or self.steps_jsonl.is_symlink()):
+            return []
+        return [check_fields(row, STEP_FIELDS, f"{self.steps_jsonl}: line {n}", required=("step", "epoch", "loss"))
+                for n, row in read_json_lines(self.steps_jsonl, MAX_METRICS_BYTES, "a steps file", RunDirError)]
+
     def write_bn_stats(self, epoch: int, stats: dict) -> None:
         write_json_atomic(self.bn_stats / f"epoch_{epoch}.json", {"epoch": epoch, "layers": stats})
 
@@ -189,6 +201,7 @@ RESULT_FIELDS = {"test_acc": NUMBER, "test_loss": NUMBER, "best_val_acc": NUMBER
                  "best_epoch": INTEGER, "epochs": INTEGER, "epochs_done": INTEGER, "stopped_early": TEXT,
                  "final_checkpoint": TEXT, "checkpoint": TEXT}
 RUN_INFO_FIELDS = {"time": TEXT}
+STEP_FIELDS = {"step": INTEGER, "epoch": NUMBER, "loss": NUMBER, "train_ce": NUMBER, "train_acc": NUMBER, "lr": NUMBER}
 MAX_METRICS_BYTES = 16 << 20  # a row is ~300 bytes: 50,000 epochs
 
 

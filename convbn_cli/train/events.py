@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from ..errors import ConvbnError
+
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
 
@@ -62,6 +64,51 @@ class BNStatsFiles(Subscriber):
         trainer.run.write_bn_stats(row["epoch"], trainer.bn_statistics())
 
 
+def step_window(trainer, step, previous: dict):
+    """(mean loss, cross-entropy and accuracy over the steps since `previous` sums, the sums now), or (None, sums)
+    when no step ran since. The trainer has just read the sums at its own PROGRESS_EVERY steps: one host sync."""
+    sums = trainer.last_sums if crossed(trainer, step, PROGRESS_EVERY) else trainer.read_sums()
+    n = sums["count"] - previous["count"]
+    if n <= 0:
+        return None, dict(sums)
+    return {k: (sums[k] - previous[k]) / n for k in ("loss", "ce", "correct")}, dict(sums)
+
+
+ZERO_SUMS = {"loss": 0.0, "ce": 0.0, "correct": 0.0, "count": 0.0}
+
+
+class StepLog(Subscriber):
+    """steps.jsonl: the training loss, accuracy and learning rate every `output.log_every_steps` steps, or more
+    often where an epoch has fewer than 10 such points (the mean over those steps), for the curves of short runs and
+    of schedules (metrics.jsonl has one point per epoch). Rewritten whole at each epoch's end; a resumed run keeps
+    the rows up to its checkpoint."""
+
+    POINTS_PER_EPOCH = 10  # at least: a short run's curve is a line, not a dot
+
+    def on_start(self, trainer):
+        self.every = max(1, min(trainer.cfg.output.log_every_steps, trainer.steps // self.POINTS_PER_EPOCH))
+        done = int(trainer.optimizer.iterations.numpy())
+        try:
+            self.rows = [r for r in trainer.run.read_steps() if r["step"] <= done] if trainer.restored else []
+        except Exception:  # noqa: BLE001  (a damaged steps.jsonl only costs the curves their first points)
+            self.rows = []
+
+    def on_epoch_start(self, trainer, epoch):
+        self.previous = dict(ZERO_SUMS)
+
+    def on_step(self, trainer, step):
+        if not crossed(trainer, step, self.every):
+            return
+        means, self.previous = step_window(trainer, step, self.previous)
+        if means is not None:
+            self.rows.append({"step": step, "epoch": step / trainer.steps, "loss": means["loss"],
+                              "train_ce": means["ce"] if trainer.cfg.train.label_smoothing else means["loss"],
+                              "train_acc": means["correct"], "lr": trainer.current_lr()})
+
+    def on_epoch_metrics(self, trainer, row):
+        trainer.run.write_steps(self.rows)
+
+
 class TensorBoard(Subscriber):
     """`tensorboard --logdir runs`: tensorboard/train and tensorboard/validation are two TensorBoard runs whose
     epoch/loss and epoch/accuracy overlay; the train run also has the loss and learning rate every
@@ -77,22 +124,19 @@ class TensorBoard(Subscriber):
         self.val = tf.summary.create_file_writer(str(trainer.run.tensorboard / "validation"))
 
     def on_epoch_start(self, trainer, epoch):
-        self.previous = {"loss": 0.0, "ce": 0.0, "count": 0.0}  # the sums restart with every epoch
+        self.previous = dict(ZERO_SUMS)  # the sums restart with every epoch
 
     def on_step(self, trainer, step):
         if not crossed(trainer, step, self.every):
             return
-        # the trainer has just read the sums at its own PROGRESS_EVERY steps: one host sync, not two
-        sums = trainer.last_sums if crossed(trainer, step, PROGRESS_EVERY) else trainer.read_sums()
-        n = sums["count"] - self.previous["count"]
-        if n > 0:
+        means, self.previous = step_window(trainer, step, self.previous)
+        if means is not None:
             scalar = self.tf.summary.scalar
             with self.train.as_default(step=step):
-                scalar("step/loss", (sums["loss"] - self.previous["loss"]) / n)
+                scalar("step/loss", means["loss"])
                 if trainer.cfg.train.label_smoothing:
-                    scalar("step/cross_entropy", (sums["ce"] - self.previous["ce"]) / n)
+                    scalar("step/cross_entropy", means["ce"])
                 scalar("step/learning_rate", trainer.current_lr())
-        self.previous = dict(sums)
 
     def on_epoch_end(self, trainer, row):
         scalar = self.tf.summary.scalar
@@ -314,13 +358,17 @@ class EarlyStopping(Subscriber):
 
 
 class Plots(Subscriber):
-    """curves.png (losses, accuracies and learning rate per epoch), redrawn after every epoch, and
-    confusion_matrix.png (test split, with the dataset's class names) at the end."""
+    """curves.png (losses, accuracies and learning rate, per step where steps.jsonl has them), redrawn after every
+    epoch, and confusion_matrix.png (test split, with the dataset's class names) at the end."""
 
     def on_epoch_end(self, trainer, row):
         from ..present.plots import curves
 
-        curves(trainer.metrics, trainer.run.path / "curves.png", title=str(trainer.run.path))
+        try:
+            steps = trainer.run.read_steps()
+        except ConvbnError:  # damaged by hand: per-epoch curves only
+            steps = None
+        curves(trainer.metrics, trainer.run.path / "curves.png", title=str(trainer.run.path), steps=steps)
 
     def on_finish(self, trainer, results):
         from ..present.plots import confusion_matrix

@@ -121,7 +121,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
     if resume is not None and not hasattr(resume, "run"):
         resume = open_for_resume(resume)
     user = list(subscribers)
-    subscribers = [events.MetricsFiles(), events.BNStatsFiles(), events.TensorBoard(), events.Console(log)]
+    subscribers = [events.MetricsFiles(), events.StepLog(), events.BNStatsFiles(), events.TensorBoard(),
+                   events.Console(log)]
     subscribers += [events.Plots()] if cfg.output.plots else []
     if cfg.train.early_stopping is not None:
         subscribers.append(events.EarlyStopping(cfg.train.early_stopping))

@@ -1,0 +1,117 @@
+"""`convbn report`: what a run (or a sweep) did, as one self-contained HTML page to look at rather than read.
+
+A run's page: the results and how the BN statistics were settled, the curves, the test confusion matrix, the
+per-channel BN parameters of every layer, the diagnose verdict with its findings, the config and the provenance.
+A sweep's page: the summary picture and table, and every run's curves side by side. The pictures are the same
+matplotlib figures the run writes, embedded as PNG bytes, so the page needs no network and no other file
+(present/html.py draws the page).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from ..errors import ConvbnError
+from ..present import html
+from ..present.inspection import plot as plot_bn
+from ..present.plots import confusion_matrix, curves, sweep_summary
+from ..present.reports import DiagnoseReport
+from ..readers import read_text
+from ..runs.rundir import RunDir, RunDirError
+from ..train.sweep import PLAN, open_sweep, summarize
+
+REPORT_NAME = "report.html"
+MAX_CONFIG_TEXT = 1 << 20
+
+
+def run_report(path, *, batches: int = 5, log=lambda m: None) -> dict:
+    """Everything a run's page shows (see the module docstring), measured now on the run's final model."""
+    from ..runs.checkpoints import find
+    from .diagnose import diagnose
+    from .evaluation import evaluate
+    from .inspection import inspect_bn
+
+    run = RunDir.open(path)
+    cfg = run.load_config()
+    results, info, metrics, steps = run.read_results(), run.read_run_info(), run.read_metrics(), run.read_steps()
+    try:
+        checkpoint = find(run, "best")
+    except ConvbnError as e:
+        raise RunDirError(f"{run.path}: nothing to report yet ({e})") from None
+    title = str(run.path)
+    log(f"report of {run.path}: curves, test confusion matrix, BN parameters, diagnose")
+    pictures = {}
+    if metrics:
+        buf = io.BytesIO()
+        curves(metrics, buf, title=title, steps=steps)
+        pictures["curves"] = buf.getvalue()
+    test = evaluate(run.path, which="best", split="test")
+    buf = io.BytesIO()
+    confusion_matrix(test["confusion"], cfg.dataset.class_names, buf,
+                     title=f"test accuracy {test['accuracy']:.2%} ({test['images']} images)")
+    pictures["confusion"] = buf.getvalue()
+    bn = inspect_bn(run.path, which="best")
+    buf = io.BytesIO()
+    plot_bn(bn, buf)
+    pictures["bn"] = buf.getvalue()
+    found = diagnose(run.path, which="best", batches=batches)
+    verdict = DiagnoseReport(found).verdict().removeprefix("verdict: ")
+    return {"kind": "run", "title": title, "checkpoint": checkpoint, "results": results, "test": test,
+            "metrics": metrics, "provenance": info, "pictures": pictures, "verdict": verdict,
+            "findings": [f.to_json() for f in found["findings"]], "passed": found.get("passed", []),
+            "bn_layers": {name: {"channels": layer["channels"], "impl": layer["impl"]}
+                          for name, layer in bn["layers"].items()},
+            "config": read_text(run.config, MAX_CONFIG_TEXT, "a convbn config", RunDirError)}
+
+
+def sweep_report(path, *, log=lambda m: None) -> dict:
+    """A sweep's page: its summary (as summary.json has it, measured again from the runs' results.json) and each
+    run's curves; no TensorFlow."""
+    path = Path(path)
+    sweep = open_sweep(path)
+    rows = summarize(path, sweep)
+    pictures = {}
+    if any(r["seeds_done"] for r in rows) and sweep["axes"]:
+        buf = io.BytesIO()
+        sweep_summary(rows, sweep["axes"], buf, title=f"{path.parent.name}/{path.name}")
+        pictures["summary"] = buf.getvalue()
+    runs = []
+    for r in sweep["runs"]:
+        run = RunDir(path / r["name"])
+        entry = {"name": r["name"], "results": {}, "curves": None}
+        if run.config.is_file():
+            entry["results"] = run.read_results()
+            metrics = run.read_metrics()
+            if metrics:
+                buf = io.BytesIO()
+                curves(metrics, buf, title=r["name"], steps=run.read_steps())
+                entry["curves"] = buf.getvalue()
+        runs.append(entry)
+    log(f"report of {path}: {sum(1 for e in runs if e['results'])} of {len(runs)} runs finished")
+    return {"kind": "sweep", "title": str(path), "axes": sweep["axes"], "seeds": sweep["seeds"], "rows": rows,
+            "runs": runs, "pictures": pictures}
+
+
+def report(target, *, output=None, force: bool = False, batches: int = 5, log=lambda m: None) -> dict:
+    """Write the HTML page of a run or sweep directory to `output` (default: TARGET/report.html, rewritten each
+    time: convbn's own file); an existing `output` elsewhere is refused unless `force`. Returns {path, kind}."""
+    from ..files import write_text_atomic
+
+    target = Path(target)
+    out = Path(output) if output else target / REPORT_NAME
+    if output:
+        if out.suffix.lower() not in (".html", ".htm"):
+            raise ConvbnError(f"--output {out}: the page's name must end in .html")
+        if (out.exists() or out.is_symlink()) and not force:
+            raise ConvbnError(f"--output {out}: already exists; add --force to replace it")
+        if out.is_dir() or (out.is_symlink() and not force):
+            raise ConvbnError(f"--output {out}: is a directory; give a file name ending in .html")
+    if (target / PLAN).exists():
+        page = sweep_report(target, log=log)
+    elif (target / "config.yaml").exists():
+        page = run_report(target, batches=batches, log=log)
+    else:
+        raise ConvbnError(f"{target}: not a run directory (config.yaml) or a sweep directory ({PLAN})")
+    write_text_atomic(out, html.page(page))
+    return {"path": str(out), "kind": page["kind"], "verdict": page.get("verdict")}

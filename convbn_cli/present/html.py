@@ -1,0 +1,133 @@
+"""The HTML page of `convbn report` (analysis/report.py gathers what it shows): one file, its pictures embedded as
+PNG data, its style inline, no network needed to open it. Every text from a run (names, config, findings) is
+escaped. A few lines of script check, once the page has loaded, that every picture decoded, and say so on the
+browser's console otherwise (the test opens the page in headless Chromium and reads that console)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+
+STYLE = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
+       padding: 0 1.5em; color: #1f2328; }
+h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+.sub { color: #59636e; }
+.verdict { font-size: 1.15em; padding: .6em 1em; border-radius: 6px; display: inline-block; margin: .5em 0; }
+.healthy { background: #dafbe1; } .problems { background: #ffebe9; }
+table { border-collapse: collapse; margin: .6em 0; } td, th { padding: .25em .8em; border-bottom: 1px solid #eee;
+text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; border: 1px solid #eee; }
+.runs { display: grid; grid-template-columns: repeat(auto-fill, minmax(640px, 1fr)); gap: 1em; }
+pre { background: #f6f8fa; padding: 1em; overflow: auto; font-size: 13px; }
+.finding { margin: .5em 0 .9em; } .error { color: #b42318; } .warning { color: #9a6700; } .info { color: #59636e; }
+"""
+
+CHECK_IMAGES = """
+window.addEventListener("load", function () {
+  var bad = Array.prototype.filter.call(document.images, function (im) { return !im.complete || !im.naturalWidth; });
+  bad.forEach(function (im) { console.error("convbn report: picture did not decode: " + im.alt); });
+  document.body.setAttribute("data-pictures", bad.length ? "broken" : "ok");
+});
+"""
+
+
+def esc(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def picture(data: bytes | None, alt: str) -> str:
+    if not data:
+        return f"<p class=sub>({esc(alt)}: not available)</p>"
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def rows_table(head, rows, numeric=()) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td class=num>{esc(c)}</td>" if i in numeric else f"<td>{esc(c)}</td>"
+                                    for i, c in enumerate(row)) + "</tr>")
+    return "\n".join(out + ["</table>"])
+
+
+def page(report: dict) -> str:
+    body = run_body(report) if report["kind"] == "run" else sweep_body(report)
+    return (f"<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>convbn report: {esc(report['title'])}"
+            f"</title>\n<style>{STYLE}</style>\n<script>{CHECK_IMAGES}</script></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def run_body(r: dict) -> str:
+    res, test = r["results"], r["test"]
+    bn = res.get("bn_statistics") or {}
+    healthy = r["verdict"].startswith("BN looks healthy")
+    facts = [("test accuracy", pct(test["accuracy"])), ("test loss", f"{test['loss']:.4f}"),
+             ("best validation accuracy", pct(res.get("best_val_acc"))), ("best epoch", res.get("best_epoch")),
+             ("epochs", f"{res.get('epochs_done', len(r['metrics']))}/{res.get('epochs', '-')}"),
+             ("training time", f"{res['wall_time_s']:.0f} s" if res.get("wall_time_s") is not None else "-"),
+             ("final model", r["checkpoint"]),
+             ("BN statistics settled by", bn.get("mechanism", "-")),
+             ("stopped early", res.get("stopped_early") or "no")]
+    if not res:
+        facts.append(("status", "unfinished: no results.json yet (the model is the best checkpoint so far)"))
+    findings = "".join(
+        f"<div class=finding><b class={esc(f['severity'])}>{esc(f['severity'])}: {esc(f['name'])}</b> "
+        f"{esc(f['message'])}<br><span class=sub>fix: {esc(f['fix'])}</span></div>" for f in r["findings"])
+    layers = ", ".join(f"{esc(n)} ({v['channels']} channels, {esc(v['impl'])})" for n, v in r["bn_layers"].items())
+    prov = r["provenance"] or {}
+    versions = prov.get("versions") if isinstance(prov.get("versions"), dict) else {}
+    machine = prov.get("machine") if isinstance(prov.get("machine"), dict) else {}
+    return f"""<h1>convbn report: {esc(r['title'])}</h1>
+<p class=sub>{esc(prov.get('command') or '')} &middot; {esc(prov.get('time') or '')}</p>
+<div class="verdict {'healthy' if healthy else 'problems'}">diagnose: {esc(r['verdict'])}</div>
+<h2>Results</h2>
+{rows_table(('', ''), facts)}
+<h2>Training curves</h2>
+{picture(r['pictures'].get('curves'), 'training curves')}
+<h2>Test confusion matrix</h2>
+{picture(r['pictures'].get('confusion'), 'confusion matrix')}
+<h2>BN parameters per channel</h2>
+<p class=sub>{layers}</p>
+{picture(r['pictures'].get('bn'), 'per-channel BN parameters')}
+<h2>Diagnose</h2>
+{findings or '<p>No findings.</p>'}
+<p class=sub>passed: {esc(', '.join(r['passed']) or '-')}</p>
+<h2>Config</h2>
+<pre>{esc(r['config'])}</pre>
+<h2>Provenance</h2>
+{rows_table(('', ''), [*((k, v) for k, v in versions.items()), *((k, json.dumps(v) if isinstance(v, (dict, list)) else v)
+                                                                    for k, v in machine.items()),
+                       ('git commit', prov.get('git_commit') or '-')])}
+"""
+
+
+def sweep_body(r: dict) -> str:
+    keys = [k for k, _ in r["axes"]]
+    head = (*keys, "seeds", "test accuracy", "best validation", "BN gap (batch - moving)", "time")
+    rows = [(*[row.get(k) for k in keys], f"{row['seeds_done']}/{row['seeds']}",
+             _mean(row, "test_acc", pct), _mean(row, "best_val_acc", pct), _mean(row, "bn_gap", pct),
+             _mean(row, "time_s", lambda s: f"{s:.0f} s")) for row in r["rows"]]
+    cards = "\n".join(f"<div><h3>{esc(e['name'])}</h3><p class=sub>test accuracy "
+                      f"{pct((e['results'] or {}).get('test_acc'))}</p>{picture(e['curves'], 'curves of ' + e['name'])}"
+                      "</div>" for e in r["runs"])
+    return f"""<h1>convbn sweep report: {esc(r['title'])}</h1>
+<p class=sub>{len(r['runs'])} runs; swept: {esc(', '.join(keys) or '-')}; {r['seeds']} seed(s) each</p>
+<h2>Summary</h2>
+{picture(r['pictures'].get('summary'), 'sweep summary')}
+{rows_table(head, rows, numeric=range(len(keys), len(head)))}
+<h2>Every run</h2>
+<div class=runs>
+{cards}
+</div>
+"""
+
+
+def _mean(row, key, fmt) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "-"
+    return fmt(mean) + (f" ± {fmt(std)}" if std else "")
