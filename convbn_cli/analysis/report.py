@@ -19,7 +19,7 @@ from ..present.plots import confusion_matrix, curves, sweep_summary
 from ..present.reports import DiagnoseReport
 from ..readers import read_text
 from ..runs.rundir import RunDir, RunDirError
-from ..train.sweep import PLAN, open_sweep, summarize
+from ..runs.sweepdir import PLAN, open_sweep, summarize
 
 REPORT_NAME = "report.html"
 MAX_CONFIG_TEXT = 1 << 20

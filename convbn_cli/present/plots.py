@@ -45,48 +45,15 @@ def curves(rows: list, path, title: str = "", steps: list | None = None) -> None
     epoch marked. Accuracy is in percent; once it passes 99% it is drawn as the error rate on a log scale, where
     99.2% and 99.5% are told apart."""
     plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import MaxNLocator
 
     steps = [s for s in (steps or []) if s.get("loss") is not None]
     epochs = [r["epoch"] for r in rows]
-    best, best_key = best_row(rows)
     accs = [r.get(k) for r in rows for k in ("train_acc", "val_acc") if r.get(k) is not None]
     as_error = bool(accs) and max(accs) >= HIGH_ACCURACY
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    smoothed = any(r.get("train_ce") is not None and r["train_ce"] != r["train_loss"] for r in rows)
-
-    def acc_value(a):
-        return max(100.0 * (1.0 - a), 1e-3) if as_error else 100.0 * a
-
     for ax, key in zip(axes[:2], ("loss", "acc")):
-        if steps:
-            ys = [s.get("train_ce", s["loss"]) if key == "loss" else acc_value(s["train_acc"]) for s in steps]
-            ax.plot([s["epoch"] for s in steps], ys, "-", color="tab:blue", alpha=0.8, linewidth=1,
-                    label="train (every step)" if _every(steps) == 1 else f"train (every {_every(steps)} steps)")
-        else:
-            ax.plot(epochs, [r.get("train_ce", r["train_loss"]) if key == "loss" else acc_value(r["train_acc"])
-                             for r in rows], "o-", color="tab:blue", label="train")
-        val = [(r["epoch"], r[f"val_{key}"] if key == "loss" else acc_value(r["val_acc"])) for r in rows
-               if r.get(f"val_{key}") is not None]
-        if val:
-            ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
-        if key == "loss" and smoothed:
-            ax.plot(epochs, [r["train_loss"] for r in rows], "o--", color="tab:gray",
-                    label="train, with label smoothing")
-        if best is not None:
-            ax.axvline(best["epoch"], color="tab:red", linestyle=":", linewidth=1.2,
-                       label=f"best epoch {best['epoch']}" + (" (validation)" if best_key == "val_acc" else ""))
-        if key == "acc":
-            if as_error:
-                ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
-                ax.set_title("error rate (100% - accuracy), log scale", fontsize=10)
-            else:
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
-                ax.set_title("accuracy", fontsize=10)
-        else:
-            ax.set_title("cross-entropy loss", fontsize=10)
-        ax.legend(fontsize=8)
+        _train_and_validation(ax, key, rows, steps, as_error)
     if steps:
         axes[2].plot([s["epoch"] for s in steps], [s["lr"] for s in steps], "-", color="tab:green")
         axes[2].set_title("learning rate", fontsize=10)
@@ -97,11 +64,48 @@ def curves(rows: list, path, title: str = "", steps: list | None = None) -> None
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.set_xlim(0 if steps else 0.5, last + (0.05 if steps else 0.5))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(10, max(last, 1))))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _train_and_validation(ax, key, rows, steps, as_error) -> None:
+    """One panel of `curves`: the training curve (per step or per epoch), validation per epoch, the best epoch."""
+    from matplotlib.ticker import FuncFormatter
+
+    def y(a):  # an accuracy as drawn
+        return max(100.0 * (1.0 - a), 1e-3) if as_error else 100.0 * a
+
+    if steps:
+        every = _every(steps)
+        ax.plot([s["epoch"] for s in steps], [s.get("train_ce", s["loss"]) if key == "loss" else y(s["train_acc"])
+                                              for s in steps], "-", color="tab:blue", alpha=0.8, linewidth=1,
+                label="train (every step)" if every == 1 else f"train (every {every} steps)")
+    else:
+        ax.plot([r["epoch"] for r in rows], [r.get("train_ce", r["train_loss"]) if key == "loss" else y(r["train_acc"])
+                                             for r in rows], "o-", color="tab:blue", label="train")
+    val = [(r["epoch"], r["val_loss"] if key == "loss" else y(r["val_acc"])) for r in rows
+           if r.get(f"val_{key}") is not None]
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
+    if key == "loss" and any(r.get("train_ce") is not None and r["train_ce"] != r["train_loss"] for r in rows):
+        ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], "o--", color="tab:gray",
+                label="train, with label smoothing")
+    best, best_key = best_row(rows)
+    if best is not None:
+        ax.axvline(best["epoch"], color="tab:red", linestyle=":", linewidth=1.2,
+                   label=f"best epoch {best['epoch']}" + (" (validation)" if best_key == "val_acc" else ""))
+    if key == "acc":
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        if as_error:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.set_title("error rate (100% - accuracy), log scale" if as_error else "accuracy", fontsize=10)
+    else:
+        ax.set_title("cross-entropy loss", fontsize=10)
+    ax.legend(fontsize=8)
 
 
 def _every(steps):

@@ -83,7 +83,7 @@ class StepLog(Subscriber):
     of schedules (metrics.jsonl has one point per epoch). Rewritten whole at each epoch's end; a resumed run keeps
     the rows up to its checkpoint."""
 
-    POINTS_PER_EPOCH = 10  # at least: a short run's curve is a line, not a dot
+    POINTS_PER_EPOCH = 12  # at least: a short run's curve is a line, not a dot
 
     def on_start(self, trainer):
         self.every = max(1, min(trainer.cfg.output.log_every_steps, trainer.steps // self.POINTS_PER_EPOCH))

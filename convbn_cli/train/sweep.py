@@ -12,25 +12,19 @@ resumes exactly from its checkpoint (train --resume), the rest start.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import itertools
 import json
 import os
 import signal
-import statistics
 from pathlib import Path
-
-from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from ..config import dump_config, load_config
 from ..errors import ConfigError, Stopped
 from ..files import write_json_atomic, write_text_atomic
-from ..readers import read_json
-from ..runs.rundir import RunDir, RunDirError, make_numbered
+from ..runs.rundir import RunDirError, make_numbered
+from ..runs.sweepdir import MAX_RUNS, PLAN, dir_name, open_sweep, summarize  # noqa: F401  (the sweep's API)
 
-PLAN = "sweep.json"
-MAX_RUNS = 1000
 
 
 class SweepInterrupted(Stopped):
@@ -114,81 +108,11 @@ def plan(config, specs, seeds: int = 1) -> dict:
             "root": base.output.root, "name": base.output.name or "run", "runs": runs}
 
 
-MAX_NAME_BYTES = 120  # well under the 255 bytes of a file name
-
-
-def dir_name(name: str) -> str:
-    """The directory of one combination: its name when that is a safe, short file name, else a cut of it made
-    safe plus a hash of the whole name, so that two combinations never share a directory (a cut alone made
-    2-axis names with long values collide)."""
-    safe = "".join(c if c.isprintable() and c not in "/\\" else "_" for c in name)
-    if safe == name and len(name.encode()) <= MAX_NAME_BYTES and not name.startswith("."):
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
-    return safe.lstrip(".").encode()[:MAX_NAME_BYTES - 13].decode(errors="ignore") + "~" + digest
-
-
 def create(sweep: dict) -> Path:
     """runs/<name>/sweep-<k>/ with sweep.json; k is the next free number (make_numbered)."""
     path = make_numbered(Path(sweep["root"]) / sweep["name"], "sweep-")
     write_json_atomic(path / PLAN, sweep)
     return path
-
-
-MAX_PLAN_BYTES = 64 << 20  # MAX_RUNS resolved configs of a few KB each
-
-
-class PlannedRun(BaseModel):
-    name: StrictStr = Field(min_length=1, max_length=MAX_NAME_BYTES)
-    values: dict[StrictStr, StrictStr]
-    seed: StrictInt
-    overrides: list[StrictStr]
-    config: StrictStr
-
-    @field_validator("name")
-    @classmethod
-    def _a_plain_directory_name(cls, name):
-        if dir_name(name) != name:
-            raise ValueError("not a directory name convbn makes")
-        return name
-
-
-class SweepPlan(BaseModel):
-    """sweep.json, validated like a config (strict types: nothing is coerced): a hand-edited or damaged plan is
-    one line, never a traceback."""
-
-    config: StrictStr
-    axes: list[tuple[StrictStr, list[StrictStr]]]  # JSON has no tuples: [key, [values]]
-    fixed: list[StrictStr]
-    seeds: StrictInt = Field(ge=1, le=100)
-    root: StrictStr
-    name: StrictStr
-    runs: list[PlannedRun] = Field(min_length=1, max_length=MAX_RUNS)
-
-    @field_validator("runs")
-    @classmethod
-    def _distinct(cls, runs):
-        names = [r.name for r in runs]
-        twice = next((n for n in names if names.count(n) > 1), None)
-        if twice is not None:
-            raise ValueError(f"two runs share the directory {twice!r}")
-        return runs
-
-
-def open_sweep(path) -> dict:
-    """The plan in a sweep directory; refused (one line) when it is not a file, too big, damaged, or does not
-    fit SweepPlan (which also keeps every run directly inside the sweep directory)."""
-    path = Path(path)
-    where = path / PLAN
-    if not (where.exists() or where.is_symlink()):
-        raise RunDirError(f"{path}: not a sweep directory ({PLAN} is missing)")
-    raw = read_json(where, MAX_PLAN_BYTES, "a sweep plan", RunDirError)
-    try:
-        return SweepPlan.model_validate(raw).model_dump()
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".")
-        raise RunDirError(f"{where}: {loc or 'the top level'}: {first['msg']}; not a sweep convbn wrote") from None
 
 
 def run_sweep(path, *, log=print, progress=True) -> dict:
@@ -251,31 +175,6 @@ def run_sweep(path, *, log=print, progress=True) -> dict:
         for s, h in old.items():
             signal.signal(s, h)
     return write_summary(path, sweep)
-
-
-def summarize(path, sweep: dict) -> list:
-    """One row per combination: mean and spread (sample standard deviation) over its seeds of the test accuracy,
-    the best validation accuracy, the moving-vs-batch statistics accuracy gap and the training time."""
-    groups = {}
-    for r in sweep["runs"]:
-        key = json.dumps(r["values"], sort_keys=True)
-        groups.setdefault(key, {"values": r["values"], "results": [], "runs": 0})
-        groups[key]["runs"] += 1
-        results = RunDir(Path(path) / r["name"]).read_results()
-        if results:
-            groups[key]["results"].append(results)
-    rows = []
-    for g in groups.values():
-        res = g["results"]
-        row = {**g["values"], "seeds_done": len(res), "seeds": g["runs"]}
-        for name, get in (("test_acc", lambda x: x.get("test_acc")), ("best_val_acc", lambda x: x.get("best_val_acc")),
-                          ("bn_gap", lambda x: (x.get("inference_gap") or {}).get("gap")),
-                          ("time_s", lambda x: x.get("wall_time_s"))):
-            values = [v for v in map(get, res) if v is not None]
-            row[f"{name}_mean"] = statistics.fmean(values) if values else None
-            row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
-        rows.append(row)
-    return rows
 
 
 def write_summary(path, sweep: dict) -> dict:
