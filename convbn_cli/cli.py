@@ -503,15 +503,21 @@ def runs():
 
 @runs.command("list")
 @click.argument("root", default="runs", type=click.Path(file_okay=False))
+@click.option("--sort", "sort", metavar="KEY", help="Order by test, best_val, time, epochs, date, run, or any config "
+              "key (e.g. model.bn.decay); numbers as numbers.")
 @json_option
-def runs_list(root, as_json):
-    """One line per run under ROOT (default: runs): date, dataset, epochs, best validation and test accuracy,
-    time, and the config keys where it differs from the others."""
+def runs_list(root, sort, as_json):
+    """One line per run under ROOT (default: runs): date, dataset, layers (c = conv, p = pool, g = global pool,
+    d = dense), epochs, best validation and test accuracy, time, and the config keys where it differs from the
+    others."""
+    import shutil
+
     from .present.reports import RunsReport, dumps
     from .runs.listing import list_runs
 
-    report = RunsReport(list_runs(root))
-    click.echo(dumps(report.to_json()) if as_json else report.render())
+    report = RunsReport(list_runs(root, sort=sort))
+    width = shutil.get_terminal_size((120, 24)).columns if sys.stdout.isatty() else 120
+    click.echo(dumps(report.to_json()) if as_json else report.render(width=max(width, 80)))
 
 
 @runs.command("compare")

@@ -42,8 +42,9 @@ def test_runs_lists_every_run_with_what_sets_it_apart(three_runs, tmp_path):
         assert line["epochs_done"] == len(result.metrics) and line["dataset"] == "mnist"
     assert listing["runs"][1]["differs"] == {"model.bn.decay": 0.5, "train.epochs": 2}
     text = CliRunner().invoke(main, ["runs", str(root)]).output.splitlines()
-    assert text[0].split() == ["run", "date", "(UTC)", "dataset", "epochs", "best", "val", "test", "time", "differs"]
-    assert text[3].startswith("tiny/2") and "model.bn.decay=0.5 train.epochs=2" in text[3]
+    assert text[0].split() == ["run", "date", "(UTC)", "dataset", "layers", "epochs", "best", "val", "test", "time",
+                               "differs"]
+    assert text[3].startswith("tiny/2") and "c4/2-c6/2-g-d10" in text[3] and "bn.decay=0.5 train.epochs=2" in text[3]
     assert f"{results[1].test_acc:.2%}" in text[3]
     # an unfinished run (no results.json yet) is listed as such; the default ROOT is ./runs
     unfinished = tmp_path / "runs" / "x" / "1"
@@ -58,6 +59,49 @@ def test_runs_lists_every_run_with_what_sets_it_apart(three_runs, tmp_path):
         os.chdir("/")
     assert r.exit_code == 0 and "x/1" in r.output and "unfinished" in r.output
     assert CliRunner().invoke(main, ["runs", str(tmp_path / "nope")]).exit_code == 2
+
+
+def _written_run(root, name, layers, lr, test_acc):
+    """A finished run's files as convbn writes them (no training: the listing reads files only)."""
+    from convbn_cli.config import dump_config
+
+    run = root / name / "1"
+    run.mkdir(parents=True)
+    raw = tiny_raw(root, **{"model.layers": layers, "train.optimizer.lr": lr})
+    (run / "config.yaml").write_text(dump_config(load_config(raw=raw)))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 0.1, "train_acc": test_acc, "lr": lr,
+                                                   "val_acc": test_acc - 0.01, "wall_time_s": 30.0}) + "\n")
+    (run / "results.json").write_text(json.dumps({"test_acc": test_acc, "best_val_acc": test_acc - 0.01,
+                                                  "wall_time_s": 31.0, "best_epoch": 1}))
+
+
+def test_runs_of_three_architectures_fit_in_120_columns_and_sort_numbers_as_numbers(tmp_path):
+    """The issue: ~120 flattened model.layers[i].* keys per row (~3,000 characters) once two architectures
+    share a folder, and lr=0.001, 0.01, 0.003 sorted as text."""
+    conv = lambda f, s=1: {"type": "conv", "filters": f, "kernel": 3, "stride": s}  # noqa: E731
+    nets = {"small": [conv(12), {"type": "pool"}, conv(24), {"type": "pool"}, conv(48), {"type": "global_pool"},
+                      {"type": "dense", "units": 10}],
+            "wide": [conv(32, 2), conv(64, 2), {"type": "flatten"}, {"type": "dropout", "rate": 0.25},
+                     {"type": "dense", "units": 128}, {"type": "dense", "units": 10}],
+            "deep": [conv(8), conv(8), {"type": "pool"}, conv(16), conv(16), {"type": "pool"}, conv(32), conv(32),
+                     {"type": "global_pool"}, {"type": "dense", "units": 10}]}
+    for (name, layers), lr, acc in zip(nets.items(), (0.01, 0.001, 0.003), (0.991, 0.987, 0.994)):
+        _written_run(tmp_path, name, layers, lr, acc)
+    text = CliRunner().invoke(main, ["runs", str(tmp_path)]).output.splitlines()
+    assert max(len(line) for line in text) <= 120, "\n".join(text)
+    assert any("c12-p-c24-p-c48-g-d10" in line for line in text)
+    assert any("c32/2-c64/2-dr-d128-d10" in line for line in text)
+    assert all("layers[" not in line for line in text)
+    by_lr = json.loads(CliRunner().invoke(main, ["runs", str(tmp_path), "--sort", "train.optimizer.lr", "--json"]).output)
+    assert [r["config"]["train.optimizer.lr"] if "config" in r else r["differs"]["train.optimizer.lr"]
+            for r in by_lr["runs"]] == [0.001, 0.003, 0.01]
+    by_test = json.loads(CliRunner().invoke(main, ["runs", str(tmp_path), "--sort", "test", "--json"]).output)
+    assert [r["run"] for r in by_test["runs"]] == ["wide/1", "small/1", "deep/1"]
+    bad = CliRunner().invoke(main, ["runs", str(tmp_path), "--sort", "nope"])
+    assert bad.exit_code == 2 and "--sort nope: not a column" in bad.output
+    compare = CliRunner().invoke(main, ["runs", "compare", *(str(tmp_path / n / "1") for n in nets),
+                                        "--plot", str(tmp_path / "c.png")]).output.splitlines()
+    assert compare[2].split()[0] == "layers" and len(compare) < 20 and max(map(len, compare)) <= 120
 
 
 def test_runs_compare_shows_differences_and_overlays_curves(three_runs, tmp_path, monkeypatch):

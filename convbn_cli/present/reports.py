@@ -270,20 +270,30 @@ class RunsReport:
     def to_json(self) -> dict:
         return {**self.result, "runs": [{k: v for k, v in r.items() if k != "config"} for r in self.result["runs"]]}
 
-    def render(self) -> str:
+    def render(self, width: int = 120) -> str:
+        """The table, cut to `width` columns: the `differs` cell (the config keys where runs differ) is shortened
+        with "..." where it would not fit."""
         r = self.result
         if not r["runs"]:
             return f"no runs under {r['root']}" + "".join(f"\n  unreadable: {b['run']}: {b['problem']}"
                                                           for b in r["unreadable"])
-        rows = [(s["run"], s["date"], s["dataset"] or "-", f"{s['epochs_done']}/{s['epochs']}",
+        rows = [(s["run"], s["date"], s["dataset"] or "-", s["architecture"], f"{s['epochs_done']}/{s['epochs']}",
                  _pct(s["best_val_acc"]), _pct(s["test_acc"]), _seconds(s["time_s"]),
                  "" if s["status"] == "finished" else s["status"],
-                 " ".join(f"{k}={_value(v)}" for k, v in s["differs"].items()))
+                 " ".join(f"{_short_key(k)}={_value(v)}" for k, v in s["differs"].items()))
                 for s in r["runs"]]
-        lines = table(("run", "date (UTC)", "dataset", "epochs", "best val", "test", "time", "", "differs"), rows,
-                      right=(3, 4, 5, 6))
+        head = ("run", "date (UTC)", "dataset", "layers", "epochs", "best val", "test", "time", "", "differs")
+        fixed = table(head[:-1], [row[:-1] for row in rows], right=(4, 5, 6, 7))
+        room = max(width - max(len(line) for line in fixed) - 4, 12)  # two separators: the status column may be empty
+        rows = [(*row[:-1], row[-1] if len(row[-1]) <= room else row[-1][:room - 3] + "...") for row in rows]
+        lines = table(head, rows, right=(4, 5, 6, 7))
         lines += [f"unreadable: {b['run']}: {b['problem']}" for b in r["unreadable"]]
         return "\n".join(lines)
+
+
+def _short_key(key: str) -> str:
+    """model.bn.decay -> bn.decay, train.optimizer.lr -> optimizer.lr: the section names add little in a row."""
+    return key.split(".", 1)[1] if key.startswith(("model.", "train.")) and key.count(".") > 1 else key
 
 
 @dataclass
@@ -300,13 +310,14 @@ class CompareReport:
     def render(self) -> str:
         runs = self.result["runs"]
         head = ("", *[s["run"] for s in runs])
-        rows = [(k, *[_value(s["config"].get(k)) for s in runs]) for k in self.result["differing_keys"]]
+        rows = [("layers", *[s["architecture"] for s in runs])] if self.result.get("architectures_differ") else []
+        rows += [(k, *[_value(s["config"].get(k)) for s in runs]) for k in self.result["differing_keys"]]
         rows += [("best val accuracy", *[_pct(s["best_val_acc"]) for s in runs]),
                  ("test accuracy", *[_pct(s["test_acc"]) for s in runs]),
                  ("epochs", *[f"{s['epochs_done']}/{s['epochs']}" for s in runs]),
                  ("time", *[_seconds(s["time_s"]) for s in runs])]
         lines = table(head, rows)
-        if not self.result["differing_keys"]:
+        if not self.result["differing_keys"] and not self.result.get("architectures_differ"):
             lines.insert(0, "the configs are identical (apart from output.*)")
         if self.plot:
             lines.append(f"curves: {self.plot}")

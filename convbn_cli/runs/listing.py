@@ -19,6 +19,43 @@ from .rundir import RunDir, RunDirError
 
 MAX_DEPTH = 6  # runs/<name>/sweep-<k>/<combination>/ is 3 below the root; deeper folders are not convbn's
 IGNORED_KEYS = ("output.",)  # where a run was written says nothing about how it trained
+LAYER_KEYS = "model.layers["  # summarized in one short column (architecture) instead of ~20 keys per layer
+SORT_KEYS = {"run": "run", "date": "date", "test": "test_acc", "best_val": "best_val_acc", "time": "time_s",
+             "epochs": "epochs_done"}
+
+
+def architecture(config: dict) -> str:
+    """The layers in one short word, `c12-p-c24-p-c48-g-d10`: c = conv (filters, `/2` for stride 2), p = pool,
+    g = global pool, dr = dropout, d = dense (units); flatten is implied."""
+    parts, i = [], 0
+    while f"{LAYER_KEYS}{i}].type" in config:
+        at = f"{LAYER_KEYS}{i}]."
+        kind = config[at + "type"]
+        if kind == "conv":
+            stride = config.get(at + "stride[0]", config.get(at + "stride", 1))
+            parts.append(f"c{config.get(at + 'filters')}" + ("/2" if stride == 2 else f"/{stride}" if stride != 1 else ""))
+        elif kind == "dense":
+            parts.append(f"d{config.get(at + 'units')}")
+        elif kind != "flatten":
+            parts.append({"pool": "p", "global_pool": "g", "dropout": "dr"}.get(kind, str(kind)))
+        i += 1
+    return "-".join(parts) or "-"
+
+
+def sort_runs(summaries: list, key: str) -> list:
+    """Runs ordered by `key` (a column: run, date, test, best_val, time, epochs; or a config key), numbers as
+    numbers, runs without a value last."""
+    field = SORT_KEYS.get(key)
+
+    def value(s):
+        v = s.get(field) if field else s["config"].get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return (1, 0.0, "" if v is None else str(v)) if v is not None else (2, 0.0, "")
+        return (0, float(v), "")
+
+    if field is None and not any(key in s["config"] for s in summaries):
+        raise ConvbnError(f"--sort {key}: not a column ({', '.join(SORT_KEYS)}) nor a config key of these runs")
+    return sorted(summaries, key=value)
 
 
 def find_runs(root) -> list[Path]:
@@ -75,6 +112,7 @@ def summarize(path: Path, root: Path | None = None) -> dict:
         "test_acc": results.get("test_acc"),
         "time_s": results.get("wall_time_s", metrics[-1]["wall_time_s"] if metrics else None),
         "status": ("stopped early" if results.get("stopped_early") else "finished") if results else "unfinished",
+        "architecture": architecture(config),
         "config": config,
     }
 
@@ -82,13 +120,13 @@ def summarize(path: Path, root: Path | None = None) -> dict:
 def differing_keys(summaries: list) -> list:
     """The config keys whose values are not the same in every run (a key missing from some runs differs)."""
     keys = sorted({k for s in summaries for k in s["config"]})
-    return [k for k in keys if not k.startswith(IGNORED_KEYS)
+    return [k for k in keys if not k.startswith(IGNORED_KEYS + (LAYER_KEYS,))
             and len({json.dumps(s["config"].get(k), sort_keys=True) for s in summaries}) > 1]
 
 
-def list_runs(root) -> dict:
+def list_runs(root, sort: str | None = None) -> dict:
     """{root, runs: [summary + "differs": {key: value}], differing_keys}; a run whose files are unreadable is
-    listed with its problem rather than stopping the listing."""
+    listed with its problem rather than stopping the listing. `sort`: see sort_runs (default: by path)."""
     root = Path(root)
     summaries, broken = [], []
     for path in find_runs(root):
@@ -99,18 +137,26 @@ def list_runs(root) -> dict:
     keys = differing_keys(summaries)
     for s in summaries:
         s["differs"] = {k: s["config"].get(k) for k in keys}
-    return {"root": str(root), "runs": summaries, "differing_keys": keys, "unreadable": broken}
+    if sort:
+        summaries = sort_runs(summaries, sort)
+    return {"root": str(root), "runs": summaries, "differing_keys": keys, "unreadable": broken,
+            "architectures_differ": len({s["architecture"] for s in summaries}) > 1}
 
 
 def compare_runs(paths) -> dict:
     """{runs: [summary], differing_keys, metrics: {run: rows}} of the runs named (each a run directory)."""
     summaries, metrics = [], {}
-    for p in map(Path, paths):
+    paths = [Path(p) for p in paths]
+    for p in paths:
         RunDir.open(p)  # a clear error for something that is not a run directory
-        s = summarize(p)
+    # each run named by its path below the runs' common folder (small/1, wide/1): short column heads and legends
+    common = Path(os.path.commonpath([p.resolve() for p in paths]))
+    for p in paths:
+        s = summarize(p.resolve(), common if common not in (p.resolve(), Path("/")) else None)
         summaries.append(s)
         metrics[s["run"]] = RunDir(p).read_metrics()
     keys = differing_keys(summaries)
     for s in summaries:
         s["differs"] = {k: s["config"].get(k) for k in keys}
-    return {"runs": summaries, "differing_keys": keys, "metrics": metrics}
+    return {"runs": summaries, "differing_keys": keys, "metrics": metrics,
+            "architectures_differ": len({s["architecture"] for s in summaries}) > 1}

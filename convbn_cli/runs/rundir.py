@@ -135,7 +135,7 @@ class RunDir:
         rows = []
         for n, row in read_json_lines(self.metrics_jsonl, MAX_METRICS_BYTES, "a metrics file", RunDirError):
             try:
-                rows.append(check_fields(row, METRIC_FIELDS, "", required=("epoch", "wall_time_s")))
+                rows.append(check_fields(row, METRIC_FIELDS, "", required=METRICS_REQUIRED))
             except RunDirError as e:
                 raise RunDirError(f"{self.metrics_jsonl}: line {n} is not a metrics row ({str(e)[2:]})") from None
         return rows
@@ -200,6 +200,7 @@ METRIC_FIELDS = {"epoch": INTEGER, "step": INTEGER, "checkpoint": TEXT,
 RESULT_FIELDS = {"test_acc": NUMBER, "test_loss": NUMBER, "best_val_acc": NUMBER, "wall_time_s": NUMBER,
                  "best_epoch": INTEGER, "epochs": INTEGER, "epochs_done": INTEGER, "stopped_early": TEXT,
                  "final_checkpoint": TEXT, "checkpoint": TEXT}
+METRICS_REQUIRED = ("epoch", "train_loss", "train_acc", "lr", "wall_time_s")  # what every reader of a row uses
 RUN_INFO_FIELDS = {"time": TEXT}
 STEP_FIELDS = {"step": INTEGER, "epoch": NUMBER, "loss": NUMBER, "train_ce": NUMBER, "train_acc": NUMBER, "lr": NUMBER}
 MAX_METRICS_BYTES = 16 << 20  # a row is ~300 bytes: 50,000 epochs
