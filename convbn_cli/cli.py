@@ -288,10 +288,16 @@ def eval_cmd(ctx, target, which, split, bn_stats, tta, as_json, no_progress):
               help="Show the K most probable classes of each input.")
 @click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Invert pictures to light strokes on dark, as in MNIST; auto: when the border is light (paper).")
+@click.option("--preprocess", type=click.Choice(["auto", "mnist", "none"]), default="auto", show_default=True,
+              help="mnist: crop pictures to the ink, fit it in 20x20 keeping its shape, centre it by its centre of "
+                   "mass in 28x28, as MNIST's digits were made; none: pad to a square and resize. auto: mnist for "
+                   "a model of MNIST digits.")
+@click.option("--show", "show", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write what the model was fed (each input as the model sees it, enlarged) to the new directory DIR.")
 @scale_option
 @json_option
 @click.pass_context
-def predict_cmd(ctx, target, inputs, which, top_k, invert, scale, as_json):
+def predict_cmd(ctx, target, inputs, which, top_k, invert, preprocess, show, scale, as_json):
     """The class of each INPUT, with its probability, by TARGET (anything eval accepts, exports included).
 
     INPUT: PNG/JPEG pictures (made grayscale and resized to the model's input), directories of them, or
@@ -302,8 +308,12 @@ def predict_cmd(ctx, target, inputs, which, top_k, invert, scale, as_json):
     from .analysis.predict import predict
     from .present.reports import PredictReport, dumps
 
+    if show and Path(show).exists() and (not Path(show).is_dir() or any(Path(show).iterdir())):
+        raise click.BadParameter(f"{show}: exists and is not an empty directory; name a new one", param_hint="--show")
     report = PredictReport(predict(target, inputs, top_k=top_k, invert=invert, which=which, scale=scale,
-                                   log=_stderr))
+                                   preprocess=preprocess, show=show, log=_stderr))
+    if show:
+        _stderr(f"what the model was fed: {show}/")
     click.echo(dumps(report.to_json()) if as_json else report.render())
 
 

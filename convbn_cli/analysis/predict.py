@@ -7,6 +7,7 @@ picture is inverted), padded to a square with its background and resized to the 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ MAX_INPUTS = 10_000  # images per call (MNIST's test set); the whole batch is he
 MAX_ARRAY_BYTES = 64 << 20  # an .npy/.npz by its header: MAX_INPUTS MNIST-sized images as float64
 
 
-def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None):
+def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, preprocess: str = "none"):
     """(names, pixels (N, height, width) float32 in 0-255) for image files, directories of them and arrays.
 
     Args:
@@ -31,6 +32,8 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None):
         size: (height, width) the model takes.
         invert: "auto" (invert a picture whose border is lighter than its middle: dark strokes on light paper),
             "yes" or "no". Arrays are never inverted: they are taken as the dataset's own pixels.
+        preprocess: "mnist" (pictures are size-normalized and centred as MNIST's digits were: mnist_normalize) or
+            "none" (padded to a square and resized). Arrays are taken as they are.
     """
     names, images = [], []
     for p in map(Path, paths):
@@ -44,14 +47,14 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None):
                 raise DataError(f"more than {MAX_INPUTS} inputs; predict on fewer at a time")
             for f in files:
                 names.append(str(f))
-                images.append(load_image(f, size, invert)[None])
+                images.append(load_image(f, size, invert, preprocess)[None])
         elif p.suffix.lower() in ARRAY_SUFFIXES:
             x = load_array(p, size, log)
             names += [f"{p}[{i}]" for i in range(len(x))]
             images.append(x)
         elif p.suffix.lower() in IMAGE_SUFFIXES:
             names.append(str(p))
-            images.append(load_image(p, size, invert)[None])
+            images.append(load_image(p, size, invert, preprocess)[None])
         else:
             raise DataError(f"{p}: not an image ({', '.join(IMAGE_SUFFIXES)}), array ({', '.join(ARRAY_SUFFIXES)}) "
                             "or directory")
@@ -60,8 +63,8 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None):
     return names, np.concatenate(images).astype(np.float32)
 
 
-def load_image(path: Path, size: tuple, invert: str = "auto") -> np.ndarray:
-    """One picture as (height, width) float32 pixels 0-255, light on dark."""
+def load_image(path: Path, size: tuple, invert: str = "auto", preprocess: str = "none") -> np.ndarray:
+    """One picture as (height, width) float32 pixels 0-255, light on dark (`preprocess`: see load_inputs)."""
     from PIL import Image, ImageOps
 
     try:
@@ -82,6 +85,8 @@ def load_image(path: Path, size: tuple, invert: str = "auto") -> np.ndarray:
     a = np.asarray(gray, np.uint8)
     if invert == "yes" or (invert == "auto" and _border_is_light(a)):
         a = 255 - a
+    if preprocess == "mnist":
+        return mnist_normalize(a, size)
     gray = Image.fromarray(a)
     # shrink to the model's size keeping the aspect, then pad to its square with the background (black, after
     # inverting), so nothing stretches; padding the original first would allocate a square of its longest side
@@ -91,6 +96,61 @@ def load_image(path: Path, size: tuple, invert: str = "auto") -> np.ndarray:
     square = Image.new("L", (w, h), 0)
     square.paste(inner, ((w - inner.width) // 2, (h - inner.height) // 2))
     return np.asarray(square, np.float32)
+
+
+INK = 0.25  # a pixel is ink from a quarter of the picture's brightest stroke up (after inverting)
+
+
+def mnist_normalize(a: np.ndarray, size: tuple = (28, 28)) -> np.ndarray:
+    """A light-on-dark picture made the way MNIST's digits were (LeCun et al.): cropped to the ink's bounding box,
+    resized with antialiasing to fit a box of 20/28 of the image keeping its aspect ratio, and placed so that its
+    centre of mass is the image's centre. A digit drawn small in the corner of a large canvas then looks to the
+    model like the digits it was trained on. A picture without ink is returned blank."""
+    from PIL import Image
+
+    h, w = size
+    out = np.zeros((h, w), np.float32)
+    a = np.asarray(a, np.float32)
+    if a.max() <= 0:
+        return out
+    rows, cols = np.nonzero(a >= INK * a.max())
+    crop = a[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    box_h, box_w = round(h * 20 / 28), round(w * 20 / 28)
+    k = min(box_h / crop.shape[0], box_w / crop.shape[1])
+    new_w, new_h = max(1, round(crop.shape[1] * k)), max(1, round(crop.shape[0] * k))
+    digit = np.asarray(Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize((new_w, new_h), Image.LANCZOS),
+                       np.float32)
+    mass = digit.sum()
+    cy = (digit.sum(axis=1) * np.arange(new_h)).sum() / mass if mass else (new_h - 1) / 2
+    cx = (digit.sum(axis=0) * np.arange(new_w)).sum() / mass if mass else (new_w - 1) / 2
+    top = int(round((h - 1) / 2 - cy))
+    left = int(round((w - 1) / 2 - cx))
+    top, left = min(max(top, 0), h - new_h), min(max(left, 0), w - new_w)  # the whole digit stays in the picture
+    out[top:top + new_h, left:left + new_w] = digit
+    return out
+
+
+def write_shown(images: np.ndarray, names: list, folder, zoom: int = 8) -> list:
+    """--show DIR: what the model was fed, one PNG per input (enlarged `zoom` times, nearest neighbour, so that
+    the pixels stay visible), into a new or empty DIR; never over a file."""
+    from PIL import Image
+
+    from ..files import write_bytes_atomic
+
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DataError(f"--show {folder}: exists and is not an empty directory; name a new one")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (x, name) in enumerate(zip(images, names)):
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name.split("[")[0]).stem)[:60]
+        out = folder / f"{i:04d}-{stem}.png"
+        img = Image.fromarray(np.asarray(x, np.float32).clip(0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        img.resize((img.width * zoom, img.height * zoom), Image.NEAREST).save(buf, format="PNG")
+        write_bytes_atomic(out, buf.getvalue())
+        written.append(str(out))
+    return written
 
 
 def _border_is_light(a: np.ndarray) -> bool:
@@ -145,14 +205,18 @@ def _check_header(path, key, shape, dtype, size) -> None:
 
 
 def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str = "best", scale: float = 1 / 255,
-            log=lambda m: None) -> dict:
+            preprocess: str = "auto", show=None, log=lambda m: None) -> dict:
     """Classify `inputs` (see load_inputs) with TARGET (anything eval accepts, exports and .tflite included).
 
     Args:
         scale: for a .keras model from outside convbn: what its pixels (0-255) are multiplied by.
+        preprocess: "mnist", "none", or "auto": mnist for a model of MNIST digits (a run or export on mnist, or a
+            model from elsewhere taking 28x28x1 images), none otherwise (Fashion-MNIST's pictures were not made so).
+        show: a new directory to write what the model was fed into (write_shown).
 
     Returns:
-        source, class_names, and predictions: one {input, top: [{class, name, probability}, ...]} per input.
+        source, class_names, preprocess, and predictions: one {input, top: [{class, name, probability}, ...]}
+        per input (and shown: the pictures written).
     """
     from ..runs.target import open_target
 
@@ -160,7 +224,11 @@ def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str 
     shape, names, factor, offset = t.pixel_contract(scale)
     if len(shape) != 3 or shape[-1] != 1:
         raise DataError(f"{t.source}: takes inputs of shape {shape}; predict needs grayscale images (H, W, 1)")
-    files, pixels = load_inputs(inputs, shape[:2], invert, log)
+    if preprocess == "auto":
+        digits = t.config.data.dataset == "mnist" if t.config is not None else tuple(shape) == (28, 28, 1)
+        preprocess = "mnist" if digits else "none"
+    files, pixels = load_inputs(inputs, shape[:2], invert, log, preprocess)
+    shown = write_shown(pixels, files, show) if show is not None else None
     logits = np.concatenate([t.predict((pixels[i:i + 500, ..., None] * factor + offset).astype(np.float32))
                              for i in range(0, len(pixels), 500)])
     z = logits - logits.max(axis=1, keepdims=True)
@@ -171,4 +239,5 @@ def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str 
         best = np.argsort(-p, kind="stable")[:k]
         out.append({"input": name, "top": [{"class": int(c), "name": names[c], "probability": float(p[c])}
                                            for c in best]})
-    return {"source": t.source, "class_names": list(names), "predictions": out}
+    result = {"source": t.source, "class_names": list(names), "preprocess": preprocess, "predictions": out}
+    return {**result, "shown": shown} if shown is not None else result
