@@ -14,6 +14,7 @@ import numpy as np
 
 from ..data import DataError
 from ..data.external import load_npz_arrays
+from ..data.registry import DIGIT_BOX, MNIST
 from ..readers import array_bytes, array_header, check_zip, open_regular
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -101,7 +102,7 @@ def load_image(path: Path, size: tuple, invert: str = "auto", preprocess: str = 
 INK = 0.25  # a pixel is ink from a quarter of the picture's brightest stroke up (after inverting)
 
 
-def mnist_normalize(a: np.ndarray, size: tuple = (28, 28)) -> np.ndarray:
+def mnist_normalize(a: np.ndarray, size: tuple = MNIST.image_shape[:2]) -> np.ndarray:
     """A light-on-dark picture made the way MNIST's digits were (LeCun et al.): cropped to the ink's bounding box,
     resized with antialiasing to fit a box of 20/28 of the image keeping its aspect ratio, and placed so that its
     centre of mass is the image's centre. A digit drawn small in the corner of a large canvas then looks to the
@@ -115,7 +116,7 @@ def mnist_normalize(a: np.ndarray, size: tuple = (28, 28)) -> np.ndarray:
         return out
     rows, cols = np.nonzero(a >= INK * a.max())
     crop = a[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    box_h, box_w = round(h * 20 / 28), round(w * 20 / 28)
+    box_h, box_w = round(h * DIGIT_BOX / MNIST.height), round(w * DIGIT_BOX / MNIST.width)
     k = min(box_h / crop.shape[0], box_w / crop.shape[1])
     new_w, new_h = max(1, round(crop.shape[1] * k)), max(1, round(crop.shape[0] * k))
     digit = np.asarray(Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize((new_w, new_h), Image.LANCZOS),
@@ -225,7 +226,7 @@ def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str 
     if len(shape) != 3 or shape[-1] != 1:
         raise DataError(f"{t.source}: takes inputs of shape {shape}; predict needs grayscale images (H, W, 1)")
     if preprocess == "auto":
-        digits = t.config.data.dataset == "mnist" if t.config is not None else tuple(shape) == (28, 28, 1)
+        digits = t.config.data.dataset == MNIST.name if t.config is not None else tuple(shape) == MNIST.image_shape
         preprocess = "mnist" if digits else "none"
     files, pixels = load_inputs(inputs, shape[:2], invert, log, preprocess)
     shown = write_shown(pixels, files, show) if show is not None else None

@@ -38,6 +38,8 @@ class Dataset:
         return self.image_shape[1]
 
 
+DIGIT_BOX = 20  # MNIST's digits were size-normalized to fit 20x20 pixels of the 28x28 image (LeCun et al.)
+
 MNIST = Dataset(
     name="mnist", title="MNIST", image_shape=(28, 28, 1), class_names=tuple(str(d) for d in range(10)),
     train_size=60_000, test_size=10_000,
