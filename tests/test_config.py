@@ -56,10 +56,10 @@ BAD = [
     (with_changes(("model.layers[0].kernel", "[5, 5, 5]")),
      ["model.layers[0].kernel: must be an integer or a list of 2 integers, got 3 items"]),
     (with_changes(("model.layers[0].filterz", "3")),
-     ["model.layers[0].filterz: unknown key (expected one of: type, filters, kernel, stride, padding, dilation, "
+     ["model.layers[0].filterz: unknown key; did you mean filters? (expected one of: type, filters, kernel, stride, padding, dilation, "
       "activation, bn)"]),
     (with_changes(("model.layers[1].type", "convv")),
-     ["model.layers[1].type: unknown layer type 'convv' (expected one of: conv, pool, dropout, flatten, "
+     ["model.layers[1].type: unknown layer type 'convv'; did you mean conv? (expected one of: conv, pool, dropout, flatten, "
       "global_pool, dense)"]),
     (with_changes(("model.layers[0].bn", "7")),
      ["model.layers[0].bn: must be true, false or a mapping of BN settings, got 7"]),
@@ -75,7 +75,7 @@ BAD = [
     (with_changes(("train.schedule", "cosine")), ["train.schedule: must be a mapping, got 'cosine'"]),
     (with_changes(("output.name", "'a/b'")),
      ["output.name: may contain only letters, digits, '.', '_' and '-', got 'a/b'"]),
-    (with_changes(("tran.epochs", "1")), ["tran: unknown key (expected one of: data, model, train, distribute, output)"]),
+    (with_changes(("tran.epochs", "1")), ["tran: unknown key; did you mean train? (expected one of: data, model, train, distribute, output)"]),
     ({"data": {}}, ["model: required key missing"]),
     (with_changes(("model.layers", "[]")), ["model.layers: must have at least 1 item(s)"]),
     # several problems at once: one line each
@@ -185,3 +185,26 @@ def test_validate_exit_code_2_from_a_real_process(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "error: model.layers[0].bn.decay: must be in [0, 1), got 1.5"
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("train.epoch=1", "train.epoch: unknown key; did you mean epochs?"),
+    ("data.datset=mnist", "data.datset: unknown key; did you mean dataset?"),
+    ("train.optimizer.name=adma", "got 'adma'; did you mean adam?"),
+    ("model.bn.impl=fuse", "got 'fuse'; did you mean fused?"),
+    ("model.layers[0].type=conf", "unknown layer type 'conf'; did you mean conv?"),
+])
+def test_a_near_miss_gets_a_did_you_mean(override, hint):
+    from convbn_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_bn", [override])
+    assert hint in e.value.problems[0]
+
+
+def test_no_did_you_mean_for_something_unlike_every_option():
+    from convbn_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_bn", ["train.optimizer.name=rmsprop"])
+    assert "did you mean" not in e.value.problems[0]

@@ -195,7 +195,12 @@ def test_sweep_seeds_give_mean_and_spread(tmp_path, synthetic, monkeypatch):
     import convbn_cli.data.sources as sources
 
     monkeypatch.setattr(sources, "fetch", lambda *a, **k: synthetic)  # where convbn_cli.data's lazy name leads
-    summary = sw.run_sweep(path, log=lambda m: None, progress=False)
+    lines = []
+    summary = sw.run_sweep(path, log=lines.append, progress=False)
+    progress = [ln for ln in lines if ln.startswith("[")]
+    assert progress[0] == "[1/4] model.bn.decay=0.5,seed=1"  # nothing to estimate from yet
+    assert progress[1].startswith("[2/4] model.bn.decay=0.5,seed=2; 3 runs left including this one, about ")
+    assert progress[3].startswith("[4/4] model.bn.decay=0.9,seed=2; 1 run left including this one, about ")
     row = summary["rows"][0]
     accs = [json.loads((path / f"model.bn.decay=0.5,seed={s}" / "results.json").read_text())["test_acc"]
             for s in (1, 2)]

@@ -304,22 +304,35 @@ def format_validation_error(e: ValidationError) -> list[str]:
     return out
 
 
+def _did_you_mean(word, options) -> str:
+    """"; did you mean epochs?" for a near miss (a typo, a missing letter), else nothing (difflib's ratio)."""
+    import difflib
+
+    if not isinstance(word, str) or not options:
+        return ""
+    close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def _problem_line(err) -> str:
     loc = _clean_loc(err["loc"])
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
         holder = _model_at(err["loc"][:-1])
         known = [k for k in holder.model_fields] if holder is not None else []
-        msg = "unknown key" + (f" (expected one of: {', '.join(known)})" if known else "")
+        msg = "unknown key" + _did_you_mean(loc[-1] if loc else "", known) + (
+            f" (expected one of: {', '.join(known)})" if known else "")
     elif kind == "missing":
         msg = "required key missing"
     elif kind == "value_error":
         msg = str(ctx.get("error", err["msg"]))
     elif kind == "literal_error":
-        msg = f"must be one of {ctx.get('expected')}, got {_got(value)}"
+        options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        msg = f"must be one of {ctx.get('expected')}, got {_got(value)}" + _did_you_mean(value, options)
     elif kind == "union_tag_invalid":
         loc = loc + ["type"]
-        msg = f"unknown layer type {_got(ctx.get('tag'))} (expected one of: {', '.join(schema.LAYER_CLASSES)})"
+        msg = (f"unknown layer type {_got(ctx.get('tag'))}" + _did_you_mean(ctx.get("tag"), schema.LAYER_CLASSES)
+               + f" (expected one of: {', '.join(schema.LAYER_CLASSES)})")
     elif kind == "union_tag_not_found":
         loc = loc + ["type"]
         msg = f"required key missing (one of: {', '.join(schema.LAYER_CLASSES)})"

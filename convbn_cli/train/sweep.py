@@ -11,12 +11,14 @@ resumes exactly from its checkpoint (train --resume), the rest start.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from ..config import dump_config, load_config
@@ -117,23 +119,37 @@ def create(sweep: dict) -> Path:
 
 def run_sweep(path, *, log=print, progress=True) -> dict:
     """Train the sweep in `path` (made by `create`), skipping what is done; returns the summary."""
-    from ..config.loader import safe_parse
-    from ..data import fetch
-    from .loop import Interrupted, train
+    from .loop import Interrupted
 
     path = Path(path)
     sweep = open_sweep(path)
-    data, current, pending = {}, None, []
+    data, current, pending, took = {}, None, [], []
 
-    # Ctrl-C or SIGTERM between runs, or while one starts, is only noted here (a KeyboardInterrupt raised at an
-    # arbitrary point can land in a garbage-collection callback, where Python swallows it); inside a run the
-    # signal is sent again at the next step, where the trainer turns it into a checkpoint (events.StopOnSignal).
-    def note(signum, frame):
-        pending.append(signum)
-
-    def relay(step, model):
+    def relay(step, model):  # inside a run: a noted signal goes to the trainer, which saves a checkpoint
         if pending:
             os.kill(os.getpid(), pending.pop())
+
+    try:
+        with _noting_signals(pending):
+            for i, r in enumerate(sweep["runs"], 1):
+                current = r["name"]
+                trained = _run_one(path, sweep, i, r, data, pending, took, relay, log, progress)
+                if trained:
+                    write_summary(path, sweep)
+                if pending:
+                    raise SweepInterrupted(pending[0], path, current)
+    except Interrupted as e:  # inside a run: its checkpoint is saved
+        raise SweepInterrupted(e.signum, path, current) from None
+    return write_summary(path, sweep)
+
+
+@contextlib.contextmanager
+def _noting_signals(pending: list):
+    """Ctrl-C or SIGTERM between runs, or while one starts, is only noted in `pending` (a KeyboardInterrupt raised
+    at an arbitrary point can land in a garbage-collection callback, where Python swallows it); the sweep stops
+    at the next safe point, and inside a run the signal is sent again at the next step (events.StopOnSignal)."""
+    def note(signum, frame):
+        pending.append(signum)
 
     old = {}
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -142,39 +158,55 @@ def run_sweep(path, *, log=print, progress=True) -> dict:
         except ValueError:  # not the main thread
             pass
     try:
-        for i, r in enumerate(sweep["runs"], 1):
-            run_dir, current = path / r["name"], r["name"]
-            if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-                raise RunDirError(f"{run_dir}: a link or a file where this sweep keeps a run directory; refused "
-                                  "(nothing is written anywhere but inside the sweep directory)")
-            if (run_dir / "results.json").is_file():
-                log(f"[{i}/{len(sweep['runs'])}] {r['name']}: done already")
-                continue
-            cfg = load_config(raw=safe_parse(r["config"]))
-            if cfg.data.dataset not in data:  # read once, shared by every run of the sweep
-                data[cfg.data.dataset] = fetch(cfg.data.dataset, log=log, progress=progress)
-            if run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()  # made by us and stopped before its config was written: start it afresh
-            resume = run_dir if (run_dir / "config.yaml").is_file() else None
-            if pending:
-                raise SweepInterrupted(pending[0], path, current)
-            log(f"[{i}/{len(sweep['runs'])}] {r['name']}" + (" (resuming)" if resume else ""))
-            try:
-                train(cfg, data=data[cfg.data.dataset], resume=resume, log=log, progress=progress,
-                      overrides=r["overrides"], run_dir=None if resume else run_dir, on_step=relay)
-            finally:
-                import keras
-
-                keras.backend.clear_session()  # free the finished model's graph before the next one
-            write_summary(path, sweep)
-            if pending:
-                raise SweepInterrupted(pending[0], path, current)
-    except Interrupted as e:  # inside a run: its checkpoint is saved
-        raise SweepInterrupted(e.signum, path, current) from None
+        yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return write_summary(path, sweep)
+
+
+def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bool:
+    """Train (or resume) the sweep's i-th run unless it is done; whether it trained."""
+    from ..config.loader import safe_parse
+    from ..data import fetch
+    from .loop import train
+
+    run_dir = path / r["name"]
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise RunDirError(f"{run_dir}: a link or a file where this sweep keeps a run directory; refused "
+                          "(nothing is written anywhere but inside the sweep directory)")
+    if (run_dir / "results.json").is_file():
+        log(f"[{i}/{len(sweep['runs'])}] {r['name']}: done already")
+        return False
+    cfg = load_config(raw=safe_parse(r["config"]))
+    if cfg.data.dataset not in data:  # read once, shared by every run of the sweep
+        data[cfg.data.dataset] = fetch(cfg.data.dataset, log=log, progress=progress)
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()  # made by us and stopped before its config was written: start it afresh
+    resume = run_dir if (run_dir / "config.yaml").is_file() else None
+    if pending:
+        raise SweepInterrupted(pending[0], path, r["name"])
+    left = sum(1 for q in sweep["runs"][i - 1:] if not (path / q["name"] / "results.json").is_file())
+    log(f"[{i}/{len(sweep['runs'])}] {r['name']}" + (" (resuming)" if resume else "") + eta(took, left))
+    started = time.monotonic()
+    try:
+        train(cfg, data=data[cfg.data.dataset], resume=resume, log=log, progress=progress,
+              overrides=r["overrides"], run_dir=None if resume else run_dir, on_step=relay)
+    finally:
+        import keras
+
+        keras.backend.clear_session()  # free the finished model's graph before the next one
+    took.append(time.monotonic() - started)
+    return True
+
+
+def eta(took: list, left: int) -> str:
+    """", 3 runs left, about 12 min" once a run of this session has finished (their mean time: the runs of a
+    sweep differ in a few settings, not in size, as a rule)."""
+    if not took or left <= 0:
+        return ""
+    seconds = sum(took) / len(took) * left
+    when = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return f"; {left} run{'s' if left > 1 else ''} left including this one, about {when}"
 
 
 def write_summary(path, sweep: dict) -> dict:
