@@ -331,15 +331,19 @@ def _thresholds(ctx, param, value):
 @click.option("--layer", "layers", multiple=True, metavar="NAME", help="Only this BN layer (repeatable).")
 @click.option("--dead-threshold", type=float, default=1e-2, show_default=True,
               help="Channels with |gamma| below this are counted as dead in the summary.")
-@click.option("--rank", is_flag=True, help="Order channels by |gamma| (Network Slimming's importance signal).")
+@click.option("--all", "show_all", is_flag=True, help="Every layer's per-channel values after the summary.")
+@click.option("--rank", is_flag=True, help="Rank every channel of the network by |gamma| (Network Slimming's "
+              "importance: one threshold prunes the tail), and order the per-channel tables so.")
 @click.option("--thresholds", default="0.01,0.05,0.1", callback=_thresholds, show_default=True,
               help="With --rank: report the fraction of channels with |gamma| below each.")
-@click.option("--compare", "other", metavar="OTHER", help="Show per-channel differences OTHER - TARGET.")
+@click.option("--compare", "other", metavar="OTHER", help="How OTHER's BN differs from TARGET's: per layer, and per "
+              "channel with --all (OTHER - TARGET).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
-              help="Also draw per-layer bar charts of gamma, beta and moving variance.")
+              help="Also draw per-layer bar charts of gamma, beta and moving variance (with --compare: both).")
 @click.pass_context
-def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresholds, other, plot_path):
-    """Per-channel gamma, beta, moving mean/variance and the inference affine map of every BN layer in TARGET."""
+def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, show_all, rank, thresholds, other, plot_path):
+    """Every BN layer of TARGET: a one-line summary each, then (--all, --layer) per-channel gamma, beta, moving
+    mean/variance and the inference affine map."""
     if plot_path and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
         raise click.BadParameter(f"{plot_path}: the picture's name must end in one of {', '.join(PLOT_SUFFIXES)}",
                                  param_hint="--plot")
@@ -350,7 +354,7 @@ def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresh
     from .present.reports import InspectReport, dumps
 
     result = ib.inspect_bn(target, which=which, layers=list(layers) or None)
-    diff = None
+    diff = theirs = None
     if other:
         theirs = ib.inspect_bn(other, which=which, layers=list(layers) or None)
         diff = ib.compare(result, theirs)
@@ -358,7 +362,8 @@ def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresh
         if unmatched:
             _stderr(f"not compared (no BN layer of the same name and size in the other): {', '.join(unmatched)}")
     ranks = {n: ib.rank(layer, thresholds) for n, layer in result["layers"].items()} if rank else None
-    report = InspectReport(result, dead_threshold, ranks, diff)
+    report = InspectReport(result, dead_threshold, ranks, diff, channels=show_all or bool(layers),
+                           thresholds=tuple(thresholds))
     if fmt == "json":
         click.echo(dumps(report.to_json()))
     elif fmt == "csv":
@@ -366,7 +371,7 @@ def inspect_bn_cmd(ctx, target, which, fmt, layers, dead_threshold, rank, thresh
     else:
         click.echo(report.render())
     if plot_path:
-        plot_bn(result, plot_path, dead_threshold)
+        plot_bn(result, plot_path, dead_threshold, other=theirs)
         _stderr(f"plot written to {plot_path}")
 
 

@@ -107,7 +107,7 @@ def test_inspect_table_rank_compare_and_plot(trained, cli, tmp_path):
     _, result = trained
     prefixes = tf.train.get_checkpoint_state(str(result.run_dir / "checkpoints")).all_model_checkpoint_paths
     first, last = prefixes[0], prefixes[-1]
-    t = cli("inspect-bn", first, "--rank", "--dead-threshold", "0.5")
+    t = cli("inspect-bn", first, "--rank", "--all", "--dead-threshold", "0.5")
     assert t.exit_code == 0, t.output
     assert "conv1_bn  (fused, 4 channels, epsilon 0.001, decay 0.99)" in t.output
     assert "fraction of channels with |gamma| below 0.01:" in t.output
@@ -208,3 +208,36 @@ def test_an_external_keras_model_opens_without_a_config(tmp_path):
     assert t.kind == "external" and t.config is None and len(bn_layers(t.model)) == 1
     with pytest.raises(Exception, match="no run directory"):
         t.arrays()
+
+
+def test_inspect_summary_first_global_rank_and_a_compare_plot_of_both(trained, cli, tmp_path):
+    """Issue 25: 342 lines with no summary first; --rank ranked within a layer only; --compare --plot ignored
+    the second run."""
+    import json
+
+    _, result = trained
+    prefixes = tf.train.get_checkpoint_state(str(result.run_dir / "checkpoints")).all_model_checkpoint_paths
+    first, last = prefixes[0], prefixes[-1]
+    t = cli("inspect-bn", last)
+    assert t.exit_code == 0, t.output
+    lines = t.stdout.splitlines()
+    assert len(lines) <= 8 and lines[2].split()[:3] == ["layer", "impl", "channels"]
+    assert [ln.split()[0] for ln in lines[4:6]] == ["conv1_bn", "conv2_bn"] and "per-channel values: --all" in t.stdout
+    j = json.loads(cli("inspect-bn", last, "--rank", "--format", "json").stdout)
+    layers = inspect_bn(last)["layers"]
+    expected = sorted(((abs(float(g)), n, c) for n, layer in layers.items() for c, g in enumerate(layer["gamma"])),
+                      key=lambda x: -x[0])
+    assert [(r["layer"], r["channel"]) for r in j["global_rank"]] == [(n, c) for _, n, c in expected]
+    r = cli("inspect-bn", last, "--rank").stdout
+    low = expected[-1]
+    assert f"the 10 least important: {low[1]}[{low[2]}]" in r
+    alone, both = tmp_path / "alone.png", tmp_path / "both.png"
+    assert cli("inspect-bn", last, "--plot", alone).exit_code == 0
+    c = cli("inspect-bn", last, "--compare", first, "--plot", both)
+    assert c.exit_code == 0 and "differences (the other checkpoint minus this one):" in c.stdout
+    import matplotlib.image
+
+    a, b = matplotlib.image.imread(alone), matplotlib.image.imread(both)
+    grey = lambda img: int(((abs(img[..., 0] - img[..., 1]) < 0.02) & (abs(img[..., 1] - img[..., 2]) < 0.02)  # noqa: E731
+                            & (img[..., 0] > 0.35) & (img[..., 0] < 0.65)).sum())
+    assert grey(b) > grey(a) + 500  # the other checkpoint's grey bars are drawn

@@ -389,8 +389,10 @@ def test_compare_matches_layers_by_name_and_size(run_copy, tmp_path, synthetic, 
     assert r.exit_code == 0, r.output
     assert {row.split(",")[0] for row in r.stdout.splitlines()[1:]} == {"conv1_bn"}
     assert "not compared (no BN layer of the same name and size in the other): conv2_bn, conv3_bn" in r.output
-    t = cli("inspect-bn", run_copy, "--compare", other)
+    t = cli("inspect-bn", run_copy, "--compare", other, "--all")
     assert t.exit_code == 0 and "no counterpart in the other checkpoint" in t.output
+    summary = cli("inspect-bn", run_copy, "--compare", other).output
+    assert "conv2_bn  not compared: no BN layer of this name and size in the other" in summary
 
 
 # --------------------------------------------------------------------------- 7. signals and leftovers

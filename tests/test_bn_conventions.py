@@ -185,7 +185,7 @@ def fixed_run(tmp_path_factory, synthetic):
 
 def test_fixed_gamma_and_beta_are_shown_as_fixed_and_not_ranked(fixed_run, tmp_path):
     runner = CliRunner()
-    t = runner.invoke(main, ["inspect-bn", str(fixed_run), "--rank"])
+    t = runner.invoke(main, ["inspect-bn", str(fixed_run), "--rank", "--all"])
     assert t.exit_code == 0, t.output
     conv1 = t.output.split("conv1_bn  (")[1].split("conv2_bn  (")[0]
     assert "gamma fixed at 1 (scale: false)" in conv1 and "channel(s) with |gamma|" not in conv1

@@ -259,7 +259,7 @@ def test_external_keras_model_inspect_recalibrate_and_fold(npz, tmp_path):
     src = _save(model, tmp_path, "theirs.keras")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     runner = CliRunner()
-    r = runner.invoke(main, ["inspect-bn", str(src)])
+    r = runner.invoke(main, ["inspect-bn", str(src), "--all"])
     assert r.exit_code == 0 and "bn1  (keras, 6 channels" in r.output and "side_bn" in r.output, r.output
     r = runner.invoke(main, ["recalibrate", str(src), "--data", str(path), "--batches", "2"])
     assert r.exit_code == 0, r.output

@@ -76,8 +76,73 @@ def table(result: dict, dead_threshold: float = 1e-2, order=None, diff=None) -> 
     return "\n".join(lines)
 
 
-def plot(result: dict, path, dead_threshold: float = 1e-2) -> None:
-    """Bar charts per layer (one row each): gamma, beta and moving variance for every channel."""
+def layer_summaries(result: dict, dead_threshold: float = 1e-2) -> str:
+    """One line per BN layer, the screen a user reads first: size, |gamma| spread, dead channels, the ranges of
+    beta and of the moving variance (per-channel tables: --all or --layer)."""
+    rows = [("layer", "impl", "channels", "|gamma| mean", "min", "max", f"dead (<{dead_threshold:g})", "beta range",
+             "moving var range", "decay", "epsilon")]
+    for name, layer in result["layers"].items():
+        s = summary(layer, dead_threshold)
+        g = (["fixed at 1", "-", "-", "-"] if s["gamma_fixed"] else
+             [f"{s['mean_abs_gamma']:.3g}", f"{s['min_abs_gamma']:.3g}", f"{s['max_abs_gamma']:.3g}", str(s["dead"])])
+        beta = "fixed at 0" if fixed(layer, "beta") else f"{np.min(layer['beta']):+.3g} .. {np.max(layer['beta']):+.3g}"
+        var = layer["moving_variance"]
+        rows.append((name, layer["impl"], str(layer["channels"]), *g, beta, f"{np.min(var):.3g} .. {np.max(var):.3g}",
+                     f"{layer['decay']:g}", f"{layer['epsilon']:g}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if 2 <= i <= 6 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    return "\n".join([lines[0], "-" * max(map(len, lines)), *lines[1:]])
+
+
+def global_rank(result: dict) -> list:
+    """Every channel of every BN layer whose gamma is learned, by |gamma| from the largest down: Network
+    Slimming's importance across the whole network (one threshold for all layers prunes the tail of this list)."""
+    ranked = [(float(abs(g)), name, c) for name, layer in result["layers"].items() if not fixed(layer, "gamma")
+              for c, g in enumerate(layer["gamma"])]
+    ranked.sort(key=lambda t: -t[0])
+    return [{"layer": name, "channel": c, "abs_gamma": g} for g, name, c in ranked]
+
+
+def global_rank_text(ranking: list, thresholds, shown: int = 12) -> str:
+    """The network-wide view: what fraction of all channels lies below each threshold (and where), and the
+    `shown` least important channels."""
+    if not ranking:
+        return "global ranking: no BN layer learns gamma (scale: false everywhere); nothing to rank"
+    n = len(ranking)
+    lines = [f"global ranking of {n} channels by |gamma| (Network Slimming: prune the tail with one threshold)"]
+    for t in thresholds:
+        below = [r for r in ranking if r["abs_gamma"] < t]
+        where = {}
+        for r in below:
+            where[r["layer"]] = where.get(r["layer"], 0) + 1
+        lines.append(f"  |gamma| < {t:g}: {len(below)} of {n} ({len(below) / n:.1%})"
+                     + (": " + ", ".join(f"{k} {v}" for k, v in where.items()) if where else ""))
+    lines.append(f"  the {min(shown, n)} least important: " + ", ".join(
+        f"{r['layer']}[{r['channel']}] {r['abs_gamma']:.3g}" for r in reversed(ranking[-shown:])))
+    return "\n".join(lines)
+
+
+def diff_summaries(diff: dict, result: dict) -> str:
+    """Per layer, how far the other checkpoint's parameters are from this one's: the mean and the largest
+    absolute difference of gamma, beta and the moving statistics."""
+    rows = [("layer", "mean |d gamma|", "max", "mean |d beta|", "max", "mean |d moving mean|", "mean |d moving var|")]
+    for name in result["layers"]:
+        if name not in diff:
+            rows.append((name, "not compared: no BN layer of this name and size in the other", "", "", "", "", ""))
+            continue
+        d = {q: np.abs(np.asarray(v)) for q, v in diff[name].items()}
+        rows.append((name, f"{d['gamma'].mean():.3g}", f"{d['gamma'].max():.3g}", f"{d['beta'].mean():.3g}",
+                     f"{d['beta'].max():.3g}", f"{d['moving_mean'].mean():.3g}", f"{d['moving_variance'].mean():.3g}"))
+    widths = [max(len(r[i]) for r in rows if len(r[1]) < 30 or i != 1) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             if len(r[1]) < 30 else f"{r[0].ljust(widths[0])}  {r[1]}" for r in rows]
+    return "\n".join([lines[0], "-" * max(map(len, lines)), *lines[1:]])
+
+
+def plot(result: dict, path, dead_threshold: float = 1e-2, other: dict | None = None) -> None:
+    """Bar charts per layer (one row each): gamma, beta and moving variance for every channel; with `other` (a
+    second inspect-bn result) its bars beside these, for the layers both have."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -97,12 +162,19 @@ def plot(result: dict, path, dead_threshold: float = 1e-2) -> None:
                 ax.text(0.5, 0.5, f"{q} fixed at {value}\n({key}: false)", ha="center", va="center",
                         transform=ax.transAxes, fontsize=11, color="dimgray")
                 continue
-            ax.bar(x, layer[q], color=color, width=0.85)
+            theirs = (other or {}).get("layers", {}).get(name)
+            if theirs is not None and theirs["channels"] == layer["channels"] and not fixed(theirs, q):
+                ax.bar(x - 0.21, layer[q], color=color, width=0.42, label="this")
+                ax.bar(x + 0.21, theirs[q], color="tab:gray", width=0.42, label="other")
+                ax.legend(fontsize=7)
+            else:
+                ax.bar(x, layer[q], color=color, width=0.85)
             ax.axhline(0, color="black", linewidth=0.5)
             if q == "gamma":
                 for t in (dead_threshold, -dead_threshold):
                     ax.axhline(t, color="red", linewidth=0.6, linestyle="--")
-    fig.suptitle(f"per-channel BN parameters - {result['checkpoint']}", fontsize=11)
+    title = f"per-channel BN parameters - {result['checkpoint']}"
+    fig.suptitle(title + (f"\n(grey: {other['checkpoint']})" if other else ""), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

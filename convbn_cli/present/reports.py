@@ -76,6 +76,8 @@ class InspectReport:
     dead_threshold: float = 1e-2
     ranks: dict | None = None  # {layer: {"order", "below"}} with --rank
     diff: dict | None = None  # {layer: {quantity: array}} with --compare
+    channels: bool = False  # the per-channel tables too (--all, --layer)
+    thresholds: tuple = (0.01, 0.05, 0.1)
 
     def to_json(self) -> dict:
         out = ib.to_json(self.result, self.dead_threshold)
@@ -87,6 +89,8 @@ class InspectReport:
                 out["layers"][name]["rank"] = None  # gamma fixed (scale: false): nothing to rank
             if self.diff is not None and name in self.diff:
                 out["layers"][name]["difference"] = {q: v.tolist() for q, v in self.diff[name].items()}
+        if self.ranks:
+            out["global_rank"] = ib.global_rank(self.result)
         return out
 
     def to_csv(self) -> str:
@@ -96,8 +100,19 @@ class InspectReport:
         return buf.getvalue()
 
     def render(self) -> str:
+        parts = [f"checkpoint: {self.result['checkpoint']}", "", ib.layer_summaries(self.result, self.dead_threshold)]
+        if self.diff is not None:
+            parts += ["", "differences (the other checkpoint minus this one):", ib.diff_summaries(self.diff, self.result)]
+        if self.ranks:
+            parts += ["", ib.global_rank_text(ib.global_rank(self.result), self.thresholds)]
+        if not self.channels:
+            parts += ["", "per-channel values: --all (every layer) or --layer NAME; --format csv|json for all of them"]
+            return "\n".join(parts)
+        return "\n".join(parts) + "\n\n" + self.channel_tables()
+
+    def channel_tables(self) -> str:
         order = {n: r["order"] for n, r in self.ranks.items() if r is not None} if self.ranks else None
-        text = ib.table(self.result, self.dead_threshold, order, self.diff)
+        text = ib.table(self.result, self.dead_threshold, order, self.diff).split("\n", 1)[1].lstrip("\n")
         if self.ranks:
             text += "\n\n" + "\n".join(
                 f"{name}: gamma fixed (scale: false), not ranked" if r is None else
