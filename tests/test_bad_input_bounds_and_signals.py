@@ -93,8 +93,8 @@ def test_sigterm_during_export_removes_the_staging_and_exits_143(run_copy, cli, 
 
     real_write = formats.write
 
-    def write_then_terminated(model, fmt, path):
-        real_write(model, fmt, path)
+    def write_then_terminated(model, fmt, path, about):
+        real_write(model, fmt, path, about)
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while the export sits in its staging directory
 
     monkeypatch.setattr(formats, "write", write_then_terminated)

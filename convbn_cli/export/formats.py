@@ -1,8 +1,10 @@
-"""`convbn export`: write a checkpoint as a .keras file, a TensorFlow SavedModel or a TFLite flatbuffer, each
-loadable with the ordinary tools alone (no convbn import), checked against the original model."""
+"""`convbn export`: write a checkpoint as a .keras file, a TensorFlow SavedModel, a TFLite flatbuffer or an ONNX
+model (tf2onnx, the `onnx` extra), each loadable with the ordinary tools alone (no convbn import), checked against
+the original model, and each carrying its class names and input contract (export_metadata)."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,9 +15,10 @@ from ..data.registry import pixel_affine
 from ..errors import ConvbnError
 from ..files import remove_stale_temporaries, staged
 from ..model.fold import standard_model
+from ..runs.exported import METADATA_KEY, onnx_predict, write_keras_metadata
 from ..runs.target import open_interpreter, open_target, tflite_predict
 from ..tf_setup import quiet_native
-from .output import FORMATS, check_output, write_manifest
+from .output import FORMATS, SUFFIX, check_output, write_manifest
 MAX_LOGIT_DIFF = 1e-4
 
 
@@ -34,20 +37,38 @@ def default_path(t, fmt: str, fold_bn: bool) -> Path:
     """RUN_DIR/export/model[-folded].<ext>, or beside a .keras file from elsewhere: NAME-folded / NAME-standard."""
     if t.run is None:
         src = Path(t.source)
-        stem = f"{src.stem}-{'folded' if fold_bn else 'standard'}"
-        return src.with_name({"keras": f"{stem}.keras", "savedmodel": f"{stem}_savedmodel",
-                              "tflite": f"{stem}.tflite"}[fmt])
-    stem = "model-folded" if fold_bn else "model"
-    return t.run.export / {"keras": f"{stem}.keras", "savedmodel": f"{stem}_savedmodel",
-                                  "tflite": f"{stem}.tflite"}[fmt]
+        return src.with_name(f"{src.stem}-{'folded' if fold_bn else 'standard'}" + SUFFIX.get(fmt, "_savedmodel"))
+    return t.run.export / (("model-folded" if fold_bn else "model") + SUFFIX.get(fmt, "_savedmodel"))
 
 
-def write(model, fmt: str, path: Path) -> None:
+ONNX_OPSET = 17  # onnxruntime has run it since 1.11 (2022)
+
+
+def _onnx_converter():
+    try:
+        import tf2onnx
+    except ImportError:
+        raise ConvbnError("--format onnx needs tf2onnx and onnxruntime: pip install 'convbn[onnx]'") from None
+    return tf2onnx
+
+
+def write(model, fmt: str, path: Path, about: dict) -> None:
+    """`model` as `fmt` at `path`, with `about` (class names, what the input is: export_metadata) inside it where
+    the format has room: a member of the .keras archive, the SavedModel's manifest, the ONNX model's metadata."""
     if fmt == "keras":
         model.save(path)
+        write_keras_metadata(path, about)
     elif fmt == "savedmodel":
         model.export(str(path), format="tf_saved_model", verbose=False)
-        write_manifest(path)  # what --force may replace later: exactly these files
+        write_manifest(path, about)  # also what --force may replace later: exactly these files
+    elif fmt == "onnx":
+        tf2onnx = _onnx_converter()
+        spec = (tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name=model.inputs[0].name),)
+        fn = tf.function(lambda x: model(x, training=False))
+        with quiet_native():
+            proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=ONNX_OPSET)
+        proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(about))
+        path.write_bytes(proto.SerializeToString())
     else:  # TFLite converts from a SavedModel, written beside the output (inside the staging directory)
         saved = path.parent / "savedmodel"
         model.export(str(saved), format="tf_saved_model", verbose=False)
@@ -68,6 +89,8 @@ def ways_to_run(fmt: str, path: Path) -> list:
     if fmt == "savedmodel":
         loaded = tf.saved_model.load(str(path))
         return [lambda x: loaded.serve(tf.constant(x)).numpy()]
+    if fmt == "onnx":
+        return [onnx_predict(path)]
     return [tflite_predict(open_interpreter(path))]
 
 
@@ -115,8 +138,9 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
     original = tf.function(lambda a: model(a, training=False))
     reference = original(tf.constant(x)).numpy()
     remove_stale_temporaries(path.parent, path.name)  # staging that a killed export left behind
+    about = export_metadata(t, affine)
     with staged(path, before_replace=lambda: check_output(path, fmt, force)) as tmp:
-        write(new, fmt, tmp)
+        write(new, fmt, tmp, about)
         ways = ways_to_run(fmt, tmp)
         exported = ways[0]
         diff = max(float(np.abs(run(fed) - reference).max()) for run in ways)
@@ -127,6 +151,14 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
             "kept": kept, "input": input_contract(new, affine, t), "max_abs_logit_diff": diff,
             "checked_images": len(x), "throughput_original": throughput(lambda a: original(tf.constant(a)).numpy(), x),
             "throughput_exported": throughput(exported, fed)}
+
+
+def export_metadata(t, affine) -> dict:
+    """What an export says about itself, so that it can be used away from its run: the class names (by number
+    for a model from elsewhere) and whether it takes raw pixels or normalized images."""
+    names = list(t.config.dataset.class_names) if t.config is not None else None
+    return {"written_by": "convbn", "dataset": t.config.data.dataset if t.config is not None else None,
+            "class_names": names, "input": "pixels" if affine else "normalized"}
 
 
 def input_contract(model, affine, t) -> str:

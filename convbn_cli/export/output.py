@@ -10,10 +10,11 @@ from pathlib import Path
 from ..errors import ConvbnError
 from ..files import write_json_atomic
 from ..readers import read_json
+from ..runs.exported import MANIFEST
 
-FORMATS = ("keras", "savedmodel", "tflite")
+FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 
-SUFFIX = {"keras": ".keras", "tflite": ".tflite"}  # a SavedModel is a directory: any name without these
+SUFFIX = {"keras": ".keras", "tflite": ".tflite", "onnx": ".onnx"}  # a SavedModel is a directory: any other name
 
 
 def check_output(path: Path, fmt: str, force: bool) -> Path:
@@ -48,7 +49,6 @@ def check_output(path: Path, fmt: str, force: bool) -> Path:
     return path
 
 
-MANIFEST = "convbn_export.json"  # in every SavedModel export: each file convbn wrote there, with size and hash
 MAX_MANIFEST_BYTES = 1 << 20
 
 
@@ -60,9 +60,10 @@ def _hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
+def write_manifest(folder: Path, about: dict | None = None) -> None:
     """Record every file and directory under `folder` (just written by convbn, still in its staging directory),
-    so that a later `--force` can tell the tree is still exactly what convbn wrote."""
+    so that a later `--force` can tell the tree is still exactly what convbn wrote; `about`: what the model is
+    (class names, input), kept beside the list as "model"."""
     folder = Path(folder)
     files, dirs = {}, []
     for here, subdirs, names in os.walk(folder):
@@ -70,7 +71,8 @@ def write_manifest(folder: Path) -> None:
         dirs += [str(rel / d) for d in subdirs]
         for n in names:
             files[str(rel / n)] = {"size": (Path(here) / n).stat().st_size, "sha256": _hash(Path(here) / n)}
-    write_json_atomic(folder / MANIFEST, {"written_by": "convbn", "dirs": sorted(dirs), "files": files})
+    write_json_atomic(folder / MANIFEST, {"written_by": "convbn", "dirs": sorted(dirs), "files": files,
+                                          **({"model": about} if about else {})})
 
 
 def _not_ours(folder: Path):

@@ -17,17 +17,19 @@ from .rundir import RunDir, RunDirError
 
 @dataclass(frozen=True)
 class Located:
-    kind: str  # "run" (a run directory), "prefix" (a checkpoint prefix), "keras" or "tflite" (a model file)
+    kind: str  # "run" (a run directory), "prefix" (a checkpoint prefix), "keras", "tflite", "onnx" (a model file)
+    # or "savedmodel" (a directory)
     path: Path
 
 
 def locate(target, *, tflite: bool = False) -> Located:
     """What TARGET is; raise TargetError (one line) for anything that cannot be one. `tflite`: whether the command
-    can run a .tflite file."""
+    can run the inference-only formats (.tflite, .onnx, a SavedModel directory)."""
     path = Path(target)
-    if path.suffix in (".keras", ".tflite"):
-        if path.suffix == ".tflite" and not tflite:
-            raise TargetError(f"{path}: this command needs a Keras model or a checkpoint, not a .tflite file")
+    if path.suffix in (".keras", ".tflite", ".onnx"):
+        if path.suffix in (".tflite", ".onnx") and not tflite:
+            raise TargetError(f"{path}: this command needs a Keras model or a checkpoint, not a {path.suffix} file "
+                              "(those run in eval and predict)")
         if not path.is_file():
             raise TargetError(f"{path}: no such file")
         if path.suffix == ".keras" and not zipfile.is_zipfile(path):
@@ -36,6 +38,11 @@ def locate(target, *, tflite: bool = False) -> Located:
         if path.suffix == ".keras":
             check_keras_archive(path)  # bounded: an archive whose members inflate to gigabytes is refused unread
         return Located(path.suffix[1:], path)
+    if path.is_dir() and (path / "saved_model.pb").is_file() and not (path / "config.yaml").exists():
+        if not tflite:
+            raise TargetError(f"{path}: a SavedModel runs in eval and predict; this command needs a Keras model or a "
+                              "checkpoint (export with --format keras)")
+        return Located("savedmodel", path)
     if path.is_dir():
         try:
             RunDir.open(path)

@@ -23,6 +23,7 @@ from ..model import build_model
 from ..model.fold import NORMALIZE_LAYER, PIXELS_INPUT, takes_pixels, without_preprocessing
 from ..tf_setup import quiet_native
 from .checkpoints import CheckpointError, find, restore, run_of_prefix
+from .exported import onnx_predict, onnx_signature, read_metadata
 from .locate import check_keras_archive, locate
 from .rundir import RunDir, RunDirError
 
@@ -49,6 +50,8 @@ class Target:
     run: Optional[RunDir]
     predict: Callable = None
     pixel_affine: Optional[tuple] = None  # (scale, offset) of an export that normalized raw pixels itself
+    about: dict = field(default_factory=dict)  # what an export says about itself (runs/exported.py)
+    signature: Optional[tuple] = None  # ((H, W, C), classes) of an inference-only model (onnx, savedmodel, tflite)
     _arrays: Optional[dict] = field(default=None, repr=False)
 
     def arrays(self, data=None, log=lambda m: None, progress=False) -> dict:
@@ -70,8 +73,11 @@ class Target:
         offset, as its run's data.normalize says; a model from elsewhere: its own input shape, classes by number,
         and `scale` (--scale)."""
         if self.config is None:
-            names = tuple(str(i) for i in range(int(self.model.output_shape[-1])))
-            return tuple(self.model.input_shape[1:]), names, scale, 0.0
+            shape, classes = self.signature or (tuple(self.model.input_shape[1:]), int(self.model.output_shape[-1]))
+            names = tuple(self.about.get("class_names") or (str(i) for i in range(classes)))
+            if self.about.get("input") == "pixels":  # a convbn export away from its run: raw pixels, as they are
+                return tuple(shape), names, 1.0, 0.0
+            return tuple(shape), names, scale, 0.0
         cfg = self.config
         return (tuple(cfg.model.input_shape), cfg.dataset.class_names,
                 *pixel_affine(cfg.data.dataset, cfg.data.normalize))
@@ -111,6 +117,8 @@ def open_target(target, which="best", *, tflite=False) -> Target:
         return _open_keras(path)
     if where.kind == "tflite":
         return _open_tflite(path)
+    if where.kind in ("onnx", "savedmodel"):
+        return _open_inference_only(path, where.kind)
     try:
         if where.kind == "run":
             run = RunDir.open(path)
@@ -143,7 +151,7 @@ def _open_keras(path: Path) -> Target:
             affine, model = (norm["scale"], norm["offset"]), without_preprocessing(model)
         _check_fits(path, model.input_shape, model.output_shape, cfg)
     return Target("export" if cfg is not None else "external", str(path), cfg, model, run, _keras_predict(model),
-                  pixel_affine=affine)
+                  pixel_affine=affine, about=read_metadata(path))
 
 
 def _check_image_classifier(path, model) -> None:
@@ -180,11 +188,45 @@ def _open_tflite(path: Path) -> Target:
     except (ValueError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable TFLite model ({' '.join(str(e).split())[:300]})") from None
     predict = tflite_predict(interpreter)
+    signature = (tuple(int(d) for d in interpreter.get_input_details()[0]["shape"][1:]),
+                 int(interpreter.get_output_details()[0]["shape"][-1]))
     if cfg is not None and PIXELS_INPUT in interpreter.get_input_details()[0]["name"]:
         # it takes raw pixels (exported with its preprocessing): callers hand every target normalized images
         to_pixels, raw = pixels_of(cfg), predict
         predict = lambda x: raw(to_pixels(x).numpy())  # noqa: E731
-    return Target("tflite", str(path), cfg, None, run, predict)
+    return Target("tflite", str(path), cfg, None, run, predict, signature=signature)
+
+
+def _open_inference_only(path: Path, kind: str) -> Target:
+    """An ONNX model (onnxruntime) or a SavedModel directory (its serving function): what eval and predict run.
+    An export that takes raw pixels gets them, from normalized images when its run directory is above it (as
+    every target is handed normalized images then), else as predict reads them (its metadata says so)."""
+    run, cfg = _run_above(path)
+    about = read_metadata(path)
+    if kind == "onnx":
+        shape, classes, name = onnx_signature(path)
+        predict, takes_raw = onnx_predict(path), PIXELS_INPUT in name
+    else:
+        try:
+            loaded = tf.saved_model.load(str(path))
+            serve = loaded.signatures["serving_default"]
+        except Exception as e:  # noqa: BLE001  a damaged SavedModel fails in many ways
+            raise CheckpointError(f"{path}: not a readable SavedModel ({' '.join(str(e).split())[:200]})") from None
+        spec = next(iter(serve.structured_input_signature[1].values()))
+        out = next(iter(serve.structured_outputs.values()))
+        if len(spec.shape) != 4 or None in spec.shape[1:] or len(out.shape) != 2:
+            raise CheckpointError(f"{path}: takes {spec.shape} and gives {out.shape}; convbn needs (N, H, W, C) "
+                                  "images and (N, classes)")
+        shape, classes, takes_raw = tuple(spec.shape[1:]), int(out.shape[1]), PIXELS_INPUT in (spec.name or "")
+        predict = lambda x: loaded.serve(tf.constant(x)).numpy()  # noqa: E731
+    if about.get("input"):
+        takes_raw = about["input"] == "pixels"
+    if cfg is not None:
+        _check_fits(path, (None, *shape), (None, classes), cfg)
+        if takes_raw:
+            to_pixels, raw = pixels_of(cfg), predict
+            predict = lambda x: raw(to_pixels(x).numpy())  # noqa: E731
+    return Target(kind, str(path), cfg, None, run, predict, about=about, signature=(shape, classes))
 
 
 def open_interpreter(path):
