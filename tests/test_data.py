@@ -326,3 +326,47 @@ def test_pipelines_do_not_autotune(synthetic):
     s = make_splits(synthetic, cfg)
     for ds in (train_dataset(s, cfg, 0), eval_dataset(s, cfg, "val"), calibration_batches(s, cfg, 2)):
         assert ds.options().autotune.enabled is False
+
+
+def test_the_first_training_fetches_in_a_child_process(tmp_path):
+    """Issue 26: the first run peaked at 1.6 GB (0.9 GB once cached) because the download was decoded in the
+    training process; `convbn train` now fetches in a child (`convbn data fetch`) and only loads the cache.
+    Recorded by a sitecustomize hook: which process decodes and caches the download, and which one trains."""
+    import subprocess
+    import sys
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "def record(what):\n"
+        "    with open(os.environ['CONVBN_TEST_LOG'], 'a') as f:\n"
+        "        f.write(f'{what} {os.getpid()}\\n')\n"
+        "import builtins\n"
+        "_import = builtins.__import__\n"
+        "def watch(name, *a, **k):\n"
+        "    module = _import(name, *a, **k)\n"
+        "    s = sys.modules.get('convbn_cli.data.sources')\n"
+        "    if s is not None and hasattr(s, '_store') and not getattr(s, '_watched', False):\n"
+        "        s._watched = True\n"
+        "        real_store = s._store\n"
+        "        s._store = lambda *x, **y: (record('decode'), real_store(*x, **y))[1]\n"
+        "    t = sys.modules.get('convbn_cli.train.loop')\n"
+        "    if t is not None and hasattr(t, 'train') and not getattr(t, '_watched', False):\n"
+        "        t._watched = True\n"
+        "        real_train = t.train\n"
+        "        t.train = lambda *x, **y: (record('train'), real_train(*x, **y))[1]\n"
+        "    return module\n"
+        "builtins.__import__ = watch\n")
+    log = tmp_path / "log"
+    env = {**os.environ, "CONVBN_DATA_DIR": str(tmp_path / "cache"), "CONVBN_TEST_LOG": str(log),
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "convbn_cli", "-q", "train", "seed_toy", "train.epochs=1",
+                        "data.max_train=500", "data.max_test=200", f"output.root={tmp_path / 'runs'}"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = [line.split() for line in log.read_text().splitlines()]
+    decoders = {pid for what, pid in events if what == "decode"}
+    trainers = {pid for what, pid in events if what == "train"}
+    assert decoders and trainers and not decoders & trainers, events  # decoded in another process than training
+    assert (tmp_path / "cache" / "mnist.npz").is_file()

@@ -178,3 +178,31 @@ def test_cli_resume_refuses_other_overrides_and_missing_dirs(tmp_path):
     assert r.returncode == 2 and "no such run directory" in r.stderr
     r = run_cli("train", "--resume", tmp_path, "model.bn.decay=0.5")
     assert r.returncode == 2 and "only train.epochs and distribute.* may change when resuming" in r.stderr
+
+
+@pytest.mark.parametrize("flags,gpus,want", [({"avx2", "avx512_bf16"}, 0, "mixed_bfloat16"),
+                                             ({"avx2", "amx_bf16", "amx_tile"}, 0, "mixed_bfloat16"),
+                                             ({"avx2", "avx512f"}, 0, "float32"), (set(), 1, "mixed_bfloat16")])
+def test_precision_auto_is_bfloat16_only_where_the_hardware_has_it(flags, gpus, want):
+    from convbn_cli.model.precision import cpu_flags, resolve_precision
+
+    assert resolve_precision("auto", flags=flags, gpus=gpus)[0] == want
+    assert resolve_precision("float32", flags={"amx_bf16"}, gpus=1) == ("float32", "as configured")
+    assert cpu_flags("processor: 0\nflags\t\t: fpu avx2 avx512_bf16\n") == {"fpu", "avx2", "avx512_bf16"}
+
+
+def test_a_run_with_precision_auto_trains_in_what_this_machine_supports(tmp_path, synthetic):
+    from convbn_cli.model.precision import resolve_precision
+    from convbn_cli.runs import RunDir
+
+    class ComputeDtype:  # what the training model computes in (the final model is a float32 copy either way)
+        def on_start(self, trainer):
+            self.dtypes = {layer.compute_dtype for layer in trainer.model.layers if layer.name.startswith("conv")}
+
+    lines, seen = [], ComputeDtype()
+    cfg = load_config(raw=tiny_raw(tmp_path, **{"train.precision": "auto", "train.epochs": 1}))
+    result = train(cfg, data=synthetic, log=lines.append, progress=False, subscribers=[seen])
+    want = resolve_precision("auto")[0]
+    assert any(line.startswith(f"precision: {want} (auto: ") for line in lines), lines
+    assert json.loads((RunDir(result.run_dir).results).read_text())["precision"] == want
+    assert seen.dtypes == {"bfloat16" if want == "mixed_bfloat16" else "float32"}

@@ -343,7 +343,8 @@ class TrainConfig(Strict):
     jit_compile: bool = False  # XLA; measured slower on CPU, so off by default
     # mixed_bfloat16: convolutions and matrix products in bfloat16 (variables, BN statistics and the logits stay
     # float32). Much faster on CPUs with AMX/AVX512-BF16 and on recent GPUs; slower on CPUs without them.
-    precision: Literal["float32", "mixed_bfloat16"] = "float32"
+    # auto: mixed_bfloat16 exactly there, float32 elsewhere (model/precision.py).
+    precision: Literal["float32", "mixed_bfloat16", "auto"] = "float32"
     # Recompute the BN statistics of the final model after training (see PreciseBN): by default only when the
     # moving statistics lag, which a short run's do whatever the decay (README, "Why short runs used to fail").
     precise_bn: Annotated[Optional[PreciseBN], BeforeValidator(_precise_switch)] = PreciseBN(when="auto")

@@ -137,7 +137,7 @@ def settle(trainer, results: dict) -> FinalModel:
 def float32_model(trainer):
     """The trainer's model, or under mixed precision a float32 copy of it (what eval and export build): BN
     statistics measured in bfloat16 are ~5e-3 off a float64 reference, in float32 ~6e-5."""
-    if trainer.cfg.train.precision == "float32":
+    if trainer.precision == "float32":
         return trainer.model
     copy = build_model(trainer.cfg)
     copy.set_weights(trainer.model.get_weights())

@@ -27,6 +27,7 @@ from ..data import fetch
 from ..data.pipeline import batch_loader, epoch_order, eval_dataset, make_splits, steps_per_epoch, train_dataset
 from ..errors import EXIT_DIVERGED, ConvbnError, Stopped
 from ..model import Evaluator, build_model
+from ..model.precision import resolve_precision
 from ..model.stats import bn_statistics
 from ..runs import RunDir, RunDirError, open_for_resume
 from ..runs.checkpoints import restore_latest, training_managers
@@ -250,8 +251,11 @@ class Trainer:
         if replicas > 1:
             self.log(f"{replicas} replicas ({type(self.strategy).__name__}), global batch {self.global_batch}, "
                      f"BN statistics {'synchronized' if cfg.distribute.sync_bn else 'per replica'}")
+        self.precision, why = resolve_precision(cfg.train.precision)
+        if cfg.train.precision == "auto":
+            self.log(f"precision: {self.precision} ({why})")
         with self.strategy.scope():
-            self.model = build_model(cfg, plan_layers(cfg), precision=cfg.train.precision)
+            self.model = build_model(cfg, plan_layers(cfg), precision=self.precision)
             self.steps = steps_per_epoch(self.splits.size("train"), self.global_batch)
             self.optimizer = make_optimizer(cfg.train, self.steps * self.epochs)
             self.optimizer.build(self.model.trainable_variables)  # create slots now, so a restore fills them
@@ -352,7 +356,7 @@ class Trainer:
         """The final model (final.py: best or EMA weights, BN statistics that do not lag), its test accuracy,
         results.json."""
         results = {"epochs": self.epochs, "epochs_done": self.metrics[-1]["epoch"] if self.metrics else 0,
-                   **self.best(), "stopped_early": self.stop_reason}
+                   **self.best(), "stopped_early": self.stop_reason, "precision": self.precision}
         settled = final.settle(self, results)
         self.check_signals()
         model, gap, before = settled.model, settled.gap, settled.test_before
