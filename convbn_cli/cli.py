@@ -507,11 +507,12 @@ def report_cmd(ctx, target, output, force, batches):
     """One self-contained HTML page of a run (results, curves, confusion matrix, per-channel BN, diagnose
     verdict, config, provenance) or of a sweep (summary and every run's curves); opens in any browser, offline."""
     from .errors import ConvbnError
+    from .runs.sweepdir import PLAN
 
     path = Path(target)
     if not path.is_dir():
         raise ConvbnError(f"{path}: no such run or sweep directory")
-    if not (path / "sweep.json").exists():
+    if not (path / PLAN).exists():  # a run's page measures its model: TensorFlow (a sweep's needs none)
         _check_paths(path)
         _tf(ctx)
     from .analysis.report import report

@@ -203,6 +203,15 @@ def synthetic_arrays(n_train=640, n_test=160, seed=0):
     return {"x_train": xt, "y_train": yt, "x_test": xs, "y_test": ys}
 
 
+def synthetic_npz(folder, seed):
+    """(path, arrays): the test split of synthetic_arrays(640, 320, seed) as an .npz with x and y, what --data
+    takes for a model from outside convbn."""
+    a = synthetic_arrays(640, 320, seed=seed)
+    path = Path(folder) / "data.npz"
+    np.savez(path, x=a["x_test"], y=a["y_test"])
+    return path, a
+
+
 @pytest.fixture(scope="session")
 def synthetic():
     return synthetic_arrays()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from conftest import fit_keras, lagging_run, synthetic_arrays, tiny_raw  # noqa: E402
+from conftest import fit_keras, lagging_run, synthetic_npz, tiny_raw  # noqa: E402
 from convbn_cli.analysis.diagnose import diagnose  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
@@ -93,10 +93,7 @@ _fit = fit_keras
 
 @pytest.fixture(scope="module")
 def npz(tmp_path_factory):
-    a = synthetic_arrays(640, 320, seed=3)
-    path = tmp_path_factory.mktemp("npz") / "data.npz"
-    np.savez(path, x=a["x_test"], y=a["y_test"])
-    return path, a
+    return synthetic_npz(tmp_path_factory.mktemp("npz"), seed=3)
 
 
 def _save(model, tmp_path, name="m.keras"):

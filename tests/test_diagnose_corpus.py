@@ -14,7 +14,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 
-from conftest import fit_keras, synthetic_arrays  # noqa: E402
+from conftest import fit_keras, synthetic_npz  # noqa: E402
 from convbn_cli.analysis.diagnose import SEVERITIES, diagnose  # noqa: E402
 from convbn_cli.model import Evaluator  # noqa: E402
 
@@ -62,9 +62,7 @@ def fit(model, data, steps=120, training=True):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    a = synthetic_arrays(640, 320, seed=5)
-    path = tmp_path_factory.mktemp("corpus") / "data.npz"
-    np.savez(path, x=a["x_test"], y=a["y_test"])
+    path, a = synthetic_npz(tmp_path_factory.mktemp("corpus"), seed=5)
     return a, path
 
 

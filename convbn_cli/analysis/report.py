@@ -105,7 +105,7 @@ def report(target, *, output=None, force: bool = False, batches: int = 5, log=la
             raise ConvbnError(f"--output {out}: the page's name must end in .html")
         if (out.exists() or out.is_symlink()) and not force:
             raise ConvbnError(f"--output {out}: already exists; add --force to replace it")
-        if out.is_dir() or (out.is_symlink() and not force):
+        if out.is_dir():
             raise ConvbnError(f"--output {out}: is a directory; give a file name ending in .html")
     if (target / PLAN).exists():
         page = sweep_report(target, log=log)

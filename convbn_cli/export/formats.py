@@ -15,7 +15,7 @@ from ..data.registry import pixel_affine
 from ..errors import ConvbnError
 from ..files import remove_stale_temporaries, staged
 from ..model.fold import standard_model
-from ..runs.exported import METADATA_KEY, onnx_predict, write_keras_metadata
+from ..runs.exported import METADATA_KEY, onnx_predict, onnx_session, write_keras_metadata
 from ..runs.target import open_interpreter, open_target, tflite_predict
 from ..tf_setup import quiet_native
 from .output import FORMATS, SUFFIX, check_output, write_manifest
@@ -90,7 +90,7 @@ def ways_to_run(fmt: str, path: Path) -> list:
         loaded = tf.saved_model.load(str(path))
         return [lambda x: loaded.serve(tf.constant(x)).numpy()]
     if fmt == "onnx":
-        return [onnx_predict(path)]
+        return [onnx_predict(onnx_session(path))]
     return [tflite_predict(open_interpreter(path))]
 
 

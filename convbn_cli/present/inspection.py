@@ -126,18 +126,19 @@ def global_rank_text(ranking: list, thresholds, shown: int = 12) -> str:
 def diff_summaries(diff: dict, result: dict) -> str:
     """Per layer, how far the other checkpoint's parameters are from this one's: the mean and the largest
     absolute difference of gamma, beta and the moving statistics."""
-    rows = [("layer", "mean |d gamma|", "max", "mean |d beta|", "max", "mean |d moving mean|", "mean |d moving var|")]
+    rows, unmatched = [("layer", "mean |d gamma|", "max", "mean |d beta|", "max", "mean |d moving mean|",
+                        "mean |d moving var|")], []
     for name in result["layers"]:
         if name not in diff:
-            rows.append((name, "not compared: no BN layer of this name and size in the other", "", "", "", "", ""))
+            unmatched.append(f"{name}  not compared: no BN layer of this name and size in the other")
             continue
         d = {q: np.abs(np.asarray(v)) for q, v in diff[name].items()}
         rows.append((name, f"{d['gamma'].mean():.3g}", f"{d['gamma'].max():.3g}", f"{d['beta'].mean():.3g}",
                      f"{d['beta'].max():.3g}", f"{d['moving_mean'].mean():.3g}", f"{d['moving_variance'].mean():.3g}"))
-    widths = [max(len(r[i]) for r in rows if len(r[1]) < 30 or i != 1) for i in range(len(rows[0]))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             if len(r[1]) < 30 else f"{r[0].ljust(widths[0])}  {r[1]}" for r in rows]
-    return "\n".join([lines[0], "-" * max(map(len, lines)), *lines[1:]])
+             for r in rows]
+    return "\n".join([lines[0], "-" * max(map(len, lines)), *lines[1:], *unmatched])
 
 
 def plot(result: dict, path, dead_threshold: float = 1e-2, other: dict | None = None) -> None:

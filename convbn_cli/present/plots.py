@@ -98,10 +98,9 @@ def _train_and_validation(ax, key, rows, steps, as_error) -> None:
         ax.axvline(best["epoch"], color="tab:red", linestyle=":", linewidth=1.2,
                    label=f"best epoch {best['epoch']}" + (" (validation)" if best_key == "val_acc" else ""))
     if key == "acc":
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
         if as_error:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+            ax.set_yscale("log")  # (before the formatter: setting the scale resets it)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
         ax.set_title("error rate (100% - accuracy), log scale" if as_error else "accuracy", fontsize=10)
     else:
         ax.set_title("cross-entropy loss", fontsize=10)

@@ -29,9 +29,9 @@ def write_keras_metadata(path, about: dict) -> None:
         z.writestr(KERAS_MEMBER, json.dumps(about))
 
 
-def read_metadata(path) -> dict:
+def read_metadata(path, session=None) -> dict:
     """What an export says about itself ({} when it says nothing or is not convbn's); never raises for a model
-    from elsewhere."""
+    from elsewhere. `session`: an ONNX model's session, when one is open already (no second load)."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -43,8 +43,8 @@ def read_metadata(path) -> dict:
                     return {}
                 about = parse_json(z.read(info), path, TargetError)
         elif path.suffix == ".onnx":
-            about = parse_json(onnx_session(path).get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"), path,
-                               TargetError)
+            meta = (session or onnx_session(path)).get_modelmeta().custom_metadata_map
+            about = parse_json(meta.get(METADATA_KEY, "{}"), path, TargetError)
         else:
             return {}
     except (TargetError, KeyError, OSError, zipfile.BadZipFile, AttributeError):
@@ -74,16 +74,14 @@ def onnx_session(path):
         raise TargetError(f"{path}: not a readable ONNX model ({' '.join(str(e).split())[:200]})") from None
 
 
-def onnx_predict(path):
-    """images -> logits through onnxruntime."""
-    session = onnx_session(path)
+def onnx_predict(session):
+    """images -> logits through an onnxruntime session (onnx_session)."""
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
 
 
-def onnx_signature(path) -> tuple:
-    """((H, W, C) of its one input, number of classes, input name) of an ONNX model."""
-    session = onnx_session(path)
+def onnx_signature(session, path) -> tuple:
+    """((H, W, C) of its one input, number of classes, input name) of an ONNX model's session."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or len(outputs) != 1:
         raise TargetError(f"{path}: has {len(inputs)} inputs and {len(outputs)} outputs; convbn runs image "

@@ -47,11 +47,13 @@ def sort_runs(summaries: list, key: str) -> list:
     numbers, runs without a value last."""
     field = SORT_KEYS.get(key)
 
-    def value(s):
+    def value(s):  # numbers first, by value; then text; then the runs without one
         v = s.get(field) if field else s["config"].get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return (1, 0.0, "" if v is None else str(v)) if v is not None else (2, 0.0, "")
-        return (0, float(v), "")
+        if v is None:
+            return (2, 0.0, "")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return (0, float(v), "")
+        return (1, 0.0, str(v))
 
     if field is None and not any(key in s["config"] for s in summaries):
         raise ConvbnError(f"--sort {key}: not a column ({', '.join(SORT_KEYS)}) nor a config key of these runs")

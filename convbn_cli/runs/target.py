@@ -23,7 +23,7 @@ from ..model import build_model
 from ..model.fold import NORMALIZE_LAYER, PIXELS_INPUT, takes_pixels, without_preprocessing
 from ..tf_setup import quiet_native
 from .checkpoints import CheckpointError, find, restore, run_of_prefix
-from .exported import onnx_predict, onnx_signature, read_metadata
+from .exported import onnx_predict, onnx_session, onnx_signature, read_metadata
 from .locate import check_keras_archive, locate
 from .rundir import RunDir, RunDirError
 
@@ -202,11 +202,12 @@ def _open_inference_only(path: Path, kind: str) -> Target:
     An export that takes raw pixels gets them, from normalized images when its run directory is above it (as
     every target is handed normalized images then), else as predict reads them (its metadata says so)."""
     run, cfg = _run_above(path)
-    about = read_metadata(path)
     if kind == "onnx":
-        shape, classes, name = onnx_signature(path)
-        predict, takes_raw = onnx_predict(path), PIXELS_INPUT in name
+        session = onnx_session(path)  # loaded once: its signature, its metadata and the predictions
+        shape, classes, name = onnx_signature(session, path)
+        predict, takes_raw, about = onnx_predict(session), PIXELS_INPUT in name, read_metadata(path, session)
     else:
+        about = read_metadata(path)
         try:
             loaded = tf.saved_model.load(str(path))
             serve = loaded.signatures["serving_default"]
