@@ -54,7 +54,8 @@ def training_flops(cfg) -> float:
     for p in plan_layers(cfg):
         if p.spec.type == "conv":
             kh, kw = p.spec.kernel
-            macs = p.out_shape[0] * p.out_shape[1] * p.out_shape[2] * kh * kw * shape[-1]
+            pooled = p.spec.pool ** 2  # a block that pools before its BN: the conv ran on the unpooled size
+            macs = p.out_shape[0] * p.out_shape[1] * p.out_shape[2] * kh * kw * shape[-1] * pooled
         elif p.spec.type == "dense":
             macs = p.out_shape[0] * (shape[0] if len(shape) == 1 else int(np.prod(shape)))
         else:

@@ -159,3 +159,63 @@ def test_dense_bn_is_per_unit_keras(tmp_path):
     bn = model.get_layer("dense1_bn")
     assert isinstance(bn, keras.layers.BatchNormalization) and tuple(bn.gamma.shape) == (12,)
     assert model.get_layer("dense1").bias is None and model.get_layer("dense2").bias is not None
+
+
+def test_a_conv_block_that_pools_normalizes_the_pooled_values_per_channel(tmp_path):
+    """`pool: 2` on a conv: conv -> max-pool -> BN -> ReLU, BN's statistics taken over the pooled values."""
+    raw = tiny_raw(tmp_path)
+    raw["model"]["layers"][0] = {"type": "conv", "filters": 4, "kernel": 3, "pool": 2}
+    cfg = load_config(raw=raw)
+    model = build_model(cfg)
+    names = [layer.name for layer in model.layers]
+    assert names[1:5] == ["conv1", "conv1_pool", "conv1_bn", "conv1_relu"]
+    assert tuple(model.get_layer("conv1_bn").output.shape) == (None, 14, 14, 4)
+    x = np.random.default_rng(4).uniform(size=(8, 28, 28, 1)).astype(np.float32)
+    conv = model.get_layer("conv1")(x)
+    pooled = tf.nn.max_pool2d(conv, 2, 2, "VALID").numpy()
+    bn = model.get_layer("conv1_bn")
+    before = bn.moving_mean.numpy().copy()
+    model(x, training=True)
+    # the moving mean moved towards the per-channel mean of the *pooled* conv output (decay 0.9)
+    expected = 0.9 * before + 0.1 * pooled.mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(expected, 0.9 * before + 0.1 * conv.numpy().mean(axis=(0, 1, 2)), atol=1e-4)
+
+
+def test_a_pooling_conv_block_is_planned_and_refused_where_it_cannot_pool(tmp_path):
+    from convbn_cli.config import plan_layers
+    from convbn_cli.errors import ConfigError
+
+    raw = tiny_raw(tmp_path)
+    raw["model"]["layers"][1] = {"type": "conv", "filters": 6, "kernel": 3, "stride": 2, "pool": 2}
+    plan = plan_layers(load_config(raw=raw))
+    assert plan[1].out_shape == (3, 3, 6)  # 28 -> 14 (stride 2) -> 7 (stride 2) -> 3 (pool 2)
+    assert "max-pool 2 before BN" in plan[1].spec.note(plan[1])
+    raw["model"]["layers"][1]["pool"] = 8
+    with pytest.raises(ConfigError, match=r"model.layers\[1\] \(conv2\): pool 8 collapses the conv's 7x7 output"):
+        plan_layers(load_config(raw=raw))
+
+
+def test_folding_keeps_the_bn_of_a_block_that_pools_before_it(tmp_path):
+    """A BN after a max-pool is not folded into the conv (a negative gamma does not commute with max); the others
+    are, and the exported model computes the same."""
+    from convbn_cli.model.fold import standard_model
+
+    raw = tiny_raw(tmp_path)
+    raw["model"]["layers"][0] = {"type": "conv", "filters": 4, "kernel": 3, "pool": 2}
+    model = build_model(load_config(raw=raw))
+    x = np.random.default_rng(5).uniform(size=(8, 28, 28, 1)).astype(np.float32)
+    for _ in range(3):
+        model(x, training=True)  # moving statistics away from (0, 1)
+    folded, folded_names, kept = standard_model(model, fold_bn=True)
+    assert "conv1_bn" in kept and "conv2_bn" in folded_names
+    np.testing.assert_allclose(folded(x, training=False), model(x, training=False), atol=1e-4)
+
+
+def test_the_runs_listing_names_a_block_that_pools_before_bn():
+    from convbn_cli.runs.listing import architecture
+
+    flat = {"model.layers[0].type": "conv", "model.layers[0].filters": 16, "model.layers[0].pool": 2,
+            "model.layers[1].type": "conv", "model.layers[1].filters": 48, "model.layers[1].pool": 1,
+            "model.layers[2].type": "flatten", "model.layers[3].type": "dense", "model.layers[3].units": 10}
+    assert architecture(flat) == "c16p-c48-d10"

@@ -57,7 +57,7 @@ BAD = [
      ["model.layers[0].kernel: must be an integer or a list of 2 integers, got 3 items"]),
     (with_changes(("model.layers[0].filterz", "3")),
      ["model.layers[0].filterz: unknown key; did you mean filters? (expected one of: type, filters, kernel, stride, padding, dilation, "
-      "activation, bn)"]),
+      "activation, bn, pool)"]),
     (with_changes(("model.layers[1].type", "convv")),
      ["model.layers[1].type: unknown layer type 'convv'; did you mean conv? (expected one of: conv, pool, dropout, flatten, "
       "global_pool, dense)"]),

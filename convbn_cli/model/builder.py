@@ -26,7 +26,8 @@ def build_model(cfg: Config, plan=None, precision: str = "float32") -> keras.Mod
             accurate. Evaluation, inspection and export rebuild the model in float32 from the same variables.
 
     Returns:
-        A functional keras.Model whose layer names follow the plan (conv1, conv1_bn, conv1_relu, ...).
+        A functional keras.Model whose layer names follow the plan (conv1, conv1_bn, conv1_relu, ...; conv1_pool
+        between a conv and its BN when the conv block pools).
     """
     plan = plan if plan is not None else plan_layers(cfg)
     policy = None if precision == "float32" else precision
@@ -39,6 +40,8 @@ def build_model(cfg: Config, plan=None, precision: str = "float32") -> keras.Mod
     for i, layer in enumerate(plan):
         dt = policy if i < len(plan) - 1 else None  # the last layer gives float32 logits
         x = keras_layer(layer, fmt, dt)(x)
+        if getattr(layer.spec, "pool", 1) > 1:  # a conv block's pooling, before its BN (schema.ConvLayer.pool)
+            x = keras.layers.MaxPooling2D(layer.spec.pool, data_format=fmt, name=f"{layer.name}_pool", dtype=dt)(x)
         if layer.bn is not None:
             axis = channel_axis if len(layer.out_shape) == 3 else -1
             x = make_bn_layer(layer.bn, layer.bn_impl, axis, layer.bn_name, dtype=dt)(x)

@@ -25,7 +25,8 @@ SORT_KEYS = {"run": "run", "date": "date", "test": "test_acc", "best_val": "best
 
 
 def architecture(config: dict) -> str:
-    """The layers in one short word, `c12-p-c24-p-c48-g-d10`: c = conv (filters, `/2` for stride 2), p = pool,
+    """The layers in one short word, `c12-p-c24-p-c48-g-d10`: c = conv (filters, `/2` for stride 2, `p` when it
+    pools before its BN), p = pool,
     g = global pool, dr = dropout, d = dense (units); flatten is implied."""
     parts, i = [], 0
     while f"{LAYER_KEYS}{i}].type" in config:
@@ -33,7 +34,8 @@ def architecture(config: dict) -> str:
         kind = config[at + "type"]
         if kind == "conv":
             stride = config.get(at + "stride[0]", config.get(at + "stride", 1))
-            parts.append(f"c{config.get(at + 'filters')}" + ("/2" if stride == 2 else f"/{stride}" if stride != 1 else ""))
+            parts.append(f"c{config.get(at + 'filters')}" + ("/2" if stride == 2 else f"/{stride}" if stride != 1 else "")
+                         + ("p" if config.get(at + "pool", 1) != 1 else ""))
         elif kind == "dense":
             parts.append(f"d{config.get(at + 'units')}")
         elif kind != "flatten":

@@ -251,11 +251,13 @@ class Trainer:
         if replicas > 1:
             self.log(f"{replicas} replicas ({type(self.strategy).__name__}), global batch {self.global_batch}, "
                      f"BN statistics {'synchronized' if cfg.distribute.sync_bn else 'per replica'}")
-        self.precision, why = resolve_precision(cfg.train.precision)
+        plan = plan_layers(cfg)
+        self.precision, why = resolve_precision(cfg.train.precision,
+                                                widths=[p.spec.filters for p in plan if p.spec.type == "conv"])
         if cfg.train.precision == "auto":
             self.log(f"precision: {self.precision} ({why})")
         with self.strategy.scope():
-            self.model = build_model(cfg, plan_layers(cfg), precision=self.precision)
+            self.model = build_model(cfg, plan, precision=self.precision)
             self.steps = steps_per_epoch(self.splits.size("train"), self.global_batch)
             self.optimizer = make_optimizer(cfg.train, self.steps * self.epochs)
             self.optimizer.build(self.model.trainable_variables)  # create slots now, so a restore fills them
