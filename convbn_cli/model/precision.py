@@ -6,7 +6,7 @@ sees a GPU or the CPU reports `amx_bf16` or `avx512_bf16` (Linux's /proc/cpuinfo
 
 On a CPU, the width of the conv layers matters as much: oneDNN's BN and conv kernels run channel counts that are
 multiples of 16 in whole vector blocks, and others on a slow path. mnist_fast's old 12/24/48 net trained 3x
-*slower* in bfloat16 than in float32 on an AMX CPU (86 against 28 ms a step), while the 16/32/48 net is 1.5-2x
+*slower* in bfloat16 than in float32 on an AMX CPU (68 against 20 ms a step), while the 16/32/48 net is 1.5x
 faster in bfloat16 (BENCHMARKS.md, "Performance round 3"). So on a CPU `auto` keeps float32 for a net with a
 conv width that is not a multiple of 16.
 """
