@@ -418,3 +418,21 @@ def test_bn_inside_a_nested_model_is_found_measured_and_recalibrated(npz, tmp_pa
     assert not np.all(fixed.moving_variance.numpy() == 1)  # precise BN reached it through the nesting
     assert "moving_statistics_never_updated" not in names(diagnose(tmp_path / "nested-recalibrated.keras",
                                                                    data=str(path), batches=2))
+
+
+def test_a_bias_before_a_pool_before_bn_is_redundant_too():
+    """conv(bias) -> max-pool -> BN (convbn's `pool: 2` block order): the bias is a per-channel constant that the
+    pool passes through, so BN's beta makes it redundant as much as without the pool."""
+    from convbn_cli.analysis.diagnose import check_redundant_bias
+
+    inp = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=True, name="c1")(inp)
+    x = keras.layers.MaxPooling2D(2, name="p1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="c2")(x)
+    x = keras.layers.AveragePooling2D(2, name="p2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    model = keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(x)))
+    [f] = check_redundant_bias(_context(model))
+    assert f.layers == ["c1"] and f.evidence["bias_parameters"] == {"c1": 8}

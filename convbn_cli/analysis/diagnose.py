@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -350,12 +351,19 @@ def check_values(ctx) -> list:
     return out
 
 
+POOLS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+
+
 def check_redundant_bias(ctx) -> list:
     """A bias in the conv/dense right before a BN with center: BN's beta already shifts each channel. Only for a
-    linear producer: a bias before the producer's own activation (Conv2D(activation="relu")) is not redundant."""
+    linear producer: a bias before the producer's own activation (Conv2D(activation="relu")) is not redundant.
+    A pooling layer in between (conv -> pool -> BN, convbn's `pool: 2` blocks) changes nothing: a per-channel
+    constant passes through a max or an average unchanged."""
     hits = {}
     for bn in ctx.bns:
         prev = producer(bn)
+        while isinstance(prev, POOLS):
+            prev = producer(prev)
         linear = getattr(getattr(prev, "activation", None), "__name__", "linear") == "linear"
         if bn.center and linear and getattr(prev, "use_bias", False) and getattr(prev, "bias", None) is not None:
             hits[prev.name] = int(np.prod(prev.bias.shape))
@@ -478,8 +486,6 @@ def _helps(ctx, before: float, after: float) -> bool:
 
 
 def _following_relu(model, bn):
-    import keras
-
     after = consumers(model, bn)
     if len(after) != 1:
         return None
