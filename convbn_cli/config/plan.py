@@ -80,7 +80,11 @@ def _values(layer: PlannedLayer) -> int:
     n = 1
     for d in layer.out_shape:
         n *= d
-    return n * (1 + (layer.bn is not None) + (layer.activation is not None))  # the layer, its BN, its activation
+    # the layer, its BN, its activation; a conv block that pools also keeps its conv's unpooled output, as a
+    # separate pool layer would
+    pool = getattr(layer.spec, "pool", 1)
+    own = n * (pool**2 + 1) if pool > 1 else n
+    return own + n * ((layer.bn is not None) + (layer.activation is not None))
 
 
 def estimate(plan: list, batch_size: int) -> Estimate:
