@@ -17,7 +17,6 @@ import collections
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,36 +73,14 @@ def main():
     from convbn_cli.tf_setup import import_tensorflow
 
     tf = import_tensorflow()
-    from convbn_cli.config import load_config
-    from convbn_cli.data import fetch
-    from convbn_cli.data.pipeline import epoch_order
-    from convbn_cli.train import distribute
-    from convbn_cli.train.loop import Trainer
-
     sys.path.insert(0, str(ROOT / "bench"))
     from peak import cpu_info
+    from step_time import make_caller  # the trainer and its timed call, as the side-by-side comparison builds them
 
-    cfg = load_config(args.config, [*args.set, f"output.root={tempfile.mkdtemp()}"])
-    trainer = Trainer(cfg, distribute.make_strategy(cfg), [], log=lambda m: None)
-    trainer.setup(fetch(cfg.data.dataset, log=lambda m: None))
-    per_call = cfg.train.steps_per_execution
-    order = tf.constant(epoch_order(trainer.splits.size("train"), trainer.global_batch, cfg.train.seed, 0))
-    start = 0
-
-    def call():
-        nonlocal start
-        trainer.train_steps(order, tf.constant(0, tf.int64), tf.constant(start % (trainer.steps - per_call)),
-                            tf.constant(per_call))
-        trainer.sums["loss"].numpy()  # wait for it
-        start += per_call
-
+    call, name, _, per_call = make_caller(args.config, args.set)
     for _ in range(3):
         call()
-    walls = []
-    for _ in range(args.calls):
-        t0 = time.perf_counter()
-        call()
-        walls.append((time.perf_counter() - t0) / per_call * 1000)
+    walls = [call() for _ in range(args.calls)]
     logdir = Path(tempfile.mkdtemp())
     tf.profiler.experimental.start(str(logdir))
     for _ in range(args.calls):
@@ -112,8 +89,7 @@ def main():
     by_type, by_part = read_trace(logdir, args.calls * per_call)
 
     print(cpu_info())
-    print(f"{Path(args.config).name} {' '.join(args.set)}: precision {trainer.precision}, batch "
-          f"{trainer.global_batch}, {per_call} steps per call; wall time {statistics.median(walls):.1f} ms/step "
+    print(f"{name}, {per_call} steps per call; wall time {statistics.median(walls):.1f} ms/step "
           f"(median of {args.calls} calls)")
     print("| op type | ms/step | ops/step |\n| --- | ---: | ---: |")
     for op_type, (ms, n) in sorted(by_type.items(), key=lambda kv: -kv[1][0])[:args.top]:

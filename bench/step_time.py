@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_caller(config, overrides):
-    """(call(): ms per step of one compiled call, description) for a config's trainer."""
+    """(call(): ms per step of one compiled call, description, FLOPs of a step, steps per call) for a config's
+    trainer (also bench/step_profile.py's)."""
     import tensorflow as tf
 
     from convbn_cli.config import load_config
@@ -53,7 +54,8 @@ def make_caller(config, overrides):
     sys.path.insert(0, str(ROOT / "bench"))
     from peak import training_flops
 
-    return call, f"{Path(config).name} {' '.join(overrides)} ({trainer.precision})", training_flops(cfg) * trainer.global_batch
+    name = f"{Path(config).name} {' '.join(overrides)} ({trainer.precision}, batch {trainer.global_batch})"
+    return call, name, training_flops(cfg) * trainer.global_batch, k
 
 
 def main():
@@ -71,7 +73,7 @@ def main():
     from peak import cpu_info
 
     sides = [make_caller(args.against, args.against_set), make_caller(args.config, args.set)]
-    for call, _, _ in sides:  # warm-up: first execution of every kernel
+    for call, *_ in sides:  # warm-up: first execution of every kernel
         call(), call()
     times = [[], []]
     for r in range(args.rounds):
@@ -79,7 +81,7 @@ def main():
         for i in order:
             times[i].append(sides[i][0]())
     print(cpu_info())
-    for (_, name, flops), ms in zip(sides, times):
+    for (_, name, flops, _), ms in zip(sides, times):
         med = statistics.median(ms)
         print(f"{name}: {med:.1f} ms/step (median of {len(ms)} calls; {min(ms):.1f}-{max(ms):.1f}), "
               f"{flops / med / 1e6:.0f} GFLOP/s")
