@@ -78,11 +78,16 @@ def _windows(step, flops_per_call, seconds, windows) -> list:
     return out
 
 
-def matmul_tf(dtype, seconds, windows) -> list:
+def matmul_fn(dtype):
+    """(call, FLOPs per call) of one N x N matmul in `dtype` (also bench/step_time.py's --against-peak side)."""
     a = tf.random.normal((N, N), dtype=tf.float32)
     a, b = tf.cast(a, dtype), tf.cast(tf.transpose(a), dtype)
     fn = tf.function(lambda: tf.reduce_sum(tf.cast(tf.matmul(a, b)[:1, :1], tf.float32)))
-    return _windows(lambda: fn().numpy(), 2 * N**3, seconds, windows)
+    return (lambda: fn().numpy()), 2 * N**3
+
+
+def matmul_tf(dtype, seconds, windows) -> list:
+    return _windows(*matmul_fn(dtype), seconds, windows)
 
 
 def matmul_numpy(seconds, windows) -> list:

@@ -77,7 +77,7 @@ def main():
     from peak import cpu_info
     from step_time import make_caller  # the trainer and its timed call, as the side-by-side comparison builds them
 
-    call, name, _, per_call = make_caller(args.config, args.set)
+    call, name, _, per_call, _ = make_caller(args.config, args.set)
     for _ in range(3):
         call()
     walls = [call() for _ in range(args.calls)]

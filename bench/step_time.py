@@ -8,6 +8,10 @@ after round; each side's figure is the median over its calls, and the ratio is t
 
     python bench/step_time.py --config NEW.yaml [--set K=V ...] --against OLD.yaml [--against-set K=V ...]
                               [--rounds 30]
+    python bench/step_time.py --config configs/mnist_bn.yaml --set train.steps_per_execution=10 --against-peak
+
+`--against-peak` alternates the trainer's calls with bench/peak.py's matmul probe instead (float32, or bfloat16 for
+a bfloat16 trainer): the step's share of the matmul peak, each round's share taken from two calls a second apart.
 
 To compare with an older commit's config: `git show COMMIT:configs/mnist_fast.yaml > /tmp/old.yaml`.
 """
@@ -26,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_caller(config, overrides):
-    """(call(): ms per step of one compiled call, description, FLOPs of a step, steps per call) for a config's
-    trainer (also bench/step_profile.py's)."""
+    """(call(): ms per step of one compiled call, description, FLOPs of a step, steps per call, compute dtype) for a
+    config's trainer (also bench/step_profile.py's)."""
     import tensorflow as tf
 
     from convbn_cli.config import load_config
@@ -55,14 +59,34 @@ def make_caller(config, overrides):
     from peak import training_flops
 
     name = f"{Path(config).name} {' '.join(overrides)} ({trainer.precision}, batch {trainer.global_batch})"
-    return call, name, training_flops(cfg) * trainer.global_batch, k
+    dtype = "bfloat16" if trainer.precision == "mixed_bfloat16" else "float32"
+    return call, name, training_flops(cfg) * trainer.global_batch, k, dtype
+
+
+def make_peak_caller(dtype: str, matmuls: int = 8):
+    """The matmul probe as a side: (call(): ms per matmul over `matmuls` of them, description, FLOPs of one)."""
+    import tensorflow as tf
+
+    from peak import matmul_fn
+
+    fn, flops = matmul_fn(getattr(tf, dtype))
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        for _ in range(matmuls):
+            fn()
+        return (time.perf_counter() - t0) / matmuls * 1000
+
+    return call, f"the {dtype} matmul peak probe (bench/peak.py)", flops, 1, dtype
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "mnist_fast.yaml"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--against", required=True, help="the other config (e.g. an older commit's)")
+    other = ap.add_mutually_exclusive_group(required=True)
+    other.add_argument("--against", help="the other config (e.g. an older commit's)")
+    other.add_argument("--against-peak", action="store_true", help="the matmul peak probe as the other side")
     ap.add_argument("--against-set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
@@ -72,7 +96,8 @@ def main():
     sys.path.insert(0, str(ROOT / "bench"))
     from peak import cpu_info
 
-    sides = [make_caller(args.against, args.against_set), make_caller(args.config, args.set)]
+    new = make_caller(args.config, args.set)
+    sides = [make_peak_caller(new[4]) if args.against_peak else make_caller(args.against, args.against_set), new]
     for call, *_ in sides:  # warm-up: first execution of every kernel
         call(), call()
     times = [[], []]
@@ -81,11 +106,17 @@ def main():
         for i in order:
             times[i].append(sides[i][0]())
     print(cpu_info())
-    for (_, name, flops, _), ms in zip(sides, times):
+    for (_, name, flops, *_), ms in zip(sides, times):
         med = statistics.median(ms)
         print(f"{name}: {med:.1f} ms/step (median of {len(ms)} calls; {min(ms):.1f}-{max(ms):.1f}), "
               f"{flops / med / 1e6:.0f} GFLOP/s")
     ratios = [a / b for a, b in zip(*times)]
+    if args.against_peak:  # GFLOP/s of the step over GFLOP/s of the probe, round by round
+        shares = [r * sides[1][2] / sides[0][2] for r in ratios]
+        q = statistics.quantiles(shares, n=4)
+        print(f"{sides[1][1]}: {statistics.median(shares):.0%} of {sides[0][1]} (median of per-round shares; "
+              f"quartiles {q[0]:.0%}-{q[2]:.0%})")
+        return
     print(f"step time, {sides[0][1]} / {sides[1][1]}: {statistics.median(ratios):.2f}x (median of per-round ratios; "
           f"quartiles {statistics.quantiles(ratios, n=4)[0]:.2f}-{statistics.quantiles(ratios, n=4)[2]:.2f})")
 
