@@ -67,7 +67,7 @@ def make_peak_caller(dtype: str, matmuls: int = 8):
     """The matmul probe as a side: (call(): ms per matmul over `matmuls` of them, description, FLOPs of one)."""
     import tensorflow as tf
 
-    from peak import matmul_fn
+    from peak import N, matmul_fn
 
     fn, flops = matmul_fn(getattr(tf, dtype))
 
@@ -77,7 +77,7 @@ def make_peak_caller(dtype: str, matmuls: int = 8):
             fn()
         return (time.perf_counter() - t0) / matmuls * 1000
 
-    return call, f"the {dtype} matmul peak probe (bench/peak.py)", flops, 1, dtype
+    return call, f"the {dtype} matmul peak probe (bench/peak.py; its step: one {N}x{N} matmul)", flops, 1, dtype
 
 
 def main():
