@@ -50,19 +50,16 @@ def training_flops(cfg) -> float:
     from convbn_cli.config import plan_layers
 
     total, first = 0.0, True
-    shape = tuple(cfg.model.input_shape)
     for p in plan_layers(cfg):
-        if p.spec.type == "conv":
+        if p.spec.type == "conv":  # on the conv's own output: a block that pools before its BN pools after it
             kh, kw = p.spec.kernel
-            pooled = p.spec.pool ** 2  # a block that pools before its BN: the conv ran on the unpooled size
-            macs = p.out_shape[0] * p.out_shape[1] * p.out_shape[2] * kh * kw * shape[-1] * pooled
+            macs = int(np.prod(p.spec.conv_shape(p.in_shape))) * kh * kw * p.in_shape[-1]
         elif p.spec.type == "dense":
-            macs = p.out_shape[0] * (shape[0] if len(shape) == 1 else int(np.prod(shape)))
+            macs = p.out_shape[0] * int(np.prod(p.in_shape))
         else:
-            shape = p.out_shape
             continue
         total += 2 * macs * (2 if first else 3)
-        first, shape = False, p.out_shape
+        first = False
     return total
 
 

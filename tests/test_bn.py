@@ -221,19 +221,21 @@ def test_the_runs_listing_names_a_block_that_pools_before_bn():
     assert architecture(flat) == "c16p-c48-d10"
 
 
-def test_a_pooling_conv_block_counts_its_unpooled_output_in_the_memory_estimate(tmp_path):
+@pytest.mark.parametrize("kernel, padding, size, pooled_size", [(3, "same", 28, 14), (2, "valid", 27, 13)])
+def test_a_pooling_conv_block_counts_its_unpooled_output_in_the_memory_estimate(tmp_path, kernel, padding, size,
+                                                                                 pooled_size):
     """The conv's own output is kept for the backward pass before the block pools it: the same values as a conv
-    followed by a separate pool layer."""
+    followed by a separate pool layer (also where pooling drops an odd last row and column: 27 -> 13)."""
     from convbn_cli.config import plan_layers
     from convbn_cli.config.plan import estimate
 
+    conv_spec = {"type": "conv", "filters": 4, "kernel": kernel, "padding": padding}
     inline = tiny_raw(tmp_path)
-    inline["model"]["layers"][0] = {"type": "conv", "filters": 4, "kernel": 3, "pool": 2}
+    inline["model"]["layers"][0] = {**conv_spec, "pool": 2}
     separate = tiny_raw(tmp_path)
-    separate["model"]["layers"][0:1] = [{"type": "conv", "filters": 4, "kernel": 3},
-                                         {"type": "pool", "kind": "max", "size": 2}]
+    separate["model"]["layers"][0:1] = [conv_spec, {"type": "pool", "kind": "max", "size": 2}]
     per_image = [estimate(plan_layers(load_config(raw=r)), 32).activations_per_image for r in (inline, separate)]
     # separate: conv, BN and ReLU at 28x28x4, the pool's output at 14x14x4; inline: conv at 28x28x4, the pooled
     # output, BN and ReLU at 14x14x4: fewer values (BN and ReLU on a quarter), the conv's output counted in both
-    conv, pooled = 28 * 28 * 4, 14 * 14 * 4
+    conv, pooled = size * size * 4, pooled_size * pooled_size * 4
     assert per_image[1] - per_image[0] == (3 * conv + pooled) - (conv + 3 * pooled)

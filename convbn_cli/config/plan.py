@@ -8,6 +8,7 @@ same plan, so the names shown here (`conv1`, `conv1_bn`, ...) are the names in c
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -21,6 +22,7 @@ class PlannedLayer:
     name: str  # conv1, pool1, dense2, ...
     spec: schema.LayerSpec  # the validated layer config
     out_shape: tuple  # channels-last shape without batch: (H, W, C) or (N,)
+    in_shape: tuple  # the same, of its input
     params: int  # weights of the layer itself (kernel and bias)
     use_bias: bool = True
     bn: Optional[schema.BNSettings] = None
@@ -77,13 +79,10 @@ class Estimate:
 
 
 def _values(layer: PlannedLayer) -> int:
-    n = 1
-    for d in layer.out_shape:
-        n *= d
+    n = math.prod(layer.out_shape)
     # the layer, its BN, its activation; a conv block that pools also keeps its conv's unpooled output, as a
     # separate pool layer would
-    pool = getattr(layer.spec, "pool", 1)
-    own = n * (pool**2 + 1) if pool > 1 else n
+    own = n + math.prod(layer.spec.conv_shape(layer.in_shape)) if getattr(layer.spec, "pool", 1) > 1 else n
     return own + n * ((layer.bn is not None) + (layer.activation is not None))
 
 
@@ -143,7 +142,7 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
         if bad:
             problems.append(f"model.layers[{i}] ({name}): {bad}")
             break  # later shapes would only repeat the problem
-        layer = PlannedLayer(name, spec, out, params, use_bias, bn)
+        layer = PlannedLayer(name, spec, out, shape, params, use_bias, bn)
         if bn is not None:
             why = _resolve_bn_impl(layer, sync_bn)
             if why:

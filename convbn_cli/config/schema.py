@@ -160,7 +160,8 @@ class ConvLayer(LayerSpec):
 
     has_bn: ClassVar[bool] = True
 
-    def plan(self, shape, bn):
+    def conv_shape(self, shape) -> tuple:
+        """The conv's own output for an input `shape`, before the block's pooling (the plan's output after it)."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         if max(sh, sw) > 1 and max(dh, dw) > 1:
             raise LayerProblem("stride and dilation cannot both be above 1 (TensorFlow's convolution does not "
@@ -171,6 +172,11 @@ class ConvLayer(LayerSpec):
             keff = f"{(kh - 1) * dh + 1}x{(kw - 1) * dw + 1}"
             raise LayerProblem(f"kernel {kh}x{kw}" + (f" (dilated to {keff})" if max(dh, dw) > 1 else "")
                                + f" is larger than its {shape[0]}x{shape[1]} input with padding 'valid'")
+        return oh, ow, self.filters
+
+    def plan(self, shape, bn):
+        (kh, kw) = self.kernel
+        oh, ow, _ = self.conv_shape(shape)
         if self.pool > 1:
             if min(oh, ow) < self.pool:
                 raise LayerProblem(f"pool {self.pool} collapses the conv's {oh}x{ow} output to nothing")
