@@ -2,11 +2,11 @@
 
 bench/step_time.py --against-peak gives the step's share of the float32 matmul peak. This script says what that
 share could be at best on this machine: it rebuilds the config's network from its layer plan as bare TensorFlow
-ops (no Keras, no data pipeline) in three tiers, and times each one's training step against the matmul probe,
-calls alternating in one process. A bare step is forward, backward (the gradients of the weights) and the least
-optimizer there is, plain SGD (one subtraction per weight): without an update, consecutive steps would not depend
-on each other and TensorFlow's loop would overlap them, which no training can (measured: about 5 ms a step faster
-on mnist_bn). The tiers:
+ops (no Keras, no data pipeline, no dropout) in three tiers, and times each one's training step against the
+matmul probe, calls alternating in one process. A bare step is forward, backward (the gradients of the weights)
+and the least optimizer there is, plain SGD (one subtraction per weight): without an update, consecutive steps
+would not depend on each other and TensorFlow's loop would overlap them, which no training can (measured: about
+5 ms a step faster on mnist_bn). The tiers:
 
     kernels      the conv and dense products and the pooling, nothing else
     + activation the same with each layer's activation (ReLU)
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +37,9 @@ TIERS = ("kernels", "+ activation", "+ BN")
 
 
 def bare_step(cfg, tier: int, steps: int):
-    """A compiled call of `steps` forward + backward passes of the config's network as bare TensorFlow ops, tier 0-2
-    of TIERS; float32, channels-last, random images and weights (speed only)."""
+    """A compiled call of `steps` training steps (forward, backward, plain SGD update) of the config's network as
+    bare TensorFlow ops, tier 0-2 of TIERS; float32, channels-last, no dropout, random images and weights (speed
+    only)."""
     import keras
     import tensorflow as tf
 
@@ -109,8 +111,6 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
-    import time
-
     from convbn_cli.config import load_config
     from convbn_cli.tf_setup import import_tensorflow
 
