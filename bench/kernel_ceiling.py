@@ -36,42 +36,42 @@ sys.path.insert(0, str(ROOT / "bench"))
 TIERS = ("kernels", "+ activation", "+ BN")
 
 
-def bare_step(cfg, tier: int, steps: int):
-    """A compiled call of `steps` training steps (forward, backward, plain SGD update) of the config's network as
-    bare TensorFlow ops, tier 0-2 of TIERS; float32, channels-last, no dropout, random images and weights (speed
-    only)."""
+def bare_network(cfg, tier: int):
+    """(forward(images) -> logits, layers) of the config's network as bare TensorFlow ops at tier 0-2 of TIERS:
+    float32, channels-last, no dropout, random weights. `layers` lists (planned layer, kernel, bias or None, BN's
+    (gamma, beta) or None) for every conv and dense layer; at tier 2 with the model's weights copied in, forward
+    is convbn's model in training mode (tests/test_bench_tools.py)."""
     import keras
     import tensorflow as tf
 
     from convbn_cli.config import plan_layers
 
     plan = plan_layers(cfg)
-    x = tf.random.normal([cfg.data.batch_size, *cfg.model.input_shape])
-    weights, layers = [], []
+    layers = []
     for p in plan:
         t = p.spec.type
         if t in ("conv", "dense"):
             shape = [*p.spec.kernel, p.in_shape[-1], p.channels] if t == "conv" else [p.in_shape[0], p.channels]
-            w = tf.Variable(tf.random.normal(shape, stddev=0.05))
+            kernel = tf.Variable(tf.random.normal(shape, stddev=0.05))
+            bias = tf.Variable(tf.zeros([p.channels])) if p.use_bias else None
             bn = None
             if tier >= 2 and p.bn is not None:
-                bn = (tf.Variable(tf.ones([p.channels])), tf.Variable(tf.zeros([p.channels])), p.bn.epsilon)
-            weights += [w] + list(bn[:2] if bn else [])
-            layers.append((p, w, bn))
+                bn = (tf.Variable(tf.ones([p.channels])), tf.Variable(tf.zeros([p.channels])))
+            layers.append((p, kernel, bias, bn))
         elif t in ("pool", "global_pool", "flatten", "dropout"):
-            layers.append((p, None, None))
+            layers.append((p, None, None, None))
         else:
             raise SystemExit(f"kernel_ceiling: layer type {t!r} ({p.name}) is not rebuilt here")
 
     def forward(h):
-        for p, w, bn in layers:
+        for p, kernel, bias, bn in layers:
             s = p.spec
             if s.type == "conv":
-                h = tf.nn.conv2d(h, w, s.stride, s.padding.upper(), dilations=s.dilation)
-                if s.pool > 1:
+                h = tf.nn.conv2d(h, kernel, s.stride, s.padding.upper(), dilations=s.dilation)
+                if s.pool > 1:  # the block's pooling, before its BN
                     h = tf.nn.max_pool2d(h, s.pool, s.pool, "VALID")
             elif s.type == "dense":
-                h = tf.matmul(h, w)
+                h = tf.matmul(h, kernel)
             elif s.type == "pool":
                 pool = tf.nn.max_pool2d if s.kind == "max" else tf.nn.avg_pool2d
                 h = pool(h, s.size, s.stride or s.size, s.padding.upper())
@@ -79,16 +79,29 @@ def bare_step(cfg, tier: int, steps: int):
                 h = (tf.reduce_mean if s.kind == "avg" else tf.reduce_max)(h, axis=[1, 2])
             elif s.type == "flatten":
                 h = tf.reshape(h, [tf.shape(h)[0], -1])
+            if bias is not None:
+                h = tf.nn.bias_add(h, bias)
             if bn is not None:  # the fused kernel wants 4-D: a dense layer's (N, C) as (N, 1, 1, C)
+                gamma = bn[0] if p.bn.scale else tf.ones_like(bn[0])
+                beta = bn[1] if p.bn.center else tf.zeros_like(bn[1])
                 shape = tf.shape(h)
                 h4 = h if h.shape.rank == 4 else tf.reshape(h, [shape[0], 1, 1, -1])
-                h = tf.reshape(tf.compat.v1.nn.fused_batch_norm(h4, bn[0], bn[1], epsilon=bn[2])[0], shape)
-            if tier >= 1 and w is not None and p.activation:
+                h = tf.reshape(tf.compat.v1.nn.fused_batch_norm(h4, gamma, beta, epsilon=p.bn.epsilon)[0], shape)
+            if tier >= 1 and kernel is not None and p.activation:
                 h = keras.activations.get(p.activation)(h)
         return h
 
-    out = forward(x)  # once, eagerly: the bare network gives the plan's output shape
-    assert tuple(out.shape[1:]) == tuple(plan[-1].out_shape), (out.shape, plan[-1].out_shape)
+    return forward, layers
+
+
+def bare_step(cfg, tier: int, steps: int):
+    """A compiled call of `steps` training steps (forward, backward, plain SGD update) of bare_network(cfg, tier) on
+    one batch of random images (speed only)."""
+    import tensorflow as tf
+
+    forward, layers = bare_network(cfg, tier)
+    weights = [w for _, kernel, bias, bn in layers for w in (kernel, bias, *(bn or ())) if w is not None]
+    x = tf.random.normal([cfg.data.batch_size, *cfg.model.input_shape])
 
     @tf.function
     def call():
@@ -98,7 +111,8 @@ def bare_step(cfg, tier: int, steps: int):
                 loss = tf.reduce_mean(tf.square(forward(x)))
             grads = tape.gradient(loss, weights)
             for w, g in zip(weights, grads):
-                w.assign_sub(1e-6 * g)  # tiny: the weights stay in range over any number of calls
+                if g is not None:  # BN's gamma or beta when the config turns it off
+                    w.assign_sub(1e-6 * g)  # tiny: the weights stay in range over any number of calls
             total += loss
         return total
 

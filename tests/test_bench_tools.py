@@ -1,0 +1,60 @@
+"""The benchmark tools' own arithmetic: what they time must be the network they name.
+
+bench/kernel_ceiling.py compares convbn's training step with the same network rebuilt from bare TensorFlow ops; its
+"+ BN" tier only says something about convbn's step if it computes what convbn's model computes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_raw
+
+sys.path.insert(0, str(REPO / "bench"))
+
+from convbn_cli.config import load_config  # noqa: E402
+from convbn_cli.model import build_model  # noqa: E402
+from kernel_ceiling import bare_network  # noqa: E402
+
+LAYERS = [  # every kind of layer kernel_ceiling rebuilds: pooling inside a conv block, 'valid' padding, a stride,
+    # a pool layer, a dense layer with BN and one with a bias, a BN without its scale
+    {"type": "conv", "filters": 8, "kernel": 3, "padding": "valid", "pool": 2},
+    {"type": "conv", "filters": 16, "kernel": 3, "stride": 2, "bn": {"scale": False}},
+    {"type": "pool", "kind": "avg", "size": 2},
+    {"type": "conv", "filters": 16, "kernel": 3, "bn": False},
+    {"type": "flatten"},
+    {"type": "dense", "units": 12, "activation": "relu", "bn": True},
+    {"type": "dense", "units": 10},
+]
+
+
+@pytest.mark.parametrize("layers", [LAYERS, LAYERS[:3] + [{"type": "global_pool"}, LAYERS[-1]]],
+                         ids=["flatten", "global_pool"])
+def test_kernel_ceiling_bn_tier_is_convbns_model_in_training_mode(tmp_path, layers):
+    cfg = load_config(raw=tiny_raw(tmp_path, **{"model.layers": layers}))
+    model = build_model(cfg)
+    forward, bare = bare_network(cfg, tier=2)
+    rng = np.random.default_rng(0)
+    for p, kernel, bias, bn in bare:
+        if kernel is None:
+            continue
+        layer = model.get_layer(p.name)
+        for var, source in [(kernel, layer.kernel), (bias, getattr(layer, "bias", None))]:
+            assert (var is None) == (source is None), p.name
+            if var is not None:  # random, not Keras' zero biases: a bias left out must show
+                var.assign(rng.normal(size=var.shape).astype("float32"))
+                source.assign(var.numpy())
+        if bn is not None:
+            gamma, beta = model.get_layer(p.bn_name).gamma, model.get_layer(p.bn_name).beta
+            for var, source in [(bn[0], gamma), (bn[1], beta)]:  # one the config turns off must stay unused
+                var.assign(rng.uniform(0.5, 1.5, size=var.shape).astype("float32"))
+                if source is not None:
+                    source.assign(var.numpy())
+    x = rng.normal(size=(32, *cfg.model.input_shape)).astype("float32")
+    want = model(x, training=True).numpy()
+    got = forward(x).numpy()
+    assert got.shape == want.shape == (32, 10)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
