@@ -147,7 +147,9 @@ def main():
 
     sides = [(timed(bare_step(cfg, t, steps)), TIERS[t]) for t in range(len(TIERS))]
     sides.append((trainer_call, f"convbn's training call ({name})"))
-    assert abs(training_flops(cfg) * cfg.data.batch_size - step_flops) < 1  # the same work on every side
+    # the bare sides run cfg.data.batch_size images a step; their share uses the trainer's FLOPs, so the trainer's
+    # batch (its global batch, one replica here) must be the same
+    assert abs(training_flops(cfg) * cfg.data.batch_size - step_flops) < 1
     for call, _ in [(probe, None), *sides]:  # warm-up: tracing and oneDNN's primitives
         call(), call()
     shares, ms = [[] for _ in sides], [[] for _ in sides]
