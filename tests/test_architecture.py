@@ -180,7 +180,8 @@ def _modules():
 # The package's layers, lowest first: a module imports from its own layer and the ones below, never above (the
 # pipeline: config -> data -> model -> runs -> train -> analysis / export -> what the CLI prints).
 LAYERS = [
-    {"errors", "files", "readers", "lazy", "tf_setup", "launcher", "version"},  # helpers with no convbn dependencies
+    # helpers with no convbn dependencies
+    {"errors", "files", "readers", "lazy", "tf_setup", "launcher", "version", "signals"},
     {"data"},  # the registry names the datasets the config may choose
     {"config"},
     {"model"},

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from .. import signals
 from ..errors import ConvbnError
 
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
@@ -262,15 +263,11 @@ class StopOnSignal(Subscriber):
 
     def __init__(self):
         self.signum, self.after_training, self.trainer = None, False, None
-        self._old = {}
+        self._restore = signals.install({})  # nothing installed yet: putting back does nothing
 
     def on_start(self, trainer):
         self.trainer = trainer
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
+        self._restore = signals.install(signals.stop_signals(self._handle))  # put back in on_close
 
     def _handle(self, signum, frame):
         if self.after_training:
@@ -293,9 +290,7 @@ class StopOnSignal(Subscriber):
             raise trainer.stopped_after_training(self.signum)
 
     def on_close(self, trainer):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
+        self._restore()
 
 
 class StepCallback(Subscriber):

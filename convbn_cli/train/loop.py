@@ -21,6 +21,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from .. import signals
 from ..config import plan_layers
 from ..config.schema import Config
 from ..data import fetch
@@ -407,7 +408,7 @@ class Trainer:
         self.run.check_intact()
         self.state["epoch"].assign(self.epoch)
         self.state["step_in_epoch"].assign(self.done_in_epoch)
-        with _signals_deferred():  # a second Ctrl-C must not cut this checkpoint in half
+        with signals.handled(signals.stop_signals(signal.SIG_IGN)):  # a second Ctrl-C must not cut it in half
             path = self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
         raise Interrupted(signum, path, self.run.path)
 
@@ -438,22 +439,6 @@ class Trainer:
         if getattr(self, "_stats_step", None) != step:
             self._stats, self._stats_step = bn_statistics(self.model), step
         return self._stats
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """SIGINT and SIGTERM ignored for the duration (the process is stopping anyway, right after)."""
-    old = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[s] = signal.signal(s, signal.SIG_IGN)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=None):

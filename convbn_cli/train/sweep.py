@@ -11,7 +11,6 @@ resumes exactly from its checkpoint (train --resume), the rest start.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import itertools
@@ -21,12 +20,12 @@ import signal
 import time
 from pathlib import Path
 
+from .. import signals
 from ..config import dump_config, load_config
 from ..errors import ConfigError, Stopped
 from ..files import write_json_atomic, write_text_atomic
 from ..runs.rundir import RunDirError, make_numbered
 from ..runs.sweepdir import MAX_RUNS, PLAN, dir_name, open_sweep, summarize  # noqa: F401  (the sweep's API)
-
 
 
 class SweepInterrupted(Stopped):
@@ -143,25 +142,11 @@ def run_sweep(path, *, log=print, progress=True) -> dict:
     return write_summary(path, sweep)
 
 
-@contextlib.contextmanager
 def _noting_signals(pending: list):
     """Ctrl-C or SIGTERM between runs, or while one starts, is only noted in `pending` (a KeyboardInterrupt raised
     at an arbitrary point can land in a garbage-collection callback, where Python swallows it); the sweep stops
     at the next safe point, and inside a run the signal is sent again at the next step (events.StopOnSignal)."""
-    def note(signum, frame):
-        pending.append(signum)
-
-    old = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[s] = signal.signal(s, note)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    return signals.handled(signals.stop_signals(lambda signum, frame: pending.append(signum)))
 
 
 def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bool:
