@@ -92,53 +92,59 @@ class FinalModel:
     checkpoint: str  # where it is saved: what `--checkpoint best` opens
     gap: Gap  # its moving-vs-batch statistics check
     test_before: Optional[dict]  # the test result before the EMA or precise BN (None when neither was kept)
+    results: dict  # what results.json records of it: bn_statistics, inference_gap, final_checkpoint (ema_val_acc)
 
 
-def settle(trainer, results: dict) -> FinalModel:
-    """Make the run's final model (steps 1-5 of the module docstring); record what was done in `results`."""
-    cfg, run, precise = trainer.cfg, trainer.run, trainer.cfg.train.precise_bn
-    ema = cfg.train.ema is not None
+def settle(cfg, run, splits, model, optimizer, *, precision: str, latest: str, best: str | None, evaluate_test,
+           progress: bool = False) -> FinalModel:
+    """Make the run's final model (steps 1-5 of the module docstring) and say what was done (FinalModel.results).
+
+    `model` is the trained model in `precision`; with train.ema its `optimizer` holds the average, which is swapped
+    into it. `latest` and `best` are the prefixes of the last epoch's and the best epoch's checkpoints (best None
+    when there is none); `evaluate_test(model)` is the test result of a model (loss, accuracy, ...)."""
+    precise, ema = cfg.train.precise_bn, cfg.train.ema is not None
     test_before = None
     if ema:
-        test_before = trainer.evaluate_test(float32_model(trainer))  # the raw weights, for comparison
-        trainer.optimizer.finalize_variable_values(trainer.model.trainable_variables)
-        source = trainer.manager.latest_checkpoint
+        test_before = evaluate_test(float32_model(model, cfg, precision))  # the raw weights, for comparison
+        optimizer.finalize_variable_values(model.trainable_variables)
+        source = latest
     else:
-        source = trainer.best_manager.latest_checkpoint or trainer.manager.latest_checkpoint
-    model = float32_model(trainer)
-    if not ema and source != trainer.manager.latest_checkpoint:
-        restore(model, source)  # the best epoch's weights and statistics, as `--checkpoint best` opens them
-    before = measure_gap(model, trainer.splits, cfg)
+        source = best or latest
+    final = float32_model(model, cfg, precision)
+    if not ema and source != latest:
+        restore(final, source)  # the best epoch's weights and statistics, as `--checkpoint best` opens them
+    before = measure_gap(final, splits, cfg)
     record = {"mechanism": "none", "split": before.split, "before": before.to_json()}
     prefix, final_gap = source, before
     if ema or (precise is not None and (precise.when == "always" or before.material)):
         record.update(mechanism="ema" if ema else "precise_bn",
                       trigger="train.ema" if ema else f"train.precise_bn: {precise.when}")
-        trained_stats = snapshot_statistics(model)
+        trained_stats = snapshot_statistics(final)
         if not ema:
-            test_before = trainer.evaluate_test(model)
+            test_before = evaluate_test(final)
         n = cfg.train.ema_bn_batches if ema else precise.batches
-        changes = recalibrate_model(model, calibration_batches(trainer.splits, cfg, n), progress=trainer.progress)
-        after = measure_gap(model, trainer.splits, cfg, batch_acc=before.batch_acc)
+        changes = recalibrate_model(final, calibration_batches(splits, cfg, n), progress=progress)
+        after = measure_gap(final, splits, cfg, batch_acc=before.batch_acc)
         record.update(batches=changes.batches, after=after.to_json())
         if not ema and precise.when == "auto" and after.moving_acc < before.moving_acc:
             restore_statistics(trained_stats)  # it did not help: the trained statistics stay
             record["kept"], test_before = False, None
         else:
             record["kept"], final_gap = True, after
-            prefix = save_ema(model, run, source) if ema else save_recalibrated(model, run, source)
+            prefix = save_ema(final, run, source) if ema else save_recalibrated(final, run, source)
+    results = {}
     if ema and final_gap.split == "validation":  # for choosing a recipe: the final model's validation accuracy
         results["ema_val_acc"] = final_gap.moving_acc
     results.update(bn_statistics=record, inference_gap=final_gap.to_json(),
                    final_checkpoint=Path(prefix).resolve().relative_to(run.path.resolve()).as_posix())
-    return FinalModel(model, prefix, final_gap, test_before)
+    return FinalModel(final, prefix, final_gap, test_before, results)
 
 
-def float32_model(trainer):
-    """The trainer's model, or under mixed precision a float32 copy of it (what eval and export build): BN
+def float32_model(model, cfg, precision: str):
+    """`model`, or under mixed precision (`precision`) a float32 copy of it (what eval and export build): BN
     statistics measured in bfloat16 are ~5e-3 off a float64 reference, in float32 ~6e-5."""
-    if trainer.precision == "float32":
-        return trainer.model
-    copy = build_model(trainer.cfg)
-    copy.set_weights(trainer.model.get_weights())
+    if precision == "float32":
+        return model
+    copy = build_model(cfg)
+    copy.set_weights(model.get_weights())
     return copy

@@ -360,7 +360,10 @@ class Trainer:
         results.json."""
         results = {"epochs": self.epochs, "epochs_done": self.metrics[-1]["epoch"] if self.metrics else 0,
                    **self.best(), "stopped_early": self.stop_reason, "precision": self.precision}
-        settled = final.settle(self, results)
+        settled = final.settle(self.cfg, self.run, self.splits, self.model, self.optimizer, precision=self.precision,
+                               latest=self.manager.latest_checkpoint, best=self.best_manager.latest_checkpoint,
+                               evaluate_test=self.evaluate_test, progress=self.progress)
+        results.update(settled.results)
         self.check_signals()
         model, gap, before = settled.model, settled.gap, settled.test_before
         test = self.evaluate_test(model)
