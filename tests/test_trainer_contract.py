@@ -63,6 +63,76 @@ def _trainer_uses(path: Path) -> dict:
     return used
 
 
+# --------------------------------------------------------------------------- every attribute declared in __init__
+
+def test_every_trainer_attribute_is_set_in_init_and_documented():
+    cls = _trainer_class()
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    anywhere, in_init = _self_attributes_set(cls), _self_attributes_set(init)
+    assert anywhere - in_init == set(), "set outside Trainer.__init__: declare them there (None until set)"
+    made = set(vars(_trainer()))
+    assert anywhere <= made  # __init__ really sets each of them (none behind a condition)
+    assert _documented_attributes() == made
+
+
+def test_the_static_check_sees_an_attribute_set_outside_init():
+    """The check above can fail: a method that sets a new attribute is caught."""
+    code = "class Trainer:\n    def __init__(self):\n        self.a = self.b = None\n" \
+           "    def phase(self):\n        self.a, self.c = 1, 2\n        self.b += 1\n"
+    cls = ast.parse(code).body[0]
+    assert _self_attributes_set(cls) - _self_attributes_set(cls.body[0]) == {"c"}
+
+
+# --------------------------------------------------------------------------- the subscribers' contract
+
+def test_subscribers_and_final_use_only_the_contract_and_set_nothing():
+    read, call = _contract()
+    assert {"cfg", "run", "model", "metrics"} <= read and {"interrupt", "bn_statistics"} <= call
+    for module in ("events.py", "final.py"):
+        used = _trainer_uses(TRAIN / module)
+        assert set(used) - read - call == set(), f"{module} uses trainer names outside events.py's contract"
+        assert [name for name, ctx in used.items() if ctx != {"Load"}] == [], f"{module} sets a trainer attribute"
+
+
+def test_the_contract_names_only_declared_attributes_and_methods():
+    read, call = _contract()
+    trainer = _trainer()
+    assert read <= set(vars(trainer)) and read <= _documented_attributes()
+    assert all(callable(getattr(loop.Trainer, name, None)) for name in call), call
+    assert not read & call
+
+
+def test_the_contract_check_sees_an_undeclared_name(tmp_path):
+    """The check above can fail: a subscriber reading a name the contract does not list is caught."""
+    path = tmp_path / "subscriber.py"
+    path.write_text("def on_step(self, trainer, step):\n    trainer.manager.save()\n    self.trainer.epoch = 1\n")
+    read, call = _contract()
+    used = _trainer_uses(path)
+    assert set(used) - read - call == {"manager"} and used["epoch"] == {"Store"}
+
+
+# --------------------------------------------------------------------------- the trainer's own signal subscriber
+
+def test_the_trainer_holds_its_stop_on_signal_by_name_and_calls_it_last():
+    other = events.StopOnSignal()  # someone else's: not the trainer's to consult
+    trainer = _trainer([events.Console(print), other])
+    assert trainer.subscribers[-1] is trainer.stop_on_signal and trainer.stop_on_signal is not other
+    trainer.manager = SimpleNamespace(latest_checkpoint="run/checkpoints/ckpt-7")
+    trainer.run = SimpleNamespace(path=Path("run"))
+    other.signum = signal.SIGTERM
+    trainer.check_signals()  # nothing: the trainer's own subscriber saw no signal
+    trainer.stop_on_signal.signum = signal.SIGTERM
+    with pytest.raises(loop.Interrupted) as stopped:
+        trainer.check_signals()
+    assert stopped.value.exit_code == 143 and "ckpt-7" in str(stopped.value)
+
+
+def test_the_first_reason_to_stop_stays():
+    trainer = _trainer()
+    assert trainer.request_stop("early stopping: a") and not trainer.request_stop("early stopping: b")
+    assert trainer.stop_reason == "early stopping: a"
+
+
 # --------------------------------------------------------------------------- one way to set signal handlers
 
 def _note(signum, frame):

@@ -13,6 +13,14 @@ The trainer (loop.py) calls, in order:
     on_close(trainer)                  always, last, also after an error
 A subscriber implements the ones it needs; adding per-epoch work (plots, early stopping) means adding one, and
 users add theirs with train(cfg, subscribers=[...]) (any object with some of these methods).
+
+What a subscriber may use of the trainer is this list, the trainer's contract with its subscribers (loop.Trainer's
+docstring says what each attribute is and which phase sets it; tests/test_trainer_contract.py holds every
+subscriber here and final.py to it). Attributes are read, never set; the trainer changes through its methods:
+    read:  cfg, run, model, optimizer, precision, epochs, steps, global_batch, metrics, restored, start_epoch,
+           epoch, skip, done_in_epoch, last_chunk, last_sums, stop_reason, last_test, log
+    call:  read_sums(), current_lr(), bn_statistics(), request_stop(reason), interrupt(signum),
+           stopped_after_training(signum)
 """
 
 from __future__ import annotations
@@ -347,8 +355,7 @@ class EarlyStopping(Subscriber):
 
     def _check(self, trainer):
         why = self.reason(trainer.metrics) if trainer.metrics else None
-        if why and trainer.stop_reason is None:
-            trainer.stop_reason = why
+        if why and trainer.request_stop(why):
             trainer.log(why)
 
 

@@ -105,7 +105,8 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
             output.root/output.name/<n>.
         subscribers: your own callbacks: objects with any of events.Subscriber's methods (on_start,
             on_epoch_start, on_step, on_epoch_metrics, on_epoch_end, on_train_end, on_finish, on_close), each
-            called with the Trainer (its cfg, model, metrics, run) and the event's arguments, after convbn's own.
+            called with the Trainer (what a subscriber may use of it: events.py's docstring) and the event's
+            arguments, after convbn's own.
 
     Returns:
         TrainResult: run_dir, metrics (one dict per epoch), test_loss, test_acc and the trained model.
@@ -132,8 +133,7 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         subscribers.append(events.Provenance(lambda: provenance(resume.overrides if resume else overrides)))
     subscribers += [events.ProgressBar()] if progress else []
     subscribers += [events.StepCallback(on_step)] if on_step is not None else []
-    subscribers += [events.UserSubscriber(s) for s in user]
-    subscribers.append(events.StopOnSignal())  # last: a signal sent by an earlier subscriber is seen at once
+    subscribers += [events.UserSubscriber(s) for s in user]  # the Trainer adds its StopOnSignal after them
     trainer = Trainer(cfg, strategy, subscribers, log, progress, warn)
     try:
         with _one_line_errors(cluster=cfg.distribute.strategy == "multi_worker", trainer=trainer):
@@ -203,15 +203,75 @@ def _to_stderr(message):
 
 
 class Trainer:
-    """One training run, phase by phase; `fit` runs them all."""
+    """One training run, phase by phase; `fit` runs them all.
+
+    Every attribute is declared in `__init__` (None, or a neutral value, until the phase that sets it runs); the
+    ones a subscriber may use are listed in events.py's docstring, the trainer's contract with its subscribers.
+
+    Attributes:
+        cfg (Config): the run's config. Given.
+        strategy: the tf.distribute strategy the training steps run under. Given.
+        stop_on_signal (events.StopOnSignal): turns SIGINT/SIGTERM into a checkpoint (during the steps) or a stop
+            (after them); `check_signals` asks it between the final phases. Made here.
+        subscribers (list): the event subscribers in the order they are called: the given ones, then
+            stop_on_signal (last: a signal sent by an earlier subscriber is seen at once). Given.
+        log (callable): where the per-epoch lines and notes go. Given.
+        warn (callable): where a warning about the result goes (BN statistics that still lag). Given.
+        progress (bool): whether to show progress bars. Given.
+        epochs (int): train.epochs, the epoch count the run ends at. Given.
+        splits (Splits): the data's train/val/test splits. setup.
+        global_batch (int): data.batch_size times the replicas. setup.
+        precision (str): train.precision resolved ("float32", "mixed_bfloat16", ...). setup.
+        model (keras.Model): the network being trained. setup.
+        steps (int): training steps per epoch. setup.
+        optimizer (keras.optimizers.Optimizer): the model's optimizer, its slots built. setup.
+        ckpt (tf.train.Checkpoint): what a checkpoint holds (make_checkpoint). setup.
+        state (dict): the checkpoint's progress variables: epoch, step_in_epoch, best_val_acc. setup.
+        train_step (tf.function): one compiled training step, train_step(x, y). setup.
+        sums (dict): the epoch's running loss, ce, correct and count variables. setup.
+        train_steps (tf.function): several steps in one compiled call (make_in_graph_steps) on one device; None
+            under a tf.distribute strategy, whose dataset feeds train_step. setup.
+        evaluate (Evaluator): the validation evaluator of `model`. setup.
+        t_start (float): the time.time() the run's wall_time_s counts from. setup; restore moves it back by the
+            time the run had already trained.
+        run (RunDir): the run directory. fit.
+        manager (tf.train.CheckpointManager): the latest checkpoints. fit.
+        best_manager (tf.train.CheckpointManager): the best epoch's checkpoint. fit.
+        restored (str): the checkpoint a resume loaded; None when the run started from the beginning. restore.
+        metrics (list): one metrics row per finished epoch, as in metrics.jsonl. restore, end_of_epoch.
+        start_epoch (int): the epochs done before this session (0 without a resume). restore.
+        epoch (int): the current epoch, counted from 0. restore, run_epoch.
+        skip (int): the steps of epoch `start_epoch` a resume skips (done before it was interrupted); 0 once that
+            epoch is done. restore, fit.
+        done_in_epoch (int): the steps done in the current epoch. run_epoch.
+        last_chunk (int): the steps the last compiled call ran (1, or up to train.steps_per_execution). run_epoch.
+        last_sums (dict): the running sums as last read (every events.PROGRESS_EVERY steps). read_sums.
+        stop_reason (str): why training ends before train.epochs (early stopping); None while it does not.
+            request_stop.
+        last_test (dict): the final model's test result (loss, accuracy, confusion). finish.
+        _stats (dict): bn_statistics' last reading. bn_statistics.
+        _stats_step (int): the optimizer step `_stats` was read at. bn_statistics.
+    """
 
     def __init__(self, cfg: Config, strategy, subscribers, log=print, progress=True, warn=_silent):
-        self.cfg, self.run, self.strategy, self.subscribers = cfg, None, strategy, subscribers
-        self.log, self.progress, self.warn = log, progress, warn
+        self.cfg, self.strategy = cfg, strategy
+        self.stop_on_signal = events.StopOnSignal()
+        self.subscribers = [*subscribers, self.stop_on_signal]
+        self.log, self.warn, self.progress = log, warn, progress
         self.epochs = cfg.train.epochs
-        self.metrics, self.restored, self.last_sums, self.stop_reason = [], None, None, None
+        # setup
+        self.splits = self.global_batch = self.precision = self.model = self.steps = self.optimizer = None
+        self.ckpt = self.state = self.train_step = self.sums = self.train_steps = self.evaluate = None
+        self.t_start = None
+        # fit and restore
+        self.run = self.manager = self.best_manager = self.restored = None
+        self.metrics = []
         self.epoch = self.start_epoch = self.skip = 0
+        # the epochs and the end
+        self.done_in_epoch = 0
         self.last_chunk = 1  # training steps the last compiled call ran (events.crossed)
+        self.last_sums = self.stop_reason = self.last_test = None
+        self._stats = self._stats_step = None
 
     def publish(self, event, *args):
         for s in self.subscribers:
@@ -422,10 +482,16 @@ class Trainer:
         return Interrupted(signum, latest, self.run.path, " after the last training step, before results.json")
 
     def check_signals(self):
-        """Between the final phases: stop if a signal came (events.StopOnSignal)."""
-        for s in self.subscribers:
-            if isinstance(s, events.StopOnSignal):
-                s.check(self)
+        """Between the final phases: stop if a signal came (the trainer's own events.StopOnSignal)."""
+        self.stop_on_signal.check(self)
+
+    def request_stop(self, reason: str) -> bool:
+        """End training after the current epoch (a subscriber's decision: early stopping); the first reason given
+        stays (results.json's stopped_early). Whether this call's reason is the one kept."""
+        if self.stop_reason is not None:
+            return False
+        self.stop_reason = reason
+        return True
 
     def best(self) -> dict:
         """The epoch with the best validation accuracy (training accuracy without a validation split)."""
@@ -439,7 +505,7 @@ class Trainer:
     def bn_statistics(self) -> dict:
         """Every BN layer's per-channel parameters now (read once per training step, whoever asks)."""
         step = int(self.optimizer.iterations.numpy())
-        if getattr(self, "_stats_step", None) != step:
+        if self._stats_step != step:
             self._stats, self._stats_step = bn_statistics(self.model), step
         return self._stats
 
