@@ -20,7 +20,7 @@ from .analysis.inspection import inspect_bn  # noqa: E402
 from .analysis.predict import predict  # noqa: E402
 from .analysis.recalibration import recalibrate  # noqa: E402
 from .config import ConfigError, load_config  # noqa: E402
-from .export.formats import export  # noqa: E402
+from .export.exporter import export  # noqa: E402
 from .model import build_model  # noqa: E402
 from .train.loop import TrainResult, train  # noqa: E402
 

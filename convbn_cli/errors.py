@@ -5,6 +5,8 @@ codes"): 0 done; 2 bad input; 3 training diverged; 4 diagnose found problems; 12
 interrupted; 1 anything else.
 """
 
+import signal
+
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_FINDINGS = 4  # `convbn diagnose` found problems at or above --fail-on
@@ -48,8 +50,6 @@ class Stopped(BaseException):
     file's many failure modes, say) can swallow it or report it as bad input."""
 
     def __init__(self, signum, message=None):
-        import signal
-
         self.signum, self.exit_code = signum, 128 + signum
         super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
 

@@ -8,10 +8,13 @@ system, where it is atomic) and then renamed into place; a failure removes the t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -79,8 +82,6 @@ STALE_AFTER_S = 600  # a temporary this old belongs to a process that died (a wr
 def is_our_temporary(p: Path, name: str = None) -> bool:
     """Whether `p` is named as atomic_open/staged name their temporaries: `.NAME.<8 random characters>.tmp`
     (tempfile's names), for one NAME or any. Only such names are ever removed as leftovers."""
-    import re
-
     stem = re.escape(name) if name is not None else ".+"
     return re.fullmatch(rf"\.{stem}\.[a-z0-9_]{{8}}\.tmp", p.name) is not None
 
@@ -88,8 +89,6 @@ def is_our_temporary(p: Path, name: str = None) -> bool:
 def remove_stale_temporaries(folder, name: str) -> list:
     """Remove what a killed atomic write or staging of `folder/name` left behind (`.NAME.XXXXXXXX.tmp`, files or
     directories), once it is older than STALE_AFTER_S: a younger one may belong to a write still running."""
-    import time
-
     folder, stale = Path(folder), []
     if not folder.is_dir():
         return stale
@@ -114,8 +113,6 @@ def scratch_dir(folder, name: str):
     an flock on a file inside for as long as it lives, so that a later `remove_abandoned(folder, name)` can tell
     one whose process was killed (SIGKILL leaves no chance to clean up) from one still in use, at once instead of
     after STALE_AFTER_S. Falls back to the system's temporary directory where `folder` cannot be written."""
-    import fcntl
-
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder))
@@ -132,8 +129,6 @@ def scratch_dir(folder, name: str):
 
 def remove_abandoned(folder, name: str) -> list:
     """Remove the scratch_dir()s of `name` under `folder` whose owner is gone (their lock is free)."""
-    import fcntl
-
     removed, folder = [], Path(folder)
     if not folder.is_dir():
         return removed

@@ -10,8 +10,10 @@ and stops processes):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -33,8 +35,6 @@ def _die_with_parent():
     other systems the launcher's own signal handling is all there is. SIGKILL, not SIGTERM: a worker whose peers
     are gone would wait in a collective operation, deaf to SIGTERM; its last epoch's checkpoint is complete."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
@@ -161,8 +161,6 @@ def supervise(train_args: list[str], peers: dict, timeout_s: float | None = None
 
 
 def _wait_readable(fd, timeout_s) -> bool:
-    import select
-
     readable, _, _ = select.select([fd], [], [], timeout_s)
     return bool(readable) and os.read(fd, 64) != b""
 

@@ -5,11 +5,10 @@ Only the commands that need TensorFlow call this, so `convbn --help` and `convbn
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-
-
-import contextlib
+import warnings
 
 VERBOSE = False  # --verbose: nothing of TensorFlow's own output is hidden
 
@@ -22,8 +21,6 @@ def quiet_native():
     if VERBOSE:
         yield
         return
-    import warnings
-
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -54,7 +51,7 @@ def import_tensorflow(verbose: bool = False):
     # Some of TensorFlow's start-up messages are printed by C++ before its log level is read, so
     # TF_CPP_MIN_LOG_LEVEL alone does not silence them: point file descriptor 2 at /dev/null while importing.
     with quiet_native():
-        import tensorflow as tf
         import keras  # noqa: F401  (Keras prints its own notices on first import)
+        import tensorflow as tf
     tf.get_logger().setLevel("ERROR")
     return tf

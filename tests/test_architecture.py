@@ -185,6 +185,7 @@ LAYERS = [
     {"data"},  # the registry names the datasets the config may choose
     {"config"},
     {"model"},
+    {"formats"},  # model files: what each format is called (catalog) and how it is written and run (runtime)
     {"runs"},
     {"present"},  # plots, tables and reports: drawn by training and sweeps, printed by the CLI
     {"train"},
@@ -303,7 +304,7 @@ def test_the_api_is_the_functions_themselves_and_cannot_be_shadowed():
     import convbn_cli.train  # noqa: F401
     from convbn_cli import api
     from convbn_cli.analysis.evaluation import evaluate
-    from convbn_cli.export.formats import export
+    from convbn_cli.export.exporter import export
     from convbn_cli.train.loop import train
 
     assert api.train is train and api.export is export and api.evaluate is evaluate  # real signatures and docs
@@ -382,3 +383,21 @@ def test_config_has_no_import_cycle():
 
 def test_errors_say_their_exit_codes():
     assert ConvbnError("x").exit_code == 2 and ConvbnError("x").lines == ["x"]
+
+
+def test_each_model_format_has_one_writer_and_one_reader_in_one_module():
+    """formats/catalog.py names the formats; formats/runtime.py alone writes, opens and runs them: nothing else in
+    the package loads a model file (Keras, TFLite, onnxruntime, SavedModel) or names a format's file ending."""
+    from convbn_cli.formats import runtime
+    from convbn_cli.formats.catalog import FORMAT_INFO, FORMATS, SUFFIXES
+
+    assert set(runtime.READERS) == set(FORMATS) == set(FORMAT_INFO)
+    assert len(set(runtime.READERS.values())) == len(FORMATS)  # one reader each, none shared
+    writer = ast.unparse(next(n for n in ast.parse((PACKAGE / "formats" / "runtime.py").read_text()).body
+                              if isinstance(n, ast.FunctionDef) and n.name == "write"))
+    assert all(f"'{name}'" in writer for name in FORMATS if name != "tflite")  # tflite: the write's else branch
+    loaders = re.compile(r"load_model\(|tf\.lite\.Interpreter|InferenceSession\(|saved_model\.load\(|TFLiteConverter"
+                         r"|model\.save\(|model\.export\(|" + "|".join(re.escape(f'"{s}"') for s in SUFFIXES))
+    elsewhere = [f"{p.relative_to(REPO)}:{n}" for p in _modules() if p.parent.name != "formats"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if loaders.search(line)]
+    assert elsewhere == []

@@ -89,15 +89,15 @@ def test_force_replaces_a_previous_export_of_the_same_kind(run_copy, cli, tmp_pa
 
 
 def test_sigterm_during_export_removes_the_staging_and_exits_143(run_copy, cli, tmp_path, monkeypatch):
-    import convbn_cli.export.formats as formats
+    from convbn_cli.formats import runtime
 
-    real_write = formats.write
+    real_write = runtime.write
 
     def write_then_terminated(model, fmt, path, about):
         real_write(model, fmt, path, about)
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while the export sits in its staging directory
 
-    monkeypatch.setattr(formats, "write", write_then_terminated)
+    monkeypatch.setattr(runtime, "write", write_then_terminated)
     r = cli("export", run_copy, "--format", "savedmodel", "--output", tmp_path / "sm")
     assert r.exit_code == 143 and "interrupted by SIGTERM" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no export, no staging left

@@ -183,7 +183,7 @@ def test_fifos_are_refused_without_blocking(tmp_path, no_hang):
     from convbn_cli.config import load_config
     from convbn_cli.data.external import load_npz_arrays
     from convbn_cli.runs.rundir import RunDir
-    from convbn_cli.runs.locate import check_keras_archive
+    from convbn_cli.formats.catalog import check_keras_archive
     from convbn_cli.train.sweep import open_sweep
 
     run = a_run(tmp_path)
@@ -220,7 +220,7 @@ def test_declared_sizes_are_refused_before_anything_is_decoded(tmp_path):
     and a 2 GB sparse metrics.jsonl (4.2 GB): each refused from what it declares."""
     from convbn_cli.analysis.predict import load_inputs
     from convbn_cli.runs.rundir import RunDir
-    from convbn_cli.runs.locate import check_keras_archive
+    from convbn_cli.formats.catalog import check_keras_archive
 
     for w, h in ((10**6, 64), (60000, 1000), (64, 10**6)):
         with pytest.raises(ConvbnError, match="scale it down first") as e:
@@ -397,7 +397,7 @@ def test_fuzz_config_and_sweep_plan(tmp_path):
 def test_fuzz_archives_and_arrays(tmp_path):
     from convbn_cli.analysis.predict import load_inputs
     from convbn_cli.data.external import load_npz_arrays
-    from convbn_cli.runs.locate import check_keras_archive
+    from convbn_cli.formats.catalog import check_keras_archive
 
     rng = np.random.default_rng(0)
     keras_file = zip_declaring(tmp_path / "m.keras", {"metadata.json": b'{"keras_version": "3"}',

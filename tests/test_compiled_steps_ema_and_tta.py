@@ -153,7 +153,7 @@ def test_an_interrupted_ema_run_resumes_to_the_same_average(ema_run, tmp_path, s
 def test_eval_inspect_and_export_see_the_ema_model(ema_run, synthetic, tmp_path):
     from convbn_cli.analysis import evaluate, inspect_bn
     from convbn_cli.data.pipeline import normalizer
-    from convbn_cli.export.formats import export
+    from convbn_cli.export.exporter import export
 
     cfg, result, _ = ema_run
     run = RunDir(result.run_dir)

@@ -19,7 +19,8 @@ def stdout_json(r):
 
 
 def test_onnx_and_savedmodel_exports_are_targets_with_their_class_names(run_copy, cli, mnist, tmp_path):
-    from convbn_cli.runs.exported import read_metadata
+    from convbn_cli.formats import runtime
+    from convbn_cli.formats.catalog import format_of
 
     digits = []
     for i in range(6):
@@ -40,7 +41,7 @@ def test_onnx_and_savedmodel_exports_are_targets_with_their_class_names(run_copy
         away = tmp_path / "away" / path.name  # no run directory above it: the export says what it is
         away.parent.mkdir(exist_ok=True)
         (shutil.copytree if path.is_dir() else shutil.copy)(path, away)
-        about = read_metadata(away)
+        about = runtime.read(format_of(away), away).about  # what the file says, as its reader reads it
         assert about["class_names"] == [str(d) for d in range(10)] and about["input"] == "pixels", fmt
         got = stdout_json(cli("predict", away, *digits, "--json", "--top-k", "3"))
         assert got["class_names"] == reference["class_names"]

@@ -106,7 +106,7 @@ def tree(path):
 
 
 def a_written_export(folder):
-    from convbn_cli.export.output import write_manifest
+    from convbn_cli.formats.catalog import write_manifest
 
     (folder / "variables").mkdir(parents=True)
     (folder / "assets").mkdir()

@@ -105,3 +105,22 @@ def test_steps_jsonl_holds_the_training_loss_every_few_steps_and_survives_a_resu
     assert [r["step"] for r in rows] == [*range(1, 17), *range(23, 33)] and rows[:16] == first
     assert all(0 <= r["train_acc"] <= 1 and r["loss"] > 0 and r["lr"] > 0 for r in rows)
     assert rows[-1]["epoch"] == 2.0
+
+
+def test_a_run_report_builds_its_model_once_and_loads_its_data_once(run_copy, mnist_cache, monkeypatch):
+    """The page's evaluation, BN parameters and diagnose measure one opened model: one build and restore, one
+    load of the dataset (they used to open the run three times)."""
+    import convbn_cli.runs.target as target
+    from convbn_cli.analysis.report import report
+
+    counts = {}
+    for name in ("build_model", "restore", "fetch"):  # what opening a run and loading its data call
+        def call(*args, _real=getattr(target, name), _name=name, **kw):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(target, name, call)
+    monkeypatch.setenv("CONVBN_DATA_DIR", str(mnist_cache))
+    r = report(run_copy, batches=2)
+    assert r["kind"] == "run" and (run_copy / "report.html").is_file()
+    assert counts == {"build_model": 1, "restore": 1, "fetch": 1}

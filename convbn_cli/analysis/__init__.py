@@ -1,7 +1,7 @@
 """After training: evaluate targets, inspect every BN layer's per-channel parameters, recalibrate (precise BN),
-diagnose what is wrong with BN (diagnose.py), predict, and draw pictures (plots.py).
-Reads runs and targets through `convbn_cli.runs`, never through the training package. Names are imported on
-first use: plots.py needs no TensorFlow (`convbn runs compare` draws without loading it); the rest imports it."""
+diagnose what is wrong with BN (diagnose.py), predict (predict.py), and a run's or sweep's HTML page (report.py).
+Each takes a TARGET or a Target opened already (runs/target.py), never the training package. Names are imported on
+first use; the pictures are drawn by present/ (no TensorFlow)."""
 
 from ..lazy import lazy_names
 

@@ -16,14 +16,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..errors import TargetError
 from ..model import Evaluator, bn_layers, recalibrate_model
 from ..model.bn import channel_axis, restore_statistics, snapshot_statistics
+from ..model.fold import foldable_pairs
 from ..model.graph import all_layers, consumers, input_model, output_model, producer
 from ..model.stats import bn_layer_parameters
+from ..present.inspection import DEAD_GAMMA
+from ..runs.target import Target, opened
 
 SEVERITIES = ("info", "warning", "error")
 MATERIAL_GAP = 0.02  # accuracy points between batch- and moving-statistics inference that call for a look
-DEAD_GAMMA = 1e-2
 FEW_VALUES = 16  # values per channel per replica under which batch statistics are too noisy to trust
 SCALE_OFF = 10.0  # inputs this many times too large (or small) for the first BN layer: a scale mismatch
 
@@ -428,8 +431,6 @@ def check_unfolded_export(ctx) -> list:
     """An exported model that still computes BN at inference although each BN could fold into its conv/dense."""
     if ctx.kind != "export":
         return []
-    from ..model.fold import foldable_pairs
-
     pairs = foldable_pairs(ctx.model)
     if not pairs:
         return []
@@ -526,12 +527,9 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=
     Returns:
         {"target", "kind", "bn_layers", "images", "findings": [Finding, ...], "counts": {severity: n}}.
     """
-    from ..runs.checkpoints import CheckpointError
-    from ..runs.target import open_target
-
-    t = open_target(target, which)
+    t = opened(target, which)
     if not bn_layers(t.model):
-        raise CheckpointError(f"{t.source}: the model has no BN layers to diagnose")
+        raise TargetError(f"{t.source}: the model has no BN layers to diagnose")
     d = t.eval_data(batches, data_source=data, scale=scale, log=log)
     n = batches * d.batch_size  # batches of the training size (a model from elsewhere: of 128)
     ctx = Context(t.model, d.num_classes, d.images[:n], d.labels[:n], d.batch_size, d.calibration, _steps(t),
@@ -540,8 +538,9 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=
         "the moving statistics, each batch's own and an in-memory precise BN ...")
     passed = []
     findings = diagnose_model(ctx, passed)
+    named = str(target) if not isinstance(target, Target) else str(t.run.path if t.kind == "checkpoint" else t.source)
     for f in findings:  # the fixes name the user's own target
-        f.fix = f.fix.replace("TARGET", str(target))
+        f.fix = f.fix.replace("TARGET", named)
     return {"target": t.source, "kind": t.kind, "bn_layers": [bn.name for bn in ctx.bns], "images": len(ctx.images),
             "findings": findings, "passed": passed,
             "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES}}

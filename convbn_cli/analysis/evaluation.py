@@ -10,10 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.pipeline import eval_dataset, normalizer
+from ..errors import TargetError
 from ..model import Evaluator, bn_layers
-from ..runs.checkpoints import CheckpointError
-from ..runs.target import open_target
-
+from ..runs.target import opened
 
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))  # (down, right) in pixels: the image and 4 one-pixel shifts
 
@@ -46,7 +45,7 @@ def evaluate(target, *, which="best", split="test", bn_stats="moving", data=None
     """Evaluate a run directory, checkpoint prefix, .keras export or .tflite file on one split.
 
     Args:
-        target: what `convbn eval` takes (see runs.target.open_target).
+        target: what `convbn eval` takes (see runs.target.open_target), or a Target opened already.
         which: a run directory's checkpoint: "best", "latest", "recalibrated", "ema" or a training step.
         split: "test" or "val".
         bn_stats: "moving" (correct inference) or "batch" (each batch's own statistics).
@@ -57,14 +56,14 @@ def evaluate(target, *, which="best", split="test", bn_stats="moving", data=None
         A dict of floats, and NumPy arrays for `per_class_accuracy` (classes,) and `confusion` (classes, classes),
         rows the true class and columns the predicted one; plus checkpoint, split, bn_stats, images, class_names.
     """
-    t = open_target(target, which, tflite=bn_stats == "moving")
-    if bn_stats == "batch" and not bn_layers(t.model):
-        raise CheckpointError(f"{t.source}: --bn-stats batch needs BN layers and this model has none (folded into "
+    t = opened(target, which, runnable_only=bn_stats == "moving")
+    if bn_stats == "batch" and (t.model is None or not bn_layers(t.model)):
+        raise TargetError(f"{t.source}: --bn-stats batch needs BN layers and this model has none (folded into "
                               "the convolutions?); its result would be the moving-statistics one")
     splits = t.splits(data, log, progress)
     cfg = t.config
     if splits.size(split) == 0:
-        raise CheckpointError(f"the run's config holds out no {split} split (data.val_split is 0)")
+        raise TargetError(f"the run's config holds out no {split} split (data.val_split is 0)")
     # batch mode normalizes with each batch's statistics: use the training batch size, as in training
     batch = cfg.data.batch_size if bn_stats == "batch" else None
     size = batch or max(cfg.data.batch_size, 500)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import TargetError
 from ..model.stats import bn_parameters
 from ..present.inspection import QUANTITIES, fixed
-from ..runs.checkpoints import CheckpointError
-from ..runs.target import open_target
-
+from ..runs.target import opened
 
 
 def inspect_bn(target, *, which="best", layers=None) -> dict:
@@ -23,22 +22,22 @@ def inspect_bn(target, *, which="best", layers=None) -> dict:
     without moving statistics fails the restore (every variable must be found) rather than showing 0 and 1.
 
     Args:
-        target: a run directory, checkpoint prefix or .keras model.
+        target: a run directory, checkpoint prefix or .keras model, or a Target opened already.
         which: a run directory's checkpoint ("best", "latest", "recalibrated", "ema" or a training step).
         layers: only these BN layers (names); None: all.
 
     Returns:
         {"checkpoint": source, "layers": {name: {gamma, beta, moving_mean, moving_variance, scale, shift, ...}}}.
     """
-    t = open_target(target, which)
+    t = opened(target, which)
     prefix = t.source
     params = bn_parameters(t.model)
     if not params:
-        raise CheckpointError(f"{prefix}: the model has no BN layers")
+        raise TargetError(f"{prefix}: the model has no BN layers")
     if layers:
         unknown = [n for n in layers if n not in params]
         if unknown:
-            raise CheckpointError(f"no BN layer named {', '.join(unknown)} (the model has: {', '.join(params)})")
+            raise TargetError(f"no BN layer named {', '.join(unknown)} (the model has: {', '.join(params)})")
         params = {n: params[n] for n in layers}
     return {"checkpoint": prefix, "layers": params}
 
@@ -66,5 +65,5 @@ def compare(a: dict, b: dict) -> dict:
     """Per-channel differences b - a for every BN layer with a counterpart (same name and channels) in both."""
     same, _ = counterparts(a, b)
     if not same:
-        raise CheckpointError("the two checkpoints share no BN layer (same name and number of channels)")
+        raise TargetError("the two checkpoints share no BN layer (same name and number of channels)")
     return {name: {q: b["layers"][name][q] - a["layers"][name][q] for q in QUANTITIES} for name in same}

@@ -15,6 +15,7 @@ import numpy as np
 from ..data import DataError
 from ..data.external import load_npz_arrays
 from ..data.registry import DIGIT_BOX, MNIST
+from ..files import write_bytes_atomic
 from ..readers import array_bytes, array_header, check_zip, open_regular
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -136,8 +137,6 @@ def write_shown(images: np.ndarray, names: list, folder, zoom: int = 8) -> list:
     the pixels stay visible), into a new or empty DIR; never over a file."""
     from PIL import Image
 
-    from ..files import write_bytes_atomic
-
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"--show {folder}: exists and is not an empty directory; name a new one")
@@ -219,9 +218,9 @@ def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str 
         source, class_names, preprocess, and predictions: one {input, top: [{class, name, probability}, ...]}
         per input (and shown: the pictures written).
     """
-    from ..runs.target import open_target
+    from ..runs.target import opened
 
-    t = open_target(target, which, tflite=True)
+    t = opened(target, which, runnable_only=True)
     shape, names, factor, offset = t.pixel_contract(scale)
     if len(shape) != 3 or shape[-1] != 1:
         raise DataError(f"{t.source}: takes inputs of shape {shape}; predict needs grayscale images (H, W, 1)")

@@ -6,14 +6,19 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from ..config.schema import PRECISE_BN_BATCHES
+from ..errors import TargetError
 from ..files import staged
+from ..formats import runtime
+from ..formats.catalog import file_name
 from ..model import Evaluator, recalibrate_model
+from ..model.fold import standard_model
 from ..runs import checkpoint_step
-from ..runs.checkpoints import CheckpointError, save_recalibrated
-from ..runs.target import open_target
+from ..runs.checkpoints import save_recalibrated
+from ..runs.target import opened
 
 
-def recalibrate(target, *, which="best", batches: int | None = 200, split=None, data=None, data_source=None,
+def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHES, split=None, data=None, data_source=None,
                 scale=1 / 255, progress=False, log=lambda m: None) -> dict:
     """Recalibrate the BN statistics of a model (precise BN); evaluate before and after; save the result.
 
@@ -32,7 +37,7 @@ def recalibrate(target, *, which="best", batches: int | None = 200, split=None, 
         ({loss, accuracy, ...}), layers
         ({name: (old mean, old var, new mean, new var)}) and source_step.
     """
-    t = open_target(target, which)
+    t = opened(target, which)
     d = t.eval_data(batches, split=split, data=data, data_source=data_source, scale=scale, log=log,
                     progress=progress)
     evaluate = Evaluator(t.model, d.num_classes)
@@ -53,13 +58,11 @@ def _save_beside(t) -> str:
     path = Path(t.source)
     model = t.model
     if t.pixel_affine is not None:  # the original took raw pixels: so does the recalibrated model
-        from ..model.fold import standard_model
-
         model = standard_model(t.model, pixel_affine=t.pixel_affine)[0]
     for k in range(1, 10_000):
-        out = path.with_name(f"{path.stem}-recalibrated{'' if k == 1 else f'-{k}'}.keras")
+        out = path.with_name(file_name(f"{path.stem}-recalibrated{'' if k == 1 else f'-{k}'}", "keras"))
         if not (out.exists() or out.is_symlink()):  # a dangling link is someone's too: never replaced
             with staged(out) as tmp:
-                model.save(tmp)
+                runtime.write(model, "keras", tmp, t.about)  # what the original said about itself, it says too
             return str(out)
-    raise CheckpointError(f"{path.parent}: no free name for the recalibrated model")
+    raise TargetError(f"{path.parent}: no free name for the recalibrated model")

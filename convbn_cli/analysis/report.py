@@ -13,6 +13,7 @@ import io
 from pathlib import Path
 
 from ..errors import ConvbnError
+from ..files import write_text_atomic
 from ..present import html
 from ..present.inspection import plot as plot_bn
 from ..present.plots import confusion_matrix, curves, sweep_summary
@@ -26,36 +27,39 @@ MAX_CONFIG_TEXT = 1 << 20
 
 
 def run_report(path, *, batches: int = 5, log=lambda m: None) -> dict:
-    """Everything a run's page shows (see the module docstring), measured now on the run's final model."""
+    """Everything a run's page shows (see the module docstring), measured now on the run's final model: opened
+    once (one build and restore, one load of the data) for the evaluation, the BN parameters and diagnose."""
+    # TensorFlow: imported here, as a sweep's page needs none
     from ..runs.checkpoints import find
+    from ..runs.target import open_target
     from .diagnose import diagnose
     from .evaluation import evaluate
     from .inspection import inspect_bn
 
     run = RunDir.open(path)
-    cfg = run.load_config()
     results, info, metrics, steps = run.read_results(), run.read_run_info(), run.read_metrics(), run.read_steps()
     try:
-        checkpoint = find(run, "best")
+        find(run, "best")
     except ConvbnError as e:
         raise RunDirError(f"{run.path}: nothing to report yet ({e})") from None
-    title = str(run.path)
+    t = open_target(run.path, "best")
+    cfg, checkpoint, title = t.config, t.source, str(run.path)
     log(f"report of {run.path}: curves, test confusion matrix, BN parameters, diagnose")
     pictures = {}
     if metrics:
         buf = io.BytesIO()
         curves(metrics, buf, title=title, steps=steps)
         pictures["curves"] = buf.getvalue()
-    test = evaluate(run.path, which="best", split="test")
+    test = evaluate(t, split="test")
     buf = io.BytesIO()
     confusion_matrix(test["confusion"], cfg.dataset.class_names, buf,
                      title=f"test accuracy {test['accuracy']:.2%} ({test['images']} images)")
     pictures["confusion"] = buf.getvalue()
-    bn = inspect_bn(run.path, which="best")
+    bn = inspect_bn(t)
     buf = io.BytesIO()
     plot_bn(bn, buf)
     pictures["bn"] = buf.getvalue()
-    found = diagnose(run.path, which="best", batches=batches)
+    found = diagnose(t, batches=batches)
     verdict = DiagnoseReport(found).verdict().removeprefix("verdict: ")
     return {"kind": "run", "title": title, "checkpoint": checkpoint, "results": results, "test": test,
             "metrics": metrics, "provenance": info, "pictures": pictures, "verdict": verdict,
@@ -93,11 +97,22 @@ def sweep_report(path, *, log=lambda m: None) -> dict:
             "runs": runs, "pictures": pictures}
 
 
+def report_kind(target) -> str:
+    """"sweep" or "run": what a directory given to `convbn report` is (no TensorFlow: the CLI asks before it
+    loads it, as only a run's page measures a model)."""
+    target = Path(target)
+    if not target.is_dir():
+        raise ConvbnError(f"{target}: no such run or sweep directory")
+    if (target / PLAN).exists():
+        return "sweep"
+    if (target / "config.yaml").exists():
+        return "run"
+    raise ConvbnError(f"{target}: not a run directory (config.yaml) or a sweep directory ({PLAN})")
+
+
 def report(target, *, output=None, force: bool = False, batches: int = 5, log=lambda m: None) -> dict:
     """Write the HTML page of a run or sweep directory to `output` (default: TARGET/report.html, rewritten each
     time: convbn's own file); an existing `output` elsewhere is refused unless `force`. Returns {path, kind}."""
-    from ..files import write_text_atomic
-
     target = Path(target)
     out = Path(output) if output else target / REPORT_NAME
     if output:
@@ -107,11 +122,7 @@ def report(target, *, output=None, force: bool = False, batches: int = 5, log=la
             raise ConvbnError(f"--output {out}: already exists; add --force to replace it")
         if out.is_dir():
             raise ConvbnError(f"--output {out}: is a directory; give a file name ending in .html")
-    if (target / PLAN).exists():
-        page = sweep_report(target, log=log)
-    elif (target / "config.yaml").exists():
-        page = run_report(target, batches=batches, log=log)
-    else:
-        raise ConvbnError(f"{target}: not a run directory (config.yaml) or a sweep directory ({PLAN})")
+    page = (sweep_report(target, log=log) if report_kind(target) == "sweep"
+            else run_report(target, batches=batches, log=log))
     write_text_atomic(out, html.page(page))
     return {"path": str(out), "kind": page["kind"], "verdict": page.get("verdict")}

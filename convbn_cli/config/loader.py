@@ -7,6 +7,7 @@ so that a user can find it in the file. TensorFlow is never imported here: `conv
 
 from __future__ import annotations
 
+import difflib
 import re
 import typing
 from pathlib import Path
@@ -18,7 +19,6 @@ from ..errors import ConfigError, ConvbnError
 from ..readers import read_bytes
 from . import builtin, schema
 from .plan import plan_layers
-
 
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB; the shipped configs are under 1 KB
 MAX_NESTING = 32  # mappings and lists inside each other (a config needs 4)
@@ -306,8 +306,6 @@ def format_validation_error(e: ValidationError) -> list[str]:
 
 def _did_you_mean(word, options) -> str:
     """"; did you mean epochs?" for a near miss (a typo, a missing letter), else nothing (difflib's ratio)."""
-    import difflib
-
     if not isinstance(word, str) or not options:
         return ""
     close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)

@@ -11,8 +11,16 @@ from __future__ import annotations
 import math
 from typing import Annotated, ClassVar, Literal, Optional
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, create_model,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    create_model,
+    model_validator,
+)
 
 from ..data import registry
 
@@ -310,6 +318,12 @@ class ScheduleConfig(Strict):
     final_div_factor: In(1) = 1e4  # one_cycle: final lr = start lr / final_div_factor
 
 
+# Batches precise BN averages the statistics over unless told otherwise (train.precise_bn, `convbn recalibrate`,
+# the EMA model, a model from elsewhere): 200 batches of 64-128 are 13-26k images, enough that the statistics'
+# sampling noise is far below what a training run's last steps leave (fvcore's precise BN uses 200 too).
+PRECISE_BN_BATCHES = 200
+
+
 class PreciseBN(Strict):
     """Recompute the BN statistics with the final weights after training (see `convbn recalibrate`).
 
@@ -318,7 +332,7 @@ class PreciseBN(Strict):
     if it does not lower that accuracy (train/final.py).
     """
 
-    batches: In(1, 1_000_000, kind=int) = 200  # training batches to average the BN statistics over
+    batches: In(1, 1_000_000, kind=int) = PRECISE_BN_BATCHES  # training batches to average the BN statistics over
     when: Literal["auto", "always"] = "always"
 
 
@@ -332,7 +346,7 @@ def _precise_switch(v):
         return None
     if isinstance(v, (dict, PreciseBN)):
         return v
-    raise ValueError(f"must be auto, always, off or a mapping like {{batches: 200}}, got {v!r}")
+    raise ValueError(f"must be auto, always, off or a mapping like {{batches: {PRECISE_BN_BATCHES}}}, got {v!r}")
 
 
 class EarlyStopping(Strict):
@@ -368,13 +382,13 @@ class TrainConfig(Strict):
     # Training steps per compiled call: one Python round trip (and one chance to stop on Ctrl-C) per K steps.
     steps_per_execution: In(1, 100000, kind=int) = 1
     # The final model is the moving average of the weights, with BN statistics recomputed for it (precise BN over
-    # train.precise_bn.batches, else 200 batches); the raw weights stay in checkpoints/.
+    # train.precise_bn.batches, else PRECISE_BN_BATCHES); the raw weights stay in checkpoints/.
     ema: Optional[EMA] = None
 
     @property
     def ema_bn_batches(self) -> int:
         """The training batches precise BN averages over for the EMA model."""
-        return self.precise_bn.batches if self.precise_bn is not None else 200
+        return self.precise_bn.batches if self.precise_bn is not None else PRECISE_BN_BATCHES
 
 
 class DistributeConfig(Strict):

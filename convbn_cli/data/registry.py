@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -20,7 +22,7 @@ class Dataset:
     std: float
     # sha256 of each array's raw bytes (C order, uint8), whatever file they came from
     array_sha256: dict
-    # automatic sources after the cache and the Keras download, as names in data/sources.py's SOURCES
+    # automatic sources after the cache and the Keras download, as names in data/sources.py's EXTRA_SOURCES
     extra_sources: tuple = ()
     keras_files: tuple = ()  # file names under Keras' download location
     keras_sha256: str | None = None  # of the single file, when Keras ships one
@@ -88,8 +90,6 @@ def pixel_affine(dataset: str, normalize: str) -> tuple:
 
 
 def get(name: str) -> Dataset:
-    from ..errors import DataError
-
     try:
         return REGISTRY[name]
     except KeyError:

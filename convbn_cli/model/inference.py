@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from .bn import is_bn, restore_statistics, snapshot_statistics
 from .graph import run_graph
@@ -56,8 +57,6 @@ class Evaluator:
             self._logits = forward_fn(model, bn_stats)
 
     def __call__(self, dataset, progress: bool = False, total: int | None = None) -> dict:
-        from tqdm import tqdm
-
         confusion = np.zeros((self.num_classes, self.num_classes), np.int64)
         loss = 0.0
         for x, y in tqdm(dataset, total=total, desc="evaluating", unit="batch", leave=False,

@@ -24,7 +24,6 @@ import tensorflow as tf
 from .variance import MOVING_VARIANCE, convert, values_per_channel
 
 
-
 @keras.saving.register_keras_serializable(package="convbn")
 class BatchNormalization(keras.layers.BatchNormalization):
     """A drop-in for keras.layers.BatchNormalization (same weights), plus `moving_variance`: "biased" (Keras 3, PyTorch's normalization) or

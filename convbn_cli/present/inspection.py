@@ -6,6 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 QUANTITIES = ("gamma", "beta", "moving_mean", "moving_variance", "scale", "shift")
+# A channel whose |gamma| is below this passes on (almost) only a constant: counted dead by inspect-bn's summary
+# and by diagnose, and Network Slimming's usual first pruning threshold.
+DEAD_GAMMA = 1e-2
+RANK_THRESHOLDS = (0.01, 0.05, 0.1)  # inspect-bn --rank: the share of channels below each |gamma|
 
 
 def fixed(layer: dict, quantity: str) -> bool:
@@ -24,7 +28,7 @@ def summary(layer: dict, dead_threshold: float) -> dict:
             "min_abs_gamma": float(g.min()), "max_abs_gamma": float(g.max()), "dead": int((g < dead_threshold).sum())}
 
 
-def to_json(result: dict, dead_threshold: float = 1e-2) -> dict:
+def to_json(result: dict, dead_threshold: float = DEAD_GAMMA) -> dict:
     """JSON-ready copy: arrays become lists, and each layer gets its summary."""
     layers = {}
     for name, layer in result["layers"].items():
@@ -49,7 +53,7 @@ def diff_csv_rows(diff: dict, result: dict | None = None):
             yield [name, c, *("" if layer and fixed(layer, q) else repr(float(d[q][c])) for q in QUANTITIES)]
 
 
-def table(result: dict, dead_threshold: float = 1e-2, order=None, diff=None) -> str:
+def table(result: dict, dead_threshold: float = DEAD_GAMMA, order=None, diff=None) -> str:
     """An aligned terminal table, one section per layer with a summary line."""
     lines = [f"checkpoint: {result['checkpoint']}"]
     for name, layer in result["layers"].items():
@@ -76,7 +80,7 @@ def table(result: dict, dead_threshold: float = 1e-2, order=None, diff=None) -> 
     return "\n".join(lines)
 
 
-def layer_summaries(result: dict, dead_threshold: float = 1e-2) -> str:
+def layer_summaries(result: dict, dead_threshold: float = DEAD_GAMMA) -> str:
     """One line per BN layer, the screen a user reads first: size, |gamma| spread, dead channels, the ranges of
     beta and of the moving variance (per-channel tables: --all or --layer)."""
     rows = [("layer", "impl", "channels", "|gamma| mean", "min", "max", f"dead (<{dead_threshold:g})", "beta range",
@@ -141,7 +145,7 @@ def diff_summaries(diff: dict, result: dict) -> str:
     return "\n".join([lines[0], "-" * max(map(len, lines)), *lines[1:], *unmatched])
 
 
-def plot(result: dict, path, dead_threshold: float = 1e-2, other: dict | None = None) -> None:
+def plot(result: dict, path, dead_threshold: float = DEAD_GAMMA, other: dict | None = None) -> None:
     """Bar charts per layer (one row each): gamma, beta and moving variance for every channel; with `other` (a
     second inspect-bn result) its bars beside these, for the layers both have."""
     import matplotlib

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 
 from . import inspection as ib
+from .inspection import DEAD_GAMMA, RANK_THRESHOLDS
 
 
 def dumps(obj) -> str:
@@ -73,11 +74,11 @@ class InspectReport:
     """`convbn inspect-bn`: per-channel BN parameters, with optional ranking and comparison."""
 
     result: dict
-    dead_threshold: float = 1e-2
+    dead_threshold: float = DEAD_GAMMA
     ranks: dict | None = None  # {layer: {"order", "below"}} with --rank
     diff: dict | None = None  # {layer: {quantity: array}} with --compare
     channels: bool = False  # the per-channel tables too (--all, --layer)
-    thresholds: tuple = (0.01, 0.05, 0.1)
+    thresholds: tuple = RANK_THRESHOLDS
 
     def to_json(self) -> dict:
         out = ib.to_json(self.result, self.dead_threshold)
@@ -152,8 +153,6 @@ class ExportReport:
             lines.append(f"BN layers kept{why}: {', '.join(r['kept'])}")
         lines += [f"input: {r['input']}",
                   f"max |logit difference| on {r['checked_images']} test images: {r['max_abs_logit_diff']:.2e}",
-                  f"inference throughput: original {r['throughput_original']:.0f} img/s, exported "
-                  f"{r['throughput_exported']:.0f} img/s",
                   f"wrote {r['path']}"]
         return "\n".join(lines)
 

@@ -13,9 +13,6 @@ from . import CHECKPOINT_CHOICES as CHOICES
 from .rundir import RunDir, RunDirError, checkpoint_step, next_number
 
 
-CheckpointError = TargetError  # a checkpoint that is missing, unreadable, or does not fit the model
-
-
 def training_managers(ckpt, run: RunDir, keep: int):
     """(latest, best) CheckpointManagers for a run; checkpoints are numbered by the training step."""
     latest = tf.train.CheckpointManager(ckpt, run.checkpoints, max_to_keep=keep, checkpoint_name="ckpt")
@@ -35,27 +32,27 @@ def find(run: RunDir, which="best") -> str:
             for prefix in (state.all_model_checkpoint_paths if state else []):
                 if checkpoint_step(prefix) == step:
                     return prefix
-        raise CheckpointError(f"{run.path}: no checkpoint of step {step} (the run keeps: "
+        raise TargetError(f"{run.path}: no checkpoint of step {step} (the run keeps: "
                               f"{', '.join(str(checkpoint_step(p)) for p in all_training(run)) or 'none'})")
     if which == "recalibrated":
         prefix = tf.train.latest_checkpoint(str(run.recalibrated))
         if prefix is None:
-            raise CheckpointError(f"{run.path}: no recalibrated checkpoint (convbn recalibrate {run.path})")
+            raise TargetError(f"{run.path}: no recalibrated checkpoint (convbn recalibrate {run.path})")
         return prefix
     final = run.final_checkpoint() if which == "best" else None
     if final is not None:  # a finished run: exactly the model its summary and results.json measured
         return final
     ema = tf.train.latest_checkpoint(str(run.ema))
     if which == "ema" and ema is None:
-        raise CheckpointError(f"{run.path}: no EMA checkpoint (train.ema was off, or training has not finished)")
+        raise TargetError(f"{run.path}: no EMA checkpoint (train.ema was off, or training has not finished)")
     if which in ("ema", "best") and ema is not None:
         return ema
     if which not in CHOICES:
-        raise CheckpointError(f"--checkpoint: expected one of {', '.join(CHOICES)} or a training step, got {which!r}")
+        raise TargetError(f"--checkpoint: expected one of {', '.join(CHOICES)} or a training step, got {which!r}")
     prefix = tf.train.latest_checkpoint(str(run.best)) if which == "best" else None
     prefix = prefix or tf.train.latest_checkpoint(str(run.checkpoints))  # no best yet, or latest asked for
     if prefix is None:
-        raise CheckpointError(f"{run.path}: the run has no checkpoint yet")
+        raise TargetError(f"{run.path}: the run has no checkpoint yet")
     return prefix
 
 
@@ -69,7 +66,7 @@ def run_of_prefix(path: Path) -> RunDir:
     for parent in (path.parent.parent, path.parent.parent.parent):
         if (parent / "config.yaml").is_file():
             return RunDir.open(parent)
-    raise CheckpointError(f"{path}: no config.yaml in the run directory above this checkpoint")
+    raise TargetError(f"{path}: no config.yaml in the run directory above this checkpoint")
 
 
 def restore(model, prefix):
@@ -80,7 +77,7 @@ def restore(model, prefix):
         status.assert_existing_objects_matched()
     except Exception as e:  # noqa: BLE001  a damaged file fails in many ways (OpError, IndexError, ...)
         first = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"{prefix}: cannot restore this model from it ({type(e).__name__}: {first})") from None
+        raise TargetError(f"{prefix}: cannot restore this model from it ({type(e).__name__}: {first})") from None
     status.expect_partial()  # optimizer slots and training counters are not needed here
     return status
 

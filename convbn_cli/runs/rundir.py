@@ -24,11 +24,12 @@ import csv
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
+from .. import readers
 from ..config import dump_config, load_config
 from ..errors import ConfigError, ConvbnError
-from .. import readers
 from ..files import is_our_temporary, write_json_atomic, write_text_atomic
 from ..readers import read_json_lines
 
@@ -100,8 +101,6 @@ class RunDir:
         """Delete what killed processes left half-written: the temporaries of atomic writes (`.NAME.*.tmp`),
         TensorFlow's checkpoint staging (`ckpt-*_temp/`) and export staging (`export/.NAME.*.tmp/`). Never a real
         file: only names that these writers make."""
-        import shutil
-
         stale = [p for folder in (self.path, self.bn_stats, self.export) if folder.is_dir()
                  for p in folder.iterdir() if is_our_temporary(p)]
         stale += [p for folder in (self.checkpoints, self.best, self.recalibrated, self.ema) if folder.is_dir()

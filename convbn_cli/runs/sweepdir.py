@@ -9,7 +9,14 @@ import json
 import statistics
 from pathlib import Path
 
-from pydantic import BaseModel, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from ..readers import read_json
 from .rundir import RunDir, RunDirError
