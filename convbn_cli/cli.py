@@ -42,14 +42,12 @@ class ConvbnGroup(click.Group):
         import signal
 
         from .errors import EXIT_BAD_INPUT, ConvbnError, Stopped, Terminated
+        from .signals import install
 
         def terminate(signum, frame):
             raise Terminated(signum)
 
-        try:
-            old = signal.signal(signal.SIGTERM, terminate)
-        except ValueError:  # not the main thread
-            old = None
+        restore = install({signal.SIGTERM: terminate})  # left alone outside the main thread
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
@@ -64,8 +62,7 @@ class ConvbnGroup(click.Group):
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}", EXIT_BAD_INPUT)
         finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
+            restore()
 
 
 # --------------------------------------------------------------------------- shared options
@@ -154,14 +151,14 @@ def _fetch_apart(dataset: str, progress: bool) -> None:
         sys.exit(done.returncode)
 
 
-def _check_paths(*targets, tflite=False, data=None, inputs=()):
+def _check_paths(*targets, runnable_only=False, data=None, inputs=()):
     """What the command was pointed at exists and is of a usable kind: checked before TensorFlow loads (seconds),
     so that a mistyped path is one line at once. The commands check everything else themselves."""
     from .errors import DataError
     from .runs.locate import locate
 
     for target in targets:
-        locate(target, tflite=tflite)
+        locate(target, runnable_only=runnable_only)
     if data is not None and data not in DATASETS and not Path(data).is_file():
         what = "not a regular file" if Path(data).exists() else "no such file"
         raise DataError(f"--data {data}: {what} (a dataset name, {' or '.join(DATASETS)}, or an .npz with x and y)")
@@ -293,7 +290,7 @@ def sweep(ctx, config, settings, seeds, resume, no_progress):
 def eval_cmd(ctx, target, which, split, bn_stats, tta, as_json, no_progress):
     if tta and bn_stats == "batch":
         raise click.UsageError("--tta works with --bn-stats moving (the model's inference mode)")
-    _check_paths(target, tflite=True)
+    _check_paths(target, runnable_only=True)
     _tf(ctx)
     from .analysis import evaluate
     from .present.reports import EvalReport, dumps
@@ -326,7 +323,7 @@ def predict_cmd(ctx, target, inputs, which, top_k, invert, preprocess, show, sca
     INPUT: PNG/JPEG pictures (made grayscale and resized to the model's input), directories of them, or
     .npy/.npz arrays of pixels 0-255 shaped (N, 28, 28), (N, 28, 28, 1) or (28, 28).
     """
-    _check_paths(target, tflite=True, inputs=inputs)
+    _check_paths(target, runnable_only=True, inputs=inputs)
     _tf(ctx)
     from .analysis.predict import predict
     from .present.reports import PredictReport, dumps
@@ -506,16 +503,12 @@ def export_cmd(ctx, target, fmt, fold_bn, output, force, no_preprocessing, which
 def report_cmd(ctx, target, output, force, batches):
     """One self-contained HTML page of a run (results, curves, confusion matrix, per-channel BN, diagnose
     verdict, config, provenance) or of a sweep (summary and every run's curves); opens in any browser, offline."""
-    from .errors import ConvbnError
-    from .runs.sweepdir import PLAN
+    from .analysis.report import report, report_kind
 
     path = Path(target)
-    if not path.is_dir():
-        raise ConvbnError(f"{path}: no such run or sweep directory")
-    if not (path / PLAN).exists():  # a run's page measures its model: TensorFlow (a sweep's needs none)
+    if report_kind(path) == "run":  # a run's page measures its model: TensorFlow (a sweep's needs none)
         _check_paths(path)
         _tf(ctx)
-    from .analysis.report import report
 
     r = report(path, output=output, force=force, batches=batches, log=_stderr)
     if r["verdict"]:

@@ -178,3 +178,10 @@ def test_outside_the_main_thread_signals_are_left_alone():
     t.start()
     t.join()
     assert errors == [] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_handlers_are_set_only_by_the_signals_module():
+    package = REPO / "convbn_cli"
+    offenders = [f"{p.relative_to(REPO)}:{n}" for p in sorted(package.rglob("*.py")) if p.name != "signals.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bsignal\.signal\(", line)]
+    assert offenders == []
