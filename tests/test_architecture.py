@@ -357,6 +357,11 @@ def test_no_function_in_the_package_is_over_60_lines():
     assert long == []
 
 
+def test_no_module_in_the_package_is_over_600_lines():
+    long = [f"{p.relative_to(REPO)} ({n} lines)" for p in _modules() if (n := len(p.read_text().splitlines())) > 600]
+    assert long == []
+
+
 def test_dataset_facts_live_only_in_the_registry():
     """No literal class count or image size (10, 28) in the package outside data/registry.py."""
     not_dataset_facts = re.compile(r"epochs: |fontsize=")  # the default epoch count, a font size

@@ -22,7 +22,7 @@ from ..model.bn import channel_axis, restore_statistics, snapshot_statistics
 from ..model.fold import foldable_pairs
 from ..model.graph import all_layers, consumers, input_model, output_model, producer
 from ..model.stats import bn_layer_parameters
-from ..present.inspection import DEAD_GAMMA
+from ..present.thresholds import DEAD_GAMMA
 from ..runs.target import Target, opened
 
 SEVERITIES = ("info", "warning", "error")

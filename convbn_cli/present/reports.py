@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 
 from . import inspection as ib
-from .inspection import DEAD_GAMMA, RANK_THRESHOLDS
+from .thresholds import DEAD_GAMMA, RANK_THRESHOLDS
 
 
 def dumps(obj) -> str:

@@ -1,0 +1,246 @@
+"""The commands that open a model: `convbn eval`, `predict`, `inspect-bn`, `diagnose`, `recalibrate`, `export` and
+`report`. Each checks what it was pointed at, loads TensorFlow (Session.tensorflow), calls one function of the
+analysis or export packages and prints its report (present/reports.py); those are imported once TensorFlow is set
+up, as they import it themselves."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import EXIT_FINDINGS, ConvbnError
+from ..formats.catalog import FORMATS
+from .common import (PLOT_SUFFIXES, TARGET_HELP, Session, batches_option, checkpoint_option, data_option,
+                     dead_threshold_option, json_option, no_progress_option, pass_session, scale_option,
+                     thresholds_option)
+
+
+# --------------------------------------------------------------------------- eval and inspect-bn
+
+@click.command("eval", help="Accuracy, loss, per-class accuracy and confusion matrix of TARGET: " + TARGET_HELP
+              + " (or a .tflite file).")
+@click.argument("target", metavar="TARGET")
+@checkpoint_option
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--bn-stats", type=click.Choice(["moving", "batch"]), default="moving", show_default=True,
+              help="moving: BN's moving averages (correct inference); batch: each batch's own statistics.")
+@click.option("--tta", is_flag=True,
+              help="Also report accuracy with test-time augmentation (the mean prediction over the image and its "
+                   "four one-pixel shifts), apart from the plain accuracy.")
+@json_option
+@no_progress_option
+@pass_session
+def eval_cmd(session: Session, target, which, split, bn_stats, tta, as_json, no_progress):
+    if tta and bn_stats == "batch":
+        raise click.UsageError("--tta works with --bn-stats moving (the model's inference mode)")
+    session.tensorflow(target, runnable_only=True)
+    from ..analysis import evaluate
+    from ..present.reports import EvalReport, dumps
+
+    report = EvalReport(evaluate(target, which=which, split=split, bn_stats=bn_stats, tta=tta,
+                                 progress=session.progress(no_progress) and not as_json, log=session.say))
+    click.echo(dumps(report.to_json()) if as_json else report.render())
+
+
+@click.command("predict")
+@click.argument("target", metavar="TARGET")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@checkpoint_option
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Show the K most probable classes of each input.")
+@click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Invert pictures to light strokes on dark, as in MNIST; auto: when the border is light (paper).")
+@click.option("--preprocess", type=click.Choice(["auto", "mnist", "none"]), default="auto", show_default=True,
+              help="mnist: crop pictures to the ink, fit it in 20x20 keeping its shape, centre it by its centre of "
+                   "mass in 28x28, as MNIST's digits were made; none: pad to a square and resize. auto: mnist for "
+                   "a model of MNIST digits.")
+@click.option("--show", "show", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write what the model was fed (each input as the model sees it, enlarged) to the new directory DIR.")
+@scale_option
+@json_option
+@pass_session
+def predict_cmd(session: Session, target, inputs, which, top_k, invert, preprocess, show, scale, as_json):
+    """The class of each INPUT, with its probability, by TARGET (anything eval accepts, exports included).
+
+    INPUT: PNG/JPEG pictures (made grayscale and resized to the model's input), directories of them, or
+    .npy/.npz arrays of pixels 0-255 shaped (N, 28, 28), (N, 28, 28, 1) or (28, 28).
+    """
+    session.tensorflow(target, runnable_only=True, inputs=inputs)
+    from ..analysis.predict import predict
+    from ..present.reports import PredictReport, dumps
+
+    if show and Path(show).exists() and (not Path(show).is_dir() or any(Path(show).iterdir())):
+        raise click.BadParameter(f"{show}: exists and is not an empty directory; name a new one", param_hint="--show")
+    report = PredictReport(predict(target, inputs, top_k=top_k, invert=invert, which=which, scale=scale,
+                                   preprocess=preprocess, show=show, log=session.say))
+    if show:
+        session.say(f"what the model was fed: {show}/")
+    click.echo(dumps(report.to_json()) if as_json else report.render())
+
+
+@click.command("inspect-bn")
+@click.argument("target", metavar="TARGET")
+@checkpoint_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--layer", "layers", multiple=True, metavar="NAME", help="Only this BN layer (repeatable).")
+@dead_threshold_option
+@click.option("--all", "show_all", is_flag=True, help="Every layer's per-channel values after the summary.")
+@click.option("--rank", is_flag=True, help="Rank every channel of the network by |gamma| (Network Slimming's "
+              "importance: one threshold prunes the tail), and order the per-channel tables so.")
+@thresholds_option
+@click.option("--compare", "other", metavar="OTHER", help="How OTHER's BN differs from TARGET's: per layer, and per "
+              "channel with --all (OTHER - TARGET).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Also draw per-layer bar charts of gamma, beta and moving variance (with --compare: both).")
+@pass_session
+def inspect_bn_cmd(session: Session, target, which, fmt, layers, dead_threshold, show_all, rank, thresholds, other, plot_path):
+    """Every BN layer of TARGET: a one-line summary each, then (--all, --layer) per-channel gamma, beta, moving
+    mean/variance and the inference affine map."""
+    if plot_path and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
+        raise click.BadParameter(f"{plot_path}: the picture's name must end in one of {', '.join(PLOT_SUFFIXES)}",
+                                 param_hint="--plot")
+    session.tensorflow(target, *([other] if other else []))
+    from ..analysis import inspection as ib
+    from ..present.inspection import plot as plot_bn
+    from ..present.reports import InspectReport, dumps
+
+    result = ib.inspect_bn(target, which=which, layers=list(layers) or None)
+    diff = theirs = None
+    if other:
+        theirs = ib.inspect_bn(other, which=which, layers=list(layers) or None)
+        diff = ib.compare(result, theirs)
+        unmatched = ib.counterparts(result, theirs)[1]
+        if unmatched:
+            session.say(f"not compared (no BN layer of the same name and size in the other): {', '.join(unmatched)}")
+    ranks = {n: ib.rank(layer, thresholds) for n, layer in result["layers"].items()} if rank else None
+    report = InspectReport(result, dead_threshold, ranks, diff, channels=show_all or bool(layers),
+                           thresholds=tuple(thresholds))
+    if fmt == "json":
+        click.echo(dumps(report.to_json()))
+    elif fmt == "csv":
+        click.echo(report.to_csv(), nl=False)
+    else:
+        click.echo(report.render())
+    if plot_path:
+        plot_bn(result, plot_path, dead_threshold, other=theirs)
+        session.say(f"plot written to {plot_path}")
+
+
+@click.command("diagnose")
+@click.argument("target", metavar="TARGET")
+@checkpoint_option
+@data_option
+@click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Batches of images the data checks and the in-memory precise BN use.")
+@scale_option
+@json_option
+@click.option("--fail-on", type=click.Choice(["warning", "error"]), default="error", show_default=True,
+              help="Exit 4 when a finding of this severity or worse is found.")
+@pass_session
+def diagnose_cmd(session: Session, target, which, data, batches, scale, as_json, fail_on):
+    """Find what is wrong with the batch normalization of TARGET.
+
+    TARGET: a run directory, checkpoint, export or any Keras 3 .keras model with BN layers. Each finding names
+    its layers, its evidence and a fix. Exit 0, or 4 when something at or above --fail-on was found.
+    """
+    from ..present.reports import DiagnoseReport, dumps
+
+    try:
+        session.tensorflow(target, data=data)
+        from ..analysis.diagnose import SEVERITIES, diagnose
+
+        report = DiagnoseReport(diagnose(target, which=which, data=data, batches=batches, scale=scale, log=session.say))
+    except ConvbnError as e:
+        if as_json:  # a script reading stdout gets an object either way; the one-line error still goes to stderr
+            click.echo(dumps({"error": e.lines, "exit_code": e.exit_code}))
+        raise
+    click.echo(dumps(report.to_json()) if as_json else report.render())
+    worst = SEVERITIES.index(fail_on)
+    if any(SEVERITIES.index(f.severity) >= worst for f in report.result["findings"]):
+        sys.exit(EXIT_FINDINGS)
+
+
+# --------------------------------------------------------------------------- recalibrate and export
+
+@click.command()
+@click.argument("target", metavar="TARGET")
+@checkpoint_option
+@batches_option
+@click.option("--full", is_flag=True, help="One whole pass over the training split instead of --batches.")
+@click.option("--split", type=click.Choice(["val", "test"]), default=None,
+              help="Where to report accuracy before and after (default: val if the run has one, else test).")
+@data_option
+@scale_option
+@no_progress_option
+@pass_session
+def recalibrate(session: Session, target, which, batches, full, split, data, scale, no_progress):
+    """Precise BN: recompute every BN layer's moving mean and variance with the weights frozen.
+
+    The result is a new checkpoint in the run's checkpoints/recalibrated/, or for a .keras TARGET a new
+    NAME-recalibrated.keras beside it; the original is never changed.
+    """
+    session.tensorflow(target, data=data)
+    from ..analysis.recalibration import recalibrate as run_recalibrate
+    from ..present.reports import RecalibrateReport
+
+    r = run_recalibrate(target, which=which, batches=None if full else batches, split=split, data_source=data,
+                        scale=scale, progress=session.progress(no_progress), log=session.say)
+    click.echo(RecalibrateReport(r).render())
+
+
+@click.command("export")
+@click.argument("target", metavar="TARGET")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="keras", show_default=True)
+@click.option("--fold-bn", is_flag=True, help="Fold each BN into the conv/dense layer before it.")
+@click.option("--output", type=click.Path(), help="Where to write (default: RUN_DIR/export/...): a .keras or .tflite "
+              "file, or a SavedModel directory. An existing one is refused unless --force.")
+@click.option("--force", is_flag=True, help="Replace a previous export of the same kind at the output (never "
+              "anything else: not a run directory, not a directory holding other files).")
+@click.option("--no-preprocessing", is_flag=True, help="The export takes normalized images, as the network inside "
+              "convbn does (default: raw 0-255 pixels, normalized inside the exported model).")
+@checkpoint_option
+@data_option
+@scale_option
+@pass_session
+def export_cmd(session: Session, target, fmt, fold_bn, output, force, no_preprocessing, which, data, scale):
+    """Export TARGET with standard Keras/TensorFlow layers only, checked against the original model.
+
+    TARGET may also be a .keras model from outside convbn (then --data gives the images it is checked on).
+    """
+    session.tensorflow(target, data=data)
+    from ..export import export
+    from ..present.reports import ExportReport
+
+    r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, force=force, data_source=data, scale=scale,
+               preprocessing=not no_preprocessing, log=session.say)
+    click.echo(ExportReport(r, fold_bn).render())
+
+
+# --------------------------------------------------------------------------- report
+
+@click.command("report")
+@click.argument("target", metavar="RUN_DIR|SWEEP_DIR", type=click.Path(file_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), metavar="FILE.html",
+              help="Where to write the page (default: RUN_DIR/report.html, rewritten each time).")
+@click.option("--force", is_flag=True, help="Replace --output's file if it exists.")
+@click.option("--batches", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Batches of images the diagnose checks of a run use.")
+@pass_session
+def report_cmd(session: Session, target, output, force, batches):
+    """One self-contained HTML page of a run (results, curves, confusion matrix, per-channel BN, diagnose
+    verdict, config, provenance) or of a sweep (summary and every run's curves); opens in any browser, offline."""
+    from ..analysis.report import report, report_kind
+
+    path = Path(target)
+    if report_kind(path) == "run":  # a run's page measures its model: TensorFlow (a sweep's needs none)
+        session.tensorflow(path)
+
+    r = report(path, output=output, force=force, batches=batches, log=session.say)
+    if r["verdict"]:
+        session.say(f"diagnose: {r['verdict']}")
+    click.echo(f"report written to {r['path']}")
+
+
+COMMANDS = (eval_cmd, predict_cmd, inspect_bn_cmd, diagnose_cmd, recalibrate, export_cmd, report_cmd)
