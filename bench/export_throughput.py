@@ -25,8 +25,8 @@ tf = import_tensorflow()
 import numpy as np  # noqa: E402
 
 from convbn_cli.config import load_config  # noqa: E402
-from convbn_cli.model.fold import standard_model  # noqa: E402
 from convbn_cli.model import bn_layers, build_model  # noqa: E402
+from convbn_cli.model.fold import standard_model  # noqa: E402
 from convbn_cli.runs.target import open_target  # noqa: E402
 
 

@@ -25,7 +25,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
 from short_runs import cpu
 
 WRAP = ("import resource, subprocess, sys\n"

@@ -24,7 +24,6 @@ from convbn_cli.tf_setup import import_tensorflow  # noqa: E402
 tf = import_tensorflow()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
 from train_throughput import BATCH, config, keras_layers  # noqa: E402
 
 

@@ -105,7 +105,8 @@ def conv_step(dtype=tf.float32):
             y = tf.nn.conv2d(x, w, 1, "SAME")
             loss = tf.reduce_sum(tf.cast(y, tf.float32))
         gx, gw = tape.gradient(loss, [x, w])
-        return tf.reduce_sum(tf.cast(gx[:1, :1, :1, :1], tf.float32)) + tf.reduce_sum(tf.cast(gw[:1, :1, :1, :1], tf.float32))
+        corner = (slice(0, 1),) * 4
+        return tf.reduce_sum(tf.cast(gx[corner], tf.float32)) + tf.reduce_sum(tf.cast(gw[corner], tf.float32))
 
     forward = 2 * c["batch"] * c["size"] ** 2 * c["kernel"] ** 2 * c["channels"] ** 2
     return (lambda: step().numpy()), 3 * forward  # forward, input gradient, weight gradient

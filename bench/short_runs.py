@@ -87,8 +87,8 @@ def main():
 
     from convbn_cli.analysis import evaluate
     from convbn_cli.config import load_config
-    from convbn_cli.train import train
     from convbn_cli.data import fetch
+    from convbn_cli.train import train
 
     data = fetch("mnist", log=lambda m: None)
     print(f"machine: {cpu()}")

@@ -66,7 +66,6 @@ def make_caller(config, overrides):
 def make_peak_caller(dtype: str, matmuls: int = 8):
     """The matmul probe as a side: (call(): ms per matmul over `matmuls` of them, description, FLOPs of one)."""
     import tensorflow as tf
-
     from peak import N, matmul_fn
 
     fn, flops = matmul_fn(getattr(tf, dtype))

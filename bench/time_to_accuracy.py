@@ -136,8 +136,9 @@ def report(seed, row):
     print(f"seed {seed}: {'reached' if row['reached'] else 'MISSED'} {row['accuracy']:.4f} at step {row['step']} "
           f"after {row['train_s']:.2f}s of training ({row['ms_per_step']:.1f} ms/step = {row['gflops']:.0f} "
           f"GFLOP/s; first call {row['first_call_s']:.2f}s, slowest calls "
-          f"{', '.join(f'{g:.2f}' for g in row['slowest_calls_s'][-3:])}s); apart: compile {row['compile_s']:.1f}s, setup {row['setup_s']:.1f}s, evaluation "
-          f"{row['eval_s']:.1f}s, imports {row['import_s']:.1f}s; process {row['process_s']:.1f}s", flush=True)
+          f"{', '.join(f'{g:.2f}' for g in row['slowest_calls_s'][-3:])}s); apart: compile {row['compile_s']:.1f}s, "
+          f"setup {row['setup_s']:.1f}s, evaluation {row['eval_s']:.1f}s, imports {row['import_s']:.1f}s; "
+          f"process {row['process_s']:.1f}s", flush=True)
 
 
 def main():

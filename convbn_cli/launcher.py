@@ -113,8 +113,9 @@ def check_tf_config(text) -> dict:
         kind, index = task["type"], task["index"]
         members = cluster[kind]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
+        expected = '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}'
         raise ConvbnError(f"TF_CONFIG: not a cluster description ({type(e).__name__}: {e}); expected "
-                          '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}') from None
+                          + expected) from None
     if not isinstance(index, int) or not isinstance(members, list) or not 0 <= index < len(members):
         raise ConvbnError(f"TF_CONFIG: task index {index!r} is out of range for the {len(members)} "
                           f"{kind}(s) in the cluster")
@@ -138,9 +139,9 @@ def supervise(train_args: list[str], peers: dict, timeout_s: float | None = None
                 if not ready and proc.poll() is None and time.monotonic() > deadline:
                     _stop([proc], signal.SIGKILL, grace_s=5)
                     missing = [f"{name} ({addr})" for name, addr in peers.items() if not _reachable(addr)]
+                    why = f"no answer from {', '.join(missing)}" if missing else "not every worker joined"
                     raise ConvbnError(f"the cluster did not start within {timeout_s:g} s "
-                                      f"($CONVBN_WORKER_STARTUP_TIMEOUT): " + (f"no answer from {', '.join(missing)}"
-                                                                              if missing else "not every worker joined"))
+                                      f"($CONVBN_WORKER_STARTUP_TIMEOUT): {why}")
             else:
                 time.sleep(0.2)
         return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode

@@ -17,8 +17,8 @@ import keras  # noqa: E402
 
 from conftest import REPO  # noqa: E402
 from convbn_cli.errors import ConvbnError  # noqa: E402
-from convbn_cli.model.fold import fold_weights, foldable_pairs, standard_model  # noqa: E402
 from convbn_cli.model import FusedBatchNorm, bn_layers, forward_fn, recalibrate_model  # noqa: E402
+from convbn_cli.model.fold import fold_weights, foldable_pairs, standard_model  # noqa: E402
 from convbn_cli.model.stats import bn_layer_parameters  # noqa: E402
 from convbn_cli.runs.rundir import RunDir, next_number  # noqa: E402
 from convbn_cli.train.optim import OneCycle  # noqa: E402

@@ -54,7 +54,8 @@ def test_export_refuses_existing_outputs_and_never_replaces_what_is_not_an_expor
     cases = [  # (output, format, with --force, message)
         (run_copy, "savedmodel", False, "already exists; add --force"),
         (run_copy, "savedmodel", True, "only a SavedModel directory convbn wrote"),
-        (run_copy.parent, "savedmodel", True, "only a SavedModel directory convbn wrote"),  # runs/<name>: every run under it
+        # runs/<name>: every run under it
+        (run_copy.parent, "savedmodel", True, "only a SavedModel directory convbn wrote"),
         (user_dir, "savedmodel", True, "only a SavedModel directory convbn wrote"),
         (user_dir, "savedmodel", False, "already exists"),
         (Path("."), "savedmodel", True, "working directory"),
@@ -377,7 +378,8 @@ def test_keras_models_that_do_not_fit_or_are_not_models(run_copy, cli, tmp_path)
 
 def test_plot_with_an_unsupported_suffix_is_refused(run_copy, cli, tmp_path):
     r = cli("inspect-bn", run_copy, "--plot", tmp_path / "out.txt")
-    assert r.exit_code == 2 and "must end in one of .png, .pdf, .svg" in r.output and not (tmp_path / "out.txt").exists()
+    assert r.exit_code == 2 and "must end in one of .png, .pdf, .svg" in r.output
+    assert not (tmp_path / "out.txt").exists()
 
 
 def test_compare_matches_layers_by_name_and_size(run_copy, tmp_path, synthetic, cli):

@@ -15,9 +15,10 @@ from conftest import REPO, tiny_raw
 
 sys.path.insert(0, str(REPO / "bench"))
 
+from kernel_ceiling import bare_network  # noqa: E402
+
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.model import build_model  # noqa: E402
-from kernel_ceiling import bare_network  # noqa: E402
 
 LAYERS = [  # every kind of layer kernel_ceiling rebuilds: pooling inside a conv block, 'valid' padding, a stride,
     # a pool layer, a dense layer with BN and one with a bias, a BN without its scale

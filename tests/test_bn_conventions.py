@@ -21,8 +21,8 @@ import keras  # noqa: E402
 from conftest import REPO, tiny_raw  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import ConfigError, load_config  # noqa: E402
-from convbn_cli.model.fold import standard_model  # noqa: E402
 from convbn_cli.model import FusedBatchNorm, build_model, recalibrate_model  # noqa: E402
+from convbn_cli.model.fold import standard_model  # noqa: E402
 from convbn_cli.model.keras_bn import BatchNormalization  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
 

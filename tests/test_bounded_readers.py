@@ -182,8 +182,8 @@ def test_fifos_are_refused_without_blocking(tmp_path, no_hang):
     from convbn_cli.cli import main
     from convbn_cli.config import load_config
     from convbn_cli.data.external import load_npz_arrays
-    from convbn_cli.runs.rundir import RunDir
     from convbn_cli.formats.catalog import check_keras_archive
+    from convbn_cli.runs.rundir import RunDir
     from convbn_cli.train.sweep import open_sweep
 
     run = a_run(tmp_path)
@@ -219,8 +219,8 @@ def test_declared_sizes_are_refused_before_anything_is_decoded(tmp_path):
     60000 x 1000 PNG (4.5 GB), an .npz of 999,999 images (9.9 GB), .keras members inflating to 2-3 GB (4.8-6.9 GB)
     and a 2 GB sparse metrics.jsonl (4.2 GB): each refused from what it declares."""
     from convbn_cli.analysis.predict import load_inputs
-    from convbn_cli.runs.rundir import RunDir
     from convbn_cli.formats.catalog import check_keras_archive
+    from convbn_cli.runs.rundir import RunDir
 
     for w, h in ((10**6, 64), (60000, 1000), (64, 10**6)):
         with pytest.raises(ConvbnError, match="scale it down first") as e:
@@ -430,7 +430,8 @@ def test_fuzz_pictures(tmp_path):
     Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8)).save(tmp_path / "p.png")
     Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8)).save(tmp_path / "p.jpg")
     for name in ("p.png", "p.jpg"):
-        fuzz(tmp_path / name, (tmp_path / name).read_bytes(), lambda: load_inputs([tmp_path / name], (28, 28)))
+        fuzz(tmp_path / name, (tmp_path / name).read_bytes(),
+             lambda path=tmp_path / name: load_inputs([path], (28, 28)))
 
 
 # ---------------------------------------------------------------------------------------------- predict's inputs

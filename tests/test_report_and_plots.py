@@ -114,12 +114,16 @@ def test_a_run_report_builds_its_model_once_and_loads_its_data_once(run_copy, mn
     from convbn_cli.analysis.report import report
 
     counts = {}
-    for name in ("build_model", "restore", "fetch"):  # what opening a run and loading its data call
-        def call(*args, _real=getattr(target, name), _name=name, **kw):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _real(*args, **kw)
 
-        monkeypatch.setattr(target, name, call)
+    def counted(name, real):
+        def call(*args, **kw):
+            counts[name] = counts.get(name, 0) + 1
+            return real(*args, **kw)
+
+        return call
+
+    for name in ("build_model", "restore", "fetch"):  # what opening a run and loading its data call
+        monkeypatch.setattr(target, name, counted(name, getattr(target, name)))
     monkeypatch.setenv("CONVBN_DATA_DIR", str(mnist_cache))
     r = report(run_copy, batches=2)
     assert r["kind"] == "run" and (run_copy / "report.html").is_file()

@@ -19,7 +19,6 @@ from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.runs import RunDir  # noqa: E402
 from convbn_cli.train import Interrupted, train  # noqa: E402
 
-
 # --------------------------------------------------------------------------- built-in configs
 
 def test_built_in_configs_work_by_name_from_any_directory(tmp_path, monkeypatch):
@@ -33,9 +32,11 @@ def test_built_in_configs_work_by_name_from_any_directory(tmp_path, monkeypatch)
     shown = runner.invoke(main, ["configs", "show", "seed_toy"])
     assert shown.exit_code == 0 and shown.output == (CONFIGS[0].parent / "seed_toy.yaml").read_text()
     bad = runner.invoke(main, ["configs", "show", "nope"])
-    assert bad.exit_code == 2 and "no built-in config named 'nope' (there are: fashion_bn, mnist_best, mnist_bn" in bad.output
+    assert bad.exit_code == 2
+    assert "no built-in config named 'nope' (there are: fashion_bn, mnist_best, mnist_bn" in bad.output
     missing = runner.invoke(main, ["validate", "nope.yaml"])
-    assert missing.exit_code == 2 and "built-in configs: fashion_bn, mnist_best, mnist_bn, mnist_fast, seed_toy" in missing.output
+    assert missing.exit_code == 2
+    assert "built-in configs: fashion_bn, mnist_best, mnist_bn, mnist_fast, seed_toy" in missing.output
 
 
 def test_a_built_in_config_trains(tmp_path, monkeypatch, synthetic):
@@ -83,8 +84,8 @@ def test_curves_and_confusion_matrix_are_drawn(run, tmp_path):
     result, _ = run
     assert_png_not_blank(result.run_dir / "curves.png")
     assert_png_not_blank(result.run_dir / "confusion_matrix.png")
-    from convbn_cli.present.plots import confusion_matrix
     from convbn_cli.data.registry import FASHION_MNIST
+    from convbn_cli.present.plots import confusion_matrix
 
     out = tmp_path / "fashion.png"
     confusion_matrix(np.eye(10, dtype=int) * 7, FASHION_MNIST.class_names, out, "class names")

@@ -17,7 +17,6 @@ from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
 
-
 # --------------------------------------------------------------------------- runs and runs compare
 
 @pytest.fixture(scope="module")
@@ -92,7 +91,8 @@ def test_runs_of_three_architectures_fit_in_120_columns_and_sort_numbers_as_numb
     assert any("c12-p-c24-p-c48-g-d10" in line for line in text)
     assert any("c32/2-c64/2-dr-d128-d10" in line for line in text)
     assert all("layers[" not in line for line in text)
-    by_lr = json.loads(CliRunner().invoke(main, ["runs", str(tmp_path), "--sort", "train.optimizer.lr", "--json"]).output)
+    by_lr = CliRunner().invoke(main, ["runs", str(tmp_path), "--sort", "train.optimizer.lr", "--json"])
+    by_lr = json.loads(by_lr.output)
     assert [r["config"]["train.optimizer.lr"] if "config" in r else r["differs"]["train.optimizer.lr"]
             for r in by_lr["runs"]] == [0.001, 0.003, 0.01]
     by_test = json.loads(CliRunner().invoke(main, ["runs", str(tmp_path), "--sort", "test", "--json"]).output)

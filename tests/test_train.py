@@ -164,9 +164,9 @@ def test_cli_signal_saves_checkpoint_and_resume_finishes(tmp_path, mnist_cache, 
 
 def test_cli_divergence_exits_3_with_one_line(tmp_path, mnist_cache):
     # three linear layers and momentum at lr 50: the weights grow geometrically until the loss overflows
-    cfg_path = _tiny_file(tmp_path, **{"train.optimizer": {"name": "momentum", "lr": 50.0},
-                                       "model.layers": [{"type": "flatten"}, {"type": "dense", "units": 64},
-                                                        {"type": "dense", "units": 64}, {"type": "dense", "units": 10}]})
+    dense = [{"type": "flatten"}, {"type": "dense", "units": 64}, {"type": "dense", "units": 64},
+             {"type": "dense", "units": 10}]
+    cfg_path = _tiny_file(tmp_path, **{"train.optimizer": {"name": "momentum", "lr": 50.0}, "model.layers": dense})
     r = run_cli("train", cfg_path, env={"CONVBN_DATA_DIR": str(mnist_cache)})
     assert r.returncode == 3, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

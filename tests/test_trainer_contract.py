@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from conftest import REPO
 
 pytest.importorskip("tensorflow")
@@ -58,7 +59,7 @@ def _trainer_uses(path: Path) -> dict:
     for n in ast.walk(ast.parse(path.read_text())):
         if isinstance(n, ast.Attribute):
             v = n.value
-            if (isinstance(v, ast.Name) and v.id == "trainer") or (isinstance(v, ast.Attribute) and v.attr == "trainer"):
+            if (v.id if isinstance(v, ast.Name) else getattr(v, "attr", None)) == "trainer":
                 used.setdefault(n.attr, set()).add(type(n.ctx).__name__)
     return used
 

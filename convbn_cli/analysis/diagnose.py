@@ -90,7 +90,8 @@ def per_channel(tensor, bn) -> np.ndarray:
 def check_never_updated(ctx) -> list:
     """Moving mean exactly 0 and variance exactly 1 in a trained model: the update ops never ran (TF1's
     UPDATE_OPS, a custom loop calling the model without training=True, or a frozen layer)."""
-    stuck = [bn.name for bn in ctx.bns if np.all(bn.moving_mean.numpy() == 0) and np.all(bn.moving_variance.numpy() == 1)]
+    stuck = [bn.name for bn in ctx.bns
+             if np.all(bn.moving_mean.numpy() == 0) and np.all(bn.moving_variance.numpy() == 1)]
     trained = any(np.any(bn.gamma.numpy() != 1) for bn in ctx.bns if bn.scale) or bool(ctx.steps)
     if not stuck or not trained:
         return []
@@ -322,7 +323,8 @@ def check_values(ctx) -> list:
         arrays = {q: p[q] for q in ("gamma", "beta", "moving_mean", "moving_variance")}
         bad = {q: int((~np.isfinite(a)).sum()) for q, a in arrays.items() if not np.isfinite(a).all()}
         if bad:
-            out.append(Finding("non_finite_bn_values", "error", f"{bn.name}: NaN or infinite values in {', '.join(bad)}",
+            out.append(Finding("non_finite_bn_values", "error",
+                               f"{bn.name}: NaN or infinite values in {', '.join(bad)}",
                                "retrain from the last finite checkpoint with a lower learning rate", layers=[bn.name],
                                evidence={"non_finite_counts": bad}))
             continue
@@ -386,7 +388,8 @@ def check_dtypes(ctx) -> list:
     if not low:
         return []
     return [Finding("bn_variables_not_float32", "error",
-                    f"{len(low)} BN layer(s) keep variables in {', '.join(sorted({d for v in low.values() for d in v}))}",
+                    f"{len(low)} BN layer(s) keep variables in "
+                    + ", ".join(sorted({d for v in low.values() for d in v})),
                     "keep BN variables float32: a mixed_* dtype policy (Keras keeps BN variables float32), not a "
                     "layer dtype of float16/bfloat16", layers=list(low), evidence={"dtypes": low})]
 

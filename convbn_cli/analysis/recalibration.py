@@ -18,7 +18,8 @@ from ..runs.checkpoints import save_recalibrated
 from ..runs.target import opened
 
 
-def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHES, split=None, data=None, data_source=None,
+def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHES, split=None, data=None,
+                data_source=None,
                 scale=1 / 255, progress=False, log=lambda m: None) -> dict:
     """Recalibrate the BN statistics of a model (precise BN); evaluate before and after; save the result.
 

@@ -17,7 +17,6 @@ from ..runs.listing import compare_runs, list_runs
 from ..runs.rundir import next_number
 from .common import Session, json_option, no_progress_option, pass_session
 
-
 # --------------------------------------------------------------------------- runs
 
 class RunsGroup(click.Group):

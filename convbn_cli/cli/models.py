@@ -12,10 +12,20 @@ import click
 
 from ..errors import EXIT_FINDINGS, ConvbnError
 from ..formats.catalog import FORMATS
-from .common import (PLOT_SUFFIXES, TARGET_HELP, Session, batches_option, checkpoint_option, data_option,
-                     dead_threshold_option, json_option, no_progress_option, pass_session, scale_option,
-                     thresholds_option)
-
+from .common import (
+    PLOT_SUFFIXES,
+    TARGET_HELP,
+    Session,
+    batches_option,
+    checkpoint_option,
+    data_option,
+    dead_threshold_option,
+    json_option,
+    no_progress_option,
+    pass_session,
+    scale_option,
+    thresholds_option,
+)
 
 # --------------------------------------------------------------------------- eval and inspect-bn
 
@@ -95,7 +105,8 @@ def predict_cmd(session: Session, target, inputs, which, top_k, invert, preproce
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also draw per-layer bar charts of gamma, beta and moving variance (with --compare: both).")
 @pass_session
-def inspect_bn_cmd(session: Session, target, which, fmt, layers, dead_threshold, show_all, rank, thresholds, other, plot_path):
+def inspect_bn_cmd(session: Session, target, which, fmt, layers, dead_threshold, show_all, rank, thresholds, other,
+                   plot_path):
     """Every BN layer of TARGET: a one-line summary each, then (--all, --layer) per-channel gamma, beta, moving
     mean/variance and the inference affine map."""
     if plot_path and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:

@@ -216,7 +216,8 @@ def training_batch(cfg: schema.Config) -> TrainingBatch:
     sync = dist.strategy != "none" and dist.sync_bn
     global_batch = min(d.batch_size * replicas, train_images)
     images = global_batch if sync else global_batch // replicas
-    why = f"data.batch_size {d.batch_size}" + (f" x {replicas} replicas (synchronized)" if sync and replicas > 1 else "")
+    synchronized = f" x {replicas} replicas (synchronized)" if sync and replicas > 1 else ""
+    why = f"data.batch_size {d.batch_size}{synchronized}"
     if train_images < d.batch_size * replicas:
         why = (f"data.max_train {d.max_train} with data.val_split {d.val_split:g} leaves {train_images} training "
                f"image{'s' if train_images != 1 else ''}")

@@ -26,8 +26,9 @@ from .variance import MOVING_VARIANCE, convert, values_per_channel
 
 @keras.saving.register_keras_serializable(package="convbn")
 class BatchNormalization(keras.layers.BatchNormalization):
-    """A drop-in for keras.layers.BatchNormalization (same weights), plus `moving_variance`: "biased" (Keras 3, PyTorch's normalization) or
-    "unbiased" (TF1's fused batch_norm, PyTorch's running_var). See the module docstring."""
+    """A drop-in for keras.layers.BatchNormalization (same weights), plus `moving_variance`: "biased" (Keras 3,
+    PyTorch's normalization) or "unbiased" (TF1's fused batch_norm, PyTorch's running_var). See the module
+    docstring."""
 
     def __init__(self, *args, moving_variance="biased", **kwargs):
         super().__init__(*args, **kwargs)

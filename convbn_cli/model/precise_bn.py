@@ -6,8 +6,8 @@ begin at mean 0 / variance 1, which takes ~1/(1 - decay) steps to forget. Averag
 of N batches under the final weights gives the statistics the final model actually sees.
 
 Convention (the one training uses): each batch contributes its mean and its variance, biased (divided by
-n = N*H*W) or unbiased (n - 1) as the layer's `moving_variance` says; the new moving mean is the plain average of the batch means and the new moving variance the
-plain average of the batch variances.
+n = N*H*W) or unbiased (n - 1) as the layer's `moving_variance` says; the new moving mean is the plain average
+of the batch means and the new moving variance the plain average of the batch variances.
 
 Order: layer by layer. Layer k is recalibrated with layers 1..k-1 already recalibrated and in inference
 mode, so each layer's statistics describe the inputs it will see at inference. (fvcore instead runs all

@@ -47,6 +47,11 @@ def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _text(value):
+    """A provenance value as a table shows it: nested ones as JSON."""
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
 def rows_table(head, rows, numeric=()) -> str:
     out = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
     for row in rows:
@@ -99,8 +104,7 @@ def run_body(r: dict) -> str:
 <h2>Config</h2>
 <pre>{esc(r['config'])}</pre>
 <h2>Provenance</h2>
-{rows_table(('', ''), [*((k, v) for k, v in versions.items()), *((k, json.dumps(v) if isinstance(v, (dict, list)) else v)
-                                                                    for k, v in machine.items()),
+{rows_table(('', ''), [*versions.items(), *((k, _text(v)) for k, v in machine.items()),
                        ('git commit', prov.get('git_commit') or '-')])}
 """
 

@@ -103,7 +103,8 @@ class InspectReport:
     def render(self) -> str:
         parts = [f"checkpoint: {self.result['checkpoint']}", "", ib.layer_summaries(self.result, self.dead_threshold)]
         if self.diff is not None:
-            parts += ["", "differences (the other checkpoint minus this one):", ib.diff_summaries(self.diff, self.result)]
+            parts += ["", "differences (the other checkpoint minus this one):",
+                      ib.diff_summaries(self.diff, self.result)]
         if self.ranks:
             parts += ["", ib.global_rank_text(ib.global_rank(self.result), self.thresholds)]
         if not self.channels:

@@ -34,8 +34,8 @@ def architecture(config: dict) -> str:
         kind = config[at + "type"]
         if kind == "conv":
             stride = config.get(at + "stride[0]", config.get(at + "stride", 1))
-            parts.append(f"c{config.get(at + 'filters')}" + ("/2" if stride == 2 else f"/{stride}" if stride != 1 else "")
-                         + ("p" if config.get(at + "pool", 1) != 1 else ""))
+            strided = f"/{stride}" if stride != 1 else ""
+            parts.append(f"c{config.get(at + 'filters')}{strided}" + ("p" if config.get(at + "pool", 1) != 1 else ""))
         elif kind == "dense":
             parts.append(f"d{config.get(at + 'units')}")
         elif kind != "flatten":

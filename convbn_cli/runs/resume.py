@@ -22,6 +22,7 @@ def open_for_resume(run_dir, overrides=()) -> Resume:
     keys = [o.split("=", 1)[0].strip() for o in overrides]
     bad = [o for o, k in zip(overrides, keys) if k != RESUMABLE[0] and not k.startswith(RESUMABLE[1])]
     if bad:
-        raise RunDirError(f"--resume: only train.epochs and distribute.* may change when resuming, got {', '.join(bad)}")
+        raise RunDirError("--resume: only train.epochs and distribute.* may change when resuming, got "
+                          + ", ".join(bad))
     run = RunDir.open(run_dir)
     return Resume(run, run.load_config(overrides), tuple(overrides))

@@ -110,7 +110,8 @@ class Target:
         pixels = getattr(splits, f"x_{split}")
         calibration = calibration_batches(splits, cfg, batches)  # streamed: a full pass is the whole training split
         return EvalData(normalizer(cfg)(pixels).numpy(), getattr(splits, f"y_{split}").numpy(), calibration,
-                        max(cfg.data.batch_size, 2), cfg.dataset.num_classes, split, tf.cast(pixels, tf.float32).numpy())
+                        max(cfg.data.batch_size, 2), cfg.dataset.num_classes, split,
+                        tf.cast(pixels, tf.float32).numpy())
 
 
 def open_target(target, which="best", *, runnable_only=False) -> Target:

@@ -66,7 +66,8 @@ class BNStatsFiles(Subscriber):
 
     def on_start(self, trainer):
         done = trainer.start_epoch
-        if trainer.restored and done and not trainer.skip and not (trainer.run.bn_stats / f"epoch_{done}.json").is_file():
+        written = (trainer.run.bn_stats / f"epoch_{done}.json").is_file()
+        if trainer.restored and done and not trainer.skip and not written:
             trainer.run.write_bn_stats(done, trainer.bn_statistics())  # killed before it was written
 
     def on_epoch_end(self, trainer, row):

@@ -190,7 +190,8 @@ def eta(took: list, left: int) -> str:
     if not took or left <= 0:
         return ""
     seconds = sum(took) / len(took) * left
-    when = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    when = (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200
+            else f"{seconds / 3600:.1f} h")
     return f"; {left} run{'s' if left > 1 else ''} left including this one, about {when}"
 
 
