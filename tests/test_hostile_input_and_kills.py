@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,10 +28,11 @@ from conftest import CONFIGS, run_cli, tiny_raw
 from convbn_cli.cli import main
 
 SHIPPED = [yaml.safe_load(p.read_text()) for p in CONFIGS]
-# What a problem line may start with: a dotted config path, the config file, or an override.
+# What a problem line may start with: a dotted config path (a layer's with its name: `model.layers[5] (pool2)`,
+# docs/config.md), the config file, or an override.
 SEGMENT = r"(?:\[\d+\]|\['(?:[^'\\]|\\.)*'\]|\[\"(?:[^\"\\]|\\.)*\"\])"
-PROBLEM = re.compile(rf"^error: (?:(?:[A-Za-z_]\w*|{SEGMENT})(?:\.[A-Za-z_]\w*|{SEGMENT})*|\(top level\)|/\S+"
-                     rf"|override (?:'.*'|\".*\")): \S")
+PROBLEM = re.compile(rf"^error: (?:(?:[A-Za-z_]\w*|{SEGMENT})(?:\.[A-Za-z_]\w*|{SEGMENT})*(?: \([^()]+\))?"
+                     rf"|\(top level\)|/\S+|override (?:'.*'|\".*\")): \S")
 
 
 def check_outcome(result, allow_ok=True):
@@ -97,13 +99,37 @@ def write(tmp_path, name, content):
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """`convbn train` of a config that validates would train for real; these tests are about bad input."""
+    """`convbn train` of a config that validates would fetch its data set (a child process `convbn data fetch`,
+    which downloads into the data directory) and train for real; these tests are about bad input. Records what
+    reached the stubs: `trained` (the configs) and `fetched` (the data sets)."""
+    import convbn_cli.cli.common as cli_common
     import convbn_cli.train as train_pkg
 
-    calls = []
-    monkeypatch.setattr(train_pkg, "train", lambda cfg, **kw: calls.append(cfg))
+    calls = SimpleNamespace(trained=[], fetched=[])
+    monkeypatch.setattr(train_pkg, "train", lambda cfg, **kw: calls.trained.append(cfg))
+    monkeypatch.setattr(cli_common, "fetch_apart", lambda dataset, session, progress: calls.fetched.append(dataset))
     monkeypatch.setattr("convbn_cli.tf_setup.import_tensorflow", lambda verbose=False: None)
     return calls
+
+
+def _files(folder: Path) -> set:
+    return set(folder.rglob("*")) if folder.exists() else set()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_a_shipped_config_reaches_the_trainer_only_through_the_stubbed_fetch(tmp_path, no_training, path):
+    # What the fuzz test below does with a mutation that leaves the config valid: `train` gets past validation.
+    # Without the stub of fetch_apart, it would start `convbn data fetch` (refused by conftest's guard; before
+    # the guard, a 55 MB download into the data directory of whoever ran the fast tier).
+    from convbn_cli.data.sources import cache_dir
+
+    before = _files(cache_dir())
+    for command in ("validate", "train"):
+        result = CliRunner().invoke(main, [command, str(path), f"output.root={tmp_path / 'runs'}"])
+        assert result.exit_code == 0 and result.exception is None, (command, result.output, result.exception)
+    dataset = yaml.safe_load(path.read_text())["data"]["dataset"]
+    assert no_training.fetched == [dataset] and [c.data.dataset for c in no_training.trained] == [dataset]
+    assert _files(cache_dir()) == before
 
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -114,7 +140,12 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 def test_mutated_shipped_configs_validate_or_fail_cleanly(tmp_path, no_training, raw):
     p = write(tmp_path, "c.yaml", yaml.safe_dump(raw, allow_unicode=True))
     for command in ("validate", "train"):
-        check_outcome(CliRunner().invoke(main, [command, str(p), f"output.root={tmp_path / 'runs'}"]))
+        fetched, trained = len(no_training.fetched), len(no_training.trained)
+        result = CliRunner().invoke(main, [command, str(p), f"output.root={tmp_path / 'runs'}"])
+        check_outcome(result)
+    if result.exit_code == 0:  # a valid mutation: train got its data set through the stubbed fetch, then trained
+        assert no_training.fetched[fetched:] == [c.data.dataset for c in no_training.trained[trained:]]
+        assert len(no_training.trained) == trained + 1
 
 
 @FUZZ
