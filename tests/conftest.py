@@ -57,7 +57,7 @@ TIERS = {  # mark: what in a test's (or its fixtures') source puts it in the slo
 def _sources(item) -> str:
     """The test function's source and that of every fixture it uses (directly or through other fixtures)."""
     funcs = [getattr(item, "function", None)]
-    for defs in getattr(item, "_fixtureinfo").name2fixturedefs.values():
+    for defs in item._fixtureinfo.name2fixturedefs.values():
         funcs += [d.func for d in defs]
     texts = []
     for f in funcs:
@@ -96,12 +96,13 @@ def pytest_configure(config):
     for name, folder in SESSION_DIRS.items():
         ENV_BEFORE[name] = os.environ.get(name)
         SESSION_ENV[name] = os.environ[name] = str(base / folder)
-    # Matplotlib's first import in a fresh config dir builds its font list by running `fc-list`: done now, before
-    # the guard, rather than inside whichever fast test draws first (the guard would refuse it there).
-    import matplotlib.font_manager  # noqa: F401
-    # Likewise Python's platform.processor() runs `uname -p` once and keeps the answer; h5py asks for it while
-    # TensorFlow is first imported, which happens inside a test.
+    # Two programs run once and remembered, run now, before the guard, rather than inside whichever fast test
+    # comes first (the guard would refuse them there): Matplotlib's first import in a fresh config dir builds its
+    # font list with `fc-list`; Python's platform.processor() runs `uname -p`, and h5py asks for it while
+    # TensorFlow is first imported, inside a test.
     import platform
+
+    import matplotlib.font_manager  # noqa: F401
 
     platform.processor()
     HERMETIC.install()
@@ -451,8 +452,8 @@ def browser():
 
     if found() is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
-                    ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        for cmd in (install, ["apt-get", "update", "-q"], install):
             if found():
                 break
             subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=900)
@@ -471,8 +472,8 @@ def screenshot(browser, page: Path, out: Path, size=(1400, 3600)):
 
     with tempfile.TemporaryDirectory() as profile:
         r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                            f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}", "--enable-logging=stderr",
-                            "--v=0", f"--screenshot={out}", page.resolve().as_uri()],
+                            f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
+                            "--enable-logging=stderr", "--v=0", f"--screenshot={out}", page.resolve().as_uri()],
                            capture_output=True, text=True, timeout=120)
     assert out.is_file(), r.stderr[-2000:]
     return [ln for ln in r.stderr.splitlines() if ":CONSOLE" in ln]
