@@ -29,9 +29,12 @@ import signal
 import time
 
 import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
 
 from .. import signals
 from ..errors import ConvbnError
+from ..present.plots import confusion_matrix, curves
 
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
@@ -127,9 +130,7 @@ class TensorBoard(Subscriber):
     smoothing, the loss actually minimized is epoch/loss_with_label_smoothing."""
 
     def on_start(self, trainer):
-        import tensorflow as tf
-
-        self.tf, self.every = tf, trainer.cfg.output.log_every_steps
+        self.every = trainer.cfg.output.log_every_steps
         self.train = tf.summary.create_file_writer(str(trainer.run.tensorboard / "train"))
         self.val = tf.summary.create_file_writer(str(trainer.run.tensorboard / "validation"))
 
@@ -141,7 +142,7 @@ class TensorBoard(Subscriber):
             return
         means, self.previous = step_window(trainer, step, self.previous)
         if means is not None:
-            scalar = self.tf.summary.scalar
+            scalar = tf.summary.scalar
             with self.train.as_default(step=step):
                 scalar("step/loss", means["loss"])
                 if trainer.cfg.train.label_smoothing:
@@ -149,7 +150,7 @@ class TensorBoard(Subscriber):
                 scalar("step/learning_rate", trainer.current_lr())
 
     def on_epoch_end(self, trainer, row):
-        scalar = self.tf.summary.scalar
+        scalar = tf.summary.scalar
         with self.train.as_default(step=row["epoch"]):
             scalar("epoch/loss", row["train_ce"])
             if trainer.cfg.train.label_smoothing:
@@ -158,8 +159,8 @@ class TensorBoard(Subscriber):
             scalar("epoch/learning_rate", row["lr"])
             scalar("epoch/images_per_s", row["images_per_s"])
             for name, s in trainer.bn_statistics().items():
-                self.tf.summary.histogram(f"{name}/gamma", np.asarray(s["gamma"]))
-                self.tf.summary.histogram(f"{name}/beta", np.asarray(s["beta"]))
+                tf.summary.histogram(f"{name}/gamma", np.asarray(s["gamma"]))
+                tf.summary.histogram(f"{name}/beta", np.asarray(s["beta"]))
         if row["val_acc"] is not None:
             with self.val.as_default(step=row["epoch"]):
                 scalar("epoch/loss", row["val_loss"])
@@ -236,8 +237,6 @@ class ProgressBar(Subscriber):
     """A tqdm bar per epoch on a terminal (silent in logs and CI, where the per-epoch line is printed anyway)."""
 
     def on_epoch_start(self, trainer, epoch):
-        from tqdm import tqdm
-
         self.bar = tqdm(total=trainer.steps, initial=trainer.skip, desc=f"epoch {epoch + 1}/{trainer.epochs}",
                         unit="batch", leave=False, disable=None, dynamic_ncols=True)
         self.t0, self.first = time.time(), trainer.skip
@@ -365,8 +364,6 @@ class Plots(Subscriber):
     epoch, and confusion_matrix.png (test split, with the dataset's class names) at the end."""
 
     def on_epoch_end(self, trainer, row):
-        from ..present.plots import curves
-
         try:
             steps = trainer.run.read_steps()
         except ConvbnError:  # damaged by hand: per-epoch curves only
@@ -374,8 +371,6 @@ class Plots(Subscriber):
         curves(trainer.metrics, trainer.run.path / "curves.png", title=str(trainer.run.path), steps=steps)
 
     def on_finish(self, trainer, results):
-        from ..present.plots import confusion_matrix
-
         confusion_matrix(trainer.last_test["confusion"], trainer.cfg.dataset.class_names,
                          trainer.run.path / "confusion_matrix.png",
                          title=f"{trainer.run.path}: test accuracy {results['test_acc']:.2%}")

@@ -22,8 +22,11 @@ from pathlib import Path
 
 from .. import signals
 from ..config import dump_config, load_config
+from ..config.loader import safe_parse
+from ..data import fetch
 from ..errors import ConfigError, Stopped
 from ..files import write_json_atomic, write_text_atomic
+from ..present.plots import sweep_summary
 from ..runs.rundir import RunDirError, make_numbered
 from ..runs.sweepdir import MAX_RUNS, PLAN, dir_name, open_sweep, summarize  # noqa: F401  (the sweep's API)
 
@@ -66,8 +69,6 @@ def parse_axes(specs) -> tuple[list, list]:
 
 def _meaning(value: str) -> str:
     """What a value means once parsed as the config reads it (0.9 and 0.90 are one value)."""
-    from ..config.loader import safe_parse
-
     try:
         return json.dumps(safe_parse(value), sort_keys=True)
     except Exception:  # noqa: BLE001  (not YAML: load_config reports it, naming the combination)
@@ -151,8 +152,6 @@ def _noting_signals(pending: list):
 
 def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bool:
     """Train (or resume) the sweep's i-th run unless it is done; whether it trained."""
-    from ..config.loader import safe_parse
-    from ..data import fetch
     from .loop import train
 
     run_dir = path / r["name"]
@@ -197,8 +196,6 @@ def eta(took: list, left: int) -> str:
 
 def write_summary(path, sweep: dict) -> dict:
     """summary.json, summary.csv and summary.png in the sweep directory (atomically); returns the summary."""
-    from ..present.plots import sweep_summary
-
     path = Path(path)
     rows = summarize(path, sweep)
     keys = [k for k, _ in sweep["axes"]]
