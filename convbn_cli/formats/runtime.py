@@ -30,7 +30,7 @@ from .catalog import (
 )
 
 ONNX_OPSET = 17  # onnxruntime has run it since 1.11 (2022)
-MAX_ONNX_BYTES = 512 << 20
+MAX_ONNX_BYTES = 256 << 20  # the model and its external data
 
 
 @dataclass
@@ -102,11 +102,15 @@ def read_keras(path) -> Opened:
                   read_metadata(path), model)
 
 
+MAX_TFLITE_BYTES = 256 << 20
 def open_interpreter(path):
-    """A TFLite interpreter with its tensors allocated, without the deprecation warning and the XNNPACK notice
-    it prints (shown with --verbose)."""
+    """A TFLite interpreter with its tensors allocated, without the deprecation warning and the XNNPACK notice it
+    prints (shown with --verbose). The file is read here, bounded, and handed over as bytes: TensorFlow verifies a
+    flatbuffer given as bytes (FlatBufferModel::VerifyAndBuildFromBuffer) but not one given by path, and a
+    truncated file given by path crashed the process (SIGSEGV)."""
+    data = read_bytes(path, MAX_TFLITE_BYTES, "a TFLite model of an MNIST-like conv net", TargetError)
     with quiet_native():
-        interpreter = tf.lite.Interpreter(model_path=str(path))
+        interpreter = tf.lite.Interpreter(model_content=data)
         interpreter.allocate_tensors()
     return interpreter
 
@@ -131,28 +135,177 @@ def read_tflite(path) -> Opened:
     return Opened("tflite", run, shape, classes, PIXELS_INPUT in inputs[0]["name"], read_metadata(path))
 
 
-def read_onnx(path) -> Opened:
-    """An ONNX model through onnxruntime (the `onnx` extra), loaded once: its signature, metadata and predictions."""
+MAX_ONNX_ARENA_BYTES = 512 << 20  # all the memory an ONNX model may take while it runs (weights and tensors)
+_arena = []  # onnxruntime's allocator with that bound, registered once per process
+
+
+def _onnx_runtime(path):
+    """(onnx, onnxruntime), the allocator bounded: a graph can allocate without bound (ConstantOfShape [2^29]
+    took 2.8 GB; onnxruntime has no default limit), and the bounded arena turns that into an error instead."""
     try:
+        import onnx
         import onnxruntime as ort
     except ImportError:
-        raise TargetError(f"{path}: running an ONNX model needs onnxruntime: pip install 'convbn[onnx]'") from None
+        raise TargetError(f"{path}: running an ONNX model needs onnx and onnxruntime: pip install 'convbn[onnx]'") \
+            from None
+    if not _arena:
+        ort.set_default_logger_severity(4)  # fatal only: its errors are reported here, once, as one line
+        memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg({"max_mem": MAX_ONNX_ARENA_BYTES}))
+        _arena.append(memory)
+    return onnx, ort
+
+
+def check_onnx_external_data(path, model) -> None:
+    """Every tensor whose data lies in another file (ONNX's external data) must name a regular file beside the
+    model or below its folder, within its bounds: never one elsewhere (`/etc/...`, `../...`, a link out)."""
+    folder, total = Path(path).resolve().parent, 0
+    for tensor in _all_tensors(model):
+        if tensor.data_location != 1:  # TensorProto.EXTERNAL
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        where = (folder / info.get("location", "")).resolve()
+        if not where.is_relative_to(folder) or not where.is_file():
+            raise TargetError(f"{path}: its tensor {tensor.name!r} reads {info.get('location')!r}, which is not a "
+                              "file beside the model; convbn reads external data only from the model's own folder")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or where.stat().st_size)
+        total += end - int(info.get("offset", 0) or 0)
+        if end > where.stat().st_size or total > MAX_ONNX_BYTES:
+            raise TargetError(f"{path}: its external data ({info.get('location')!r}) is larger than its file or "
+                              f"than {MAX_ONNX_BYTES >> 20} MiB in all")
+
+
+def _all_tensors(model):
+    """Every TensorProto of an ONNX model: initializers and tensor attributes, in subgraphs too."""
+    graphs, out = [model.graph], []
+    while graphs:
+        g = graphs.pop()
+        out += list(g.initializer)
+        for node in g.node:
+            for a in node.attribute:
+                out += ([a.t] if a.HasField("t") else []) + list(a.tensors)
+                graphs += ([a.g] if a.HasField("g") else []) + list(a.graphs)
+    return out
+
+
+def read_onnx(path) -> Opened:
+    """An ONNX model through onnxruntime (the `onnx` extra), opened by its path so that its external data is read
+    from beside it (check_onnx_external_data), with memory bounded (_onnx_runtime); every failure one line."""
+    onnx, ort = _onnx_runtime(path)
     data = read_bytes(path, MAX_ONNX_BYTES, "an ONNX model of an MNIST-like conv net", TargetError)
     try:
+        check_onnx_external_data(path, onnx.load_from_string(data))
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: its warnings are about graph optimizations
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001  onnxruntime fails on a damaged model in its own exception types
+        options.add_session_config_entry("session.use_env_allocators", "1")  # the bounded arena
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except TargetError:
+        raise
+    except Exception as e:  # noqa: BLE001  onnx and onnxruntime fail on a damaged model in their own types
         raise TargetError(f"{path}: not a readable ONNX model ({_cut(e, 200)})") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     shape, classes = check_signature(path, [_shape(i.shape) for i in inputs], [_shape(o.shape) for o in outputs])
     name = inputs[0].name
     about = read_metadata(path, session.get_modelmeta().custom_metadata_map)
-    return Opened("onnx", lambda x: session.run(None, {name: x})[0], shape, classes, PIXELS_INPUT in name, about)
+
+    def run(x):
+        try:
+            return session.run(None, {name: x})[0]
+        except Exception as e:  # noqa: BLE001  onnxruntime's own error types (Fail, RuntimeException, ...)
+            short = (f"more memory than the {MAX_ONNX_ARENA_BYTES >> 20} MiB an ONNX model may take"
+                     if "smaller than requested" in str(e) else _cut(e, 200))
+            raise TargetError(f"{path}: onnxruntime could not run it ({short})") from None
+
+    return Opened("onnx", run, shape, classes, PIXELS_INPUT in name, about)
+
+
+# What a SavedModel may compute before convbn loads it (tf.saved_model.load runs some of its functions, e.g. a
+# resource's initializer, and eval and predict call its serving function): tensor arithmetic only. No op that
+# reads or writes files (ReadFile, WriteFile, MatchingFiles, the Save/Restore ops outside the saver), starts a
+# process or talks to a network, calls Python (PyFunc, EagerPyFunc), or creates lookup tables, queues, readers,
+# iterators or other resources. TensorFlow has no such check of its own; the lists are convbn's.
+PURE_OPS = frozenset("""
+    Abs Add AddN AddV2 ArgMax ArgMin AvgPool BatchMatMulV2 BatchMatMulV3 BiasAdd BroadcastArgs BroadcastTo Cast Ceil
+    ClipByValue ConcatV2 Const Conv2D Conv2DBackpropInput Cumsum DepthwiseConv2dNative Div DivNoNan Einsum Elu Equal
+    Erf Exp ExpandDims Fill Floor FloorDiv FloorMod FusedBatchNorm FusedBatchNormV3 GatherV2 Greater GreaterEqual
+    Identity IdentityN LeakyRelu Less LessEqual Log LogSoftmax LogicalAnd LogicalNot LogicalOr MatMul Max MaxPool
+    Maximum Mean Min Minimum MirrorPad Mod Mul Neg NoOp NotEqual OnesLike Pack Pad PadV2 PartitionedCall Placeholder
+    Pow PreventGradient Prod Range Rank ReadVariableOp RealDiv Reciprocal Relu Relu6 Reshape ResizeBilinear
+    ResizeNearestNeighbor Round Rsqrt Select SelectV2 Selu Shape ShapeN Sigmoid Sign Size Slice Softmax Softplus
+    Softsign Split SplitV Sqrt Square SquaredDifference Squeeze StatefulPartitionedCall StopGradient StridedSlice Sub
+    Sum Tanh Tile Transpose Unpack ZerosLike
+""".split())
+# The graph's own nodes (TensorFlow 1's view, which the TF2 loader does not run) declare the variables.
+GRAPH_OPS = PURE_OPS | {"VarHandleOp", "AssignVariableOp", "VarIsInitializedOp"}
+# The saver functions every SavedModel carries (what tf.saved_model.save traces for writing and reading its own
+# variables); allowed only in functions that nothing but the saver nodes call.
+SAVER_OPS = PURE_OPS | {"SaveV2", "RestoreV2", "MergeV2Checkpoints", "ShardedFilename", "StringJoin",
+                        "StaticRegexFullMatch", "DisableCopyOnRead", "AssignVariableOp"}
+MAX_SAVED_MODEL_PB_BYTES = 256 << 20
+
+
+def _called(node) -> set:
+    """The functions a node (or a function's node) calls through its attributes (f, then_branch, body, ...)."""
+    names = set()
+    for value in node.attr.values():
+        if value.HasField("func"):
+            names.add(value.func.name)
+        names.update(f.name for f in value.list.func)
+    return names
+
+
+def _reach(roots, calls) -> set:
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += calls.get(name, ())
+    return seen
+
+
+def _foreign_op(meta_graph):
+    """(op, where) of the first operation of `meta_graph` outside what its place allows, or None."""
+    graph, library = meta_graph.graph_def, meta_graph.graph_def.library.function
+    saver = {meta_graph.saver_def.save_tensor_name.split(":")[0], meta_graph.saver_def.restore_op_name} - {""}
+    calls = {f.signature.name: set().union(*(_called(n) for n in f.node_def)) for f in library}
+    saver_roots = set().union(*(_called(n) for n in graph.node if n.name in saver))
+    # what the TF2 loader restores as callable (the serving function, a resource's initializer) is never saver's
+    others = set(meta_graph.object_graph_def.concrete_functions).union(
+        *(_called(n) for n in graph.node if n.name not in saver))
+    pure = _reach(others | (set(calls) - _reach(saver_roots, calls)), calls)
+    for n in graph.node:
+        if n.op not in (SAVER_OPS if n.name in saver else GRAPH_OPS):
+            return n.op, f"node {n.name}"
+    for f in library:
+        allowed = PURE_OPS if f.signature.name in pure else SAVER_OPS
+        bad = next((n for n in f.node_def if n.op not in allowed), None)
+        if bad is not None:
+            return bad.op, f"function {f.signature.name}"
+    return None
+
+
+def check_savedmodel(path) -> None:
+    """Refuse (one line) a SavedModel that could run anything but tensor arithmetic, before TensorFlow loads it."""
+    from tensorflow.core.protobuf import saved_model_pb2  # the format's own schema
+
+    data = read_bytes(Path(path) / "saved_model.pb", MAX_SAVED_MODEL_PB_BYTES, "a SavedModel's graph", TargetError)
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # noqa: BLE001  protobuf's DecodeError and friends
+        raise TargetError(f"{path}: not a readable SavedModel ({_cut(e, 200)})") from None
+    for meta_graph in proto.meta_graphs:
+        found = _foreign_op(meta_graph)
+        if found is not None:
+            op, where = found
+            raise TargetError(f"{path}: a SavedModel whose {where} runs {op}, which is not tensor arithmetic; convbn "
+                              "runs only SavedModels of tensor operations (no files, processes, network, Python or "
+                              "resources): save the model as .keras or ONNX, or export it with convbn")
 
 
 def read_savedmodel(path) -> Opened:
-    """A SavedModel directory's serving function."""
+    """A SavedModel directory's serving function, once its graph is shown to be tensor arithmetic only."""
+    check_savedmodel(path)
     try:
         loaded = tf.saved_model.load(str(path))
         serve = loaded.signatures["serving_default"]
