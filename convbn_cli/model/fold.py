@@ -15,9 +15,10 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from .bn import is_bn
+from .bn import channel_axis, is_bn
 from .fused_bn import FusedBatchNorm
 from .graph import consumers, producer
+from .keras_private import made_by
 from .stats import bn_layer_parameters
 
 PIXELS_INPUT = "pixels"  # the input name of a model that takes raw pixels and normalizes them itself
@@ -39,14 +40,46 @@ def fold_weights(kernel, bias, p: dict):
 
 def foldable_pairs(model) -> dict:
     """{BN layer: conv/dense layer} for every BN that directly follows a conv/dense whose only consumer it is
-    (folding into a layer that also feeds something else would change that other input)."""
+    (folding into a layer that also feeds something else would change that other input), normalizes that layer's
+    output channels (not e.g. the width, as BatchNormalization() with its default axis -1 does after a
+    channels_first conv: no per-channel scale of the kernel computes that), and that the export can give a bias
+    (see _bias_added_wrongly)."""
+    model = as_functional(model)
+    flips = _channels_last_plan(model)[1]
     pairs = {}
     for layer in model.layers:
         if is_bn(layer):
             prev = producer(layer)
-            if isinstance(prev, FOLDABLE) and consumers(model, prev) == [layer]:
+            if isinstance(prev, FOLDABLE) and consumers(model, prev) == [layer] and _on_output_channels(layer, prev) \
+                    and not (flips.get(id(prev)) != FLIP and _bias_added_wrongly(prev)):
                 pairs[layer] = prev
     return pairs
+
+
+def _on_output_channels(bn, layer) -> bool:
+    """Whether `bn` normalizes the axis that holds `layer`'s output channels (axis 1 of a channels_first conv)."""
+    ndim = len(layer.output.shape)
+    if not isinstance(bn.axis, int) and len(bn.axis) != 1:
+        return False
+    channels_first = getattr(layer, "data_format", None) == "channels_first" and ndim > 2
+    return channel_axis(bn, ndim) == (1 if channels_first else ndim - 1)
+
+
+def _bias_added_wrongly(layer) -> bool:
+    """Whether Keras' own Conv2D would add a bias to `layer`'s output along its width: a channels_first conv whose
+    static output width equals its filter count (Keras' TensorFlow backend then takes the add for an NHWC
+    bias_add; model/conv.py). Folding gives the conv a bias, so such a conv keeps its BN unless the export
+    rebuilds it in channels_last."""
+    return isinstance(layer, keras.layers.Conv2D) and layer.data_format == "channels_first" \
+        and layer.output.shape[-1] == layer.filters
+
+
+def as_functional(model: keras.Model) -> keras.Model:
+    """`model` as a functional model: a Sequential one as a functional model over the same layers (and so the
+    same weights), which Keras' clone_model can rebuild with a call_function (it refuses Sequential models)."""
+    if not isinstance(model, keras.Sequential):
+        return model
+    return keras.Model(model.inputs, model.outputs, name=model.name)  # Keras 3: .input raises for a Sequential
 
 
 NORMALIZE_LAYER = "normalize_pixels"  # the layer that normalizes them
@@ -59,45 +92,17 @@ def standard_model(model: keras.Model, fold_bn: bool = False, pixel_affine=None)
     them itself with keras.layers.Rescaling(scale, offset) (layer "normalize_pixels") before the network.
 
     A FusedBatchNorm that is not folded becomes keras.layers.BatchNormalization with the same weights, and
-    convbn's Keras subclasses become Keras' own classes, so the result loads anywhere without convbn. A convbn
-    channels_first model (NHWC images permuted to NCHW first) is rebuilt in channels_last, which computes the
-    same function with the same weights (Keras keeps conv kernels as HWIO in both layouts, and Flatten in
-    channels-last order) and avoids Keras' channels_first conv-bias bug (model/conv.py).
-    Works on any functional graph (the model is cloned layer by layer).
+    convbn's Keras subclasses become Keras' own classes, so the result loads anywhere without convbn. A
+    channels_first model (NHWC images permuted to NCHW first, as convbn builds them) is rebuilt in channels_last,
+    which computes the same function with the same weights (Keras keeps conv kernels as HWIO in both layouts) and
+    avoids Keras' channels_first conv-bias bug (model/conv.py); a layer that cannot change layout (a Flatten in
+    channels_last order of an NCHW tensor, say) gets its input permuted back to NCHW (_channels_last_plan).
+    Works on any functional graph (the model is cloned layer by layer) and on Sequential models.
     """
-    pairs = foldable_pairs(model) if fold_bn else {}
-    folded_into = {id(conv): bn for bn, conv in pairs.items()}
-    to_last = _permutes_to_channels_first(model)
-    weights, folded, kept = {}, [], []
-
-    strip = takes_pixels(model)  # an export of an export: its own normalization goes, and comes back if asked
-
-    def clone(layer):
-        if layer is to_last or (strip and layer.name == NORMALIZE_LAYER):
-            return _PassThrough(layer.name)
-        if is_bn(layer):
-            if layer in pairs:
-                folded.append(layer.name)
-                return _PassThrough(layer.name)
-            kept.append(layer.name)
-        cls, config = standard_config(layer, to_channels_last=to_last is not None)
-        w = layer.get_weights()
-        bn = folded_into.get(id(layer))
-        if bn is not None:
-            kernel, bias = fold_weights(w[0], w[1] if config.get("use_bias") else None, bn_layer_parameters(bn))
-            config, w = {**config, "use_bias": True}, [kernel, bias]
-        new = cls.from_config(config)
-        weights[id(new)] = w
-        return new
-
-    def call(layer, *args, **kwargs):
-        if isinstance(layer, _PassThrough):
-            return args[0]
-        out = layer(*args, **kwargs)
-        layer.set_weights(weights[id(layer)])
-        return out
-
-    pixels, normalized = keras.Input(shape=model.input_shape[1:], name="image") if strip else None, {}
+    model = as_functional(model)
+    rebuild = _Rebuild(model, fold_bn)
+    pixels, normalized = keras.Input(shape=model.input_shape[1:], name="image") if rebuild.strip else None, {}
+    call = rebuild.call
     if pixel_affine is not None:
         pixels = keras.Input(shape=model.input_shape[1:], name=PIXELS_INPUT)
         normalize = keras.layers.Rescaling(*pixel_affine, name=NORMALIZE_LAYER)
@@ -109,8 +114,57 @@ def standard_model(model: keras.Model, fold_bn: bool = False, pixel_affine=None)
                 args = (normalized["x"], *args[1:])
             return _call(layer, *args, **kwargs)
 
-    new = keras.models.clone_model(model, input_tensors=pixels, clone_function=clone, call_function=call)
-    return keras.Model(new.inputs[0], new.outputs[0], name="convbn_export"), folded, kept
+    new = keras.models.clone_model(model, input_tensors=pixels, clone_function=rebuild.clone, call_function=call)
+    return keras.Model(new.inputs[0], new.outputs[0], name="convbn_export"), rebuild.folded, rebuild.kept
+
+
+class _Rebuild:
+    """The clone and call functions of standard_model's keras.models.clone_model, and what they found."""
+
+    def __init__(self, model, fold_bn):
+        self.pairs = foldable_pairs(model) if fold_bn else {}
+        self.folded_into = {id(conv): bn for bn, conv in self.pairs.items()}
+        self.to_last, self.plan = _channels_last_plan(model)
+        self.strip = takes_pixels(model)  # an export of an export: its normalization goes, and comes back if asked
+        self.weights, self.flipped, self.folded, self.kept = {}, set(), [], []
+
+    def clone(self, layer):
+        if layer is self.to_last or (self.strip and layer.name == NORMALIZE_LAYER):
+            return _PassThrough(layer.name, to_last=layer is self.to_last)
+        if is_bn(layer):
+            if layer in self.pairs:
+                self.folded.append(layer.name)
+                return _PassThrough(layer.name)
+            self.kept.append(layer.name)
+        flip = self.plan.get(id(layer))
+        cls, config = standard_config(layer, to_channels_last=flip == FLIP)
+        w = layer.get_weights()
+        bn = self.folded_into.get(id(layer))
+        if bn is not None:
+            kernel, bias = fold_weights(w[0], w[1] if config.get("use_bias") else None, bn_layer_parameters(bn))
+            config, w = {**config, "use_bias": True}, [kernel, bias]
+        new = cls.from_config(config)
+        self.weights[id(new)] = (w, flip)
+        return new
+
+    def call(self, layer, *args, **kwargs):
+        if isinstance(layer, _PassThrough):
+            if layer.to_last:  # the images are NHWC already: the NCHW tensor the Permute made, in channels_last
+                self.flipped.add(id(args[0]))
+            return args[0]  # a folded BN keeps its input's layout
+        w, flip = self.weights[id(layer)]
+        if flip == UNFLIP:  # its flipped inputs back to NCHW, as the original layer takes them
+            x = args[0]
+            x = [self._unflip(t) for t in x] if isinstance(x, (list, tuple)) else self._unflip(x)
+            args = (x, *args[1:])
+        out = layer(*args, **kwargs)
+        layer.set_weights(w)
+        if flip == FLIP and len(out.shape) == 4:
+            self.flipped.add(id(out))
+        return out
+
+    def _unflip(self, tensor):
+        return keras.layers.Permute((3, 1, 2))(tensor) if id(tensor) in self.flipped else tensor
 
 
 def takes_pixels(model: keras.Model) -> bool:
@@ -149,8 +203,61 @@ def _permutes_to_channels_first(model):
     return None
 
 
-class _PassThrough:
-    """Stands in for a folded BN layer while cloning: its input goes straight on."""
+FLIP, UNFLIP = "flip", "unflip"  # _channels_last_plan's two answers for a layer after the Permute
+# Layers that compute the same on an NHWC tensor as on the NCHW one (value by value, or tensor by tensor)
+ELEMENTWISE = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
+               keras.layers.Dropout, keras.layers.GaussianNoise, keras.layers.GaussianDropout, keras.layers.Add,
+               keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average, keras.layers.Maximum,
+               keras.layers.Minimum, keras.layers.Identity)
 
-    def __init__(self, name):
-        self.name = name
+
+def _channels_last_plan(model):
+    """(the Permute((3, 1, 2)) that starts a channels_first model, or None; {id(layer): FLIP or UNFLIP}).
+
+    Without that Permute the NHWC images go on, so each tensor after it is "flipped" (NHWC where the original
+    has NCHW). A layer whose inputs are all flipped and that computes the same in channels_last (FLIP: a
+    channels_first data_format, BN over axis 1, an elementwise layer) is rebuilt so, its 4-D output flipped too;
+    any other layer that takes a flipped tensor (Flatten() in channels_last order, a Dense on NCHW,
+    BatchNormalization() over the width) gets it permuted back to NCHW (UNFLIP) and computes what it did.
+    convbn's own models are all FLIP; a model from elsewhere need not be. No plan where the input also feeds
+    other layers, a layer is called more than once, or an output would stay flipped.
+    """
+    permute = _permutes_to_channels_first(model)
+    try:
+        alone = permute is not None and consumers(model, made_by(permute.input)) == [permute]
+    except (AttributeError, ValueError):  # a shared Permute
+        alone = False
+    if not alone:
+        return None, {}
+    flipped, plan = {id(permute)}, {}
+    for layer in model.layers:
+        try:
+            ins = layer.input
+        except (AttributeError, ValueError):  # called more than once: no one layout for its input
+            return None, {}
+        hits = [id(made_by(t)) in flipped for t in (ins if isinstance(ins, (list, tuple)) else [ins])]
+        if layer is permute or isinstance(layer, keras.layers.InputLayer) or not any(hits):
+            continue
+        plan[id(layer)] = FLIP if all(hits) and _flippable(layer) else UNFLIP
+        if plan[id(layer)] == FLIP and len(layer.output.shape) == 4:
+            flipped.add(id(layer))
+    if any(id(made_by(t)) in flipped for t in model.outputs):
+        return None, {}
+    return permute, plan
+
+
+def _flippable(layer) -> bool:
+    """Whether `layer`, given NHWC instead of NCHW, computes the same (transposed) once rebuilt in channels_last."""
+    if getattr(layer, "data_format", None) == "channels_first":
+        return True
+    if is_bn(layer):
+        return (isinstance(layer.axis, int) or len(layer.axis) == 1) and channel_axis(layer, 4) == 1
+    return type(layer) in ELEMENTWISE and getattr(layer, "noise_shape", None) is None
+
+
+class _PassThrough:
+    """Stands in while cloning for a folded BN layer, the normalization of an export of an export, or the
+    Permute of a model rebuilt in channels_last (`to_last`): its input goes straight on."""
+
+    def __init__(self, name, to_last=False):
+        self.name, self.to_last = name, to_last
