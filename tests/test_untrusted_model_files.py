@@ -194,3 +194,19 @@ def test_a_damaged_tflite_file_is_one_line_not_a_crash(tmp_path, tflite_bytes, d
         codes.append(r.returncode)
         assert r.returncode in (0, 2) and "Traceback" not in r.stderr, (k, r.returncode, r.stderr[-1500:])
     assert codes[:6] == [2] * 6  # every truncation is refused
+
+
+def test_a_damaged_onnx_or_savedmodel_file_is_one_line(tmp_path, digits):
+    """The fuzz of the other readers (tests/test_bounded_readers.py), for the ONNX and SavedModel readers: every
+    damaged copy is read or refused in one line, never a traceback or a crash."""
+    good = linear_onnx(tmp_path / "good.onnx").read_bytes()
+    for k, data in enumerate(damaged(good, n=8, seed=1)):
+        path = tmp_path / f"d{k}.onnx"
+        path.write_bytes(data)
+        r = run_cli("predict", path, digits)
+        assert r.returncode in (0, 2) and "Traceback" not in r.stderr, (k, r.returncode, r.stderr[-1500:])
+    folder = saved_model(tmp_path, "none")
+    pb = (folder / "saved_model.pb").read_bytes()
+    for k, data in enumerate([pb[:len(pb) // 3], pb[: len(pb) - 7]]):
+        (folder / "saved_model.pb").write_bytes(data)
+        one_error_line(run_cli("predict", folder, digits), str(folder))
