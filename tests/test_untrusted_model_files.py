@@ -207,6 +207,6 @@ def test_a_damaged_onnx_or_savedmodel_file_is_one_line(tmp_path, digits):
         assert r.returncode in (0, 2) and "Traceback" not in r.stderr, (k, r.returncode, r.stderr[-1500:])
     folder = saved_model(tmp_path, "none")
     pb = (folder / "saved_model.pb").read_bytes()
-    for k, data in enumerate([pb[:len(pb) // 3], pb[: len(pb) - 7]]):
+    for data in (pb[:len(pb) // 3], pb[: len(pb) - 7]):
         (folder / "saved_model.pb").write_bytes(data)
         one_error_line(run_cli("predict", folder, digits), str(folder))
