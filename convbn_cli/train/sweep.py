@@ -23,7 +23,7 @@ from pathlib import Path
 from .. import signals
 from ..config import dump_config, load_config
 from ..config.loader import safe_parse
-from ..data import fetch
+from ..data import sources
 from ..errors import ConfigError, Stopped
 from ..files import write_json_atomic, write_text_atomic
 from ..present.plots import sweep_summary
@@ -163,7 +163,7 @@ def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bo
         return False
     cfg = load_config(raw=safe_parse(r["config"]))
     if cfg.data.dataset not in data:  # read once, shared by every run of the sweep
-        data[cfg.data.dataset] = fetch(cfg.data.dataset, log=log, progress=progress)
+        data[cfg.data.dataset] = sources.fetch(cfg.data.dataset, log=log, progress=progress)
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         run_dir.rmdir()  # made by us and stopped before its config was written: start it afresh
     resume = run_dir if (run_dir / "config.yaml").is_file() else None
