@@ -29,11 +29,12 @@ STARTUP_TIMEOUT_S = float(os.environ.get("CONVBN_WORKER_STARTUP_TIMEOUT", "120")
 STOP_GRACE_S = 4.0  # a signalled launcher's workers get this long to save a checkpoint, then are killed
 
 
-def _die_with_parent():
-    """In a worker, between fork and exec: the kernel SIGKILLs it when its launcher dies, however the launcher
-    dies (SIGKILL included, where the launcher itself can do nothing). prctl(PR_SET_PDEATHSIG) is Linux's; on
-    other systems the launcher's own signal handling is all there is. SIGKILL, not SIGTERM: a worker whose peers
-    are gone would wait in a collective operation, deaf to SIGTERM; its last epoch's checkpoint is complete."""
+def die_with_parent():
+    """In a child (a worker; also the pip or apt-get of a data fetch, data/sources.py), between fork and exec:
+    the kernel SIGKILLs it when its launcher dies, however the launcher dies (SIGKILL included, where the
+    launcher itself can do nothing). prctl(PR_SET_PDEATHSIG) is Linux's; on other systems the launcher's own
+    signal handling is all there is. SIGKILL, not SIGTERM: a worker whose peers are gone would wait in a
+    collective operation, deaf to SIGTERM; its last epoch's checkpoint is complete."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
@@ -73,7 +74,7 @@ def launch_workers(k: int, train_args: list[str], log=print, poll_s: float = 0.5
         proc = subprocess.Popen([sys.executable, "-m", "convbn_cli", "train", *train_args,
                                  "distribute.strategy=multi_worker"], env=env,
                                 stdout=None if i == 0 else subprocess.DEVNULL, stderr=err,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         proc.err_file = err
         procs.append(proc)
     log(f"started {k} workers on {', '.join(cluster['worker'])} (worker 0 is the chief)")
@@ -129,7 +130,7 @@ def supervise(train_args: list[str], peers: dict, timeout_s: float | None = None
     read_fd, write_fd = os.pipe()
     env = {**os.environ, SUPERVISED_ENV: "1", READY_FD_ENV: str(write_fd)}
     proc = subprocess.Popen([sys.executable, "-m", "convbn_cli", "train", *train_args], env=env, pass_fds=(write_fd,),
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
     os.close(write_fd)
     deadline, ready = time.monotonic() + timeout_s, False
     try:

@@ -8,6 +8,8 @@ picture is inverted), padded to a square with its background and resized to the 
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,6 @@ import numpy as np
 from ..data import DataError
 from ..data.external import load_npz_arrays
 from ..data.registry import DIGIT_BOX, MNIST
-from ..files import write_bytes_atomic
 from ..readers import array_bytes, array_header, check_zip, open_regular
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -134,13 +135,12 @@ def mnist_normalize(a: np.ndarray, size: tuple = MNIST.image_shape[:2]) -> np.nd
 
 def write_shown(images: np.ndarray, names: list, folder, zoom: int = 8) -> list:
     """--show DIR: what the model was fed, one PNG per input (enlarged `zoom` times, nearest neighbour, so that
-    the pixels stay visible), into a new or empty DIR; never over a file."""
+    the pixels stay visible), into a new or empty DIR; never over a file, even one that appears in DIR while the
+    pictures are written (made_empty, write_new)."""
     from PIL import Image
 
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise DataError(f"--show {folder}: exists and is not an empty directory; name a new one")
-    folder.mkdir(parents=True, exist_ok=True)
+    made_empty(folder)
     written = []
     for i, (x, name) in enumerate(zip(images, names)):
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name.split("[")[0]).stem)[:60]
@@ -148,9 +148,51 @@ def write_shown(images: np.ndarray, names: list, folder, zoom: int = 8) -> list:
         img = Image.fromarray(np.asarray(x, np.float32).clip(0, 255).astype(np.uint8))
         buf = io.BytesIO()
         img.resize((img.width * zoom, img.height * zoom), Image.NEAREST).save(buf, format="PNG")
-        write_bytes_atomic(out, buf.getvalue())
+        write_new(out, buf.getvalue())
         written.append(str(out))
     return written
+
+
+def made_empty(folder: Path) -> None:
+    """Make `folder` (os.mkdir: it fails where anything, a dangling link included, took the name meanwhile) or
+    accept an empty directory there; anything else is refused."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        if not folder.is_dir() or any(folder.iterdir()):
+            raise DataError(f"--show {folder}: exists and is not an empty directory; name a new one") from None
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Write `path`, which must not exist (checked by the kernel at the moment of the write, not before it): the
+    bytes go to a temporary beside it, which is hard-linked to its name (os.link, unlike os.replace, fails where
+    the name exists) and then removed, so a kill leaves no half-written picture under the name either. Where the
+    file system has no hard links, the name is opened with O_EXCL instead."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode any other new file would get
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise DataError(f"--show {path}: appeared while the pictures were written; left as it is") from None
+        except OSError:  # no hard links here (a FAT or some network file systems)
+            _write_exclusive(path, data)
+    finally:
+        os.unlink(tmp)
+
+
+def _write_exclusive(path: Path, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except FileExistsError:
+        raise DataError(f"--show {path}: appeared while the pictures were written; left as it is") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _border_is_light(a: np.ndarray) -> bool:

@@ -27,8 +27,23 @@ MAX_CONFIG_TEXT = 1 << 20
 
 
 def run_report(path, *, batches: int = 5, log=lambda m: None) -> dict:
-    """Everything a run's page shows (see the module docstring), measured now on the run's final model: opened
-    once (one build and restore, one load of the data) for the evaluation, the BN parameters and diagnose."""
+    """Everything a run's page shows (see the module docstring): what the run's files say, and what measure()
+    finds in its final model now. Its files are shown as they are; present/html.py shows a field of the wrong
+    type (a hand-edited or damaged results.json) as missing."""
+    run = RunDir.open(path)
+    results, info, metrics, steps = run.read_results(), run.read_run_info(), run.read_metrics(), run.read_steps()
+    measured = measure(run, batches=batches, log=log)
+    if metrics:
+        buf = io.BytesIO()
+        curves(metrics, buf, title=str(run.path), steps=steps)
+        measured["pictures"]["curves"] = buf.getvalue()
+    return {"kind": "run", "title": str(run.path), "results": results, "metrics": metrics, "provenance": info,
+            **measured, "config": read_text(run.config, MAX_CONFIG_TEXT, "a convbn config", RunDirError)}
+
+
+def measure(run: RunDir, *, batches: int, log) -> dict:
+    """The run's final model, opened once (one build and restore, one load of the data) for the evaluation, the
+    BN parameters and diagnose: checkpoint, test, pictures (confusion, bn), verdict, findings, passed, bn_layers."""
     # TensorFlow: imported here, as a sweep's page needs none
     from ..runs.checkpoints import find
     from ..runs.target import open_target
@@ -36,37 +51,27 @@ def run_report(path, *, batches: int = 5, log=lambda m: None) -> dict:
     from .evaluation import evaluate
     from .inspection import inspect_bn
 
-    run = RunDir.open(path)
-    results, info, metrics, steps = run.read_results(), run.read_run_info(), run.read_metrics(), run.read_steps()
     try:
         find(run, "best")
     except ConvbnError as e:
         raise RunDirError(f"{run.path}: nothing to report yet ({e})") from None
     t = open_target(run.path, "best")
-    cfg, checkpoint, title = t.config, t.source, str(run.path)
     log(f"report of {run.path}: curves, test confusion matrix, BN parameters, diagnose")
-    pictures = {}
-    if metrics:
-        buf = io.BytesIO()
-        curves(metrics, buf, title=title, steps=steps)
-        pictures["curves"] = buf.getvalue()
     test = evaluate(t, split="test")
     buf = io.BytesIO()
-    confusion_matrix(test["confusion"], cfg.dataset.class_names, buf,
+    confusion_matrix(test["confusion"], t.config.dataset.class_names, buf,
                      title=f"test accuracy {test['accuracy']:.2%} ({test['images']} images)")
-    pictures["confusion"] = buf.getvalue()
+    pictures = {"confusion": buf.getvalue()}
     bn = inspect_bn(t)
     buf = io.BytesIO()
     plot_bn(bn, buf)
     pictures["bn"] = buf.getvalue()
     found = diagnose(t, batches=batches)
-    verdict = DiagnoseReport(found).verdict().removeprefix("verdict: ")
-    return {"kind": "run", "title": title, "checkpoint": checkpoint, "results": results, "test": test,
-            "metrics": metrics, "provenance": info, "pictures": pictures, "verdict": verdict,
+    return {"checkpoint": t.source, "test": test, "pictures": pictures,
+            "verdict": DiagnoseReport(found).verdict().removeprefix("verdict: "),
             "findings": [f.to_json() for f in found["findings"]], "passed": found.get("passed", []),
             "bn_layers": {name: {"channels": layer["channels"], "impl": layer["impl"]}
-                          for name, layer in bn["layers"].items()},
-            "config": read_text(run.config, MAX_CONFIG_TEXT, "a convbn config", RunDirError)}
+                          for name, layer in bn["layers"].items()}}
 
 
 def sweep_report(path, *, log=lambda m: None) -> dict:

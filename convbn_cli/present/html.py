@@ -9,6 +9,8 @@ import base64
 import html
 import json
 
+from ..runs.sweepdir import finite  # a results.json number, or None: a field of the wrong type shows as missing
+
 STYLE = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
        padding: 0 1.5em; color: #1f2328; }
@@ -34,7 +36,9 @@ window.addEventListener("load", function () {
 
 
 def esc(value) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    text = "" if value is None else str(value)
+    # a lone surrogate (JSON's "\ud800" in a hand-edited file) cannot be written as UTF-8: shown as its escape
+    return html.escape(text.encode("utf-8", "backslashreplace").decode("utf-8"), quote=True)
 
 
 def picture(data: bytes | None, alt: str) -> str:
@@ -44,7 +48,27 @@ def picture(data: bytes | None, alt: str) -> str:
 
 
 def pct(x) -> str:
+    x = finite(x)
     return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def seconds(x) -> str:
+    x = finite(x)
+    return "-" if x is None else f"{x:.0f} s"
+
+
+def of_type(value, kind, default=None):
+    """`value` when it is a `kind` (a bool is no int), else `default`: what the page shows of a field it reads."""
+    return value if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool) else default
+
+
+# results.json's fields that its reader (runs/rundir.py) leaves unchecked, and what the page expects of them
+NESTED_RESULTS = {"bn_statistics": dict, "inference_gap": dict}
+
+
+def damaged_fields(res: dict) -> list:
+    """The fields of results.json the page reads whose value is not of the type convbn writes there."""
+    return [k for k, kind in NESTED_RESULTS.items() if res.get(k) is not None and not isinstance(res[k], kind)]
 
 
 def _text(value):
@@ -68,17 +92,21 @@ def page(report: dict) -> str:
 
 def run_body(r: dict) -> str:
     res, test = r["results"], r["test"]
-    bn = res.get("bn_statistics") or {}
+    bn = of_type(res.get("bn_statistics"), dict, {})
     healthy = r["verdict"].startswith("BN looks healthy")
+    epochs_done = of_type(res.get("epochs_done"), int, len(r["metrics"]))
     facts = [("test accuracy", pct(test["accuracy"])), ("test loss", f"{test['loss']:.4f}"),
-             ("best validation accuracy", pct(res.get("best_val_acc"))), ("best epoch", res.get("best_epoch")),
-             ("epochs", f"{res.get('epochs_done', len(r['metrics']))}/{res.get('epochs', '-')}"),
-             ("training time", f"{res['wall_time_s']:.0f} s" if res.get("wall_time_s") is not None else "-"),
-             ("final model", r["checkpoint"]),
-             ("BN statistics settled by", bn.get("mechanism", "-")),
-             ("stopped early", res.get("stopped_early") or "no")]
+             ("best validation accuracy", pct(res.get("best_val_acc"))),
+             ("best epoch", of_type(res.get("best_epoch"), int)),
+             ("epochs", f"{epochs_done}/{of_type(res.get('epochs'), int, '-')}"),
+             ("training time", seconds(res.get("wall_time_s"))), ("final model", r["checkpoint"]),
+             ("BN statistics settled by", of_type(bn.get("mechanism"), str, "-")),
+             ("stopped early", of_type(res.get("stopped_early"), str) or "no")]
     if not res:
         facts.append(("status", "unfinished: no results.json yet (the model is the best checkpoint so far)"))
+    if damaged_fields(res):
+        facts.append(("damaged", f"results.json: {', '.join(damaged_fields(res))} not as convbn writes it; "
+                                 "shown as missing"))
     findings = "".join(
         f"<div class=finding><b class={esc(f['severity'])}>{esc(f['severity'])}: {esc(f['name'])}</b> "
         f"{esc(f['message'])}<br><span class=sub>fix: {esc(f['fix'])}</span></div>" for f in r["findings"])
@@ -87,7 +115,7 @@ def run_body(r: dict) -> str:
     versions = prov.get("versions") if isinstance(prov.get("versions"), dict) else {}
     machine = prov.get("machine") if isinstance(prov.get("machine"), dict) else {}
     return f"""<h1>convbn report: {esc(r['title'])}</h1>
-<p class=sub>{esc(prov.get('command') or '')} &middot; {esc(prov.get('time') or '')}</p>
+<p class=sub>{esc(of_type(prov.get('command'), str, ''))} &middot; {esc(of_type(prov.get('time'), str, ''))}</p>
 <div class="verdict {'healthy' if healthy else 'problems'}">diagnose: {esc(r['verdict'])}</div>
 <h2>Results</h2>
 {rows_table(('', ''), facts)}
@@ -105,7 +133,7 @@ def run_body(r: dict) -> str:
 <pre>{esc(r['config'])}</pre>
 <h2>Provenance</h2>
 {rows_table(('', ''), [*versions.items(), *((k, _text(v)) for k, v in machine.items()),
-                       ('git commit', prov.get('git_commit') or '-')])}
+                       ('git commit', of_type(prov.get('git_commit'), str) or '-')])}
 """
 
 
@@ -114,10 +142,10 @@ def sweep_body(r: dict) -> str:
     head = (*keys, "seeds", "test accuracy", "best validation", "BN gap (batch - moving)", "time")
     rows = [(*[row.get(k) for k in keys], f"{row['seeds_done']}/{row['seeds']}",
              _mean(row, "test_acc", pct), _mean(row, "best_val_acc", pct), _mean(row, "bn_gap", pct),
-             _mean(row, "time_s", lambda s: f"{s:.0f} s")) for row in r["rows"]]
+             _mean(row, "time_s", seconds)) for row in r["rows"]]
     cards = "\n".join(f"<div><h3>{esc(e['name'])}</h3><p class=sub>test accuracy "
-                      f"{pct((e['results'] or {}).get('test_acc'))}</p>{picture(e['curves'], 'curves of ' + e['name'])}"
-                      "</div>" for e in r["runs"])
+                      f"{pct(of_type(e['results'], dict, {}).get('test_acc'))}</p>"
+                      f"{picture(e['curves'], 'curves of ' + e['name'])}</div>" for e in r["runs"])
     return f"""<h1>convbn sweep report: {esc(r['title'])}</h1>
 <p class=sub>{len(r['runs'])} runs; swept: {esc(', '.join(keys) or '-')}; {r['seeds']} seed(s) each</p>
 <h2>Summary</h2>
@@ -131,7 +159,7 @@ def sweep_body(r: dict) -> str:
 
 
 def _mean(row, key, fmt) -> str:
-    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    mean, std = finite(row.get(f"{key}_mean")), finite(row.get(f"{key}_std"))
     if mean is None:
         return "-"
     return fmt(mean) + (f" ± {fmt(std)}" if std else "")

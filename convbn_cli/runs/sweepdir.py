@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -97,7 +98,9 @@ def open_sweep(path) -> dict:
 
 def summarize(path, sweep: dict) -> list:
     """One row per combination: mean and spread (sample standard deviation) over its seeds of the test accuracy,
-    the best validation accuracy, the moving-vs-batch statistics accuracy gap and the training time."""
+    the best validation accuracy, the moving-vs-batch statistics accuracy gap and the training time. A value that
+    convbn cannot have written (in a hand-edited or damaged results.json: text, a list, an inference_gap that is
+    no object, an accuracy outside 0..1) counts as missing."""
     groups = {}
     for r in sweep["runs"]:
         key = json.dumps(r["values"], sort_keys=True)
@@ -110,11 +113,42 @@ def summarize(path, sweep: dict) -> list:
     for g in groups.values():
         res = g["results"]
         row = {**g["values"], "seeds_done": len(res), "seeds": g["runs"]}
-        for name, get in (("test_acc", lambda x: x.get("test_acc")), ("best_val_acc", lambda x: x.get("best_val_acc")),
-                          ("bn_gap", lambda x: (x.get("inference_gap") or {}).get("gap")),
-                          ("time_s", lambda x: x.get("wall_time_s"))):
-            values = [v for v in map(get, res) if v is not None]
-            row[f"{name}_mean"] = statistics.fmean(values) if values else None
-            row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+        for name, (get, low, high) in SUMMARIZED.items():
+            values = [v for v in (finite(get(x)) for x in res) if v is not None and low <= v <= high]
+            row[f"{name}_mean"], row[f"{name}_std"] = _spread(values)
         rows.append(row)
     return rows
+
+
+def finite(value) -> float | None:
+    """A JSON number as a finite float; None for anything else (text, a list, a bool, NaN, infinity, an integer
+    too big for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _gap(results: dict):
+    gap = results.get("inference_gap")
+    return gap.get("gap") if isinstance(gap, dict) else None
+
+
+# a row's columns: (where in results.json, the least and the most a value convbn writes there can be)
+SUMMARIZED = {"test_acc": (lambda x: x.get("test_acc"), 0.0, 1.0),
+              "best_val_acc": (lambda x: x.get("best_val_acc"), 0.0, 1.0),
+              "bn_gap": (_gap, -1.0, 1.0), "time_s": (lambda x: x.get("wall_time_s"), 0.0, math.inf)}
+
+
+def _spread(values: list) -> tuple:
+    """(mean, sample standard deviation) of finite floats; (None, None) for none, or for values so near float's
+    limit that their sum overflows (no accuracy, gap or time is)."""
+    if not values:
+        return None, None
+    try:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    except (OverflowError, ValueError):
+        return None, None
