@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 tf = pytest.importorskip("tensorflow")
 
-from conftest import assert_png_not_blank, run_cli, tiny_raw  # noqa: E402
+from conftest import assert_png_not_blank, quiet, run_cli, tiny_raw  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.train import train  # noqa: E402
@@ -231,3 +231,23 @@ def test_analysis_names_are_the_functions_whatever_was_imported_first():
     from convbn_cli.analysis import evaluate, recalibrate
 
     assert callable(evaluate) and callable(recalibrate)
+
+
+def test_sweep_resumes_a_combination_killed_before_its_config_was_in_place(tmp_path, synthetic, monkeypatch):
+    """SIGKILL the moment a combination's directory appears: it holds only `.config.yaml.XXXXXXXX.tmp`, which made
+    every `sweep --resume` refuse it ("already exists; not overwriting it") until it was deleted by hand."""
+    import yaml
+
+    import convbn_cli.data.sources as sources
+    from convbn_cli.train import sweep as sw
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path, **{"train.epochs": 1, "data.max_train": 320})))
+    path = sw.create(sw.plan(config, ["model.bn.decay=0.5,0.9"], seeds=1))
+    first = path / "model.bn.decay=0.5"
+    first.mkdir()
+    (first / ".config.yaml.k3x9q0ab.tmp").write_text("data: {")  # what the killed rename left
+    monkeypatch.setattr(sources, "fetch", lambda *a, **k: synthetic)
+    summary = sw.run_sweep(path, log=quiet, progress=False)
+    assert (first / "results.json").is_file() and not (first / ".config.yaml.k3x9q0ab.tmp").exists()
+    assert [r["seeds_done"] for r in summary["rows"]] == [1, 1]

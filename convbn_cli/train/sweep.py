@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..config import dump_config, load_config
 from ..config.loader import safe_parse
 from ..data import sources
 from ..errors import ConfigError, Stopped
-from ..files import write_json_atomic, write_text_atomic
+from ..files import is_our_temporary, write_json_atomic, write_text_atomic
 from ..present.plots import sweep_summary
 from ..runs.rundir import RunDirError, make_numbered
 from ..runs.sweepdir import MAX_RUNS, PLAN, dir_name, open_sweep, summarize  # noqa: F401  (the sweep's API)
@@ -164,8 +165,10 @@ def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bo
     cfg = load_config(raw=safe_parse(r["config"]))
     if cfg.data.dataset not in data:  # read once, shared by every run of the sweep
         data[cfg.data.dataset] = sources.fetch(cfg.data.dataset, log=log, progress=progress)
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()  # made by us and stopped before its config was written: start it afresh
+    if _unstarted(run_dir):  # made by us and killed before its config was in place: start it afresh
+        for p in run_dir.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        run_dir.rmdir()
     resume = run_dir if (run_dir / "config.yaml").is_file() else None
     if pending:
         raise SweepInterrupted(pending[0], path, r["name"])
@@ -181,6 +184,12 @@ def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bo
         keras.backend.clear_session()  # free the finished model's graph before the next one
     took.append(time.monotonic() - started)
     return True
+
+
+def _unstarted(run_dir: Path) -> bool:
+    """A combination directory that holds nothing but what a killed write of convbn's left (an empty one, or a
+    `.config.yaml.XXXXXXXX.tmp`: files.is_our_temporary decides what is ours): that run never started."""
+    return run_dir.is_dir() and all(is_our_temporary(p) for p in run_dir.iterdir())
 
 
 def eta(took: list, left: int) -> str:
