@@ -9,11 +9,14 @@ shares (all but `train` and `export`, which are the subpackages `convbn_cli.trai
 first use: `import convbn_cli` and `convbn --help` load no TensorFlow.
 """
 
-from .config import ConfigError, load_config
+from .errors import ConfigError
 from .lazy import lazy_names
 from .version import __version__
 
-_LAZY = {name: "api" for name in ("build_model", "diagnose", "evaluate", "inspect_bn", "predict", "recalibrate")}
+# load_config too: the config schema loads pydantic (a quarter of a second), and `python -m convbn_cli` and the
+# `convbn` executable run this module before __main__.py's signal handlers can be installed
+_LAZY = {"load_config": "config",
+         **{name: "api" for name in ("build_model", "diagnose", "evaluate", "inspect_bn", "predict", "recalibrate")}}
 
 __getattr__ = lazy_names(__name__, _LAZY)
 

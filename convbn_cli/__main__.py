@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 
+from .signals import install, stop_signals  # no dependencies: quick, like everything before the handlers
+
 _INVOKE_CODES: frozenset = frozenset()  # the group's invoke and those it inherits: on the stack, a command runs
 
 
@@ -40,8 +42,7 @@ def _stop(signum, frame):
 def entry():
     """Install the handlers, import the command line, run it (cli.group.entry, which exits)."""
     global _INVOKE_CODES
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stop)
+    install(stop_signals(_stop))  # for the life of the process: never restored
     from .cli import group  # the slow imports
 
     _INVOKE_CODES = frozenset(vars(cls)["invoke"].__code__ for cls in type(group.main).__mro__

@@ -172,3 +172,14 @@ def test_a_channels_first_conv_that_keras_adds_a_bias_to_along_the_width_keeps_i
                        L.GlobalAveragePooling2D(**CF), L.Dense(10)], input_shape=(1, 28, 28))
     r, out, diff = _export(narrower, tmp_path / "narrower", data, fold=True)
     assert diff < 1e-4 and "folded into the preceding" in r.output, r.output  # where Keras adds it right, it folds
+
+
+def test_export_force_never_replaces_its_own_source(tmp_path, data):
+    """`export SRC.keras --output SRC.keras --force` (the same path typed twice) replaced the model it exported from."""
+    src = tmp_path / "theirs.keras"
+    _sequential().save(src)
+    before = src.read_bytes()
+    r = CliRunner().invoke(main, ["export", str(src), "--data", str(data[0]), "--output", str(src), "--force"])
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "is the model being exported" in errors[0], r.output
+    assert src.read_bytes() == before

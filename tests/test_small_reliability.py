@@ -362,14 +362,8 @@ def test_a_signal_at_each_moment_of_start_up_is_one_line_and_its_exit_code(tmp_p
 
 
 # __main__.py's handlers come after the package's own __init__.py, which `python -m convbn_cli` and the executable
-# import first: while that imports the config schema (pydantic, a quarter of a second), a signal in it is still a
-# traceback. The two tests below are expected to fail until it does not (strict: they fail once it is fixed, too).
-PACKAGE_IMPORT_PENDING = pytest.mark.xfail(
-    "from .config import" in (REPO / "convbn_cli" / "__init__.py").read_text(), strict=True,
-    reason="convbn_cli/__init__.py still imports the config schema (pydantic) before any handler can be installed")
-
-
-@PACKAGE_IMPORT_PENDING
+# import first: it must load nothing slow (it used to import the config schema, pydantic, a quarter of a second in
+# which a signal was a traceback).
 def test_importing_the_package_loads_nothing_slow():
     """What runs before __main__.py's handlers: `import convbn_cli` loads neither pydantic, nor Click, nor NumPy."""
     code = "import sys, convbn_cli; print(sorted({'pydantic', 'click', 'numpy', 'yaml'} & set(sys.modules)))"
@@ -377,7 +371,6 @@ def test_importing_the_package_loads_nothing_slow():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
-@PACKAGE_IMPORT_PENDING
 def test_ctrl_c_or_sigterm_in_the_first_half_second_of_a_train(tmp_path):
     """`python -m convbn_cli train CONFIG` signalled at delays through its start-up (the package's and the
     commands' imports, Click, then TensorFlow's import): 130 or 143 and one line, never a traceback. The data set

@@ -82,6 +82,9 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
     path = check_output(Path(output), fmt, force) if output else None  # before any work: a bad --output costs nothing
     t = opened(target, which)
     path = path or check_output(default_path(t, fmt, fold_bn), fmt, force)
+    if path.exists() and Path(t.source).exists() and path.resolve() == Path(t.source).resolve():
+        raise ConvbnError(f"--output {path}: is the model being exported; write the export to another path "
+                          "(--force replaces a previous export, never the source)")
     model = t.model
     pixels, x = _check_images(t, data, data_source, scale, check_images, log)
     affine = pixel_affine(t.config.data.dataset, t.config.data.normalize) if preprocessing and t.config else None
