@@ -4,6 +4,7 @@ seeds), and what needs no TensorFlow."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -251,3 +252,30 @@ def test_sweep_resumes_a_combination_killed_before_its_config_was_in_place(tmp_p
     summary = sw.run_sweep(path, log=quiet, progress=False)
     assert (first / "results.json").is_file() and not (first / ".config.yaml.k3x9q0ab.tmp").exists()
     assert [r["seeds_done"] for r in summary["rows"]] == [1, 1]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model: !!python/object/apply:os.system ['touch /tmp/convbn-pwned']\n", "not valid YAML"),
+    ("model: [1, 2\n", "not valid YAML"),
+    ("model:\n  layers: []\n", "model.layers"),  # valid YAML, not a valid config (a KeyError before: no data)
+    ("[" * 5000 + "]" * 5000, "nesting depth"),
+    ("null\n", "empty"),
+])
+def test_a_hand_edited_sweep_config_is_one_line(tmp_path, text, needle):
+    """sweep.json's config text goes through the config loader and its one-line errors, like a config file."""
+    import yaml
+
+    from convbn_cli.train import sweep as sw
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path)))
+    path = sw.create(sw.plan(config, ["model.bn.decay=0.5,0.9"], seeds=1))
+    plan = json.loads((path / "sweep.json").read_text())
+    plan["runs"][1]["config"] = text
+    (path / "sweep.json").write_text(json.dumps(plan))
+    for args in (["sweep", "--resume", str(path)], ["report", str(path)]):
+        r = CliRunner().invoke(main, args)
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+        assert r.exit_code == 2 and len(errors) == 1 and "Traceback" not in r.output, (args, r.output)
+        assert "sweep.json: runs[1].config" in errors[0] and needle in errors[0], errors[0]
+    assert not os.path.exists("/tmp/convbn-pwned")

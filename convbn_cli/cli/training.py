@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from ..config import dump_config, layer_table, load_config, plan_layers
-from ..config.loader import safe_parse
 from ..config.plan import estimate
 from ..errors import ConvbnError
 from ..launcher import SUPERVISED_ENV, check_tf_config, launch_workers, supervise
@@ -100,7 +99,7 @@ def sweep(session: Session, config, settings, seeds, resume, no_progress):
         planned = sw.plan(config, settings, seeds)  # every combination validated before anything is written
         path = sw.create(planned)
         click.echo(f"sweep directory: {path} ({len(planned['runs'])} runs)")
-    for dataset in dict.fromkeys(safe_parse(r["config"])["data"]["dataset"] for r in planned["runs"]):
+    for dataset in dict.fromkeys(sw.run_config(path, planned, i).data.dataset for i in range(len(planned["runs"]))):
         common.fetch_apart(dataset, session, session.progress(no_progress))
     session.tensorflow()
     from ..present.reports import SweepReport

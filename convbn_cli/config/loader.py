@@ -89,14 +89,20 @@ def read_yaml(path) -> dict:
         text = read_bytes(path, MAX_CONFIG_BYTES, "a convbn config")
     except ConvbnError as e:
         raise ConfigError([str(e)]) from None
+    return parse_config_text(text, path)
+
+
+def parse_config_text(text, where, empty="empty file") -> dict:
+    """A config's YAML text (a file's, or the copy a sweep keeps of each run's) -> its mapping, through safe_parse;
+    a problem is one ConfigError line naming `where`."""
     try:
         raw = safe_parse(text)
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {_yaml_problem(e)}"]) from None
+        raise ConfigError([f"{where}: not valid YAML: {_yaml_problem(e)}"]) from None
     if raw is None:
-        raise ConfigError([f"{path}: empty file; expected a mapping with at least a `model:` section"])
+        raise ConfigError([f"{where}: {empty}; expected a mapping with at least a `model:` section"])
     if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping, got {_type_name(raw)}"])
+        raise ConfigError([f"{where}: the top level must be a mapping, got {_type_name(raw)}"])
     return raw
 
 

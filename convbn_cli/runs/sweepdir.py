@@ -19,6 +19,9 @@ from pydantic import (
     field_validator,
 )
 
+from ..config import load_config
+from ..config.loader import parse_config_text
+from ..errors import ConfigError
 from ..readers import read_json
 from .rundir import RunDir, RunDirError
 
@@ -89,11 +92,25 @@ def open_sweep(path) -> dict:
         raise RunDirError(f"{path}: not a sweep directory ({PLAN} is missing)")
     raw = read_json(where, MAX_PLAN_BYTES, "a sweep plan", RunDirError)
     try:
-        return SweepPlan.model_validate(raw).model_dump()
+        plan = SweepPlan.model_validate(raw).model_dump()
     except ValidationError as e:
         first = e.errors()[0]
         loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in first["loc"]).lstrip(".")
         raise RunDirError(f"{where}: {loc or 'the top level'}: {first['msg']}; not a sweep convbn wrote") from None
+    for i in range(len(plan["runs"])):
+        run_config(path, plan, i)  # every run's config, checked before anything trains
+    return plan
+
+
+def run_config(path, plan: dict, i: int):
+    """The i-th run's config, from the text sweep.json keeps, through the same loader and checks as a config file;
+    a problem (broken YAML, a Python tag, deep nesting, null, an invalid config) is one line naming the run."""
+    where = f"{Path(path) / PLAN}: runs[{i}].config"
+    try:
+        return load_config(raw=parse_config_text(plan["runs"][i]["config"], where, empty="empty"))
+    except ConfigError as e:
+        lines = e.lines if e.lines[0].startswith(where) else [f"{where}: {line}" for line in e.lines]
+        raise RunDirError("; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")) from None
 
 
 def summarize(path, sweep: dict) -> list:

@@ -29,7 +29,7 @@ from ..errors import ConfigError, Stopped
 from ..files import is_our_temporary, write_json_atomic, write_text_atomic
 from ..present.plots import sweep_summary
 from ..runs.rundir import RunDirError, make_numbered
-from ..runs.sweepdir import MAX_RUNS, PLAN, dir_name, open_sweep, summarize  # noqa: F401  (the sweep's API)
+from ..runs.sweepdir import MAX_RUNS, PLAN, dir_name, open_sweep, run_config, summarize  # noqa: F401  (its API)
 
 
 class SweepInterrupted(Stopped):
@@ -162,7 +162,7 @@ def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bo
     if (run_dir / "results.json").is_file():
         log(f"[{i}/{len(sweep['runs'])}] {r['name']}: done already")
         return False
-    cfg = load_config(raw=safe_parse(r["config"]))
+    cfg = run_config(path, sweep, i - 1)
     if cfg.data.dataset not in data:  # read once, shared by every run of the sweep
         data[cfg.data.dataset] = sources.fetch(cfg.data.dataset, log=log, progress=progress)
     if _unstarted(run_dir):  # made by us and killed before its config was in place: start it afresh
