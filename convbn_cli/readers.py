@@ -80,6 +80,24 @@ def read_bytes(path, limit: int, what: str = "this file", error=ConvbnError) -> 
     return data
 
 
+def check_files(paths, limit: int, what: str, error=ConvbnError) -> None:
+    """Files another reader will open (TensorFlow's checkpoint and SavedModel readers, which block on a FIFO and
+    read whatever a file holds): each must be a regular file (a link to one is followed; nothing is opened, so
+    nothing blocks), and together at most `limit` bytes."""
+    total = 0
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise error(f"{p}: cannot read: {e.strerror or e}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{p}: is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'} "
+                        f"(a FIFO, a device or a socket) where {what} keeps a file; refused")
+        total += st.st_size
+    if total > limit:
+        raise error(f"{what}: {size_text(total)} in all, more than it can be ({size_text(limit)}); refused")
+
+
 def read_text(path, limit: int, what: str = "this file", error=ConvbnError) -> str:
     try:
         return read_bytes(path, limit, what, error).decode("utf-8")

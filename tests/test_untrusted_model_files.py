@@ -3,6 +3,7 @@ files is refused before TensorFlow loads it; an ONNX model's external data is re
 and its memory is bounded; a damaged TFLite file is refused instead of crashing the interpreter. Each probe runs
 `convbn` in a fresh process, as a user would, so that a crash is an exit code here, not the end of the suite."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,12 @@ def test_a_damaged_onnx_or_savedmodel_file_is_one_line(tmp_path, digits):
     for data in (pb[:len(pb) // 3], pb[: len(pb) - 7]):
         (folder / "saved_model.pb").write_bytes(data)
         one_error_line(run_cli("predict", folder, digits), str(folder))
+
+
+def test_a_fifo_inside_a_savedmodel_is_refused_without_blocking(tmp_path, digits):
+    """TensorFlow's reader waits forever on a FIFO; every file of the directory is checked first, unopened."""
+    folder = saved_model(tmp_path, "none")
+    data = next((folder / "variables").glob("variables.data-*"))
+    data.unlink()
+    os.mkfifo(data)
+    one_error_line(run_cli("predict", folder, digits, timeout=120), str(data), "not a regular file")

@@ -8,6 +8,7 @@ file says about itself (formats/catalog.py). Which formats exist, their names an
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,7 +19,7 @@ import tensorflow as tf
 
 from ..errors import ConvbnError, TargetError
 from ..model.fold import PIXELS_INPUT, takes_pixels
-from ..readers import read_bytes
+from ..readers import check_files, read_bytes
 from ..tf_setup import quiet_native
 from .catalog import (
     METADATA_KEY,
@@ -241,6 +242,7 @@ GRAPH_OPS = PURE_OPS | {"VarHandleOp", "AssignVariableOp", "VarIsInitializedOp"}
 SAVER_OPS = PURE_OPS | {"SaveV2", "RestoreV2", "MergeV2Checkpoints", "ShardedFilename", "StringJoin",
                         "StaticRegexFullMatch", "DisableCopyOnRead", "AssignVariableOp"}
 MAX_SAVED_MODEL_PB_BYTES = 256 << 20
+MAX_SAVED_MODEL_BYTES = 1 << 30  # the graph, variables and assets together
 
 
 def _called(node) -> set:
@@ -288,6 +290,8 @@ def check_savedmodel(path) -> None:
     """Refuse (one line) a SavedModel that could run anything but tensor arithmetic, before TensorFlow loads it."""
     from tensorflow.core.protobuf import saved_model_pb2  # the format's own schema
 
+    files = [Path(here) / n for here, _, names in os.walk(path) for n in names]
+    check_files(files, MAX_SAVED_MODEL_BYTES, f"{path}, a SavedModel,", TargetError)
     data = read_bytes(Path(path) / "saved_model.pb", MAX_SAVED_MODEL_PB_BYTES, "a SavedModel's graph", TargetError)
     proto = saved_model_pb2.SavedModel()
     try:
