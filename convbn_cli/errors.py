@@ -43,6 +43,16 @@ class TargetError(ConvbnError):
     """A TARGET (run directory, checkpoint, exported model) that is missing, unreadable, or does not fit."""
 
 
+class WriteError(ConvbnError):
+    """A file or directory convbn could not write (a full disk, a read-only or unwritable place). `path` is the
+    one the user knows (the destination, never a temporary's name), `cause` what the machine said, in a few
+    words (files.write_error makes these)."""
+
+    def __init__(self, path, cause: str):
+        self.path, self.cause = str(path), cause
+        super().__init__(f"{path}: {cause}")
+
+
 class Stopped(BaseException):
     """A signal (SIGINT, SIGTERM) ended the command: not an error, and the exit code is 128 + signal number.
 

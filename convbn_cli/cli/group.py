@@ -10,6 +10,7 @@ import sys
 import click
 
 from ..errors import EXIT_BAD_INPUT, ConvbnError, Stopped, Terminated
+from ..files import WRITE_ONLY, tensorflow_write_error, user_path, write_error
 from ..signals import install
 from . import browse, models, training
 from .common import Session
@@ -51,10 +52,23 @@ class ConvbnGroup(click.Group):
         except ConvbnError as e:
             fail(e.lines, e.exit_code)
         except OSError as e:  # the machine said no: a full disk, a path that cannot be written, ...
-            where = f"{e.filename}: " if e.filename else ""
-            fail(f"{where}{e.strerror or e}", EXIT_BAD_INPUT)
+            fail(_os_error_line(e), EXIT_BAD_INPUT)
+        except Exception as e:  # a TensorFlow write that met a full disk or a read-only place (a last resort)
+            written = tensorflow_write_error(e)
+            if written is None:
+                raise
+            fail(written.lines, written.exit_code)
         finally:
             restore()
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for an OSError: the path as the user knows it (a destination, never convbn's temporary beside it),
+    and the machine's words; a full disk or a read-only place is said as every write error says it."""
+    if e.filename and e.errno in WRITE_ONLY:
+        return write_error(e, e.filename).lines[0]
+    where = f"{user_path(e.filename)}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
 
 
 @click.group(cls=ConvbnGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,7 +88,8 @@ for command in (*training.COMMANDS, *models.COMMANDS, *browse.COMMANDS):
 
 
 def entry():
-    """The `convbn` executable (and `python -m convbn_cli`): `main`, then, once TensorFlow has been loaded, an exit
+    """Run the command line (convbn_cli/__main__.py's entry, the `convbn` executable and `python -m convbn_cli`,
+    calls this once its signal handlers are in place): `main`, then, once TensorFlow has been loaded, an exit
     that skips the interpreter's teardown. Tearing down TensorFlow's modules and thread pools held the prompt for
     3-8 s after the last line on 2 cores (0.7 s on a fast one). Nothing is lost by skipping it: every file convbn
     writes is complete when its command returns (atomic writes, closed summary writers, saved checkpoints), and
