@@ -3,21 +3,62 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shutil
 from pathlib import Path
 
 import tensorflow as tf
 
 from ..errors import TargetError
-from ..files import write_text_atomic
+from ..files import write_text_atomic, writing
 from . import CHECKPOINT_CHOICES as CHOICES
 from .rundir import RunDir, RunDirError, checkpoint_step, next_number
 
 
 def training_managers(ckpt, run: RunDir, keep: int):
     """(latest, best) CheckpointManagers for a run; checkpoints are numbered by the training step."""
-    latest = tf.train.CheckpointManager(ckpt, run.checkpoints, max_to_keep=keep, checkpoint_name="ckpt")
-    best = tf.train.CheckpointManager(ckpt, run.best, max_to_keep=1, checkpoint_name="ckpt")
+    try:
+        latest = tf.train.CheckpointManager(ckpt, run.checkpoints, max_to_keep=keep, checkpoint_name="ckpt")
+        best = tf.train.CheckpointManager(ckpt, run.best, max_to_keep=1, checkpoint_name="ckpt")
+    except ValueError as e:  # TensorFlow's "Invalid checkpoint state": an empty or half-written record
+        raise RunDirError(f"{run.path}: a damaged checkpoint record ({' '.join(str(e).split())[:120]}); remove "
+                          "that folder's `checkpoint` file to resume from the newest checkpoint file") from None
     return latest, best
+
+
+def save(manager, number: int) -> str:
+    """manager.save(checkpoint_number=number); a write the machine refuses (a full disk, a read-only place) is a
+    WriteError naming the checkpoint, and leaves no part of it behind."""
+    prefix = Path(manager.directory) / f"ckpt-{number}"
+    with _all_or_nothing(prefix):
+        return manager.save(checkpoint_number=number)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(prefix: Path, extra=()):
+    """Write the checkpoint `prefix` (and the `extra` files beside it) in the block; if the block fails, remove
+    what it made of them (TensorFlow's `ckpt-N_temp/` staging too) and its folder if the block made it and left it
+    empty: never a file that was there before. A refused write is a WriteError naming `prefix`."""
+    folder, name = prefix.parent, prefix.name
+    had_folder = folder.is_dir()
+    before = set(os.listdir(folder)) if had_folder else set()
+    try:
+        with writing(prefix, relabel=True):
+            yield
+    except BaseException:
+        # TensorFlow's: the checkpoint's files, its staging, the record's temporary (`checkpoint.tmp<hex>`)
+        ours = re.compile(rf"{re.escape(name)}(\..*|_temp)|checkpoint\.tmp[0-9a-f]+")
+        made = [folder / n for n in (os.listdir(folder) if folder.is_dir() else ()) if n not in before
+                and (ours.fullmatch(n) or n in extra)]
+        for p in made:
+            with contextlib.suppress(OSError):  # a read-only place: nothing could be made there anyway
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if not had_folder:
+            with contextlib.suppress(OSError):  # not empty: something else is in it
+                folder.rmdir()
+        raise
 
 
 def find(run: RunDir, which="best") -> str:
@@ -82,19 +123,39 @@ def restore(model, prefix):
     return status
 
 
-def restore_latest(ckpt, manager, log):
-    """Restore the newest checkpoint that loads; an unreadable newest one (a kill mid-write) falls back."""
-    for path in reversed(manager.checkpoints):
+def restore_latest(ckpt, manager, log, warn=None):
+    """Restore the newest checkpoint that loads, of those the run records (or, when its record is lost, of the
+    `ckpt-N` files in the folder). Each damaged newer one (a kill mid-write, a truncated, empty or unreadable file)
+    is reported in one line (`warn`) once an older one has loaded; when none loads, one RunDirError says so."""
+    warn = warn or log
+    damaged = []
+    for path in _resume_candidates(manager):
         try:
             ckpt.restore(path).assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as e:
-            log(f"cannot restore {path} ({type(e).__name__}); trying an older checkpoint")
+        except Exception as e:  # noqa: BLE001  a damaged file fails in many ways (OpError, IndexError, ...)
+            damaged.append((path, " ".join(f"{type(e).__name__}: {e}".split())[:160]))
             continue
+        for bad, why in damaged:
+            warn(f"warning: {bad}: damaged, cannot resume from it ({why}); resuming from the older {Path(path).name}")
         log(f"resumed from {path} (step {checkpoint_step(path)})")
         return path
-    if manager.checkpoints:
-        raise RunDirError(f"{manager.directory}: no checkpoint could be restored")
+    if damaged:
+        names = ", ".join(Path(bad).name for bad, _ in damaged)
+        raise RunDirError(f"{manager.directory}: no intact checkpoint to resume from ({names}: damaged; the newest: "
+                          f"{damaged[0][1]}); nothing was changed")
     return None
+
+
+def _resume_candidates(manager) -> list:
+    """The checkpoints a resume may start from, newest first: those the manager's record keeps, or, where the
+    record is unreadable or lost (TensorFlow then reads it as none), every `ckpt-N` with its index in the folder.
+    Files the record does not name are not taken while it names some: a kill between a checkpoint and its record
+    leaves the epoch's best checkpoint unsaved, and the epoch is run again."""
+    paths = list(manager.checkpoints)
+    if not paths:
+        folder = Path(manager.directory)
+        paths = [str(folder / p.name[:-len(".index")]) for p in folder.glob("ckpt-*.index")]
+    return sorted(paths, key=checkpoint_step, reverse=True)
 
 
 def save_recalibrated(model, run: RunDir, source_prefix) -> str:
@@ -110,8 +171,11 @@ def save_ema(model, run: RunDir, source_prefix) -> str:
 
 
 def _save_model(model, folder, number, source_prefix) -> str:
-    manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), folder, max_to_keep=None,
-                                         checkpoint_name="ckpt")
-    path = manager.save(checkpoint_number=number)
-    write_text_atomic(path + ".source", f"{source_prefix}\n")
-    return path
+    """The model as `folder/ckpt-<number>` with its `.source`, written first: a checkpoint here is never without
+    it. A refused write leaves neither (nor `folder`, if this made it) and is a WriteError naming the checkpoint."""
+    prefix = Path(folder) / f"ckpt-{number}"
+    with _all_or_nothing(prefix, extra=(f"{prefix.name}.source", "checkpoint")):
+        write_text_atomic(f"{prefix}.source", f"{source_prefix}\n")
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), folder, max_to_keep=None,
+                                             checkpoint_name="ckpt")
+        return manager.save(checkpoint_number=number)
