@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from .. import readers
 from ..config import dump_config, load_config
-from ..errors import ConfigError, ConvbnError
+from ..errors import ConfigError, ConvbnError, WriteError
 from ..files import is_our_temporary, write_json_atomic, write_text_atomic
 from ..readers import read_json_lines
 
@@ -47,6 +48,7 @@ class RunDirError(ConvbnError):
 class RunDir:
     def __init__(self, path):
         self.path = Path(path)
+        self.made = []  # the directories create/create_at made, the run's own last: all removed_if_unstarted removes
 
     # Paths -----------------------------------------------------------------------------------------
     config = property(lambda self: self.path / "config.yaml")
@@ -68,25 +70,31 @@ class RunDir:
         """Make `root/name/<n>` with the next free n (make_numbered)."""
         parent = Path(root) / name
         try:
-            return cls(make_numbered(parent))
+            missing = _missing(parent)
+            run = cls(make_numbered(parent))
         except OSError as e:
             if isinstance(e, FileExistsError):
                 e.strerror = "exists and is not a directory"
             raise RunDirError(f"output.root: cannot create a run directory under {parent}: "
                               f"{e.strerror or e}") from None
+        run.made = [*missing, run.path]
+        return run
 
     @classmethod
     def create_at(cls, path) -> "RunDir":
         """Make exactly `path` (a sweep's combination); an existing directory is refused, never reused."""
         path = Path(path)
         try:
+            missing = _missing(path.parent)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.mkdir()
         except FileExistsError:
             raise RunDirError(f"{path}: already exists; not overwriting it") from None
         except OSError as e:
             raise RunDirError(f"{path}: cannot create the run directory: {e.strerror or e}") from None
-        return cls(path)
+        run = cls(path)
+        run.made = [*missing, path]
+        return run
 
     @classmethod
     def open(cls, path) -> "RunDir":
@@ -108,6 +116,36 @@ class RunDir:
         for p in stale:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         return stale
+
+    # what training writes in a run directory: all that removed_if_unstarted may remove
+    WRITTEN = ("config.yaml", "metrics.jsonl", "metrics.csv", "steps.jsonl", "results.json", "run.json", "curves.png",
+               "confusion_matrix.png", "bn_stats", "tensorboard", "checkpoints")
+
+    @contextlib.contextmanager
+    def removed_if_unstarted(self):
+        """A run that could not write its first files (config.yaml, the first checkpoint: a full disk, a read-only
+        place) leaves no run directory behind, which `--resume` would refuse or start over in. On a WriteError
+        before any checkpoint, what training wrote here is removed, then the directories create/create_at made, if
+        nothing else is in them: never anything convbn did not make."""
+        try:
+            yield
+        except WriteError as e:
+            if not self.made or any(self.checkpoints.glob("ckpt-*.index")):
+                raise
+            self._remove_unstarted()
+            gone = "was removed" if not self.path.exists() else "holds no checkpoint"
+            raise WriteError(e.path, f"{e.cause}; the new run directory {self.path} {gone}") from None
+
+    def _remove_unstarted(self) -> None:
+        for p in self.path.iterdir() if self.path.is_dir() else ():
+            if p.name in self.WRITTEN or is_our_temporary(p):
+                with contextlib.suppress(OSError):  # a read-only place: then nothing was written there
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        for folder in reversed(self.made):  # the run's own first, then the parents made for it
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another run, something of the user's) or not removable: kept
+                break
 
     def check_intact(self) -> None:
         """Stop (one line, exit 2) if the run directory vanished under a running training."""
@@ -238,6 +276,11 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise RunDirError(f"{path}: not a JSON object; not a file convbn wrote")
     return data
+
+
+def _missing(folder: Path) -> list:
+    """The directories `folder.mkdir(parents=True)` would make, outermost first."""
+    return [p for p in reversed([folder, *folder.parents]) if not (p.exists() or p.is_symlink())]
 
 
 def make_numbered(parent: Path, prefix: str = "") -> Path:

@@ -25,6 +25,7 @@ subscriber here and final.py to it). Attributes are read, never set; the trainer
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
@@ -33,7 +34,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from .. import signals
-from ..errors import ConvbnError
+from ..errors import ConvbnError, WriteError
+from ..files import writing
 from ..present.plots import confusion_matrix, curves
 
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
@@ -42,6 +44,20 @@ PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits 
 def crossed(trainer, step, every) -> bool:
     """Whether the call that ended at `step` passed a multiple of `every` (a call may run several steps)."""
     return step // every > (step - trainer.last_chunk) // every
+
+
+def standard(cfg, log, progress, on_step=None, user=(), provenance=None) -> list:
+    """convbn's own subscribers for a training of `cfg`, in the order they are called, then the `user`'s (any
+    objects with some of Subscriber's methods); `provenance` makes run.json's record (None: none is written, a
+    non-chief worker); the trainer adds its StopOnSignal after them all."""
+    made = [MetricsFiles(), StepLog(), BNStatsFiles(), TensorBoard(), Console(log)]
+    made += [Plots()] if cfg.output.plots else []
+    if cfg.train.early_stopping is not None:
+        made.append(EarlyStopping(cfg.train.early_stopping))
+    made += [Provenance(provenance)] if provenance is not None else []  # once the run (or resume) has started
+    made += [ProgressBar()] if progress else []
+    made += [StepCallback(on_step)] if on_step is not None else []
+    return made + [UserSubscriber(s) for s in user]
 
 
 class Subscriber:
@@ -129,10 +145,26 @@ class TensorBoard(Subscriber):
     gamma and beta. The train run's epoch/loss is the plain cross-entropy, like validation's; with label
     smoothing, the loss actually minimized is epoch/loss_with_label_smoothing."""
 
+    train = val = None
+
     def on_start(self, trainer):
         self.every = trainer.cfg.output.log_every_steps
-        self.train = tf.summary.create_file_writer(str(trainer.run.tensorboard / "train"))
-        self.val = tf.summary.create_file_writer(str(trainer.run.tensorboard / "validation"))
+        self.folder = folder = trainer.run.tensorboard
+        before = set(folder.rglob("*")) if folder.is_dir() else set()
+        try:
+            with writing(folder):  # TensorFlow's words for a full or read-only disk, as one line naming the folder
+                self.train = tf.summary.create_file_writer(str(folder / "train"))
+                self.val = tf.summary.create_file_writer(str(folder / "validation"))
+        except WriteError:
+            self.on_close(trainer, quietly=True)
+            # what the writers made (an empty events file, their folders): a later resume makes its own
+            for p in sorted(set(folder.rglob("*")) - before if folder.is_dir() else (), reverse=True):
+                with contextlib.suppress(OSError):
+                    p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+            if not before:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
 
     def on_epoch_start(self, trainer, epoch):
         self.previous = dict(ZERO_SUMS)  # the sums restart with every epoch
@@ -165,13 +197,16 @@ class TensorBoard(Subscriber):
             with self.val.as_default(step=row["epoch"]):
                 scalar("epoch/loss", row["val_loss"])
                 scalar("epoch/accuracy", row["val_acc"])
-        self.train.flush()
-        self.val.flush()
+        with writing(self.folder):
+            self.train.flush()
+            self.val.flush()
 
-    def on_close(self, trainer):
-        for writer in (getattr(self, "train", None), getattr(self, "val", None)):
+    def on_close(self, trainer, quietly=False):
+        writers, self.train, self.val = (self.train, self.val), None, None
+        for writer in writers:
             if writer is not None:
-                writer.close()  # everything on disk now: the CLI's exit skips the interpreter's teardown
+                with writing(self.folder) if not quietly else contextlib.suppress(Exception):
+                    writer.close()  # everything on disk now: the CLI's exit skips the interpreter's teardown
 
 
 class Provenance(Subscriber):

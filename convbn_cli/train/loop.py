@@ -27,11 +27,12 @@ from ..config.schema import Config
 from ..data import fetch
 from ..data.pipeline import batch_loader, epoch_order, eval_dataset, make_splits, steps_per_epoch, train_dataset
 from ..errors import EXIT_DIVERGED, ConvbnError, Stopped
+from ..files import tensorflow_write_error
 from ..model import Evaluator, build_model
 from ..model.precision import resolve_precision
 from ..model.stats import bn_statistics
 from ..runs import RunDir, RunDirError, open_for_resume
-from ..runs.checkpoints import restore_latest, training_managers
+from ..runs.checkpoints import restore_latest, save, training_managers
 from ..runs.provenance import provenance
 from . import distribute, events, final
 from .optim import current_lr, make_optimizer
@@ -123,23 +124,16 @@ def train(cfg: Config, *, data: dict | None = None, resume=None, log=print, prog
         log, warn, progress = _silent, _silent, False
     if resume is not None and not hasattr(resume, "run"):
         resume = open_for_resume(resume)
-    user = list(subscribers)
-    subscribers = [events.MetricsFiles(), events.StepLog(), events.BNStatsFiles(), events.TensorBoard(),
-                   events.Console(log)]
-    subscribers += [events.Plots()] if cfg.output.plots else []
-    if cfg.train.early_stopping is not None:
-        subscribers.append(events.EarlyStopping(cfg.train.early_stopping))
-    if chief:  # run.json, once the run (or the resume) has really started
-        subscribers.append(events.Provenance(lambda: provenance(resume.overrides if resume else overrides)))
-    subscribers += [events.ProgressBar()] if progress else []
-    subscribers += [events.StepCallback(on_step)] if on_step is not None else []
-    subscribers += [events.UserSubscriber(s) for s in user]  # the Trainer adds its StopOnSignal after them
-    trainer = Trainer(cfg, strategy, subscribers, log, progress, warn)
+    record = (lambda: provenance(resume.overrides if resume else overrides)) if chief else None  # run.json
+    made = events.standard(cfg, log, progress, on_step, subscribers, provenance=record)
+    trainer = Trainer(cfg, strategy, made, log, progress, warn)
+    fresh = resume is None and scratch is None  # a run directory this call makes, and removes if it cannot start
     try:
         with _one_line_errors(cluster=cfg.distribute.strategy == "multi_worker", trainer=trainer):
             trainer.setup(data)  # data and model first: a failure here leaves no run directory behind
             run = _open_run(cfg, resume, scratch, log, run_dir)
-            result = trainer.fit(run, resume)
+            with run.removed_if_unstarted() if fresh else contextlib.nullcontext():
+                result = trainer.fit(run, resume)
         if chief and resume is not None and resume.overrides:
             run.write_config(cfg)  # record the new epoch count
         return result
@@ -159,7 +153,8 @@ def _open_run(cfg, resume, scratch, log, at=None) -> RunDir:
         resume.run.remove_stale_temporaries()
         return resume.run
     run = RunDir.create_at(at) if at is not None else RunDir.create(cfg.output.root, cfg.output.name or "run")
-    run.write_config(cfg)
+    with run.removed_if_unstarted():  # the config could not be written: no empty run directory is left
+        run.write_config(cfg)
     log(f"run directory: {run.path}")
     return run
 
@@ -185,6 +180,9 @@ def _one_line_errors(cluster: bool = False, trainer=None):
                        f"{' '.join(str(e).split())[:160]}); the run's checkpoints are kept: continue with "
                        f"`convbn train --resume {run}`") from None
     except tf.errors.ResourceExhaustedError as e:
+        written = tensorflow_write_error(e)  # TensorFlow says ResourceExhausted for a full disk too
+        if written is not None:
+            raise written from None
         raise ConvbnError(f"out of memory building or training the network ({' '.join(str(e).split())[:200]}); "
                           "make it smaller or lower data.batch_size") from None
     except MemoryError:
@@ -294,9 +292,24 @@ class Trainer:
                 self.end_of_epoch(row)
                 self.skip = 0
             self.publish("on_train_end")
-            return self.finish()
-        finally:
-            self.publish("on_close")
+            result = self.finish()
+        except BaseException:
+            self.close(failing=True)
+            raise
+        self.close()
+        return result
+
+    def close(self, failing=False):
+        """on_close to every subscriber, even after one raised (the first error is raised after them all, unless
+        the run is failing already: then what made it fail is the error reported, not what closing met after)."""
+        first = None
+        for s in self.subscribers:
+            try:
+                s.on_close(self)
+            except Exception as e:  # noqa: BLE001  (raised below, or the run's own error is)
+                first = first or e
+        if first is not None and not failing:
+            raise first
 
     # ------------------------------------------------------------------ phases
 
@@ -338,7 +351,7 @@ class Trainer:
         # a non-chief worker reads the chief's checkpoints and writes its own copy to scratch space
         manager = self.manager if source.resolve() == self.run.path.resolve() else tf.train.CheckpointManager(
             self.ckpt, source / "checkpoints", max_to_keep=None, checkpoint_name="ckpt")
-        self.restored = restore_latest(self.ckpt, manager, self.log)
+        self.restored = restore_latest(self.ckpt, manager, self.log, self.warn)
         if self.restored is None:
             self.log("no checkpoint yet: starting from the beginning")
         self.start_epoch = self.epoch = int(self.state["epoch"].numpy())
@@ -410,9 +423,9 @@ class Trainer:
         self.metrics.append(row)
         self.run.check_intact()
         self.publish("on_epoch_metrics", row)  # durable before the checkpoint (see events.MetricsFiles)
-        self.manager.save(checkpoint_number=row["step"])
+        save(self.manager, row["step"])
         if improved:
-            self.best_manager.save(checkpoint_number=row["step"])
+            save(self.best_manager, row["step"])
         self.publish("on_epoch_end", row)
 
     def finish(self) -> TrainResult:
@@ -472,7 +485,7 @@ class Trainer:
         self.state["epoch"].assign(self.epoch)
         self.state["step_in_epoch"].assign(self.done_in_epoch)
         with signals.handled(signals.stop_signals(signal.SIG_IGN)):  # a second Ctrl-C must not cut it in half
-            path = self.manager.save(checkpoint_number=int(self.optimizer.iterations.numpy()))
+            path = save(self.manager, int(self.optimizer.iterations.numpy()))
         raise Interrupted(signum, path, self.run.path)
 
     def stopped_after_training(self, signum) -> Interrupted:
