@@ -220,3 +220,16 @@ def test_a_fifo_inside_a_savedmodel_is_refused_without_blocking(tmp_path, digits
     data.unlink()
     os.mkfifo(data)
     one_error_line(run_cli("predict", folder, digits, timeout=120), str(data), "not a regular file")
+
+
+@pytest.mark.parametrize("which", ["data", "record"])
+def test_a_fifo_in_a_checkpoint_is_refused_without_blocking(run_copy, mnist_cache, which):
+    """A FIFO as a checkpoint's .data file (or as the folder's `checkpoint` record) blocked `eval --checkpoint
+    latest` until it was killed: TensorFlow's reader opens it and waits for a writer."""
+    folder = run_copy / "checkpoints"
+    latest = max(folder.glob("ckpt-*.index"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+    target = next(folder.glob(latest.name.replace(".index", ".data-*"))) if which == "data" else folder / "checkpoint"
+    target.unlink()
+    os.mkfifo(target)
+    r = run_cli("eval", run_copy, "--checkpoint", "latest", env={"CONVBN_DATA_DIR": str(mnist_cache)}, timeout=120)
+    one_error_line(r, str(target), "not a regular file")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import shutil
@@ -13,12 +14,15 @@ import tensorflow as tf
 
 from ..errors import TargetError
 from ..files import write_text_atomic, writing
+from ..readers import check_files
 from . import CHECKPOINT_CHOICES as CHOICES
 from .rundir import RunDir, RunDirError, checkpoint_step, next_number
 
 
 def training_managers(ckpt, run: RunDir, keep: int):
     """(latest, best) CheckpointManagers for a run; checkpoints are numbered by the training step."""
+    _record_checked(run.checkpoints)  # a manager reads its folder's record when it is made
+    _record_checked(run.best)
     try:
         latest = tf.train.CheckpointManager(ckpt, run.checkpoints, max_to_keep=keep, checkpoint_name="ckpt")
         best = tf.train.CheckpointManager(ckpt, run.best, max_to_keep=1, checkpoint_name="ckpt")
@@ -61,6 +65,35 @@ def _all_or_nothing(prefix: Path, extra=()):
         raise
 
 
+MAX_CHECKPOINT_BYTES = 4 << 30  # one checkpoint's files together: far above an MNIST-like net's (a few MB)
+
+
+def checked(prefix) -> str:
+    """`prefix`, once its files are shown to be regular (never opened: a FIFO would block TensorFlow's reader
+    forever) and bounded (readers.check_files)."""
+    prefix = Path(prefix)
+    files = [Path(f"{prefix}.index"), *prefix.parent.glob(f"{glob.escape(prefix.name)}.data-*")]
+    check_files([f for f in files if os.path.lexists(f)], MAX_CHECKPOINT_BYTES, f"the checkpoint {prefix}",
+                TargetError)
+    return str(prefix)
+
+
+def _record_checked(folder):
+    record = Path(folder) / "checkpoint"  # TensorFlow's record of a folder's checkpoints, which it reads itself
+    if os.path.lexists(record):
+        check_files([record], 1 << 20, f"the checkpoint record {record}", TargetError)
+
+
+def _state(folder):
+    _record_checked(folder)
+    return tf.train.get_checkpoint_state(str(folder))
+
+
+def _latest(folder):
+    _record_checked(folder)
+    return tf.train.latest_checkpoint(str(folder))
+
+
 def find(run: RunDir, which="best") -> str:
     """The prefix of a run's checkpoint: "best" (the run's final model, which results.json names once training has
     finished: the best epoch's weights, or the EMA, with precise-BN statistics when they ran; before that, the
@@ -69,36 +102,36 @@ def find(run: RunDir, which="best") -> str:
     if str(which).isdigit():
         step = int(which)
         for folder in (run.checkpoints, run.best):
-            state = tf.train.get_checkpoint_state(str(folder))
+            state = _state(folder)
             for prefix in (state.all_model_checkpoint_paths if state else []):
                 if checkpoint_step(prefix) == step:
                     return prefix
         raise TargetError(f"{run.path}: no checkpoint of step {step} (the run keeps: "
                               f"{', '.join(str(checkpoint_step(p)) for p in all_training(run)) or 'none'})")
     if which == "recalibrated":
-        prefix = tf.train.latest_checkpoint(str(run.recalibrated))
+        prefix = _latest(run.recalibrated)
         if prefix is None:
             raise TargetError(f"{run.path}: no recalibrated checkpoint (convbn recalibrate {run.path})")
         return prefix
     final = run.final_checkpoint() if which == "best" else None
     if final is not None:  # a finished run: exactly the model its summary and results.json measured
         return final
-    ema = tf.train.latest_checkpoint(str(run.ema))
+    ema = _latest(run.ema)
     if which == "ema" and ema is None:
         raise TargetError(f"{run.path}: no EMA checkpoint (train.ema was off, or training has not finished)")
     if which in ("ema", "best") and ema is not None:
         return ema
     if which not in CHOICES:
         raise TargetError(f"--checkpoint: expected one of {', '.join(CHOICES)} or a training step, got {which!r}")
-    prefix = tf.train.latest_checkpoint(str(run.best)) if which == "best" else None
-    prefix = prefix or tf.train.latest_checkpoint(str(run.checkpoints))  # no best yet, or latest asked for
+    prefix = _latest(run.best) if which == "best" else None
+    prefix = prefix or _latest(run.checkpoints)  # no best yet, or latest asked for
     if prefix is None:
         raise TargetError(f"{run.path}: the run has no checkpoint yet")
     return prefix
 
 
 def all_training(run: RunDir) -> list[str]:
-    state = tf.train.get_checkpoint_state(str(run.checkpoints))
+    state = _state(run.checkpoints)
     return list(state.all_model_checkpoint_paths) if state else []
 
 
@@ -113,6 +146,7 @@ def run_of_prefix(path: Path) -> RunDir:
 def restore(model, prefix):
     """Restore the model's weights and BN moving statistics from `prefix`, insisting that every one is there."""
     ckpt = tf.train.Checkpoint(model=model)
+    checked(prefix)
     try:
         status = ckpt.restore(str(prefix))
         status.assert_existing_objects_matched()
@@ -131,7 +165,7 @@ def restore_latest(ckpt, manager, log, warn=None):
     damaged = []
     for path in _resume_candidates(manager):
         try:
-            ckpt.restore(path).assert_existing_objects_matched()
+            ckpt.restore(checked(path)).assert_existing_objects_matched()
         except Exception as e:  # noqa: BLE001  a damaged file fails in many ways (OpError, IndexError, ...)
             damaged.append((path, " ".join(f"{type(e).__name__}: {e}".split())[:160]))
             continue
@@ -176,6 +210,7 @@ def _save_model(model, folder, number, source_prefix) -> str:
     prefix = Path(folder) / f"ckpt-{number}"
     with _all_or_nothing(prefix, extra=(f"{prefix.name}.source", "checkpoint")):
         write_text_atomic(f"{prefix}.source", f"{source_prefix}\n")
+        _record_checked(folder)
         manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), folder, max_to_keep=None,
                                              checkpoint_name="ckpt")
         return manager.save(checkpoint_number=number)
