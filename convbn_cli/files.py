@@ -22,12 +22,15 @@ from .errors import ConvbnError, WriteError
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode: str = "w"):
+def atomic_open(path, mode: str = "w", *, within=None):
     """Open a temporary file beside `path` for writing; on success it is synced and renamed over `path`. What the
-    machine refuses (a full disk, a read-only place) is a WriteError naming `path`, never the temporary."""
+    machine refuses (a full disk, a read-only place) is a WriteError naming `path`, never the temporary.
+
+    `within`: a folder (a run directory) that must still exist: missing folders are made below it only, one at
+    a time, so a run directory removed while it trains is never made again by a late write (`mkdir -p` would)."""
     path, tmp, in_block, made = Path(path), None, False, []
     try:
-        made = make_dir(path.parent)
+        made = make_dir(path.parent) if within is None else _make_below(Path(within), path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             in_block = True
@@ -50,18 +53,36 @@ def atomic_open(path, mode: str = "w"):
         raise mapped from None
 
 
-def write_text_atomic(path, text: str) -> None:
-    with atomic_open(path, "w") as f:
+def write_text_atomic(path, text: str, *, within=None) -> None:
+    with atomic_open(path, "w", within=within) as f:
         f.write(text)
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
+def write_bytes_atomic(path, data: bytes, *, within=None) -> None:
+    with atomic_open(path, "wb", within=within) as f:
         f.write(data)
 
 
-def write_json_atomic(path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json_atomic(path, obj, *, within=None) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", within=within)
+
+
+def _make_below(root: Path, path: Path) -> list:
+    """The folders between `root` (which must exist) and `path`, made one by one (never `root` or above it);
+    returns those made, outermost first."""
+    if not root.is_dir():
+        raise WriteError(path, f"not written: {root} is gone (removed while convbn was writing into it)")
+    made = []
+    for part in [p for p in reversed([path.parent, *path.parent.parents]) if p.is_relative_to(root) and p != root]:
+        if not part.is_dir():
+            try:
+                os.mkdir(part)  # fails when its parent (ultimately `root`) vanished: nothing is made again
+            except FileNotFoundError:
+                _remove_empty(made)
+                raise WriteError(path, f"not written: {root} is gone (removed while convbn was writing into it)") \
+                    from None
+            made.append(part)
+    return made
 
 
 @contextlib.contextmanager

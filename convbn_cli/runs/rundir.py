@@ -31,7 +31,7 @@ from pathlib import Path
 from .. import readers
 from ..config import dump_config, load_config
 from ..errors import ConfigError, ConvbnError, WriteError
-from ..files import is_our_temporary, write_json_atomic, write_text_atomic
+from ..files import is_our_temporary, write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..readers import read_json_lines
 
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_ce",
@@ -154,8 +154,12 @@ class RunDir:
                               "stopped without writing anything there")
 
     # Files -----------------------------------------------------------------------------------------
+    def write_file(self, name: str, data: bytes) -> None:
+        """A file of the run (a picture) written into it, only while the run directory is there."""
+        write_bytes_atomic(self.path / name, data, within=self.path)
+
     def write_config(self, cfg) -> None:
-        write_text_atomic(self.config, dump_config(cfg))
+        write_text_atomic(self.config, dump_config(cfg), within=self.path)
 
     def load_config(self, overrides=()):
         """The run's resolved config (with `overrides` laid over it); a broken file is a RunDirError."""
@@ -179,15 +183,15 @@ class RunDir:
 
     def write_metrics(self, rows: list[dict]) -> None:
         """Rewrite both metric files whole (atomically): a few hundred rows at most, and never half a row."""
-        write_text_atomic(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in rows), within=self.path)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-        write_text_atomic(self.metrics_csv, buf.getvalue())
+        write_text_atomic(self.metrics_csv, buf.getvalue(), within=self.path)
 
     def write_steps(self, rows: list[dict]) -> None:
-        write_text_atomic(self.steps_jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(self.steps_jsonl, "".join(json.dumps(r) + "\n" for r in rows), within=self.path)
 
     def read_steps(self) -> list[dict]:
         """steps.jsonl's rows (the training loss every few steps), each checked; [] when there is none."""
@@ -197,10 +201,11 @@ class RunDir:
                 for n, row in read_json_lines(self.steps_jsonl, MAX_METRICS_BYTES, "a steps file", RunDirError)]
 
     def write_bn_stats(self, epoch: int, stats: dict) -> None:
-        write_json_atomic(self.bn_stats / f"epoch_{epoch}.json", {"epoch": epoch, "layers": stats})
+        write_json_atomic(self.bn_stats / f"epoch_{epoch}.json", {"epoch": epoch, "layers": stats},
+                          within=self.path)
 
     def write_results(self, results: dict) -> None:
-        write_json_atomic(self.results, results)
+        write_json_atomic(self.results, results, within=self.path)
 
     def final_checkpoint(self):
         """The prefix of the run's final model, as results.json names it (what the end-of-run summary measured),
@@ -220,7 +225,7 @@ class RunDir:
         if old:
             resumes = old.get("resumes") if isinstance(old.get("resumes"), list) else []
             info = {**old, "resumes": [*resumes, info]}
-        write_json_atomic(self.run_info, info)
+        write_json_atomic(self.run_info, info, within=self.path)
 
     def read_results(self) -> dict:
         """results.json, checked ({} before the run has finished)."""

@@ -26,6 +26,7 @@ subscriber here and final.py to it). Attributes are read, never set; the trainer
 from __future__ import annotations
 
 import contextlib
+import io
 import signal
 import time
 
@@ -403,9 +404,12 @@ class Plots(Subscriber):
             steps = trainer.run.read_steps()
         except ConvbnError:  # damaged by hand: per-epoch curves only
             steps = None
-        curves(trainer.metrics, trainer.run.path / "curves.png", title=str(trainer.run.path), steps=steps)
+        picture = io.BytesIO()  # drawn here, written by the run (only while it is there: a removed run stays so)
+        curves(trainer.metrics, picture, title=str(trainer.run.path), steps=steps)
+        trainer.run.write_file("curves.png", picture.getvalue())
 
     def on_finish(self, trainer, results):
-        confusion_matrix(trainer.last_test["confusion"], trainer.cfg.dataset.class_names,
-                         trainer.run.path / "confusion_matrix.png",
+        picture = io.BytesIO()
+        confusion_matrix(trainer.last_test["confusion"], trainer.cfg.dataset.class_names, picture,
                          title=f"{trainer.run.path}: test accuracy {results['test_acc']:.2%}")
+        trainer.run.write_file("confusion_matrix.png", picture.getvalue())

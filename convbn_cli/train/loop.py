@@ -423,6 +423,7 @@ class Trainer:
         self.metrics.append(row)
         self.run.check_intact()
         self.publish("on_epoch_metrics", row)  # durable before the checkpoint (see events.MetricsFiles)
+        self.run.check_intact()  # again: TensorFlow's checkpoint writer would make a removed run directory anew
         save(self.manager, row["step"])
         if improved:
             save(self.best_manager, row["step"])
