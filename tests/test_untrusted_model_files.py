@@ -3,6 +3,7 @@ files is refused before TensorFlow loads it; an ONNX model's external data is re
 and its memory is bounded; a damaged TFLite file is refused instead of crashing the interpreter. Each probe runs
 `convbn` in a fresh process, as a user would, so that a crash is an exit code here, not the end of the suite."""
 
+import json
 import os
 import subprocess
 import sys
@@ -233,3 +234,34 @@ def test_a_fifo_in_a_checkpoint_is_refused_without_blocking(run_copy, mnist_cach
     os.mkfifo(target)
     r = run_cli("eval", run_copy, "--checkpoint", "latest", env={"CONVBN_DATA_DIR": str(mnist_cache)}, timeout=120)
     one_error_line(r, str(target), "not a regular file")
+
+
+def odd_saved_model(folder: Path, kind: str) -> Path:
+    """A SavedModel that is an image classifier only by its signature: no `serve` method (a plain tf.Module whose
+    function is called `classify`), an output dict, or an output that ignores the batch size."""
+    import tensorflow as tf
+
+    class Model(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(tf.random.stateless_normal((784, 10), seed=(1, 2)))
+
+        @tf.function(input_signature=[tf.TensorSpec((None, 28, 28, 1), tf.float32, name="image")])
+        def classify(self, x):
+            y = tf.matmul(tf.reshape(x, (-1, 784)), self.w)
+            if kind == "dict":
+                return {"scores": y}
+            return y[:1] if kind == "one_row" else y
+
+    m = Model()
+    tf.saved_model.save(m, str(folder / f"odd_{kind}"), signatures={"serving_default": m.classify})
+    return folder / f"odd_{kind}"
+
+
+@pytest.mark.parametrize("kind", ["no_serve", "dict", "one_row"])
+def test_odd_inference_only_models_predict_or_say_why_in_one_line(tmp_path, digits, kind):
+    """No `.serve`, a dict of outputs, or an output that ignores the batch size: each was a traceback."""
+    r = run_cli("predict", odd_saved_model(tmp_path, kind), digits, "--json")
+    if kind == "one_row":
+        one_error_line(r, "gave outputs of shape (1, 10) for 2 images")
+    else:
+        assert r.returncode == 0 and len(json.loads(r.stdout)["predictions"]) == 2, r.stderr[-1500:]

@@ -315,10 +315,17 @@ def read_savedmodel(path) -> Opened:
         serve = loaded.signatures["serving_default"]
     except Exception as e:  # noqa: BLE001  a damaged SavedModel fails in many ways
         raise TargetError(f"{path}: not a readable SavedModel ({_cut(e, 200)})") from None
-    specs, outs = list(serve.structured_input_signature[1].values()), list(serve.structured_outputs.values())
-    shape, classes = check_signature(path, [_shape(s.shape) for s in specs], [_shape(o.shape) for o in outs])
-    return Opened("savedmodel", lambda x: loaded.serve(tf.constant(x)).numpy(), shape, classes,
-                  PIXELS_INPUT in (specs[0].name or ""), read_metadata(path))
+    inputs = serve.structured_input_signature[1]
+    outs = serve.structured_outputs if isinstance(serve.structured_outputs, dict) else {}
+    shape, classes = check_signature(path, [_shape(s.shape) for s in inputs.values()],
+                                     [_shape(o.shape) for o in outs.values()])
+    (name, spec), = inputs.items()
+
+    def run(x):  # the serving signature, which every SavedModel has (a `serve` method only Keras' export writes)
+        return next(iter(serve(**{name: tf.constant(x)}).values())).numpy()  # a dict of its one output
+
+    run.loaded = loaded  # the variables live as long as the object that loaded them
+    return Opened("savedmodel", run, shape, classes, PIXELS_INPUT in (spec.name or ""), read_metadata(path))
 
 
 READERS = {"keras": read_keras, "tflite": read_tflite, "onnx": read_onnx, "savedmodel": read_savedmodel}
@@ -330,7 +337,22 @@ def read(fmt: str, path) -> Opened:
     opened = READERS[fmt](path)
     if opened.about.get("input"):
         opened.takes_pixels = opened.about["input"] == "pixels"
+    opened.predict = _one_row_each(path, opened.predict, opened.classes)
     return opened
+
+
+def _one_row_each(path, predict, classes):
+    """`predict`, held to what it declared: one row of `classes` finite-or-not scores per image it is given (a
+    model whose output ignores the batch size, or is no array, is one line, not a traceback further on)."""
+
+    def run(x):
+        out = np.asarray(predict(x))
+        if out.shape != (len(x), classes):
+            raise TargetError(f"{path}: gave outputs of shape {out.shape} for {len(x)} images; convbn needs one row "
+                              f"of {classes} scores per image")
+        return out
+
+    return run
 
 
 # --------------------------------------------------------------------------- writers, one per format
