@@ -17,7 +17,10 @@ def bn_layer_parameters(layer) -> dict:
     var = np.asarray(layer.moving_variance.numpy(), np.float64)
     gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones_like(mean)
     beta = np.asarray(layer.beta.numpy(), np.float64) if layer.center else np.zeros_like(mean)
-    scale = gamma / np.sqrt(var + layer.epsilon)
+    # a negative variance (a converted or hand-edited checkpoint) gives NaN here, as at inference: diagnose reports
+    # it as negative_moving_variance, so NumPy's RuntimeWarning would only repeat it as noise
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = gamma / np.sqrt(var + layer.epsilon)
     return {
         "channels": int(mean.shape[0]), "epsilon": float(layer.epsilon), "decay": float(layer.momentum),
         "center": bool(layer.center), "scale_learned": bool(layer.scale),

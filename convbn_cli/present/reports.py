@@ -213,14 +213,25 @@ class DiagnoseReport:
 
     def verdict(self) -> str:
         c = self.result["counts"]
+        counts = f"{c['error']} error(s), {c['warning']} warning(s), {c['info']} note(s)"
+        # a model that does not fit the images (diagnose's accuracy floor, not explained by a BN layer of its own)
+        # leaves no BN verdict to give: that is the verdict, whatever else was found
+        misfit = next((f for f in self.result["findings"] if f.name in MISFIT and "explained_by" not in f.evidence),
+                      None)
+        if misfit is not None:
+            acc = misfit.evidence["accuracy"].values()
+            spread = f"{min(acc):.2%}" if max(acc) - min(acc) < 0.005 else f"{min(acc):.2%} to {max(acc):.2%}"
+            return (f"verdict: {counts}; the model does not fit these images ({spread} whatever BN uses, chance "
+                    f"{misfit.evidence['chance']:.2%}), so no BN verdict can be drawn from them: check the data, "
+                    f"their preprocessing and labels, and that it learned ({misfit.name})")
         if not c["error"] and not c["warning"]:
             return "verdict: BN looks healthy" + (f" ({c['info']} note(s))" if c["info"] else "")
         worst = next(f for f in self.result["findings"] if f.severity in ("error", "warning"))
-        return (f"verdict: {c['error']} error(s), {c['warning']} warning(s), {c['info']} note(s); "
-                f"first: {worst.name}")
+        return f"verdict: {counts}; first: {worst.name}"
 
 
 EVIDENCE_CHARS = 240  # one readable line of evidence in the text report; --json holds all of it
+MISFIT = ("accuracy_at_chance", "accuracy_low_in_every_bn_mode")  # diagnose's findings of a model that does not fit
 
 
 def _compact(value, depth=0) -> str:
