@@ -150,7 +150,7 @@ class ExportReport:
         if r["folded"]:
             lines.append(f"folded into the preceding conv/dense: {', '.join(r['folded'])}")
         if r["kept"]:
-            why = " (not directly after a conv/dense)" if self.fold_bn else ""
+            why = " (not foldable into the layer before it)" if self.fold_bn else ""
             lines.append(f"BN layers kept{why}: {', '.join(r['kept'])}")
         lines += [f"input: {r['input']}",
                   f"max |logit difference| on {r['checked_images']} test images: {r['max_abs_logit_diff']:.2e}",
