@@ -116,8 +116,13 @@ def staged(path, before_replace=None):
 
 
 def _swap_in(new: Path, path: Path, aside: Path) -> None:
-    """Rename `new` to `path`; an earlier file, link or directory there is first moved `aside` (into the staging
-    directory, removed with it) and moved back if the rename fails: at no moment is neither in place."""
+    """Rename `new` to `path`. A file replaces an earlier file or link in one atomic os.replace, as atomic_open's
+    do. An earlier directory (a SavedModel) cannot be replaced so: it is first moved `aside` (into the staging
+    directory, removed with it) and moved back if the rename fails (a SIGKILL between the two renames leaves it
+    there, in the staging directory)."""
+    if not new.is_dir() and not path.is_dir():
+        os.replace(new, path)
+        return
     had = path.exists() or path.is_symlink()
     if had:
         path.rename(aside)

@@ -91,8 +91,8 @@ def check_files(paths, limit: int, what: str, error=ConvbnError) -> None:
         except OSError as e:
             raise error(f"{p}: cannot read: {e.strerror or e}") from None
         if not stat.S_ISREG(st.st_mode):
-            raise error(f"{p}: is {'a directory' if stat.S_ISDIR(st.st_mode) else 'not a regular file'} "
-                        f"(a FIFO, a device or a socket) where {what} keeps a file; refused")
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, a device or a socket)"
+            raise error(f"{p}: is {kind} where {what} keeps a file; refused")
         total += st.st_size
     if total > limit:
         raise error(f"{what}: {size_text(total)} in all, more than it can be ({size_text(limit)}); refused")

@@ -183,3 +183,17 @@ def test_export_force_never_replaces_its_own_source(tmp_path, data):
     errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert r.exit_code == 2 and len(errors) == 1 and "is the model being exported" in errors[0], r.output
     assert src.read_bytes() == before
+
+
+def test_an_export_its_own_reader_refuses_is_one_line_naming_the_output(tmp_path, data):
+    """A SavedModel export whose graph holds an operation off convbn's list (ResizeBicubic) named its staging
+    temporary and advised exporting with convbn, which is what the user was doing."""
+    src, out = tmp_path / "theirs.keras", tmp_path / "out_savedmodel"
+    _model([L.Resizing(28, 28, interpolation="bicubic"), L.Conv2D(4, 3), L.BatchNormalization(),
+            L.GlobalAveragePooling2D(), L.Dense(10)]).save(src)
+    r = CliRunner().invoke(main, ["export", str(src), "--data", str(data[0]), "--format", "savedmodel",
+                                  "--output", str(out)])
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 1 and len(errors) == 1 and "Traceback" not in r.output, r.output
+    assert errors[0].startswith(f"error: {out}: the savedmodel export does not open again") and ".tmp" not in errors[0]
+    assert "ResizeBicubic" in errors[0] and not out.exists()

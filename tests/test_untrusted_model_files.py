@@ -85,7 +85,7 @@ def test_a_run_directorys_export_is_held_to_the_same_rule(run_copy, tmp_path):
 
 # --------------------------------------------------------------------------- ONNX: external data, memory
 
-def linear_onnx(path: Path, location=None, big=None):
+def linear_onnx(path: Path, location=None, big=None, offset="0"):
     """An ONNX linear classifier (x (N, 28, 28, 1) -> (N, 10)); `location`: its weights in that external file
     (the model then reads them from there); `big`: also ConstantOfShape([big]) summed into the scores."""
     from onnx import TensorProto, helper, numpy_helper
@@ -94,7 +94,7 @@ def linear_onnx(path: Path, location=None, big=None):
     if location is not None:
         w.data_location = TensorProto.EXTERNAL
         w.ClearField("raw_data")
-        for key, value in (("location", location), ("offset", "0"), ("length", str(784 * 10 * 4))):
+        for key, value in (("location", location), ("offset", offset), ("length", str(784 * 10 * 4))):
             entry = w.external_data.add()
             entry.key, entry.value = key, value
     flat = numpy_helper.from_array(np.array([-1, 784], np.int64), "flat")
@@ -265,3 +265,32 @@ def test_odd_inference_only_models_predict_or_say_why_in_one_line(tmp_path, digi
         one_error_line(r, "gave outputs of shape (1, 10) for 2 images")
     else:
         assert r.returncode == 0 and len(json.loads(r.stdout)["predictions"]) == 2, r.stderr[-1500:]
+
+
+def test_a_tensorflow_1_savedmodel_is_refused(tmp_path, digits):
+    """TensorFlow loads a SavedModel without an object graph the TF1 way, running the restore op its saver names
+    as it loads: that op could be any saver operation (SaveV2, MergeV2Checkpoints) on any path."""
+    import tensorflow as tf
+
+    folder = tmp_path / "tf1"
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        x = tf.compat.v1.placeholder(tf.float32, (None, 28, 28, 1), name="x")
+        y = tf.reshape(x, (-1, 784))[:, :10]
+        tf.compat.v1.saved_model.simple_save(session, str(folder), {"x": x}, {"y": y})
+    one_error_line(run_cli("predict", folder, digits), "TensorFlow 1 SavedModel")
+
+
+def test_a_link_inside_a_savedmodel_is_refused(tmp_path, digits):
+    """TensorFlow follows a link out of the model (to someone's data, a FIFO, a huge file); none is read."""
+    folder = saved_model(tmp_path, "none")
+    elsewhere = tmp_path / "elsewhere"
+    (folder / "variables").rename(elsewhere)
+    (folder / "variables").symlink_to(elsewhere)
+    one_error_line(run_cli("predict", folder, digits), "symbolic link inside a SavedModel")
+
+
+def test_onnx_external_data_with_a_negative_offset_is_refused(tmp_path, digits):
+    """A negative offset (or length) lowered the sum the 256 MiB bound is checked against."""
+    (tmp_path / "weights.bin").write_bytes(np.ones((784, 10), np.float32).tobytes())
+    path = linear_onnx(tmp_path / "m.onnx", location="weights.bin", offset="-64")
+    one_error_line(run_cli("predict", path, digits), "external data")

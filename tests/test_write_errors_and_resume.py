@@ -339,17 +339,24 @@ def test_staging_turns_tensorflow_write_errors_into_one_naming_the_destination(t
 
 
 def test_a_replaced_export_is_never_missing(tmp_path, monkeypatch):
-    """Replacing an earlier export moves it aside first: if the new one cannot be moved in, the old is back."""
+    """Replacing an earlier export: if the new one cannot be moved in (a file replaces a file in one os.replace; a
+    directory moves the old one aside first), the old one is still there."""
     out = tmp_path / "model.keras"
     out.write_text("earlier")
-    real = Path.rename
+    real, real_replace = Path.rename, os.replace
 
     def rename(self, target):
         if Path(target) == out and self.name == "model.keras" and self.parent != tmp_path:
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
         return real(self, target)
 
+    def replace(src, dst, *args, **kw):
+        if Path(dst) == out:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        return real_replace(src, dst, *args, **kw)
+
     monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(WriteError):
         with files.staged(out) as tmp:
             tmp.write_text("new")
@@ -377,3 +384,26 @@ def test_a_full_disk_is_not_out_of_memory_but_a_real_oom_is():
         with _one_line_errors():
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[1000000]")
     assert not isinstance(e.value, WriteError)
+
+
+def test_resume_does_not_fall_back_past_a_checkpoint_it_cannot_read_now(tmp_path):
+    """A checkpoint that cannot be read now (permissions, an unavailable file system) is not damaged: falling back
+    would train its steps again, and the newer, intact checkpoint could then be pruned by the manager."""
+    from convbn_cli.runs.checkpoints import restore_latest
+    from convbn_cli.runs.rundir import RunDirError
+
+    for n in (10, 20):
+        (tmp_path / f"ckpt-{n}.index").write_bytes(b"index")
+    tried = []
+
+    class Manager:
+        checkpoints, directory = [str(tmp_path / "ckpt-10"), str(tmp_path / "ckpt-20")], str(tmp_path)
+
+    class Checkpoint:
+        def restore(self, path):
+            tried.append(Path(path).name)
+            raise tf.errors.PermissionDeniedError(None, None, f"{path}.index; Permission denied")
+
+    with pytest.raises(RunDirError, match="cannot be read now"):
+        restore_latest(Checkpoint(), Manager(), log=lambda m: None)
+    assert tried == ["ckpt-20"]  # the newest only: no fall back to ckpt-10

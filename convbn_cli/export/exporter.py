@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..data.registry import pixel_affine
-from ..errors import ConvbnError
+from ..errors import ConvbnError, TargetError
 from ..files import remove_stale_temporaries, staged
 from ..formats import runtime
 from ..formats.catalog import FORMATS, file_name
@@ -96,7 +96,12 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
     about = export_metadata(t, affine)
     with staged(path, before_replace=lambda: check_output(path, fmt, force)) as tmp:
         runtime.write(new, fmt, tmp, about)
-        diff = max(float(np.abs(run(fed) - reference).max()) for run in ways_to_run(fmt, tmp))
+        try:
+            diff = max(float(np.abs(run(fed) - reference).max()) for run in ways_to_run(fmt, tmp))
+        except TargetError as e:  # convbn's own reader refuses what was written (an operation off its list, ...)
+            cause = str(e).removeprefix(f"{tmp}: ").replace(str(tmp), str(path))
+            raise ExportError(f"{path}: the {fmt} export does not open again in convbn's own reader ({cause}); "
+                              "nothing was written") from None
         if not diff < MAX_LOGIT_DIFF:
             raise ExportError(f"{path}: exported logits differ from the original by {diff:.3g} "
                               f"(at most {MAX_LOGIT_DIFF:g} allowed); nothing was written")

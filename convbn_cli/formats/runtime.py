@@ -169,23 +169,26 @@ def check_onnx_external_data(path, model) -> None:
         if not where.is_relative_to(folder) or not where.is_file():
             raise TargetError(f"{path}: its tensor {tensor.name!r} reads {info.get('location')!r}, which is not a "
                               "file beside the model; convbn reads external data only from the model's own folder")
-        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or where.stat().st_size)
-        total += end - int(info.get("offset", 0) or 0)
-        if end > where.stat().st_size or total > MAX_ONNX_BYTES:
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info.get("length", 0) or where.stat().st_size - offset)
+        total += length
+        if offset < 0 or length < 0 or offset + length > where.stat().st_size or total > MAX_ONNX_BYTES:
             raise TargetError(f"{path}: its external data ({info.get('location')!r}) is larger than its file or "
                               f"than {MAX_ONNX_BYTES >> 20} MiB in all")
 
 
 def _all_tensors(model):
-    """Every TensorProto of an ONNX model: initializers and tensor attributes, in subgraphs too."""
+    """Every TensorProto of an ONNX model: initializers (sparse ones too) and tensor attributes, in subgraphs too."""
     graphs, out = [model.graph], []
     while graphs:
         g = graphs.pop()
-        out += list(g.initializer)
+        sparse = list(g.sparse_initializer)
         for node in g.node:
             for a in node.attribute:
                 out += ([a.t] if a.HasField("t") else []) + list(a.tensors)
+                sparse += ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors)
                 graphs += ([a.g] if a.HasField("g") else []) + list(a.graphs)
+        out += list(g.initializer) + [t for s in sparse for t in (s.values, s.indices)]
     return out
 
 
@@ -255,6 +258,29 @@ def _called(node) -> set:
     return names
 
 
+CALL_OPS = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
+
+
+def _named_in(message, names: set) -> set:
+    """The strings among `names` that a protobuf message holds anywhere (in any field, at any depth)."""
+    found, todo = set(), [message]
+    while todo:
+        m = todo.pop()
+        for _, value in m.ListFields():
+            if hasattr(value, "keys"):  # a map field
+                values = [*value.keys(), *value.values()]
+            elif isinstance(value, (str, bytes)) or hasattr(value, "ListFields") or not hasattr(value, "__iter__"):
+                values = [value]
+            else:  # a repeated field
+                values = list(value)
+            for v in values:
+                if isinstance(v, str):
+                    found |= {v} & names
+                elif hasattr(v, "ListFields"):
+                    todo.append(v)
+    return found
+
+
 def _reach(roots, calls) -> set:
     seen, todo = set(), list(roots)
     while todo:
@@ -271,12 +297,13 @@ def _foreign_op(meta_graph):
     saver = {meta_graph.saver_def.save_tensor_name.split(":")[0], meta_graph.saver_def.restore_op_name} - {""}
     calls = {f.signature.name: set().union(*(_called(n) for n in f.node_def)) for f in library}
     saver_roots = set().union(*(_called(n) for n in graph.node if n.name in saver))
-    # what the TF2 loader restores as callable (the serving function, a resource's initializer) is never saver's
-    others = set(meta_graph.object_graph_def.concrete_functions).union(
+    # what the TF2 loader restores as callable (the serving function, a resource's initializer) is never saver's:
+    # every function the object graph names anywhere, whether or not its concrete_functions map lists it
+    others = _named_in(meta_graph.object_graph_def, set(calls)).union(
         *(_called(n) for n in graph.node if n.name not in saver))
     pure = _reach(others | (set(calls) - _reach(saver_roots, calls)), calls)
-    for n in graph.node:
-        if n.op not in (SAVER_OPS if n.name in saver else GRAPH_OPS):
+    for n in graph.node:  # the saver's nodes only call its functions (their op is the call, never SaveV2 itself)
+        if n.op not in (CALL_OPS if n.name in saver else GRAPH_OPS):
             return n.op, f"node {n.name}"
     for f in library:
         allowed = PURE_OPS if f.signature.name in pure else SAVER_OPS
@@ -290,14 +317,22 @@ def check_savedmodel(path) -> None:
     """Refuse (one line) a SavedModel that could run anything but tensor arithmetic, before TensorFlow loads it."""
     from tensorflow.core.protobuf import saved_model_pb2  # the format's own schema
 
-    files = [Path(here) / n for here, _, names in os.walk(path) for n in names]
-    check_files(files, MAX_SAVED_MODEL_BYTES, f"{path}, a SavedModel,", TargetError)
+    walked = [(Path(here), dirs, names) for here, dirs, names in os.walk(path)]
+    link = next((h / n for h, dirs, names in walked for n in [*dirs, *names] if (h / n).is_symlink()), None)
+    if link is not None:  # TensorFlow would follow it out of the model (to a FIFO, a huge file, someone's data)
+        raise TargetError(f"{link}: a symbolic link inside a SavedModel; convbn reads a SavedModel's own files only")
+    check_files([h / n for h, _, names in walked for n in names], MAX_SAVED_MODEL_BYTES, f"{path}, a SavedModel,",
+                TargetError)
     data = read_bytes(Path(path) / "saved_model.pb", MAX_SAVED_MODEL_PB_BYTES, "a SavedModel's graph", TargetError)
     proto = saved_model_pb2.SavedModel()
     try:
         proto.ParseFromString(data)
     except Exception as e:  # noqa: BLE001  protobuf's DecodeError and friends
         raise TargetError(f"{path}: not a readable SavedModel ({_cut(e, 200)})") from None
+    if len(proto.meta_graphs) != 1 or not proto.meta_graphs[0].HasField("object_graph_def"):
+        # TensorFlow loads any other SavedModel the TF1 way, running its saver's restore op as it loads
+        raise TargetError(f"{path}: a TensorFlow 1 SavedModel ({len(proto.meta_graphs)} meta graphs, no object "
+                          "graph); convbn runs only TensorFlow 2 SavedModels (tf.saved_model.save, Keras' export)")
     for meta_graph in proto.meta_graphs:
         found = _foreign_op(meta_graph)
         if found is not None:

@@ -157,6 +157,11 @@ def restore(model, prefix):
     return status
 
 
+# What the machine says when a checkpoint cannot be read now, rather than that it is damaged
+NOT_NOW = (PermissionError, tf.errors.PermissionDeniedError, tf.errors.UnavailableError,
+           tf.errors.ResourceExhaustedError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
+
+
 def restore_latest(ckpt, manager, log, warn=None):
     """Restore the newest checkpoint that loads, of those the run records (or, when its record is lost, of the
     `ckpt-N` files in the folder). Each damaged newer one (a kill mid-write, a truncated, empty or unreadable file)
@@ -166,6 +171,9 @@ def restore_latest(ckpt, manager, log, warn=None):
     for path in _resume_candidates(manager):
         try:
             ckpt.restore(checked(path)).assert_existing_objects_matched()
+        except NOT_NOW as e:  # not the file's fault: falling back would retrain, and the newer one could be pruned
+            raise RunDirError(f"{path}: cannot be read now ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                              "nothing was changed: resume again once it can") from None
         except Exception as e:  # noqa: BLE001  a damaged file fails in many ways (OpError, IndexError, ...)
             damaged.append((path, " ".join(f"{type(e).__name__}: {e}".split())[:160]))
             continue
