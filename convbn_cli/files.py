@@ -38,10 +38,7 @@ def atomic_open(path, mode: str = "w", *, within=None):
             in_block = False
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the mode any other new file would get (the umask's)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_usual_mode(tmp)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
     except BaseException as e:
         if tmp is not None and os.path.lexists(tmp):
@@ -51,6 +48,19 @@ def atomic_open(path, mode: str = "w", *, within=None):
         if mapped is e:
             raise
         raise mapped from None
+
+
+def give_usual_mode(path) -> None:
+    """mkstemp makes a file 0600; give it the mode any other new file would get (the umask's)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def remove_entry(p: Path) -> None:
+    """Remove a file, a link (never what it points to) or a whole directory tree: one of convbn's own, which the
+    caller has identified as such."""
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def write_text_atomic(path, text: str, *, within=None) -> None:
@@ -287,7 +297,7 @@ def remove_stale_temporaries(folder, name: str) -> list:
             continue
         try:
             if time.time() - p.lstat().st_mtime > STALE_AFTER_S:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                remove_entry(p)
                 stale.append(p)
         except FileNotFoundError:  # another process cleaned it first
             pass

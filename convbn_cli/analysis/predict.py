@@ -17,6 +17,7 @@ import numpy as np
 from ..data import DataError
 from ..data.external import load_npz_arrays
 from ..data.registry import DIGIT_BOX, MNIST
+from ..files import give_usual_mode
 from ..readers import array_bytes, array_header, check_zip, open_regular
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -173,9 +174,7 @@ def write_new(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode any other new file would get
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_usual_mode(tmp)
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -7,13 +7,12 @@ import contextlib
 import glob
 import os
 import re
-import shutil
 from pathlib import Path
 
 import tensorflow as tf
 
 from ..errors import TargetError
-from ..files import write_text_atomic, writing
+from ..files import remove_entry, write_text_atomic, writing
 from ..readers import check_files
 from . import CHECKPOINT_CHOICES as CHOICES
 from .rundir import RunDir, RunDirError, checkpoint_step, next_number
@@ -58,7 +57,7 @@ def _all_or_nothing(prefix: Path, extra=()):
                 and (ours.fullmatch(n) or n in extra)]
         for p in made:
             with contextlib.suppress(OSError):  # a read-only place: nothing could be made there anyway
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                remove_entry(p)
         if not had_folder:
             with contextlib.suppress(OSError):  # not empty: something else is in it
                 folder.rmdir()

@@ -25,13 +25,12 @@ import csv
 import io
 import json
 import re
-import shutil
 from pathlib import Path
 
 from .. import readers
 from ..config import dump_config, load_config
 from ..errors import ConfigError, ConvbnError, WriteError
-from ..files import is_our_temporary, write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..files import is_our_temporary, remove_entry, write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..readers import read_json_lines
 
 METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_ce",
@@ -114,7 +113,7 @@ class RunDir:
         stale += [p for folder in (self.checkpoints, self.best, self.recalibrated, self.ema) if folder.is_dir()
                   for p in folder.glob("ckpt-*_temp") if p.is_dir()]
         for p in stale:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            remove_entry(p)
         return stale
 
     # what training writes in a run directory: all that removed_if_unstarted may remove
@@ -140,7 +139,7 @@ class RunDir:
         for p in self.path.iterdir() if self.path.is_dir() else ():
             if p.name in self.WRITTEN or is_our_temporary(p):
                 with contextlib.suppress(OSError):  # a read-only place: then nothing was written there
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    remove_entry(p)
         for folder in reversed(self.made):  # the run's own first, then the parents made for it
             try:
                 folder.rmdir()

@@ -16,7 +16,6 @@ import io
 import itertools
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from ..config import dump_config, load_config
 from ..config.loader import safe_parse
 from ..data import sources
 from ..errors import ConfigError, Stopped
-from ..files import is_our_temporary, write_json_atomic, write_text_atomic
+from ..files import is_our_temporary, remove_entry, write_json_atomic, write_text_atomic
 from ..present.plots import sweep_summary
 from ..runs.rundir import RunDirError, make_numbered
 from ..runs.sweepdir import MAX_RUNS, PLAN, dir_name, open_sweep, run_config, summarize  # noqa: F401  (its API)
@@ -167,7 +166,7 @@ def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bo
         data[cfg.data.dataset] = sources.fetch(cfg.data.dataset, log=log, progress=progress)
     if _unstarted(run_dir):  # made by us and killed before its config was in place: start it afresh
         for p in run_dir.iterdir():
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            remove_entry(p)
         run_dir.rmdir()
     resume = run_dir if (run_dir / "config.yaml").is_file() else None
     if pending:
