@@ -16,7 +16,7 @@ from ..data.registry import DATASETS
 from ..errors import DataError
 from ..present.thresholds import DEAD_GAMMA, RANK_THRESHOLDS
 from ..runs import CHECKPOINT_CHOICES
-from ..runs.locate import locate
+from ..runs.locate import check_data_for, locate
 
 
 @dataclass
@@ -47,7 +47,9 @@ class Session:
     def tensorflow(self, *targets, runnable_only=False, data=None, inputs=()):
         """Check what the command was pointed at (check_paths), then load TensorFlow (seconds): a mistyped path
         is one line at once, before the wait."""
-        check_paths(*targets, runnable_only=runnable_only, data=data, inputs=inputs)
+        for where in check_paths(*targets, runnable_only=runnable_only, data=data, inputs=inputs):
+            if where.note:
+                self.say(where.note)
         from ..tf_setup import import_tensorflow  # deferred: most of `convbn --help`'s time otherwise
 
         return import_tensorflow(verbose=self.verbose)
@@ -56,17 +58,20 @@ class Session:
 pass_session = click.make_pass_decorator(Session, ensure=True)
 
 
-def check_paths(*targets, runnable_only=False, data=None, inputs=()):
+def check_paths(*targets, runnable_only=False, data=None, inputs=()) -> list:
     """What the command was pointed at exists and is of a usable kind: checked before TensorFlow loads (seconds),
-    so that a mistyped path is one line at once. The commands check everything else themselves."""
-    for target in targets:
-        locate(target, runnable_only=runnable_only)
+    so that a mistyped path is one line at once. The commands check everything else themselves. Returns where each
+    target is (runs.locate.Located)."""
+    found = [locate(target, runnable_only=runnable_only) for target in targets]
     if data is not None and data not in DATASETS and not Path(data).is_file():
         what = "not a regular file" if Path(data).exists() else "no such file"
         raise DataError(f"--data {data}: {what} (a dataset name, {' or '.join(DATASETS)}, or an .npz with x and y)")
+    for target, where in zip(targets, found):
+        check_data_for(where, target, data)
     for p in inputs:
         if not Path(p).exists():
             raise DataError(f"{p}: no such file or directory")
+    return found
 
 
 def fetch_apart(dataset: str, session: Session, progress: bool) -> None:

@@ -12,7 +12,7 @@ from ..config import dump_config, layer_table, load_config, plan_layers
 from ..config.plan import estimate
 from ..errors import ConvbnError
 from ..launcher import SUPERVISED_ENV, check_tf_config, launch_workers, supervise
-from ..runs import open_for_resume
+from ..runs import RunDir, open_for_resume
 from . import common
 from .common import Session, no_progress_option, pass_session
 
@@ -46,6 +46,10 @@ def train(session: Session, config, overrides, resume, no_progress, workers):
 
     Writes runs/<name>/<n>/: config.yaml, checkpoints/, metrics.jsonl/.csv, bn_stats/, tensorboard/.
     """
+    if resume and config is not None and "=" not in config:  # `train CONFIG --resume DIR`: the run has its config
+        RunDir.open(resume)  # a missing run directory is the first thing to say
+        raise ConvbnError(f"--resume {resume} continues that run with its own config.yaml: give no CONFIG with it "
+                          f"(got {config}; only train.epochs=N and distribute.* may change)")
     if resume and config is not None:  # `train --resume DIR train.epochs=5`: Click filled CONFIG with the override
         overrides, config = (config, *overrides), None
     if not resume and config is None:

@@ -8,6 +8,7 @@ so that a user can find it in the file. TensorFlow is never imported here: `conv
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import typing
 from pathlib import Path
@@ -318,14 +319,54 @@ def _did_you_mean(word, options) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+def _unknown_key(raw_loc, loc) -> str:
+    """"unknown key", with the near miss among its neighbours, or else the full dotted key(s) it is the last part of
+    (`epochs=2` -> train.epochs, as other tools take bare names), and the keys accepted where it was given."""
+    holder = _model_at(raw_loc[:-1])
+    known = [k for k in holder.model_fields] if holder is not None else []
+    word = loc[-1] if loc else ""
+    hint = _did_you_mean(word, known)
+    if not hint and isinstance(word, str):
+        here = format_loc(loc)
+        full = [k for k in _full_keys(_LEAF_ALIASES.get(word, word)) if k != here]
+        hint = f"; did you mean {' or '.join(full)}?" if full else ""
+    return "unknown key" + hint + (f" (expected one of: {', '.join(known)})" if known else "")
+
+
+# what other tools call a setting convbn names otherwise (Ultralytics' `batch` and `lr0`, Keras' `learning_rate`)
+_LEAF_ALIASES = {"batch": "batch_size", "lr0": "lr", "learning_rate": "lr"}
+
+
+def _full_keys(word: str, most: int = 3) -> list:
+    """The dotted keys whose last part is `word`, or else close to it (a typo): at most `most`."""
+    index = _leaf_index()
+    names = [word] if word in index else difflib.get_close_matches(word, list(index), n=most, cutoff=0.75)
+    return [k for name in names for k in index[name]][:most]
+
+
+@functools.lru_cache(maxsize=1)
+def _leaf_index() -> dict:
+    """{last part: [dotted keys]} over the config's settings (not the per-layer ones, which sit in a list)."""
+    index = {}
+
+    def walk(cls, prefix):
+        for name, field in cls.model_fields.items():
+            if name == "layers":
+                continue
+            inner = _model_in(field.annotation)
+            if inner is not None:
+                walk(inner, f"{prefix}{name}.")
+            index.setdefault(name, []).append(prefix + name)
+
+    walk(schema.Config, "")
+    return index
+
+
 def _problem_line(err) -> str:
     loc = _clean_loc(err["loc"])
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
-        holder = _model_at(err["loc"][:-1])
-        known = [k for k in holder.model_fields] if holder is not None else []
-        msg = "unknown key" + _did_you_mean(loc[-1] if loc else "", known) + (
-            f" (expected one of: {', '.join(known)})" if known else "")
+        msg = _unknown_key(err["loc"], loc)
     elif kind == "missing":
         msg = "required key missing"
     elif kind == "value_error":

@@ -8,6 +8,7 @@ import numpy as np
 from .thresholds import DEAD_GAMMA
 
 QUANTITIES = ("gamma", "beta", "moving_mean", "moving_variance", "scale", "shift")
+DEAD_LINES = "red lines"  # the plots' caption names the dead-channel bounds drawn on the gamma charts so
 
 
 def fixed(layer: dict, quantity: str) -> bool:
@@ -166,18 +167,27 @@ def plot(result: dict, path, dead_threshold: float = DEAD_GAMMA, other: dict | N
                         transform=ax.transAxes, fontsize=11, color="dimgray")
                 continue
             theirs = (other or {}).get("layers", {}).get(name)
-            if theirs is not None and theirs["channels"] == layer["channels"] and not fixed(theirs, q):
+            compared = theirs is not None and theirs["channels"] == layer["channels"] and not fixed(theirs, q)
+            if compared:
                 ax.bar(x - 0.21, layer[q], color=color, width=0.42, label="this")
                 ax.bar(x + 0.21, theirs[q], color="tab:gray", width=0.42, label="other")
-                ax.legend(fontsize=7)
             else:
                 ax.bar(x, layer[q], color=color, width=0.85)
             ax.axhline(0, color="black", linewidth=0.5)
-            if q == "gamma":
+            if q == "gamma":  # the dead-channel bounds the summaries count by: the caption says so
                 for t in (dead_threshold, -dead_threshold):
                     ax.axhline(t, color="red", linewidth=0.6, linestyle="--")
+            if compared:
+                ax.legend(fontsize=7)
     title = f"per-channel BN parameters - {result['checkpoint']}"
     fig.suptitle(title + (f"\n(grey: {other['checkpoint']})" if other else ""), fontsize=11)
-    fig.tight_layout()
+    bottom = 0.0
+    if any(not fixed(layer, "gamma") for layer in layers.values()):
+        height = fig.get_figheight()
+        fig.text(0.01, 0.12 / height, f"{DEAD_LINES} (dashed, gamma): +-{dead_threshold:g}, the dead-channel bound: a "
+                 f"channel with |gamma| below {dead_threshold:g} is counted dead (--dead-threshold)", fontsize=9,
+                 color="red")
+        bottom = 0.4 / height
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -24,7 +24,7 @@ from ..formats import runtime
 from ..model import build_model
 from ..model.fold import NORMALIZE_LAYER, without_preprocessing
 from .checkpoints import find, restore, run_of_prefix
-from .locate import locate
+from .locate import check_data_of_run, locate
 from .rundir import RunDir, RunDirError
 
 
@@ -103,6 +103,8 @@ class Target:
                                       "or an .npz with x and y)")
             # --full (batches None): a model from elsewhere has no training split to pass over
             return external_data(self.model, data_source, batches or PRECISE_BN_BATCHES, scale, log)
+        if data_source is not None:  # another dataset would be silently ignored: the run's config says which data
+            check_data_of_run(self.source, self.config.data.dataset, data_source)
         cfg, splits = self.config, self.splits(data, log, progress)
         split = split or ("val" if splits.size("val") else "test")
         if splits.size(split) == 0:
