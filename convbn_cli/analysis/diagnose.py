@@ -1,6 +1,7 @@
 """`convbn diagnose`: what is wrong with a model's batch normalization, measured on the model and on data.
 
-Works on convbn's runs and on any Keras 3 model with BN layers (a `.keras` file trained anywhere). Each check
+Works on convbn's runs, on any Keras 3 model with BN layers (a `.keras` file trained anywhere) and on ONNX models
+(a PyTorch export: onnx_doctor.py). Each check
 looks for one problem that users of Keras, TensorFlow and PyTorch keep reporting, and each finding has a name, a
 severity, the layers (and channels) concerned, the evidence in numbers, and one concrete fix in the target's own
 terms. Here: the order the checks run in, and opening a target with its data; findings.py holds what the checks
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from ..errors import TargetError
 from ..model import bn_layers
-from ..runs.target import Target, opened
+from ..runs.target import Target, onnx_file, opened
 from .advice import fitting_decay
 from .data_checks import (
     check_accuracy_floor,
@@ -65,7 +66,7 @@ def diagnose_model(ctx: Context, passed: list | None = None) -> list:
 
 # --------------------------------------------------------------------------- opening a target with its data
 
-def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=lambda m: None) -> dict:
+def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, layout=None, log=lambda m: None) -> dict:
     """Diagnose the BN of a run directory, checkpoint, convbn export or any Keras 3 `.keras` model.
 
     Args:
@@ -75,10 +76,16 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, log=
             (N, H, W[, C]) and `y`; for convbn's own targets the run's dataset is used when None.
         batches: how many batches of images the data checks (and the in-memory precise BN) use.
         scale: the factor pixels are multiplied by for a model from elsewhere (1/255: pixels in [0, 1]).
+        layout: an ONNX model's input layout ("NCHW" or "NHWC") where its graph does not say.
 
     Returns:
         {"target", "kind", "bn_layers", "images", "findings": [Finding, ...], "counts": {severity: n}}.
     """
+    onnx = onnx_file(target)
+    if onnx is not None:  # an ONNX model (PyTorch's, tf2onnx's): its graph's BN, measured with onnxruntime
+        from .onnx_doctor import diagnose_onnx
+
+        return diagnose_onnx(onnx, data=data, batches=batches, scale=scale, layout=layout, log=log)
     t = opened(target, which)
     if not bn_layers(t.model):
         raise TargetError(f"{t.source}: the model has no BN layers to diagnose")

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import TargetError
 from ..model.stats import bn_parameters
 from ..present.inspection import QUANTITIES, fixed
-from ..runs.target import opened
+from ..runs.target import onnx_file, opened
 
 
 def inspect_bn(target, *, which="best", layers=None) -> dict:
@@ -29,6 +29,10 @@ def inspect_bn(target, *, which="best", layers=None) -> dict:
     Returns:
         {"checkpoint": source, "layers": {name: {gamma, beta, moving_mean, moving_variance, scale, shift, ...}}}.
     """
+    if onnx_file(target) is not None:  # an ONNX model: its BatchNormalization nodes' initializers
+        from .onnx_doctor import inspect_onnx
+
+        return inspect_onnx(onnx_file(target), layers)
     t = opened(target, which)
     prefix = t.source
     params = bn_parameters(t.model)

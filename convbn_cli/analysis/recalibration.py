@@ -15,12 +15,12 @@ from ..model import Evaluator, recalibrate_model
 from ..model.fold import standard_model
 from ..runs import checkpoint_step
 from ..runs.checkpoints import save_recalibrated
-from ..runs.target import opened
+from ..runs.target import onnx_file, opened
 
 
 def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHES, split=None, data=None,
                 data_source=None,
-                scale=1 / 255, progress=False, log=lambda m: None) -> dict:
+                scale=1 / 255, progress=False, output=None, force=False, layout=None, log=lambda m: None) -> dict:
     """Recalibrate the BN statistics of a model (precise BN); evaluate before and after; save the result.
 
     Args:
@@ -32,12 +32,23 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
         data: the run's dataset arrays (Keras' mnist.npz layout); fetched when None.
         data_source: for a .keras model from outside convbn: "mnist", "fashion_mnist" or an .npz with x and y
             (see data/external.py); `scale` multiplies its pixels.
+        output, force, layout: for an ONNX model (onnx_doctor.recalibrate_onnx): where to write the recalibrated
+            model (default NAME-recalibrated.onnx beside it), whether to replace an existing file there, and its
+            input layout where the graph does not say.
 
     Returns:
         source, checkpoint (what was written), split, batches (how many were averaged), before/after
         ({loss, accuracy, ...}), layers
         ({name: (old mean, old var, new mean, new var)}) and source_step.
     """
+    if onnx_file(target) is not None:
+        from .onnx_doctor import recalibrate_onnx
+
+        return recalibrate_onnx(onnx_file(target), data=data_source, batches=batches, scale=scale, layout=layout,
+                                output=output, force=force, log=log)
+    if output is not None or force:
+        raise TargetError("--output and --force are for ONNX models; a Keras model's recalibrated copy goes beside "
+                          "it under a free name, a run's into its checkpoints/recalibrated/")
     t = opened(target, which)
     d = t.eval_data(batches, split=split, data=data, data_source=data_source, scale=scale, log=log,
                     progress=progress)

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import EXIT_FINDINGS, ConvbnError
-from ..formats.catalog import FORMATS
+from ..formats.catalog import FORMATS, format_of
 from .common import (
     PLOT_SUFFIXES,
     TARGET_HELP,
@@ -26,6 +26,16 @@ from .common import (
     scale_option,
     thresholds_option,
 )
+
+layout_option = click.option(
+    "--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), default=None,
+    help="An ONNX model's input layout, where its graph does not say (NCHW: PyTorch; NHWC: Keras, TensorFlow).")
+
+
+def _onnx(target) -> bool:
+    """Whether TARGET is an ONNX model: diagnose, inspect-bn, recalibrate and export take one (with --data)."""
+    return format_of(Path(target)) == "onnx"
+
 
 # --------------------------------------------------------------------------- eval and inspect-bn
 
@@ -112,7 +122,7 @@ def inspect_bn_cmd(session: Session, target, which, fmt, layers, dead_threshold,
     if plot_path and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
         raise click.BadParameter(f"{plot_path}: the picture's name must end in one of {', '.join(PLOT_SUFFIXES)}",
                                  param_hint="--plot")
-    session.tensorflow(target, *([other] if other else []))
+    session.tensorflow(target, *([other] if other else []), runnable_only=_onnx(target) or bool(other and _onnx(other)))
     from ..analysis import inspection as ib
     from ..present.inspection import plot as plot_bn
     from ..present.reports import InspectReport, dumps
@@ -146,23 +156,26 @@ def inspect_bn_cmd(session: Session, target, which, fmt, layers, dead_threshold,
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True,
               help="Batches of images the data checks and the in-memory precise BN use.")
 @scale_option
+@layout_option
 @json_option
 @click.option("--fail-on", type=click.Choice(["warning", "error"]), default="error", show_default=True,
               help="Exit 4 when a finding of this severity or worse is found.")
 @pass_session
-def diagnose_cmd(session: Session, target, which, data, batches, scale, as_json, fail_on):
+def diagnose_cmd(session: Session, target, which, data, batches, scale, layout, as_json, fail_on):
     """Find what is wrong with the batch normalization of TARGET.
 
-    TARGET: a run directory, checkpoint, export or any Keras 3 .keras model with BN layers. Each finding names
-    its layers, its evidence and a fix. Exit 0, or 4 when something at or above --fail-on was found.
+    TARGET: a run directory, checkpoint, export, any Keras 3 .keras model with BN layers, or an ONNX model (a
+    PyTorch export: MODEL.onnx --data mnist). Each finding names its layers, its evidence and a fix. Exit 0, or 4
+    when something at or above --fail-on was found.
     """
     from ..present.reports import DiagnoseReport, dumps
 
     try:
-        session.tensorflow(target, data=data)
+        session.tensorflow(target, data=data, runnable_only=_onnx(target))
         from ..analysis.diagnose import SEVERITIES, diagnose
 
-        report = DiagnoseReport(diagnose(target, which=which, data=data, batches=batches, scale=scale, log=session.say))
+        report = DiagnoseReport(diagnose(target, which=which, data=data, batches=batches, scale=scale, layout=layout,
+                                         log=session.say))
     except ConvbnError as e:
         if as_json:  # a script reading stdout gets an object either way; the one-line error still goes to stderr
             click.echo(dumps({"error": e.lines, "exit_code": e.exit_code}))
@@ -184,20 +197,28 @@ def diagnose_cmd(session: Session, target, which, data, batches, scale, as_json,
               help="Where to report accuracy before and after (default: val if the run has one, else test).")
 @data_option
 @scale_option
+@layout_option
+@click.option("--output", type=click.Path(dir_okay=False), metavar="FILE.onnx",
+              help="For an ONNX TARGET: where to write the recalibrated model (default: NAME-recalibrated.onnx beside "
+                   "it); an existing file is refused unless --force.")
+@click.option("--force", is_flag=True, help="For an ONNX TARGET: replace an existing --output file.")
 @no_progress_option
 @pass_session
-def recalibrate(session: Session, target, which, batches, full, split, data, scale, no_progress):
+def recalibrate(session: Session, target, which, batches, full, split, data, scale, layout, output, force,
+                no_progress):
     """Precise BN: recompute every BN layer's moving mean and variance with the weights frozen.
 
     The result is a new checkpoint in the run's checkpoints/recalibrated/, or for a .keras TARGET a new
-    NAME-recalibrated.keras beside it; the original is never changed.
+    NAME-recalibrated.keras beside it, for an ONNX TARGET (with --data) a new NAME-recalibrated.onnx; the original
+    is never changed.
     """
-    session.tensorflow(target, data=data)
+    session.tensorflow(target, data=data, runnable_only=_onnx(target))
     from ..analysis.recalibration import recalibrate as run_recalibrate
     from ..present.reports import RecalibrateReport
 
     r = run_recalibrate(target, which=which, batches=None if full else batches, split=split, data_source=data,
-                        scale=scale, progress=session.progress(no_progress), log=session.say)
+                        scale=scale, progress=session.progress(no_progress), output=output, force=force,
+                        layout=layout, log=session.say)
     click.echo(RecalibrateReport(r).render())
 
 
@@ -214,18 +235,20 @@ def recalibrate(session: Session, target, which, batches, full, split, data, sca
 @checkpoint_option
 @data_option
 @scale_option
+@layout_option
 @pass_session
-def export_cmd(session: Session, target, fmt, fold_bn, output, force, no_preprocessing, which, data, scale):
+def export_cmd(session: Session, target, fmt, fold_bn, output, force, no_preprocessing, which, data, scale, layout):
     """Export TARGET with standard Keras/TensorFlow layers only, checked against the original model.
 
-    TARGET may also be a .keras model from outside convbn (then --data gives the images it is checked on).
+    TARGET may also be a .keras model from outside convbn (then --data gives the images it is checked on), or an
+    ONNX model: `--format onnx --fold-bn --data ...` folds its BN nodes into the Conv/Gemm before them.
     """
-    session.tensorflow(target, data=data)
+    session.tensorflow(target, data=data, runnable_only=_onnx(target))
     from ..export import export
     from ..present.reports import ExportReport
 
     r = export(target, fmt, fold_bn=fold_bn, output=output, which=which, force=force, data_source=data, scale=scale,
-               preprocessing=not no_preprocessing, log=session.say)
+               preprocessing=not no_preprocessing, layout=layout, log=session.say)
     click.echo(ExportReport(r, fold_bn).render())
 
 

@@ -19,7 +19,7 @@ from ..files import remove_stale_temporaries, staged
 from ..formats import runtime
 from ..formats.catalog import FORMATS, file_name
 from ..model.fold import standard_model
-from ..runs.target import opened
+from ..runs.target import onnx_file, opened
 from .output import check_output
 
 MAX_LOGIT_DIFF = 1e-4
@@ -56,7 +56,7 @@ def ways_to_run(fmt: str, path: Path) -> list:
 
 
 def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", data=None, check_images=256,
-           force=False, data_source=None, scale=1 / 255, preprocessing=True, log=lambda m: None) -> dict:
+           force=False, data_source=None, scale=1 / 255, preprocessing=True, layout=None, log=lambda m: None) -> dict:
     """Write TARGET with standard Keras/TensorFlow layers only, checked against the original model.
 
     Args:
@@ -72,6 +72,7 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
         preprocessing: the export takes raw 0-255 pixels, (N, H, W, 1) float32, and normalizes them itself as the
             run's `data.normalize` did; False: it takes normalized images, as the network inside convbn does.
             A model from outside convbn keeps its own input contract either way.
+        layout: an ONNX TARGET's input layout where its graph does not say (export/onnx_fold.py folds its BN).
 
     Returns:
         source, path, format, fold_bn, folded/kept BN names, input ("pixels 0-255" or "normalized"),
@@ -79,6 +80,11 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
     """
     if fmt not in FORMATS:
         raise ConvbnError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
+    if onnx_file(target) is not None:
+        from .onnx_fold import export_onnx
+
+        return export_onnx(onnx_file(target), fmt, fold_bn=fold_bn, output=output, force=force, data=data_source,
+                           scale=scale, layout=layout, check_images=check_images, log=log)
     path = check_output(Path(output), fmt, force) if output else None  # before any work: a bad --output costs nothing
     t = opened(target, which)
     path = path or check_output(default_path(t, fmt, fold_bn), fmt, force)

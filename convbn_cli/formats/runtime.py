@@ -222,6 +222,41 @@ def read_onnx(path) -> Opened:
     return Opened("onnx", run, shape, classes, PIXELS_INPUT in name, about)
 
 
+def load_onnx(path):
+    """(ModelProto with its external data inside, what the file says about itself) of the ONNX model at `path`,
+    for a command that measures or rewrites it in memory (diagnose, recalibrate, export --fold-bn): read_onnx's
+    checks first (size, external data beside it, a session that opens, one image input and one score output), so
+    what is loaded is what `eval` would run."""
+    about = read_onnx(path).about
+    onnx, _ = _onnx_runtime(path)
+    try:
+        return onnx.load(str(path)), about  # external data: checked by read_onnx, loaded from beside the model
+    except Exception as e:  # noqa: BLE001  onnx fails on a damaged model in its own types
+        raise TargetError(f"{path}: not a readable ONNX model ({_cut(e, 200)})") from None
+
+
+def onnx_session(path, proto):
+    """An onnxruntime session of `proto`, an in-memory variant of the model at `path` (load_onnx), under the same
+    bounded arena as read_onnx's; `run(outputs, feeds)` gives its outputs, every failure one line naming `path`."""
+    _, ort = _onnx_runtime(path)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.use_env_allocators", "1")  # the bounded arena
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  onnxruntime's own error types
+        raise TargetError(f"{path}: onnxruntime could not load it ({_cut(e, 200)})") from None
+
+    def run(outputs, feeds):
+        try:
+            return session.run(outputs, feeds)
+        except Exception as e:  # noqa: BLE001  onnxruntime's own error types (Fail, RuntimeException, ...)
+            short = (f"more memory than the {MAX_ONNX_ARENA_BYTES >> 20} MiB an ONNX model may take"
+                     if "smaller than requested" in str(e) else _cut(e, 200))
+            raise TargetError(f"{path}: onnxruntime could not run it ({short})") from None
+
+    return run
+
+
 # What a SavedModel may compute before convbn loads it (tf.saved_model.load runs some of its functions, e.g. a
 # resource's initializer, and eval and predict call its serving function): tensor arithmetic only. No op that
 # reads or writes files (ReadFile, WriteFile, MatchingFiles, the Save/Restore ops outside the saver), starts a

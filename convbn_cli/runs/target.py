@@ -21,6 +21,7 @@ from ..data.registry import pixel_affine
 from ..data.sources import fetch
 from ..errors import TargetError
 from ..formats import runtime
+from ..formats.catalog import format_of
 from ..model import build_model
 from ..model.fold import NORMALIZE_LAYER, without_preprocessing
 from .checkpoints import find, restore, run_of_prefix
@@ -138,6 +139,14 @@ def open_target(target, which="best", *, runnable_only=False) -> Target:
     model = build_model(cfg)
     restore(model, prefix)
     return Target("checkpoint", prefix, cfg, model, run, _keras_predict(model))
+
+
+def onnx_file(target) -> Path | None:
+    """TARGET as an ONNX model file (checked to be one), or None: diagnose, inspect-bn, recalibrate and export open
+    it themselves (analysis/onnx_doctor.py, export/onnx_fold.py), where the rest of what they read is Keras'."""
+    if isinstance(target, Target) or format_of(Path(target)) != "onnx":
+        return None
+    return locate(target, runnable_only=True).path
 
 
 def opened(target, which="best", *, runnable_only=False) -> Target:
