@@ -1,0 +1,70 @@
+"""Issue 38: what convbn reads from an ONNX model's graph (analysis/onnx_graph.py), without running it on data: the
+input layout, the BN layers, the channel axis through Transposes, and where folding is not valid. Fast (well
+under a second); tests/test_onnx_bn_doctor.py measures the corpus in the slow tier."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx_corpus import CNN, POOL_FIRST, SHARED, WRONG_AXIS, Net, images, to_onnx  # noqa: E402
+
+from convbn_cli.analysis.onnx_graph import channel_axis, fold_target, open_onnx  # noqa: E402
+from convbn_cli.errors import TargetError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = images(128)
+    return x[:, None].astype(np.float64) / 255, y
+
+
+def _open(tmp_path, net, layout="NCHW", name="m", **kw):
+    onnx.save(to_onnx(net, layout), tmp_path / f"{name}.onnx")
+    return open_onnx(tmp_path / f"{name}.onnx", **kw)
+
+
+def test_layout_bn_layers_and_channel_axes_come_from_the_graph(tmp_path, data):
+    net = Net(CNN).fit(*data)
+    nchw, nhwc = _open(tmp_path, net, "NCHW", "a"), _open(tmp_path, net, "NHWC", "b")
+    assert (nchw.layout, nchw.framework, nhwc.layout, nhwc.framework) == ("NCHW", "pytorch", "NHWC", "keras")
+    assert nhwc.hwc == nchw.hwc == (8, 8, 1)
+    for m in (nchw, nhwc):
+        assert [bn.channels for bn in m.bns] == [6, 8]
+        assert [channel_axis(m, bn.nodes[0].input[0]) for bn in m.bns] == [1, 1]
+        np.testing.assert_allclose(m.bns[1].moving_variance.numpy(), net.p[5]["var"], rtol=1e-6)
+    wrong = _open(tmp_path, Net(WRONG_AXIS).fit(*data), name="c")
+    assert channel_axis(wrong, wrong.bns[0].nodes[0].input[0]) == 3  # the conv's channels, after the Transpose
+    assert "does not normalize the channels" in fold_target(wrong, wrong.bns[0])
+
+
+def test_folding_is_refused_across_a_negative_max_pool_and_into_a_shared_weight(tmp_path, data):
+    net = Net(POOL_FIRST)
+    net.p[2]["gamma"][0] = -1.0
+    m = _open(tmp_path, net.fit(*data), name="p")
+    assert "max-pool" in fold_target(m, m.bns[0])
+    net = Net(POOL_FIRST).fit(*data)  # every scale positive: a max-pool passes a positive factor on
+    m = _open(tmp_path, net, name="q")
+    assert not isinstance(fold_target(m, m.bns[0]), str)
+    shared = _open(tmp_path, Net(SHARED).fit(*data), name="s")
+    assert [len(bn.nodes) for bn in shared.bns] == [1, 2]  # a BN called twice is one layer of two nodes
+    assert "shared" in fold_target(shared, shared.bns[1])
+
+
+def test_an_input_whose_layout_the_graph_does_not_say_needs_layout(tmp_path, data):
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Flatten", ["input"], ["f"]),
+                           helper.make_node("Gemm", ["f", "w"], ["out"], transB=1)], "g",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 3])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])],
+                          [onnx.numpy_helper.from_array(np.ones((2, 36), np.float32), "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "amb.onnx")
+    with pytest.raises(TargetError, match="--layout NCHW"):
+        open_onnx(tmp_path / "amb.onnx")
+    assert open_onnx(tmp_path / "amb.onnx", "NHWC").hwc == (3, 4, 3)
