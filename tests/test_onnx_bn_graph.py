@@ -68,3 +68,32 @@ def test_an_input_whose_layout_the_graph_does_not_say_needs_layout(tmp_path, dat
     with pytest.raises(TargetError, match="--layout NCHW"):
         open_onnx(tmp_path / "amb.onnx")
     assert open_onnx(tmp_path / "amb.onnx", "NHWC").hwc == (3, 4, 3)
+
+
+def test_a_bn_on_the_input_is_measured_and_a_training_mode_export_is_one_line(tmp_path, data):
+    from onnx import TensorProto, helper
+
+    from convbn_cli.analysis.onnx_measure import Runner, precise_bn
+
+    def model(**attrs):
+        inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in
+                 (("g", [2.0]), ("b", [0.0]), ("m", [0.5]), ("v", [0.25]), ("w", np.ones((2, 64))))]
+        g = helper.make_graph([helper.make_node("BatchNormalization", ["input", "g", "b", "m", "v"], ["n"], **attrs),
+                               helper.make_node("Flatten", ["n"], ["f"]),
+                               helper.make_node("Gemm", ["f", "w"], ["out"], transB=1)], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    onnx.save(model(), tmp_path / "in.onnx")
+    m = open_onnx(tmp_path / "in.onnx")
+    x = data[0][:64].astype(np.float32)
+    mean, var = precise_bn(Runner(m), [x[:32], x[32:]])[m.bns[0].name]
+    halves = [x[:32], x[32:]]
+    np.testing.assert_allclose(mean, [np.mean([h.mean() for h in halves])], rtol=1e-6)
+    np.testing.assert_allclose(var, [np.mean([h.var() for h in halves])], rtol=1e-5)
+    onnx.save(model(training_mode=1), tmp_path / "train.onnx")
+    with pytest.raises(TargetError, match="training mode|not a readable ONNX"):
+        open_onnx(tmp_path / "train.onnx")

@@ -155,6 +155,8 @@ def context(path, data, batches: int, scale: float, layout=None, log=lambda s: N
     if not m.bns:
         raise TargetError(f"{path}: the model has no BatchNormalization nodes to diagnose (folded into the convs?)")
     data, scale = inputs_of(m, data, scale)
+    log(f"diagnosing {path}: {len(m.bns)} BN layer(s); measuring with the running statistics, each batch's own and "
+        "an in-memory precise BN (onnxruntime) ...")
     d = onnx_data(m, data, batches, scale, log)
     n = batches * d.batch_size
     ctx = OnnxContext(m, d.num_classes, d.images[:n], d.labels[:n], d.batch_size, d.calibration, None, None, "onnx",
@@ -165,8 +167,6 @@ def context(path, data, batches: int, scale: float, layout=None, log=lambda s: N
 
 def diagnose_onnx(path, *, data=None, batches=20, scale=1 / 255, layout=None, log=lambda s: None) -> dict:
     """diagnose.diagnose's result for an ONNX model (the same keys, kind "onnx")."""
-    log(f"diagnosing {path}: measuring with the running statistics, each batch's own and an in-memory precise BN "
-        "(onnxruntime) ...")
     ctx, data = context(path, data, batches, scale, layout, log)
     findings, passed = [], []
     for check in CHECKS:

@@ -309,7 +309,7 @@ def exposed(m: OnnxModel, tensors, stats_fed: bool):
 
     p = copy.deepcopy(m.proto)
     g = p.graph
-    have = {o.name for o in g.output} | {i.name for i in g.input}
+    have = {o.name for o in g.output} | {i.name for i in g.input}  # the input itself is fed, not fetched
     for t in dict.fromkeys(tensors):
         if t not in have:
             g.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))

@@ -75,9 +75,12 @@ class Runner:
         return out
 
     def run(self, x, stats: dict | None = None) -> dict:
-        """{tensor: value} of the output and every BN input and output, for images `x`."""
-        names = [self.m.output, *dict.fromkeys(self.bn_inputs + self.bn_outputs)]
-        return dict(zip(names, self._stats(names, self.feeds(x, stats))))
+        """{tensor: value} of the output and every BN input and output, for images `x` (a BN straight on the
+        model's input reads the images themselves)."""
+        names = [t for t in dict.fromkeys([self.m.output, *self.bn_inputs, *self.bn_outputs]) if t != self.m.input]
+        out = dict(zip(names, self._stats(names, self.feeds(x, stats))))
+        out[self.m.input] = np.asarray(x, np.float32)
+        return out
 
     def logits(self, x, stats: dict | None = None):
         return self.run(x, stats)[self.m.output]
