@@ -21,6 +21,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from .batch_trace import add_batch_variables, record
 from .variance import MOVING_VARIANCE, convert, values_per_channel
 
 
@@ -66,6 +67,7 @@ class FusedBatchNorm(keras.layers.Layer):
         self.moving_mean = weight("moving_mean", "zeros", trainable=False)
         self.moving_variance = weight("moving_variance", "ones", trainable=False)
         self.channels = channels
+        add_batch_variables(self, channels)  # what the step normalized with, for the BN trace (batch_trace.py)
 
     def call(self, inputs, training=None):
         x = tf.convert_to_tensor(inputs)
@@ -75,8 +77,10 @@ class FusedBatchNorm(keras.layers.Layer):
         if training and self.trainable:  # a frozen BN layer runs in inference mode, as in Keras
             y, mean, var = tf.compat.v1.nn.fused_batch_norm(
                 x, gamma, beta, epsilon=self.epsilon, data_format=self.data_format, is_training=True)
-            if self.moving_variance_rule == "biased":  # the kernel's Bessel-corrected variance (module docstring)
-                var = convert(var, values_per_channel(x, mean), to="biased")
+            biased = convert(var, values_per_channel(x, mean), to="biased")  # the kernel's is Bessel-corrected
+            record(self, mean, biased)  # what the step normalized with, for the BN trace
+            if self.moving_variance_rule == "biased":  # the module docstring
+                var = biased
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(self.moving_variance * self.momentum + var * (1.0 - self.momentum))
             return y

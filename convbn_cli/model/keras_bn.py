@@ -21,6 +21,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from .batch_trace import add_batch_variables, record
 from .variance import MOVING_VARIANCE, convert, values_per_channel
 
 
@@ -43,11 +44,20 @@ class BatchNormalization(keras.layers.BatchNormalization):
             kwargs["aggregation"] = "mean"  # (1) every replica's moving-statistics update is averaged in
         return super().add_weight(*args, **kwargs)
 
+    def build(self, input_shape):
+        super().build(input_shape)
+        add_batch_variables(self, input_shape[self.axis])  # what each step normalized with, for the BN trace
+
     def _moments(self, inputs, mask):
+        # Keras calls this only in a training step, for the statistics it normalizes with (renorm: before its
+        # correction): the BN trace keeps them (batch_trace.py)
         replica = tf.distribute.get_replica_context()
         if self.synchronized and mask is None and replica is not None:
-            return stable_sync_moments(inputs, self._reduction_axes, replica)  # (2)
-        return super()._moments(inputs, mask)
+            mean, variance = stable_sync_moments(inputs, self._reduction_axes, replica)  # (2)
+        else:
+            mean, variance = super()._moments(inputs, mask)
+        record(self, mean, variance)
+        return mean, variance
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable) or self.moving_variance_rule == "biased":
@@ -57,6 +67,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         replica = tf.distribute.get_replica_context()
         if self.synchronized and mask is None and replica is not None:
             mean, variance, n = stable_sync_moments(x, self._reduction_axes, replica, with_count=True)
+            record(self, mean, variance)
         else:
             mean, variance = self._moments(x, mask)
             n = values_per_channel(x, mean)
