@@ -76,6 +76,9 @@ class Net:
             elif kind == "flatten":
                 c = c * hw * hw
                 self.p.append({})
+            elif kind == "as4d":  # (N, C) as (N, C, 1, 1)
+                hw = 1
+                self.p.append({})
             elif kind in ("gemm", "matmul"):
                 self.p.append({"w": self.rng.normal(0, np.sqrt(2 / c), (arg[0], c)), "b": np.zeros(arg[0])})
                 c = arg[0]
@@ -108,6 +111,8 @@ class Net:
                 x = x @ p["w"].T
             elif kind == "bn_rows":
                 x = bn(x.transpose(0, 2, 3, 1), p).transpose(0, 3, 1, 2)
+            elif kind == "as4d":
+                x = x.reshape(len(x), -1, 1, 1)
         return x
 
     def fit(self, x, y):
@@ -194,6 +199,10 @@ def to_onnx(net: Net, layout="NCHW"):
             x = g.node("Gemm", [x, g.init("w", p["w"]), g.init("b", p["b"])], transB=1)
         elif kind == "matmul":
             x = g.node("MatMul", [x, g.init("w", p["w"].T)])
+        elif kind == "t2":  # tf2onnx before its optimizer: to NHWC and back, around nothing
+            x = g.node("Transpose", [g.node("Transpose", [x], perm=[0, 2, 3, 1])], perm=[0, 3, 1, 2])
+        elif kind == "as4d":  # (N, C) -> (N, C, 1, 1), as a BatchNorm2d after a view
+            x = g.node("Reshape", [x, g.init("shape", [0, -1, 1, 1], np.int64)])
     return g.model("input", shape, x, "pytorch" if layout == "NCHW" else "tf2onnx")
 
 
@@ -204,6 +213,8 @@ CNN2 = [("conv", 6), ("bn",), ("relu",), ("pool",), ("flatten",), ("gemm", 16), 
 MATMUL = [("flatten",), ("matmul", 24), ("bn",), ("relu",), ("gemm", CLASSES)]
 SHARED = [("conv", 6), ("bn",), ("relu",), ("conv", 6), ("bn",), ("relu",), ("conv", 6, "share", 3), ("bn", "share", 4),
           ("relu",), ("pool",), ("flatten",), ("gemm", CLASSES)]
+TRANSPOSED = [("conv", 6), ("t2",), ("bn",), ("relu",), ("pool",), ("flatten",), ("gemm", CLASSES)]
+GEMM_4D = [("flatten",), ("gemm", 24), ("as4d",), ("bn",), ("relu",), ("flatten",), ("gemm", CLASSES)]
 WRONG_AXIS = [("conv", 6), ("bn_rows",), ("relu",), ("pool",), ("flatten",), ("gemm", CLASSES)]
 
 
@@ -256,6 +267,9 @@ CORPUS = {
     "pool_then_bn_negative_gamma": (POOL_FIRST, "NCHW", {"seed": 7}, _set(2, gamma=([0, 1], [-0.8, -1.1])), None,
                                     set(), {}),
     "shared_bn": (SHARED, "NCHW", {"seed": 8}, None, None, set(), {}),
+    "transposes_between": (TRANSPOSED, "NHWC", {"seed": 23}, None, None, set(), {}),
+    "gemm_reshape_bn": (GEMM_4D, "NCHW", {"seed": 24}, None, None, set(), {}),
+    "stale_gemm_reshape": (GEMM_4D, "NCHW", {"seed": 25}, None, _stale, {"inference_training_gap"}, {}),
     "never_updated": (CNN, "NCHW", {"seed": 9}, None, _never_updated, {"moving_statistics_never_updated"}, {}),
     "never_updated_mlp": (MLP, "NCHW", {"seed": 10}, None, _never_updated, {"moving_statistics_never_updated"}, {}),
     "stale": (CNN, "NCHW", {"seed": 11}, None, _stale, {"inference_training_gap"}, {}),

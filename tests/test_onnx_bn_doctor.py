@@ -1,5 +1,5 @@
 """Issue 38, part 1 and 4: `diagnose`, `inspect-bn`, `recalibrate` and `export --fold-bn` on ONNX models, on a
-corpus of 22 onnx.helper models (tests/onnx_corpus.py: healthy ones and one fault each) whose correct accuracy
+corpus of 25 onnx.helper models (tests/onnx_corpus.py: healthy ones and one fault each) whose correct accuracy
 on a synthetic dataset is known. Each diagnose is a fraction of a second, the corpus together ~15 s: slow tier.
 
 PyTorch is not used: its CPU wheel (~200 MB from download.pytorch.org, more from PyPI with its CUDA
@@ -28,7 +28,7 @@ from convbn_cli.errors import ConvbnError  # noqa: E402
 from convbn_cli.export import export  # noqa: E402
 from convbn_cli.present.reports import DiagnoseReport  # noqa: E402
 
-pytestmark = pytest.mark.heavy  # 22 models diagnosed, recalibrated and folded: ~20 s, the slow tier (conftest.py)
+pytestmark = pytest.mark.heavy  # 25 models diagnosed, recalibrated and folded: ~20 s, the slow tier (conftest.py)
 
 BATCHES = 8
 
@@ -142,7 +142,8 @@ def _logits(path, x):
 
 @pytest.mark.parametrize("name, folds", [
     ("cnn_nchw", 2), ("cnn_nhwc_tf2onnx", 2), ("mlp_gemm_bn", 1), ("matmul_bn", 1), ("cnn_gemm_bn", 2),
-    ("conv_bias", 2), ("pool_then_bn_negative_gamma", 0), ("shared_bn", 1), ("wrong_axis", 0)])
+    ("conv_bias", 2), ("pool_then_bn_negative_gamma", 0), ("shared_bn", 1), ("wrong_axis", 0),
+    ("transposes_between", 1), ("gemm_reshape_bn", 1)])
 def test_fold_keeps_logits_and_never_folds_where_it_is_not_valid(corpus, name, folds):
     d, models, (x, _) = corpus
     path = models[name][0]

@@ -30,14 +30,17 @@ LAYOUTS = ("NCHW", "NHWC")
 
 
 class _Array:
-    """A NumPy array that reads like a Keras variable (`.numpy()`): the checks diagnose shares with Keras models
-    read BN parameters so."""
+    """A NumPy array that reads (`.numpy()`) and is changed (`.assign`) like a Keras variable: the checks diagnose
+    shares with Keras models read BN parameters so, and change them for a measurement."""
 
     def __init__(self, a):
         self.a = np.asarray(a)
 
     def numpy(self):
         return self.a
+
+    def assign(self, value):  # a measurement's change for its duration (the Runner feeds what is here)
+        self.a = np.asarray(value)
 
 
 @dataclass
