@@ -30,6 +30,7 @@ from ..formats.catalog import file_name
 from .output import check_output
 
 MAX_LOGIT_DIFF = 1e-4
+STALE_BATCHES = 8  # batches of 128 the running and batch statistics' accuracies are compared on before folding
 
 
 class ExportError(ConvbnError):
@@ -126,7 +127,7 @@ def export_onnx(path, fmt="onnx", *, fold_bn=False, output=None, force=False, da
         raise ConvbnError(f"--output {out}: is the model being exported; write the export to another path")
     m = open_onnx(path, layout)
     data, scale = inputs_of(m, data, scale)  # the images the folded export is checked on
-    d = onnx_data(m, data, max(1, -(-check_images // 128)), scale, log)
+    d = onnx_data(m, data, max(STALE_BATCHES, -(-check_images // 128)), scale, log)
     runner = Runner(m)
     if m.bns:
         _refuse_stale(path, runner, d, data)
@@ -146,12 +147,15 @@ def export_onnx(path, fmt="onnx", *, fold_bn=False, output=None, force=False, da
 
 
 def _refuse_stale(path, runner, d, data) -> None:
-    """The "only works in training mode" trap: batch statistics beat the running ones by more than MATERIAL_GAP."""
+    """The "only works in training mode" trap: batch statistics beat the running ones by more than MATERIAL_GAP and
+    by more than two standard errors of the difference on these images (a healthy model is never refused for the
+    noise of a few images)."""
     batches = [(d.images[i:i + d.batch_size], d.labels[i:i + d.batch_size])
                for i in range(0, len(d.images) - d.batch_size + 1, d.batch_size)] or [(d.images, d.labels)]
     running = score(runner.logits, batches, d.num_classes)["accuracy"]
     batch = score(runner.batch_logits, batches, d.num_classes)["accuracy"]
-    if batch - running > MATERIAL_GAP:
+    p, n = max(running, batch), sum(len(y) for _, y in batches)
+    if batch - running > max(MATERIAL_GAP, 2 * np.sqrt(2 * max(p * (1 - p), 1e-4) / n)):
         raise ConvbnError(f"{path}: only works in training mode: {batch:.2%} with each batch's own statistics, "
                           f"{running:.2%} with its running ones; folding would bake the stale statistics in. First "
                           f"recompute them: convbn recalibrate {path} --data {data}, then fold the recalibrated "
