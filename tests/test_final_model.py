@@ -131,8 +131,12 @@ def test_the_summary_reports_the_model_eval_opens(tmp_path, mnist, mnist_cache, 
     assert shown["accuracy"] == res["test_acc"] == result.test_acc
     assert inspect_bn(result.run_dir)["checkpoint"] == res["checkpoint"]  # every command opens the one resolver's
     summary = [line for line in lines if line.startswith("best epoch")]
-    assert summary == [f"best epoch {res['best_epoch']}: validation accuracy {res['best_val_acc']:.2%}; final "
-                       f"model {res['final_checkpoint']}: test accuracy {res['test_acc']:.2%}; "
+    moving = res["best_val_acc_moving"]
+    # the EMA's final model is no epoch's weights: no epoch's moving-statistics figure beside it
+    beside = ("" if case == "ema" or abs(moving - res["val_acc"]) < 5e-5
+              else f" (with the moving BN statistics: {moving:.2%})")
+    assert summary == [f"best epoch {res['best_epoch']}; final model {res['final_checkpoint']}: validation "
+                       f"accuracy {res['val_acc']:.2%}{beside}, test accuracy {res['test_acc']:.2%}; "
                        f"{res['wall_time_s']:.0f} s"]
     if case == "precise_bn":  # the batches actually averaged: 1,600 training images make 50 batches of 32
         assert res["bn_statistics"]["batches"] == 50 and res["bn_statistics"]["trigger"] == "train.precise_bn: always"

@@ -61,13 +61,15 @@ def run(tmp_path_factory, synthetic):
 def test_the_end_of_a_run_says_what_happened_and_what_to_do_next(run):
     result, lines = run
     results = json.loads((result.run_dir / "results.json").read_text())
-    best = max(result.metrics, key=lambda r: r["val_acc"])
+    best = max(reversed(result.metrics), key=lambda r: r["val_acc"])  # the later of equals
     assert results["best_epoch"] == best["epoch"] and results["best_val_acc"] == best["val_acc"]
     assert results["epochs_done"] == 3 and results["stopped_early"] is None
     text = "\n".join(lines)
-    assert f"best epoch {best['epoch']}: validation accuracy {best['val_acc']:.2%}" in text
+    assert f"best epoch {best['epoch']}; final model {results['final_checkpoint']}: validation accuracy " \
+           f"{results['val_acc']:.2%}" in text
     assert f"see {result.run_dir}: curves.png, confusion_matrix.png, metrics.csv, run.json" in text
-    assert f"next: convbn eval {result.run_dir} | convbn inspect-bn {result.run_dir}" in text
+    assert f"next: convbn eval {result.run_dir} | convbn report {result.run_dir} | convbn inspect-bn " \
+           f"{result.run_dir}" in text
 
 
 def test_each_run_records_how_it_was_made(run):
@@ -104,7 +106,7 @@ def test_early_stopping_says_why_and_stays_stopped_on_resume(tmp_path, synthetic
     lines = []
     first = train(_stopping(tmp_path, "es"), data=synthetic, log=lines.append, progress=False)
     assert [r["epoch"] for r in first.metrics] == [1, 2]  # no improvement of 10 in val_loss after epoch 1
-    why = "early stopping: val_loss has not improved by more than 10 for 1 epochs (best"
+    why = "early stopping: val_loss has not improved by more than 10 for 1 epoch (best"  # not "1 epochs"
     assert any(ln.startswith(why) for ln in lines)
     results = json.loads((first.run_dir / "results.json").read_text())
     assert results["stopped_early"].startswith(why) and results["epochs_done"] == 2

@@ -42,7 +42,7 @@ def test_runs_lists_every_run_with_what_sets_it_apart(three_runs, tmp_path):
         assert line["epochs_done"] == len(result.metrics) and line["dataset"] == "mnist"
     assert listing["runs"][1]["differs"] == {"model.bn.decay": 0.5, "train.epochs": 2}
     text = CliRunner().invoke(main, ["runs", str(root)]).output.splitlines()
-    assert text[0].split() == ["run", "date", "(UTC)", "dataset", "layers", "epochs", "best", "val", "test", "time",
+    assert text[0].split() == ["run", "date", "(UTC)", "dataset", "layers", "epochs", "final", "val", "test", "time",
                                "differs"]
     assert text[3].startswith("tiny/2") and "c4/2-c6/2-g-d10" in text[3] and "bn.decay=0.5 train.epochs=2" in text[3]
     assert f"{results[1].test_acc:.2%}" in text[3]

@@ -29,7 +29,8 @@ from convbn_cli.runs.rundir import INTEGER, RESULT_FIELDS, TEXT
 
 GAP = {"split": "validation", "images": 400, "moving_acc": 0.9, "batch_acc": 0.91, "gap": 0.01, "noise": 0.02}
 RESULTS = {  # what convbn writes (train/loop.py's finish, train/final.py's settle)
-    "epochs": 2, "epochs_done": 2, "best_epoch": 2, "best_val_acc": 0.91, "stopped_early": None,
+    "epochs": 2, "epochs_done": 2, "best_epoch": 2, "best_val_acc": 0.91, "best_val_acc_moving": 0.5,
+    "val_acc": 0.905, "stopped_early": None,
     "precision": "float32", "ema_val_acc": 0.9,
     "bn_statistics": {"mechanism": "precise_bn", "split": "validation", "before": GAP, "kept": True,
                       "trigger": "train.precise_bn: auto", "batches": 20, "after": GAP},
@@ -123,8 +124,9 @@ def test_a_run_report_shows_a_wrong_field_as_missing_and_says_it_is_damaged(repo
     assert "results.json: bn_statistics not as convbn writes it; shown as missing" in text
     result, page = report_of("run", {**with_field("bn_statistics", {"mechanism": ["ema"]}), "test_acc": 10 ** 400})
     assert check_report(result, page) == 0 and "<td>BN statistics settled by</td><td>-</td>" in page.read_text()
-    result, page = report_of("run", RESULTS)  # and the intact file shows what it says
-    assert "<td>BN statistics settled by</td><td>precise_bn</td>" in page.read_text()
+    result, page = report_of("run", RESULTS)  # and the intact file shows what it says, in words
+    assert ("<td>BN statistics settled by</td><td>precise BN: the statistics were recomputed for the final weights "
+            "from training batches (20 batches)</td>") in page.read_text()
     assert "damaged" not in page.read_text()
 
 

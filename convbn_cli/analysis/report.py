@@ -17,10 +17,10 @@ from ..files import write_text_atomic
 from ..present import html
 from ..present.inspection import plot as plot_bn
 from ..present.plots import confusion_matrix, curves, sweep_summary
-from ..present.reports import DiagnoseReport
+from ..present.reports import DiagnoseReport, plural
 from ..readers import read_text
 from ..runs.rundir import RunDir, RunDirError
-from ..runs.sweepdir import PLAN, open_sweep, summarize
+from ..runs.sweepdir import PLAN, notes, open_sweep, summarize
 
 REPORT_NAME = "report.html"
 MAX_CONFIG_TEXT = 1 << 20
@@ -79,11 +79,11 @@ def sweep_report(path, *, log=lambda m: None) -> dict:
     run's curves; no TensorFlow."""
     path = Path(path)
     sweep = open_sweep(path)
-    rows = summarize(path, sweep)
+    rows, said = summarize(path, sweep), notes(path, sweep)
     pictures = {}
     if any(r["seeds_done"] for r in rows) and sweep["axes"]:
         buf = io.BytesIO()
-        sweep_summary(rows, sweep["axes"], buf, title=f"{path.parent.name}/{path.name}")
+        sweep_summary(rows, sweep["axes"], buf, title=f"{path.parent.name}/{path.name}", notes=said)
         pictures["summary"] = buf.getvalue()
     runs = []
     for r in sweep["runs"]:
@@ -97,9 +97,9 @@ def sweep_report(path, *, log=lambda m: None) -> dict:
                 curves(metrics, buf, title=r["name"], steps=run.read_steps())
                 entry["curves"] = buf.getvalue()
         runs.append(entry)
-    log(f"report of {path}: {sum(1 for e in runs if e['results'])} of {len(runs)} runs finished")
+    log(f"report of {path}: {sum(1 for e in runs if e['results'])} of {plural(len(runs), 'run')} finished")
     return {"kind": "sweep", "title": str(path), "axes": sweep["axes"], "seeds": sweep["seeds"], "rows": rows,
-            "runs": runs, "pictures": pictures}
+            "runs": runs, "pictures": pictures, "notes": said}
 
 
 def report_kind(target) -> str:

@@ -9,6 +9,7 @@ import base64
 import html
 import json
 
+from ..runs.rundir import final_val
 from ..runs.sweepdir import finite  # a results.json number, or None: a field of the wrong type shows as missing
 
 STYLE = """
@@ -23,6 +24,7 @@ text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nu
 img { max-width: 100%; border: 1px solid #eee; }
 .runs { display: grid; grid-template-columns: repeat(auto-fill, minmax(640px, 1fr)); gap: 1em; }
 pre { background: #f6f8fa; padding: 1em; overflow: auto; font-size: 13px; }
+.note { background: #fff8c5; padding: .4em .8em; border-radius: 6px; }
 .finding { margin: .5em 0 .9em; } .error { color: #b42318; } .warning { color: #9a6700; } .info { color: #59636e; }
 """
 
@@ -95,12 +97,14 @@ def run_body(r: dict) -> str:
     bn = of_type(res.get("bn_statistics"), dict, {})
     healthy = r["verdict"].startswith("BN looks healthy")
     epochs_done = of_type(res.get("epochs_done"), int, len(r["metrics"]))
+    shown, moving = final_val(res)
     facts = [("test accuracy", pct(test["accuracy"])), ("test loss", f"{test['loss']:.4f}"),
-             ("best validation accuracy", pct(res.get("best_val_acc"))),
+             ("validation accuracy (final model)", pct(shown) + (f" (best epoch with the moving BN statistics: "
+                                                                 f"{pct(moving)})" if moving is not None else "")),
              ("best epoch", of_type(res.get("best_epoch"), int)),
              ("epochs", f"{epochs_done}/{of_type(res.get('epochs'), int, '-')}"),
              ("training time", seconds(res.get("wall_time_s"))), ("final model", r["checkpoint"]),
-             ("BN statistics settled by", of_type(bn.get("mechanism"), str, "-")),
+             ("BN statistics settled by", settled_by(bn)),
              ("stopped early", of_type(res.get("stopped_early"), str) or "no")]
     if not res:
         facts.append(("status", "unfinished: no results.json yet (the model is the best checkpoint so far)"))
@@ -137,18 +141,48 @@ def run_body(r: dict) -> str:
 """
 
 
+SETTLED_BY = {  # results.json's bn_statistics.mechanism, said so that someone new to BN can read it
+    "none": "nothing needed: the moving statistics training kept were already right (validation with them within "
+            "the noise of each batch's own statistics)",
+    "precise_bn": "precise BN: the statistics were recomputed for the final weights from training batches",
+    "ema": "the EMA of the weights, with its BN statistics recomputed from training batches"}
+
+
+def settled_by(bn: dict) -> str:
+    """How the final model's BN statistics were made, in words (results.json's bn_statistics)."""
+    mechanism = of_type(bn.get("mechanism"), str)
+    if mechanism is None:
+        return "-"
+    text = SETTLED_BY.get(mechanism, mechanism)
+    batches = of_type(bn.get("batches"), int)
+    if mechanism != "none" and batches is not None:
+        text += f" ({batches} batches)"
+    if mechanism == "precise_bn" and bn.get("kept") is False:
+        text += "; not kept, as it did not help: the moving statistics stayed"
+    return text
+
+
+def points(x) -> str:
+    """An accuracy difference in percentage points."""
+    x = finite(x)
+    return "-" if x is None else f"{100 * x:+.2f} points"
+
+
 def sweep_body(r: dict) -> str:
     keys = [k for k, _ in r["axes"]]
-    head = (*keys, "seeds", "test accuracy", "best validation", "BN gap (batch - moving)", "time")
+    head = (*keys, "seeds", "test accuracy", "validation (final model)", "best epoch, moving BN statistics",
+            "BN gap (batch - moving)", "time")
     rows = [(*[row.get(k) for k in keys], f"{row['seeds_done']}/{row['seeds']}",
-             _mean(row, "test_acc", pct), _mean(row, "best_val_acc", pct), _mean(row, "bn_gap", pct),
-             _mean(row, "time_s", seconds)) for row in r["rows"]]
+             _mean(row, "test_acc", pct), _mean(row, "val_acc", pct), _mean(row, "val_acc_moving", pct),
+             _mean(row, "bn_gap", points), _mean(row, "time_s", seconds)) for row in r["rows"]]
+    said = "".join(f"<p class=note><b>note:</b> {esc(n)}</p>" for n in r.get("notes", []))
     cards = "\n".join(f"<div><h3>{esc(e['name'])}</h3><p class=sub>test accuracy "
                       f"{pct(of_type(e['results'], dict, {}).get('test_acc'))}</p>"
                       f"{picture(e['curves'], 'curves of ' + e['name'])}</div>" for e in r["runs"])
     return f"""<h1>convbn sweep report: {esc(r['title'])}</h1>
 <p class=sub>{len(r['runs'])} runs; swept: {esc(', '.join(keys) or '-')}; {r['seeds']} seed(s) each</p>
 <h2>Summary</h2>
+{said}
 {picture(r['pictures'].get('summary'), 'sweep summary')}
 {rows_table(head, rows, numeric=range(len(keys), len(head)))}
 <h2>Every run</h2>

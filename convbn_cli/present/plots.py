@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..files import atomic_open
+from ..runs.rundir import best_row as rundir_best_row
 
 
 def _pyplot():
@@ -32,11 +33,9 @@ HIGH_ACCURACY = 0.99  # from here on, accuracy curves are drawn as error rates o
 
 
 def best_row(rows: list):
-    """The epoch the run's final model comes from when it is the best one: the best validation accuracy (first of
-    equals), else the best training accuracy."""
-    key = "val_acc" if any(r.get("val_acc") is not None for r in rows) else "train_acc"
-    scored = [r for r in rows if r.get(key) is not None]
-    return (max(scored, key=lambda r: r[key]), key) if scored else (None, key)
+    """The epoch the run's final model comes from when it is the best one (runs.rundir.best_row: the best settled
+    validation accuracy, the later of equals; else the best training accuracy)."""
+    return rundir_best_row(rows)
 
 
 def curves(rows: list, path, title: str = "", steps: list | None = None) -> None:
@@ -88,8 +87,15 @@ def _train_and_validation(ax, key, rows, steps, as_error) -> None:
                                              for r in rows], "o-", color="tab:blue", label="train")
     val = [(r["epoch"], r["val_loss"] if key == "loss" else y(r["val_acc"])) for r in rows
            if r.get(f"val_{key}") is not None]
-    if val:
-        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
+    settled = any(r.get("val_bn") == "precise_bn" for r in rows)
+    if val:  # as the final model would measure it (settled BN statistics where the moving ones lag)
+        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation (settled BN statistics)" if settled
+                else "validation")
+    if settled:  # what the moving statistics gave: dashed, beside it
+        moving = [(r["epoch"], r.get(f"val_{key}_moving", r[f"val_{key}"]) if key == "loss"
+                   else y(r.get("val_acc_moving", r["val_acc"]))) for r in rows if r.get(f"val_{key}") is not None]
+        ax.plot(*zip(*moving), "s--", color="tab:orange", alpha=0.55, markersize=4, linewidth=1,
+                label="validation, moving BN statistics")
     if key == "loss" and any(r.get("train_ce") is not None and r["train_ce"] != r["train_loss"] for r in rows):
         ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], "o--", color="tab:gray",
                 label="train, with label smoothing")
@@ -151,17 +157,20 @@ def compare_curves(metrics: dict, path, title: str = "") -> None:
     """Several runs' curves overlaid: validation accuracy, validation loss and training cross-entropy per epoch
     (`metrics`: {run label: metrics rows})."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    panels = (("val_acc", "validation accuracy"), ("val_loss", "validation loss"),
-              ("train_ce", "training cross-entropy"))
+    panels = (("val_acc", "validation accuracy (%; settled BN statistics where the moving ones lagged)"),
+              ("val_loss", "validation loss"), ("train_ce", "training cross-entropy"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (key, name) in zip(axes, panels):
+        scale = 100.0 if key == "val_acc" else 1.0  # accuracies in %, as every other picture and table has them
         for label, rows in metrics.items():
             points = [(r["epoch"], r.get(key, r["train_loss"] if key == "train_ce" else None)) for r in rows]
-            points = [p for p in points if p[1] is not None]
+            points = [(e, scale * v) for e, v in points if v is not None]
             if points:
                 ax.plot(*zip(*points), "o-", label=label, markersize=3)
+        if key == "val_acc":
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -172,31 +181,55 @@ def compare_curves(metrics: dict, path, title: str = "") -> None:
     _save(fig, path)
 
 
-def sweep_summary(rows: list, axes: list, path, title: str = "") -> None:
-    """A sweep's results against each swept setting: test accuracy (top) and the accuracy gap between batch and
-    moving BN statistics (bottom), mean and spread over seeds; one line per combination of the other settings."""
+SWEEP_PANELS = (("test_acc", "test accuracy (%)"),
+                ("val_acc", "validation accuracy of the final model (%)"),
+                ("bn_gap", "accuracy gap: batch - moving BN statistics (points)"))
+MARKERS = "osD^v<>p*h"
+
+
+def sweep_summary(rows: list, axes: list, path, title: str = "", notes=()) -> None:
+    """A sweep's results against each swept setting: test accuracy, the final model's validation accuracy (the best
+    epochs' with the moving statistics dashed where it differs) and the accuracy gap between batch and moving BN
+    statistics, mean and spread over seeds; one line per combination of the other settings, each shifted a little
+    sideways with its own marker, so that lines with equal values do not hide each other. `notes` go under the
+    title."""
     plt = _pyplot()
-    fig, grid = plt.subplots(2, len(axes), figsize=(5.5 * len(axes), 7), squeeze=False)
+    fig, grid = plt.subplots(len(SWEEP_PANELS), len(axes), figsize=(5.5 * len(axes), 10.5), squeeze=False)
     for col, (key, values) in enumerate(axes):
         others = [k for k, _ in axes if k != key]
         lines = {}
         for r in rows:
-            label = ", ".join(f"{k}={r[k]}" for k in others)
-            lines.setdefault(label, []).append(r)
-        for ax, metric, name in ((grid[0][col], "test_acc", "test accuracy (%)"),
-                                 (grid[1][col], "bn_gap", "accuracy gap: batch - moving BN statistics (points)")):
-            for label, members in lines.items():
-                pts = sorted((values.index(r[key]), 100 * r[f"{metric}_mean"], 100 * (r[f"{metric}_std"] or 0.0))
-                             for r in members if r[f"{metric}_mean"] is not None)
-                if pts:
-                    x, y, err = zip(*pts)
-                    ax.errorbar(x, y, yerr=err, fmt="o-", capsize=4, label=label or None)
+            lines.setdefault(", ".join(f"{k}={r[k]}" for k in others), []).append(r)
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for row, (metric, name) in enumerate(SWEEP_PANELS):
+            ax = grid[row][col]
+            for i, (label, members) in enumerate(lines.items()):
+                shift = (i - (len(lines) - 1) / 2) * min(0.08, 0.4 / max(len(lines), 1))
+                _sweep_line(ax, members, key, values, metric, shift, MARKERS[i % len(MARKERS)],
+                            colours[i % len(colours)], label)
             ax.set_xticks(range(len(values)), values)
             ax.set_xlabel(key)
             ax.set_title(name, fontsize=10)
             ax.grid(alpha=0.3)
-            if others:
+            if others or metric == "val_acc" and ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title + "".join(f"\nnote: {n}" for n in notes), fontsize=11 if not notes else 9)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _sweep_line(ax, members, key, values, metric, shift, marker, color, label) -> None:
+    """One combination's line in a panel of sweep_summary (the validation panel: the moving figure dashed too)."""
+    def points(name):
+        return sorted((values.index(r[key]) + shift, 100 * r[f"{name}_mean"], 100 * (r[f"{name}_std"] or 0.0))
+                      for r in members if r.get(f"{name}_mean") is not None)
+
+    pts = points(metric)
+    if pts:
+        x, y, err = zip(*pts)
+        ax.errorbar(x, y, yerr=err, fmt=f"{marker}-", color=color, capsize=4, label=label or None)
+    moving = points("val_acc_moving") if metric == "val_acc" else []
+    if moving and any(abs(m[1] - p[1]) >= 5e-3 for m, p in zip(moving, pts)):
+        x, y, _ = zip(*moving)
+        ax.plot(x, y, f"{marker}--", color=color, alpha=0.5, markersize=4,
+                label=(f"{label}: " if label else "") + "best epoch, moving BN statistics")

@@ -255,11 +255,12 @@ class PredictReport:
 
     def render(self) -> str:
         preds = self.result["predictions"]
-        width = min(max(len(p["input"]) for p in preds), 60)
+        width = min(max((len(p["input"]) for p in preds), default=0), 60)
         lines = []
         for p in preds:
             top = p["top"]
-            label = f"{top[0]['name']} ({top[0]['probability']:.2%})"
+            # under --uncertain-below: said first, so that a doubtful answer is not read as a confident one
+            label = ("uncertain: " if p.get("uncertain") else "") + f"{top[0]['name']} ({top[0]['probability']:.2%})"
             rest = ", ".join(f"{t['name']} {t['probability']:.2%}" for t in top[1:])
             lines.append(f"{p['input']:<{width}}  {label}" + (f"   then: {rest}" if rest else ""))
         return "\n".join(lines)
@@ -277,6 +278,28 @@ def table(head, rows, right=()) -> list:
 
 def _pct(v) -> str:
     return "-" if v is None else f"{v:.2%}"
+
+
+def duration(seconds: float) -> str:
+    """12 s, 3 min, 1.2 h: how long something left takes, roughly."""
+    return (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200
+            else f"{seconds / 3600:.1f} h")
+
+
+def plural(n: int, word: str) -> str:
+    """1 epoch, 2 epochs."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def val_cell(shown, moving) -> str:
+    """The final model's validation accuracy, and the best epoch's with the moving BN statistics beside it where
+    they differ: "97.67% (moving 11.17%)"."""
+    return _pct(shown) + (f" (moving {moving:.2%})" if moving is not None else "")
+
+
+VAL_HEAD = "final val"  # the validation accuracy of the final model: what `convbn eval RUN --split val` gives
+VAL_NOTE = ("final val: validation accuracy of the final model, what `convbn eval RUN --split val` gives; (moving "
+            "X): the best epoch's with the moving BN statistics training left, which precise BN replaced")
 
 
 def _seconds(v) -> str:
@@ -304,15 +327,16 @@ class RunsReport:
             return f"no runs under {r['root']}" + "".join(f"\n  unreadable: {b['run']}: {b['problem']}"
                                                           for b in r["unreadable"])
         rows = [(s["run"], s["date"], s["dataset"] or "-", s["architecture"], f"{s['epochs_done']}/{s['epochs']}",
-                 _pct(s["best_val_acc"]), _pct(s["test_acc"]), _seconds(s["time_s"]),
+                 val_cell(s["val_acc"], s["val_acc_moving"]), _pct(s["test_acc"]), _seconds(s["time_s"]),
                  "" if s["status"] == "finished" else s["status"],
                  " ".join(f"{_short_key(k)}={_value(v)}" for k, v in s["differs"].items()))
                 for s in r["runs"]]
-        head = ("run", "date (UTC)", "dataset", "layers", "epochs", "best val", "test", "time", "", "differs")
+        head = ("run", "date (UTC)", "dataset", "layers", "epochs", VAL_HEAD, "test", "time", "", "differs")
         fixed = table(head[:-1], [row[:-1] for row in rows], right=(4, 5, 6, 7))
         room = max(width - max(len(line) for line in fixed) - 4, 12)  # two separators: the status column may be empty
         rows = [(*row[:-1], row[-1] if len(row[-1]) <= room else row[-1][:room - 3] + "...") for row in rows]
         lines = table(head, rows, right=(4, 5, 6, 7))
+        lines += [VAL_NOTE] if any(s["val_acc_moving"] is not None for s in r["runs"]) else []
         lines += [f"unreadable: {b['run']}: {b['problem']}" for b in r["unreadable"]]
         return "\n".join(lines)
 
@@ -338,11 +362,12 @@ class CompareReport:
         head = ("", *[s["run"] for s in runs])
         rows = [("layers", *[s["architecture"] for s in runs])] if self.result.get("architectures_differ") else []
         rows += [(k, *[_value(s["config"].get(k)) for s in runs]) for k in self.result["differing_keys"]]
-        rows += [("best val accuracy", *[_pct(s["best_val_acc"]) for s in runs]),
+        rows += [(VAL_HEAD, *[val_cell(s["val_acc"], s["val_acc_moving"]) for s in runs]),
                  ("test accuracy", *[_pct(s["test_acc"]) for s in runs]),
                  ("epochs", *[f"{s['epochs_done']}/{s['epochs']}" for s in runs]),
                  ("time", *[_seconds(s["time_s"]) for s in runs])]
         lines = table(head, rows)
+        lines += [VAL_NOTE] if any(s["val_acc_moving"] is not None for s in runs) else []
         if not self.result["differing_keys"] and not self.result.get("architectures_differ"):
             lines.insert(0, "the configs are identical (apart from output.*)")
         if self.plot:
@@ -368,12 +393,20 @@ class SweepReport:
                 return "-"
             return fmt(mean) + (f" ± {fmt(std)}" if row["seeds_done"] > 1 else "")
 
+        def val(row):  # the final models' validation; the best epochs' with the moving statistics where it differs
+            moving = row.get("val_acc_moving_mean")
+            differs = moving is not None and abs(moving - (row.get("val_acc_mean") or 0.0)) >= 5e-5
+            return cell(row, "val_acc", lambda v: f"{v:.2%}") + (f" (moving {moving:.2%})" if differs else "")
+
         rows = [(*[str(r[k]) for k in keys], f"{r['seeds_done']}/{r['seeds']}",
-                 cell(r, "test_acc", lambda v: f"{v:.2%}"), cell(r, "best_val_acc", lambda v: f"{v:.2%}"),
+                 cell(r, "test_acc", lambda v: f"{v:.2%}"), val(r),
                  cell(r, "bn_gap", lambda v: f"{v * 100:+.2f} pt" if v else "0.00 pt"),
                  cell(r, "time_s", lambda v: f"{v:.0f}s")) for r in self.summary["rows"]]
-        lines = table((*keys, "seeds", "test acc", "best val acc", "BN gap (batch - moving)", "time"), rows,
+        lines = table((*keys, "seeds", "test acc", VAL_HEAD, "BN gap (batch - moving)", "time"), rows,
                       right=tuple(range(len(keys), len(keys) + 5)))
+        moving = any(r.get("val_acc_moving_mean") is not None and r.get("val_acc_mean") is not None
+                     and abs(r["val_acc_moving_mean"] - r["val_acc_mean"]) >= 5e-5 for r in self.summary["rows"])
+        lines += ([VAL_NOTE] if moving else []) + [f"note: {note}" for note in self.summary.get("notes", [])]
         d = self.summary["sweep"]
         lines.append(f"written: {d}/summary.csv, summary.json, summary.png; runs in {d}/<combination>/")
         return "\n".join(lines)

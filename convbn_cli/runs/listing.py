@@ -15,13 +15,13 @@ from pathlib import Path
 
 from ..config.loader import read_yaml
 from ..errors import ConfigError, ConvbnError
-from .rundir import RunDir, RunDirError
+from .rundir import RunDir, RunDirError, best_row, final_val, moving_val_acc
 
 MAX_DEPTH = 6  # runs/<name>/sweep-<k>/<combination>/ is 3 below the root; deeper folders are not convbn's
 IGNORED_KEYS = ("output.",)  # where a run was written says nothing about how it trained
 LAYER_KEYS = "model.layers["  # summarized in one short column (architecture) instead of ~20 keys per layer
-SORT_KEYS = {"run": "run", "date": "date", "test": "test_acc", "best_val": "best_val_acc", "time": "time_s",
-             "epochs": "epochs_done"}
+SORT_KEYS = {"run": "run", "date": "date", "test": "test_acc", "val": "val_acc", "best_val": "val_acc",
+             "time": "time_s", "epochs": "epochs_done"}
 
 
 def architecture(config: dict) -> str:
@@ -103,7 +103,12 @@ def summarize(path: Path, root: Path | None = None) -> dict:
         raise RunDirError(e.problems[0]) from None
     results = run.read_results()
     metrics = run.read_metrics()
-    vals = [r["val_acc"] for r in metrics if r.get("val_acc") is not None]
+    shown, moving = final_val(results)
+    if not results:  # unfinished: the best epoch so far, as the final model would measure it (settled statistics)
+        best, key = best_row(metrics)
+        if best is not None and key == "val_acc":
+            shown, moving = best["val_acc"], moving_val_acc(best)
+            moving = None if moving is None or abs(moving - shown) < 5e-5 else moving
     info = run.read_run_info()
     when = info.get("time") or datetime.datetime.fromtimestamp(
         run.config.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
@@ -112,7 +117,9 @@ def summarize(path: Path, root: Path | None = None) -> dict:
         "run": name, "path": str(path), "date": when[:16].replace("T", " "),
         "dataset": config.get("data.dataset"),
         "epochs_done": metrics[-1]["epoch"] if metrics else 0, "epochs": config.get("train.epochs"),
-        "best_val_acc": results.get("best_val_acc", max(vals) if vals else None),
+        # val_acc: the validation accuracy of the model the next command opens (`convbn eval RUN --split val`);
+        # val_acc_moving: the best epoch's with the moving BN statistics, where it differs; best_val_acc: as recorded
+        "val_acc": shown, "val_acc_moving": moving, "best_val_acc": results.get("best_val_acc", shown),
         "test_acc": results.get("test_acc"),
         "time_s": results.get("wall_time_s", metrics[-1]["wall_time_s"] if metrics else None),
         "status": ("stopped early" if results.get("stopped_early") else "finished") if results else "unfinished",

@@ -33,8 +33,12 @@ from ..errors import ConfigError, ConvbnError, WriteError
 from ..files import is_our_temporary, remove_entry, write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..readers import read_json_lines
 
-METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_ce",
-                  "images_per_s", "epoch_time_s", "wall_time_s", "checkpoint"]
+# val_loss/val_acc: validation as the final model would measure it (settled BN statistics, train/validation.py);
+# val_*_moving: with the moving statistics training left (the same figures, or absent in runs from before they were
+# told apart); val_acc_batch: with each batch's own statistics, when that was measured; settle_s: what it cost
+METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_loss_moving",
+                  "val_acc_moving", "val_acc_batch", "val_bn", "settle_s", "lr", "train_ce", "images_per_s",
+                  "epoch_time_s", "wall_time_s", "checkpoint"]
 
 
 MAX_JSON_BYTES = 1 << 20  # results.json and run.json are a few KB: a bigger file is not one convbn wrote
@@ -236,15 +240,54 @@ class RunDir:
 
 
 NUMBER, INTEGER, TEXT = "a number", "an integer", "text"
-METRIC_FIELDS = {"epoch": INTEGER, "step": INTEGER, "checkpoint": TEXT,
-                 **{k: NUMBER for k in METRIC_COLUMNS if k not in ("epoch", "step", "checkpoint")}}
+METRIC_FIELDS = {"epoch": INTEGER, "step": INTEGER, "checkpoint": TEXT, "val_bn": TEXT,
+                 **{k: NUMBER for k in METRIC_COLUMNS if k not in ("epoch", "step", "checkpoint", "val_bn")}}
 RESULT_FIELDS = {"test_acc": NUMBER, "test_loss": NUMBER, "best_val_acc": NUMBER, "wall_time_s": NUMBER,
+                 "val_acc": NUMBER, "best_val_acc_moving": NUMBER,
                  "best_epoch": INTEGER, "epochs": INTEGER, "epochs_done": INTEGER, "stopped_early": TEXT,
                  "final_checkpoint": TEXT, "checkpoint": TEXT}
 METRICS_REQUIRED = ("epoch", "train_loss", "train_acc", "lr", "wall_time_s")  # what every reader of a row uses
 RUN_INFO_FIELDS = {"time": TEXT}
 STEP_FIELDS = {"step": INTEGER, "epoch": NUMBER, "loss": NUMBER, "train_ce": NUMBER, "train_acc": NUMBER, "lr": NUMBER}
 MAX_METRICS_BYTES = 16 << 20  # a row is ~300 bytes: 50,000 epochs
+
+
+def best_row(rows: list):
+    """(row, key): the epoch the run's final model comes from, and what chose it: the best validation accuracy as
+    the final model would have it (val_acc: settled BN statistics), the LATER of equals (a short run's first
+    epochs can tie, e.g. all at chance with lagging statistics, and the later weights have trained longer);
+    without a validation split, the best training accuracy. (None, key) before any epoch."""
+    key = "val_acc" if any(r.get("val_acc") is not None for r in rows) else "train_acc"
+    scored = [r for r in rows if r.get(key) is not None]
+    return (max(reversed(scored), key=lambda r: r[key]), key) if scored else (None, key)
+
+
+def moving_val_acc(row: dict):
+    """A metrics row's validation accuracy with the moving BN statistics (a row from before settled validation
+    has only val_acc, which was that)."""
+    return row.get("val_acc_moving", row.get("val_acc"))
+
+
+def final_val(results: dict) -> tuple:
+    """(validation accuracy of the run's final model, the best epoch's with the moving statistics or None where
+    they are the same) from results.json: what every summary shows. The final model's figure is what `convbn eval
+    RUN --split val` gives (results' val_acc); a run from before it was recorded has best_val_acc only."""
+    shown = _accuracy(results.get("val_acc", results.get("best_val_acc")))
+    moving = _accuracy(results.get("best_val_acc_moving"))
+    if shown is None or moving is None or abs(moving - shown) < 5e-5 or "ema_val_acc" in results:
+        moving = None  # (the EMA's final model is no epoch's weights: the epoch's moving figure is beside the point)
+    return shown, moving
+
+
+def _accuracy(value):
+    """A number convbn can have written as an accuracy, else None (a hand-edited or damaged file)."""
+    if not _is(value, NUMBER):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too big for a float
+        return None
+    return value if 0.0 <= value <= 1.0 else None  # (NaN too is none)
 
 
 def _is(value, kind) -> bool:

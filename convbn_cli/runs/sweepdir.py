@@ -115,9 +115,10 @@ def run_config(path, plan: dict, i: int):
 
 def summarize(path, sweep: dict) -> list:
     """One row per combination: mean and spread (sample standard deviation) over its seeds of the test accuracy,
-    the best validation accuracy, the moving-vs-batch statistics accuracy gap and the training time. A value that
-    convbn cannot have written (in a hand-edited or damaged results.json: text, a list, an inference_gap that is
-    no object, an accuracy outside 0..1) counts as missing."""
+    the final model's validation accuracy (and the best epoch's with the moving statistics), the moving-vs-batch
+    statistics accuracy gap and the training time. A value that convbn cannot have written (in a hand-edited or
+    damaged results.json: text, a list, an inference_gap that is no object, an accuracy outside 0..1) counts as
+    missing."""
     groups = {}
     for r in sweep["runs"]:
         key = json.dumps(r["values"], sort_keys=True)
@@ -154,10 +155,42 @@ def _gap(results: dict):
     return gap.get("gap") if isinstance(gap, dict) else None
 
 
-# a row's columns: (where in results.json, the least and the most a value convbn writes there can be)
-SUMMARIZED = {"test_acc": (lambda x: x.get("test_acc"), 0.0, 1.0),
-              "best_val_acc": (lambda x: x.get("best_val_acc"), 0.0, 1.0),
+def _val(results: dict):  # the final model's validation accuracy (an older run's best_val_acc)
+    return results.get("val_acc", results.get("best_val_acc"))
+
+
+def _moving_val(results: dict):  # the best epoch's with the moving statistics (or, in an older run, best_val_acc)
+    return results.get("best_val_acc_moving", results.get("best_val_acc"))
+
+
+# a row's columns: (where in results.json, the least and the most a value convbn writes there can be); val_acc is
+# the validation accuracy of the model the next command opens (`convbn eval RUN --split val`), val_acc_moving the
+# best epoch's with the moving BN statistics training left
+SUMMARIZED = {"test_acc": (lambda x: x.get("test_acc"), 0.0, 1.0), "val_acc": (_val, 0.0, 1.0),
+              "val_acc_moving": (_moving_val, 0.0, 1.0),
               "bn_gap": (_gap, -1.0, 1.0), "time_s": (lambda x: x.get("wall_time_s"), 0.0, math.inf)}
+
+# settings of BN that only shape the moving statistics, which precise BN (or the EMA's recalibration) replaces
+OVERRIDDEN_BY_PRECISE_BN = ("decay",)
+
+
+def notes(path, sweep: dict) -> list:
+    """What the summary's reader must know: a swept BN setting that precise BN overrode in every finished run (its
+    values cannot have changed the final models)."""
+    swept = [k for k, _ in sweep["axes"] if k.rsplit(".", 1)[-1] in OVERRIDDEN_BY_PRECISE_BN and ".bn." in f".{k}"]
+    if not swept:
+        return []
+    settled = []
+    for r in sweep["runs"]:
+        bn = RunDir(Path(path) / r["name"]).read_results().get("bn_statistics")
+        if bn is not None:
+            settled.append(isinstance(bn, dict) and (bn.get("mechanism") == "ema" or (
+                bn.get("mechanism") == "precise_bn" and bn.get("kept") is True)))
+    if not settled or not all(settled):
+        return []
+    return [f"{key}: precise BN recomputed the BN statistics of every run's final model, which replaces what this "
+            "setting controls (how the moving statistics average during training), so its values did not change "
+            "the final models; compare them with train.precise_bn: off" for key in swept]
 
 
 def _spread(values: list) -> tuple:

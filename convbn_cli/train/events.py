@@ -38,6 +38,8 @@ from .. import signals
 from ..errors import ConvbnError, WriteError
 from ..files import writing
 from ..present.plots import confusion_matrix, curves
+from ..present.reports import duration, plural
+from ..runs.rundir import final_val
 
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
@@ -197,7 +199,9 @@ class TensorBoard(Subscriber):
         if row["val_acc"] is not None:
             with self.val.as_default(step=row["epoch"]):
                 scalar("epoch/loss", row["val_loss"])
-                scalar("epoch/accuracy", row["val_acc"])
+                scalar("epoch/accuracy", row["val_acc"])  # as the final model would measure it (validation.py)
+                if row.get("val_acc_moving") is not None:
+                    scalar("epoch/accuracy_moving_bn_statistics", row["val_acc_moving"])
         with writing(self.folder):
             self.train.flush()
             self.val.flush()
@@ -228,6 +232,10 @@ class Console(Subscriber):
 
     def __init__(self, log):
         self.log = log
+        self.clock = RunClock()
+
+    def on_start(self, trainer):
+        self.clock.start(trainer)
 
     def on_epoch_end(self, trainer, row):
         smoothing = trainer.cfg.train.label_smoothing
@@ -235,8 +243,12 @@ class Console(Subscriber):
                 f"{row['train_ce']:.4f})" if smoothing else f"train loss {row['train_loss']:.4f}")
         val = (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if row["val_acc"] is not None
                else "no validation split")
+        if row.get("val_bn") == "precise_bn":  # the moving statistics lag: val is what the final model would get
+            val += f" with settled BN statistics ({row['val_acc_moving']:.2%} with the moving ones)"
+        left = self.clock.left(trainer, row["epoch"] * trainer.steps)
         self.log(f"epoch {row['epoch']}/{trainer.epochs}: {loss} acc {row['train_acc']:.2%}, {val}, "
-                 f"lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s, {row['epoch_time_s']:.1f}s")
+                 f"lr {row['lr']:.3g}, {row['images_per_s']:.0f} img/s, {row['epoch_time_s']:.1f}s"
+                 + (f"; run: about {left} left" if left else ""))
 
     def on_finish(self, trainer, results):
         run, bn = trainer.run.path, results["bn_statistics"]
@@ -259,18 +271,45 @@ class Console(Subscriber):
         else:
             self.log(f"BN statistics: {where}: {before['moving_acc']:.2%} / {before['batch_acc']:.2%}")
             self.log(f"test: {test}  ({results['checkpoint']})")
-        if results["best_epoch"] is not None and results["best_val_acc"] is not None:
-            self.log(f"best epoch {results['best_epoch']}: validation accuracy {results['best_val_acc']:.2%}; "
-                     f"final model {results['final_checkpoint']}: test accuracy {results['test_acc']:.2%}; "
-                     f"{results['wall_time_s']:.0f} s")
+        self.log(end_of_run_line(results))
         pictures = "curves.png, confusion_matrix.png, " if trainer.cfg.output.plots else ""
         self.log(f"see {run}: {pictures}metrics.csv, run.json")
-        self.log(f"next: convbn eval {run} | convbn inspect-bn {run} | convbn diagnose {run} | "
-                 f"convbn export {run} --fold-bn")
+        self.log(f"next: convbn eval {run} | convbn report {run} | convbn inspect-bn {run} | convbn diagnose {run} "
+                 f"| convbn export {run} --fold-bn")
+
+
+def end_of_run_line(results: dict) -> str:
+    """The run in one line: the best epoch, and the final model (the one every later command opens) with its
+    validation accuracy (what `convbn eval RUN --split val` gives; the best epoch's with the moving statistics
+    beside it where they differ), test accuracy and time."""
+    shown, moving = final_val(results)
+    epoch = f"best epoch {results['best_epoch']}; " if results.get("best_epoch") is not None else ""
+    val = "" if shown is None else f"validation accuracy {shown:.2%}" + (
+        f" (with the moving BN statistics: {moving:.2%})" if moving is not None else "") + ", "
+    return (f"{epoch}final model {results['final_checkpoint']}: {val}test accuracy {results['test_acc']:.2%}; "
+            f"{results['wall_time_s']:.0f} s")
+
+
+class RunClock:
+    """How long the rest of the run's training takes: this session's time per training step so far (validation
+    included) times the steps left; the final model's settling and test after them are not counted."""
+
+    def start(self, trainer):
+        self.t0, self.step0 = time.monotonic(), trainer.start_epoch * (trainer.steps or 0) + trainer.skip
+
+    def left(self, trainer, step) -> str | None:
+        done, total = step - getattr(self, "step0", step), trainer.epochs * trainer.steps
+        if done <= 0 or step >= total:
+            return None
+        return duration((time.monotonic() - self.t0) / done * (total - step))
 
 
 class ProgressBar(Subscriber):
     """A tqdm bar per epoch on a terminal (silent in logs and CI, where the per-epoch line is printed anyway)."""
+
+    def on_start(self, trainer):
+        self.clock = RunClock()
+        self.clock.start(trainer)
 
     def on_epoch_start(self, trainer, epoch):
         self.bar = tqdm(total=trainer.steps, initial=trainer.skip, desc=f"epoch {epoch + 1}/{trainer.epochs}",
@@ -285,7 +324,8 @@ class ProgressBar(Subscriber):
             n = max(sums["count"], 1.0)
             rate = (done - self.first) * trainer.global_batch / max(time.time() - self.t0, 1e-9)
             self.bar.set_postfix({"loss": f"{sums['loss'] / n:.4f}", "acc": f"{sums['correct'] / n:.4f}",
-                                  "img/s": f"{rate:.0f}"}, refresh=False)
+                                  "img/s": f"{rate:.0f}", "run left": self.clock.left(trainer, step) or "-"},
+                                 refresh=False)
 
     def on_epoch_metrics(self, trainer, row):
         self.bar.close()
@@ -380,7 +420,7 @@ class EarlyStopping(Subscriber):
                 best, best_epoch = value, row["epoch"]
         if best_epoch is not None and rows[-1]["epoch"] - best_epoch >= self.patience:
             return (f"early stopping: {self.metric} has not improved by more than {self.min_delta:g} for "
-                    f"{rows[-1]['epoch'] - best_epoch} epochs (best {best:.4f} at epoch {best_epoch})")
+                    f"{plural(rows[-1]['epoch'] - best_epoch, 'epoch')} (best {best:.4f} at epoch {best_epoch})")
         return None
 
     def on_start(self, trainer):

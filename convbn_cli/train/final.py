@@ -7,7 +7,8 @@ with each batch's own statistics. Even 0.9^35 = 2.5% of the initial variance 1 i
 a first conv layer's output. So at the end of training:
 
 1. The final weights are chosen: the EMA of the weights (train.ema), else the best epoch's checkpoint (the best
-   validation accuracy), which is what `--checkpoint best` has always opened.
+   validation accuracy as this final model would measure it, train/validation.py: each epoch's weights with
+   settled statistics where the moving ones lag; the later of equals), which is what `--checkpoint best` opens.
 2. Under mixed precision they are copied into a float32 model, the one eval and export build, so that what is
    calibrated and measured here is what every later command runs.
 3. The moving statistics are checked: validation accuracy (or, without a validation split, accuracy on the first
@@ -74,12 +75,14 @@ class Gap:
                 "batch_acc": self.batch_acc, "gap": self.gap, "noise": self.noise}
 
 
-def measure_gap(model, splits, cfg, batch_acc: float | None = None) -> Gap:
+def measure_gap(model, splits, cfg, batch_acc: float | None = None, moving: dict | None = None) -> Gap:
     """The moving-vs-batch statistics comparison; `batch_acc` reuses a batch-statistics accuracy measured before
-    (it does not depend on the moving statistics)."""
+    (it does not depend on the moving statistics), `moving` an Evaluator's result with the moving statistics on
+    the same images (the epoch's validation)."""
     split, limit = ("val", None) if splits.size("val") else ("train", GAP_TRAIN_IMAGES)
     classes = cfg.dataset.num_classes
-    moving = Evaluator(model, classes)(eval_dataset(splits, cfg, split, limit=limit))
+    if moving is None:
+        moving = Evaluator(model, classes)(eval_dataset(splits, cfg, split, limit=limit))
     if batch_acc is None:  # batches of the training size: the statistics training normalized with
         batch_acc = Evaluator(model, classes, "batch")(
             eval_dataset(splits, cfg, split, cfg.data.batch_size, limit=limit))["accuracy"]
@@ -133,8 +136,10 @@ def settle(cfg, run, splits, model, optimizer, *, precision: str, latest: str, b
             record["kept"], final_gap = True, after
             prefix = save_ema(final, run, source) if ema else save_recalibrated(final, run, source)
     results = {}
-    if ema and final_gap.split == "validation":  # for choosing a recipe: the final model's validation accuracy
-        results["ema_val_acc"] = final_gap.moving_acc
+    if final_gap.split == "validation":  # the final model's: what `convbn eval RUN --split val` gives
+        results["val_acc"] = final_gap.moving_acc
+        if ema:  # (its older name, for choosing a recipe)
+            results["ema_val_acc"] = final_gap.moving_acc
     results.update(bn_statistics=record, inference_gap=final_gap.to_json(),
                    final_checkpoint=Path(prefix).resolve().relative_to(run.path.resolve()).as_posix())
     return FinalModel(final, prefix, final_gap, test_before, results)

@@ -31,11 +31,14 @@ from ..files import tensorflow_write_error
 from ..model import Evaluator, build_model
 from ..model.precision import resolve_precision
 from ..model.stats import bn_statistics
+from ..present.reports import plural
 from ..runs import RunDir, RunDirError, open_for_resume
 from ..runs.checkpoints import restore_latest, save, training_managers
 from ..runs.provenance import provenance
+from ..runs.rundir import best_row, moving_val_acc
 from . import distribute, events, final
 from .optim import current_lr, make_optimizer
+from .validation import unvalidated, validation_fields
 
 
 class Interrupted(Stopped):
@@ -284,7 +287,8 @@ class Trainer:
                 self.restore(resume.run.path)
             self.publish("on_start")
             if self.start_epoch >= self.epochs:
-                self.log(f"{self.run.path}: already trained {self.start_epoch} of {self.epochs} epochs; nothing to do")
+                self.log(f"{self.run.path}: already trained {self.start_epoch} of {plural(self.epochs, 'epoch')}; "
+                         "nothing to do")
             for epoch in range(self.start_epoch, self.epochs):
                 if self.stop_reason:  # a subscriber (early stopping) decided that training is done
                     break
@@ -357,8 +361,8 @@ class Trainer:
         self.start_epoch = self.epoch = int(self.state["epoch"].numpy())
         self.skip = int(self.state["step_in_epoch"].numpy())
         if self.start_epoch > self.epochs:
-            raise RunDirError(f"--resume: {source} has already trained {self.start_epoch} epochs; train.epochs="
-                              f"{self.epochs} would undo nothing and claim less, so nothing was done")
+            raise RunDirError(f"--resume: {source} has already trained {plural(self.start_epoch, 'epoch')}; "
+                              f"train.epochs={self.epochs} would undo nothing and claim less, so nothing was done")
         self.metrics = [r for r in RunDir(source).read_metrics() if r["epoch"] <= self.start_epoch]
         self.t_start = time.time() - (self.metrics[-1]["wall_time_s"] if self.metrics else 0.0)
 
@@ -409,15 +413,16 @@ class Trainer:
         if val is not None and not math.isfinite(val["loss"]):
             # finite training loss but weights that already overflow at inference: not a checkpoint to keep
             raise self.diverged(f"validation loss became non-finite ({val['loss']}) after epoch {row['epoch']}")
-        row = {**{k: row[k] for k in ("epoch", "step", "train_loss", "train_acc", "train_ce")},
-               "val_loss": val["loss"] if val else None, "val_acc": val["accuracy"] if val else None,
+        # as the final model would measure it: settled BN statistics where the moving ones lag (validation.py)
+        val = validation_fields(self.model, splits, self.cfg, val, self.evaluate) if val else unvalidated()
+        row = {**{k: row[k] for k in ("epoch", "step", "train_loss", "train_acc", "train_ce")}, **val,
                "lr": current_lr(self.optimizer), "images_per_s": row["images_per_s"],
                "epoch_time_s": row["epoch_time_s"], "wall_time_s": time.time() - self.t_start,
                "checkpoint": f"ckpt-{row['step']}"}
         self.state["epoch"].assign(row["epoch"])
         self.state["step_in_epoch"].assign(0)
         score = row["val_acc"] if row["val_acc"] is not None else row["train_acc"]
-        improved = score > float(self.state["best_val_acc"].numpy())
+        improved = score >= float(self.state["best_val_acc"].numpy())  # the later of equals (rundir.best_row)
         if improved:
             self.state["best_val_acc"].assign(score)
         self.metrics.append(row)
@@ -508,13 +513,13 @@ class Trainer:
         return True
 
     def best(self) -> dict:
-        """The epoch with the best validation accuracy (training accuracy without a validation split)."""
-        key = "val_acc" if any(r.get("val_acc") is not None for r in self.metrics) else "train_acc"
-        rows = [r for r in self.metrics if r.get(key) is not None]
-        if not rows:
+        """The epoch with the best (settled) validation accuracy, the later of equals, as the best checkpoint keeps
+        it (training accuracy without a validation split); and its validation with the moving statistics."""
+        top, _ = best_row(self.metrics)
+        if top is None:
             return {"best_epoch": None, "best_val_acc": None}
-        top = max(rows, key=lambda r: r[key])  # the first of equals, as the best checkpoint keeps it
-        return {"best_epoch": top["epoch"], "best_val_acc": top.get("val_acc")}
+        return {"best_epoch": top["epoch"], "best_val_acc": top.get("val_acc"),
+                "best_val_acc_moving": moving_val_acc(top)}
 
     def bn_statistics(self) -> dict:
         """Every BN layer's per-channel parameters now (read once per training step, whoever asks)."""

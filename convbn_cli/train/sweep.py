@@ -27,8 +27,9 @@ from ..data import sources
 from ..errors import ConfigError, Stopped
 from ..files import is_our_temporary, remove_entry, write_json_atomic, write_text_atomic
 from ..present.plots import sweep_summary
+from ..present.reports import duration, plural
 from ..runs.rundir import RunDirError, make_numbered
-from ..runs.sweepdir import MAX_RUNS, PLAN, dir_name, open_sweep, run_config, summarize  # noqa: F401  (its API)
+from ..runs.sweepdir import MAX_RUNS, PLAN, dir_name, notes, open_sweep, run_config, summarize  # noqa: F401
 
 
 class SweepInterrupted(Stopped):
@@ -196,10 +197,7 @@ def eta(took: list, left: int) -> str:
     sweep differ in a few settings, not in size, as a rule)."""
     if not took or left <= 0:
         return ""
-    seconds = sum(took) / len(took) * left
-    when = (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200
-            else f"{seconds / 3600:.1f} h")
-    return f"; {left} run{'s' if left > 1 else ''} left including this one, about {when}"
+    return f"; {plural(left, 'run')} left including this one, about {duration(sum(took) / len(took) * left)}"
 
 
 def write_summary(path, sweep: dict) -> dict:
@@ -207,7 +205,8 @@ def write_summary(path, sweep: dict) -> dict:
     path = Path(path)
     rows = summarize(path, sweep)
     keys = [k for k, _ in sweep["axes"]]
-    summary = {"sweep": str(path), "axes": sweep["axes"], "seeds": sweep["seeds"], "rows": rows}
+    summary = {"sweep": str(path), "axes": sweep["axes"], "seeds": sweep["seeds"], "rows": rows,
+               "notes": notes(path, sweep)}
     write_json_atomic(path / "summary.json", summary)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else keys)
@@ -215,5 +214,5 @@ def write_summary(path, sweep: dict) -> dict:
     w.writerows(rows)
     write_text_atomic(path / "summary.csv", buf.getvalue())
     if any(r["seeds_done"] for r in rows) and keys:
-        sweep_summary(rows, sweep["axes"], path / "summary.png", title=str(path))
+        sweep_summary(rows, sweep["axes"], path / "summary.png", title=str(path), notes=summary["notes"])
     return summary
