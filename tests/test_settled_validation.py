@@ -94,8 +94,11 @@ def test_bn_statistics_settled_by_says_what_it_means():
 @pytest.fixture
 def figures(monkeypatch):
     """The figures plots.py draws, kept instead of written (their data are what the test reads)."""
+    from matplotlib.figure import Figure
+
     kept = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: kept.append(fig))
+    monkeypatch.setattr(Figure, "tight_layout", lambda self, *a, **k: None)  # the layout is not what is tested
     yield kept
     plots._pyplot().close("all")
 
