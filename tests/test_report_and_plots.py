@@ -31,7 +31,8 @@ def test_a_run_report_opens_in_a_browser_with_every_picture(run_copy, cli, brows
     for section in ("Results", "Training curves", "Test confusion matrix", "BN parameters per channel", "Diagnose",
                     "Config", "Provenance"):
         assert f"<h2>{section}</h2>" in text
-    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', text)) == 3
+    # curves, confusion, BN parameters; the BN trace and its heat map, the activations, per feature map vs activation
+    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', text)) == 7
     assert "http://" not in text and "https://" not in text  # nothing to fetch: opens offline
     assert re.search(r'<div class="verdict (healthy|problems)">diagnose: [^<]+</div>', text)
     shot = tmp_path / "shot.png"

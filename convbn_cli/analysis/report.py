@@ -47,6 +47,7 @@ def measure(run: RunDir, *, batches: int, log) -> dict:
     # TensorFlow: imported here, as a sweep's page needs none
     from ..runs.checkpoints import find
     from ..runs.target import open_target
+    from .activations import report_pictures
     from .diagnose import diagnose
     from .evaluation import evaluate
     from .inspection import inspect_bn
@@ -66,8 +67,10 @@ def measure(run: RunDir, *, batches: int, log) -> dict:
     buf = io.BytesIO()
     plot_bn(bn, buf)
     pictures["bn"] = buf.getvalue()
+    traced = report_pictures(run, t, log=log)  # BN while training (bn_trace.npz) and BN's activations
+    pictures.update(traced["pictures"])
     found = diagnose(t, batches=batches)
-    return {"checkpoint": t.source, "test": test, "pictures": pictures,
+    return {"checkpoint": t.source, "test": test, "pictures": pictures, "bn_notes": traced["notes"],
             "verdict": DiagnoseReport(found).verdict().removeprefix("verdict: "),
             "findings": [f.to_json() for f in found["findings"]], "passed": found.get("passed", []),
             "bn_layers": {name: {"channels": layer["channels"], "impl": layer["impl"]}

@@ -113,15 +113,26 @@ def predict_cmd(session: Session, target, inputs, which, top_k, invert, preproce
 @click.option("--compare", "other", metavar="OTHER", help="How OTHER's BN differs from TARGET's: per layer, and per "
               "channel with --all (OTHER - TARGET).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), metavar="FILE.png",
-              help="Also draw per-layer bar charts of gamma, beta and moving variance (with --compare: both).")
+              help="Also draw per-layer bar charts of gamma, beta and moving variance (with --compare: both; with "
+                   "--activations: box plots per channel, and FILE_per_activation.png).")
+@click.option("--activations", is_flag=True, help="What each BN layer receives, its normalized values and what it "
+              "gives, per channel, on one batch of evaluation images; and BN per feature map vs per activation.")
+@data_option
+@scale_option
 @pass_session
 def inspect_bn_cmd(session: Session, target, which, fmt, layers, dead_threshold, show_all, rank, thresholds, other,
-                   plot_path):
+                   plot_path, activations, data, scale):
     """Every BN layer of TARGET: a one-line summary each, then (--all, --layer) per-channel gamma, beta, moving
-    mean/variance and the inference affine map."""
+    mean/variance and the inference affine map; or (--activations) what the layers do to one batch."""
     if plot_path and Path(plot_path).suffix.lower() not in PLOT_SUFFIXES:
         raise click.BadParameter(f"{plot_path}: the picture's name must end in one of {', '.join(PLOT_SUFFIXES)}",
                                  param_hint="--plot")
+    if activations:
+        if other or rank or fmt == "csv":
+            raise click.UsageError("--activations shows one batch's values: not with --compare, --rank or --format csv")
+        return _activations(session, target, which, layers, data, scale, fmt, plot_path)
+    if data is not None:
+        raise click.UsageError("--data is for --activations (the parameters need no images)")
     session.tensorflow(target, *([other] if other else []), runnable_only=_onnx(target) or bool(other and _onnx(other)))
     from ..analysis import inspection as ib
     from ..present.inspection import plot as plot_bn
@@ -149,8 +160,27 @@ def inspect_bn_cmd(session: Session, target, which, fmt, layers, dead_threshold,
         session.say(f"plot written to {plot_path}")
 
 
+def _activations(session, target, which, layers, data, scale, fmt, plot_path):
+    session.tensorflow(target, data=data)
+    from ..analysis.activations import bn_activations
+    from ..present import bn_activations as shown
+    from ..present.reports import dumps
+
+    result = bn_activations(target, which=which, layers=list(layers) or None, data=data, scale=scale,
+                            log=session.say)
+    click.echo(dumps(shown.to_json(result)) if fmt == "json" else shown.activation_table(result))
+    if plot_path:
+        shown.draw_activations(result, plot_path)
+        written = [plot_path]
+        if result["per_activation"] is not None:
+            path = Path(plot_path)
+            written.append(str(path.with_name(f"{path.stem}_per_activation{path.suffix}")))
+            shown.draw_per_activation(result["per_activation"], written[-1])
+        session.say(f"plot written to {', '.join(written)}")
+
+
 @click.command("diagnose")
-@click.argument("target", metavar="TARGET")
+@click.argument("targets", metavar="TARGET [WORKER ...]", nargs=-1, required=True)
 @checkpoint_option
 @data_option
 @click.option("--batches", type=click.IntRange(min=1), default=20, show_default=True,

@@ -11,6 +11,7 @@ import json
 
 from ..runs.rundir import final_val
 from ..runs.sweepdir import finite  # a results.json number, or None: a field of the wrong type shows as missing
+from .bn_activations import report_sections
 
 STYLE = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
@@ -130,6 +131,7 @@ def run_body(r: dict) -> str:
 <h2>BN parameters per channel</h2>
 <p class=sub>{layers}</p>
 {picture(r['pictures'].get('bn'), 'per-channel BN parameters')}
+{report_sections(r, picture, esc)}
 <h2>Diagnose</h2>
 {findings or '<p>No findings.</p>'}
 <p class=sub>passed: {esc(', '.join(r['passed']) or '-')}</p>

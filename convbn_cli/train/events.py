@@ -40,6 +40,7 @@ from ..files import writing
 from ..present.plots import confusion_matrix, curves
 from ..present.reports import duration, plural
 from ..runs.rundir import final_val
+from .trace import BNTrace
 
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
 
@@ -55,6 +56,7 @@ def standard(cfg, log, progress, on_step=None, user=(), provenance=None) -> list
     non-chief worker); the trainer adds its StopOnSignal after them all."""
     made = [MetricsFiles(), StepLog(), BNStatsFiles(), TensorBoard(), Console(log)]
     made += [Plots()] if cfg.output.plots else []
+    made += [BNTrace()] if cfg.output.bn_trace else []  # bn_trace.npz (and its pictures with output.plots)
     if cfg.train.early_stopping is not None:
         made.append(EarlyStopping(cfg.train.early_stopping))
     made += [Provenance(provenance)] if provenance is not None else []  # once the run (or resume) has started
