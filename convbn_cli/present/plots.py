@@ -3,6 +3,8 @@ Each PNG is written atomically, so a viewer never sees half a picture."""
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from ..files import atomic_open
@@ -213,8 +215,9 @@ def sweep_summary(rows: list, axes: list, path, title: str = "", notes=()) -> No
             ax.grid(alpha=0.3)
             if others or metric == "val_acc" and ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    fig.suptitle(title + "".join(f"\nnote: {n}" for n in notes), fontsize=11 if not notes else 9)
-    fig.tight_layout()
+    said = [line for n in notes for line in textwrap.wrap(f"note: {n}", int(13 * 5.5 * len(axes)))]
+    fig.suptitle("\n".join([title, *said]), fontsize=11 if not said else 9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.015 * len(said)))  # room for the notes under the title
     _save(fig, path)
 
 
