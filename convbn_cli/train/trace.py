@@ -22,13 +22,14 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import tensorflow as tf
 
 from ..errors import ConvbnError
 from ..model import build_model
 from ..model.batch_trace import batch_variables
 from ..model.bn import bn_layers, moving_variance_rule
 from ..present.bn_trace import draw_heatmap, draw_lag
-from ..runs.bn_trace import MAX_SAMPLES, TRACE_FILE, empty, extend, read_trace, to_bytes, up_to
+from ..runs.bn_trace import MAX_SAMPLES, QUANTITIES, TRACE_FILE, empty, extend, read_trace, to_bytes, up_to
 from ..runs.checkpoints import restore
 
 POINTS_PER_EPOCH = 20
@@ -44,12 +45,14 @@ class BNTrace:
     """Records the BN trace (module docstring); uses only the trainer's contract (events.py's docstring)."""
 
     def __init__(self):
-        self.trace, self.bns, self.every, self.dirty = None, [], 1, False
+        self.trace, self.bns, self.every, self.dirty, self.read = None, [], 1, False, None
         self.steps, self.rows = [], []  # samples not yet in self.trace (added in one go: no copy per sample)
 
     def on_start(self, trainer):
         self.every = sampling_interval(trainer.cfg.output.bn_trace, trainer.steps)
         self.bns = [bn for bn in bn_layers(trainer.model) if batch_variables(bn) is not None]
+        variables = [v for bn in self.bns for v in (*batch_variables(bn), bn.moving_mean, bn.moving_variance)]
+        self.read = tf.function(lambda: tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in variables], 0))
         self.trace = empty({bn.name: int(bn.moving_mean.shape[0]) for bn in self.bns},
                      {bn.name: float(bn.momentum) for bn in self.bns},
                      {bn.name: moving_variance_rule(bn) for bn in self.bns}, trainer.steps)
@@ -75,11 +78,11 @@ class BNTrace:
     def on_step(self, trainer, step):
         if not self.bns or step // self.every <= (step - trainer.last_chunk) // self.every:
             return  # no multiple of `every` was crossed by this call (events.crossed)
-        values = {}
+        flat, at, values = self.read().numpy(), 0, {}  # one copy from the device, whatever the layer count
         for bn in self.bns:
-            mean, variance = batch_variables(bn)
-            values[bn.name] = {"batch_mean": mean.numpy(), "batch_variance": variance.numpy(),
-                               "moving_mean": bn.moving_mean.numpy(), "moving_variance": bn.moving_variance.numpy()}
+            values[bn.name] = {}
+            for q in QUANTITIES:
+                values[bn.name][q], at = flat[at:at + bn.moving_mean.shape[0]], at + bn.moving_mean.shape[0]
         self.steps.append(step)
         self.rows.append(values)
         self.dirty = True
