@@ -35,10 +35,11 @@ from ..readers import read_json_lines
 
 # val_loss/val_acc: validation as the final model would measure it (settled BN statistics, train/validation.py);
 # val_*_moving: with the moving statistics training left (the same figures, or absent in runs from before they were
-# told apart); val_acc_batch: with each batch's own statistics, when that was measured; settle_s: what it cost
-METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "val_loss_moving",
-                  "val_acc_moving", "val_acc_batch", "val_bn", "settle_s", "lr", "train_ce", "images_per_s",
-                  "epoch_time_s", "wall_time_s", "checkpoint"]
+# told apart); val_acc_batch: with each batch's own statistics, when that was measured; settle_s: what it cost.
+# New columns go last: a script that reads metrics.csv by position keeps working.
+METRIC_COLUMNS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_ce",
+                  "images_per_s", "epoch_time_s", "wall_time_s", "checkpoint", "val_loss_moving", "val_acc_moving",
+                  "val_acc_batch", "val_bn", "settle_s"]
 
 
 MAX_JSON_BYTES = 1 << 20  # results.json and run.json are a few KB: a bigger file is not one convbn wrote
