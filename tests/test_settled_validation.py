@@ -75,6 +75,9 @@ def test_the_sweep_table_shows_the_final_validation_and_says_when_precise_bn_ove
                             "seeds": 1, "notes": said})
     assert "+1.33 points" in page and "1.33%" not in page  # a gap in points is written in points
     assert "97.67%" in page and "11.17%" in page and "note:</b> model.bn.decay" in page
+    same = html.sweep_body({"axes": sweep["axes"], "rows": [{**rows[0], "val_acc_moving_mean": 0.9767}], "runs": [],
+                            "pictures": {}, "title": "t", "seeds": 1})
+    assert same.count("97.67%") == 1  # the moving figure only where it differs
     # one run whose statistics were left as training kept them: the setting did matter there, nothing to say
     (tmp_path / sweep["runs"][1]["name"] / "results.json").write_text(json.dumps(
         {**RESULTS, "bn_statistics": {"mechanism": "none"}}))

@@ -175,7 +175,7 @@ def sweep_body(r: dict) -> str:
     head = (*keys, "seeds", "test accuracy", "validation (final model)", "best epoch, moving BN statistics",
             "BN gap (batch - moving)", "time")
     rows = [(*[row.get(k) for k in keys], f"{row['seeds_done']}/{row['seeds']}",
-             _mean(row, "test_acc", pct), _mean(row, "val_acc", pct), _mean(row, "val_acc_moving", pct),
+             _mean(row, "test_acc", pct), _mean(row, "val_acc", pct), _moving(row),
              _mean(row, "bn_gap", points), _mean(row, "time_s", seconds)) for row in r["rows"]]
     said = "".join(f"<p class=note><b>note:</b> {esc(n)}</p>" for n in r.get("notes", []))
     cards = "\n".join(f"<div><h3>{esc(e['name'])}</h3><p class=sub>test accuracy "
@@ -192,6 +192,14 @@ def sweep_body(r: dict) -> str:
 {cards}
 </div>
 """
+
+
+def _moving(row) -> str:
+    """The best epochs' validation with the moving statistics, only where it differs from the final models'."""
+    moving, shown = finite(row.get("val_acc_moving_mean")), finite(row.get("val_acc_mean"))
+    if moving is None or shown is not None and abs(moving - shown) < 5e-5:
+        return ""
+    return _mean(row, "val_acc_moving", pct)
 
 
 def _mean(row, key, fmt) -> str:
