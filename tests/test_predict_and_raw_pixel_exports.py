@@ -115,8 +115,11 @@ def test_predict_on_pictures_gives_what_the_model_gives_on_the_arrays(run_copy, 
     # an export that takes raw pixels, and a TFLite file, give the same answers
     CliRunner().invoke(main, ["export", str(run), "--format", "tflite", "--output", str(run / "m.tflite")])
     assert [p["top"][0]["class"] for p in _predict(run / "m.tflite", pictures)] == want.tolist()
-    text = CliRunner().invoke(main, ["predict", str(run), str(pictures / "00.png")]).output
+    text = CliRunner().invoke(main, ["predict", str(run), str(pictures / "00.png"), "--uncertain-below", "0"]).output
     assert text.startswith(f"{pictures / '00.png'}  {want[0]} (")
+    # this tiny model is never sure (its top probabilities are 10-40%): by default it says so
+    text = CliRunner().invoke(main, ["predict", str(run), str(pictures / "00.png")]).output
+    assert text.startswith(f"{pictures / '00.png'}  uncertain: {want[0]} (")
 
 
 def test_predict_names_fashion_classes(tmp_path, synthetic):
@@ -143,10 +146,13 @@ def test_predict_refuses_bad_inputs_in_one_line(run_copy, trained, tmp_path):
         np.lib.format.write_array_header_1_0(f, header)
     cases = {tmp_path / "missing.png": "no such file or directory",
              tmp_path / "notes.txt": "not an image (.png, .jpg, .jpeg), array (.npy, .npz) or directory",
-             tmp_path / "fake.png": "not a readable image",
              tmp_path / "wrong.npy": "shape (2, 30, 30); expected (N, 28, 28)",
              empty: "no PNG/JPG/JPEG images in this directory",
              tmp_path / "huge.npy": "is more than 10,000 images"}
     for path, message in cases.items():
         r = CliRunner().invoke(main, ["predict", str(run), str(path)])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (path, r.output)
+    # a picture that cannot be read is not bad usage: reported in one line, and the exit code says some failed
+    r = CliRunner().invoke(main, ["predict", str(run), str(tmp_path / "fake.png")])
+    assert r.exit_code == 1 and r.output == f"error: {tmp_path / 'fake.png'}: not a readable image (not a PNG or " \
+        "JPEG, or damaged at its start)\n", r.output

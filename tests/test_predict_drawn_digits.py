@@ -70,8 +70,12 @@ def test_drawn_digits_are_read_right_with_the_mnist_preprocessing(digits_model, 
     print(f"drawn digits read right: {right:.0%} with --preprocess mnist, {right_plain:.0%} with none")
     assert right >= 0.9, (right, got, labels)  # measured: digits the model reads right as MNIST has them
     assert right - right_plain >= 0.2, (right, right_plain)  # padding and shrinking alone lose many of them
-    fed = sorted((tmp_path / "fed").iterdir())
-    assert len(fed) == len(files) and Image.open(fed[0]).size == (28 * 8, 28 * 8)
+    from convbn_cli.analysis.predict import STAGES
+
+    written = sorted(p.name for p in (tmp_path / "fed").iterdir())
+    fed = [name for name in written if name.count(".") == 1]  # NNNN-NAME.png: what the model was fed
+    assert len(fed) == len(files) and Image.open(tmp_path / "fed" / fed[0]).size == (28 * 8, 28 * 8)
+    assert written == sorted(fed + [f"{name[:-4]}.{k}-{s}.png" for name in fed for k, s in enumerate(STAGES, 1)])
 
 
 def test_mnist_normalize_fits_20x20_and_centres_the_mass():

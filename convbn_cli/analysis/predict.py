@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..data.external import load_npz_arrays
 from ..data.registry import DIGIT_BOX, MNIST
 from ..files import give_usual_mode
 from ..readers import array_bytes, array_header, check_zip, open_regular
+from .pictures import prepare
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -26,20 +28,43 @@ MAX_IMAGE_PIXELS = 25_000_000  # a bigger picture (by its header) is refused bef
 MAX_IMAGE_SIDE = 20_000  # and so is a thin strip whose one side is absurd
 MAX_INPUTS = 10_000  # images per call (MNIST's test set); the whole batch is held as float32, ~3 KB an image
 MAX_ARRAY_BYTES = 64 << 20  # an .npy/.npz by its header: MAX_INPUTS MNIST-sized images as float64
+# A top class under this probability is called uncertain. Measured on 800 pictures of digits (tests/digit_pictures.py,
+# seeds 0-3): two small models (tests/test_predict_pictures.py) made 9 mistakes, 7 of them under 0.7, and were under
+# it on 1.5% of their right answers; the quick start's model made 1 (under it) and was under it on 2% of the rest.
+UNCERTAIN_BELOW = 0.7
+EXIT_SOME_FAILED = 1  # `convbn predict`: some pictures could not be read (the others were predicted)
 
 
-def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, preprocess: str = "none"):
+def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, preprocess: str = "none",
+                failed=None, stage=None):
     """(names, pixels (N, height, width) float32 in 0-255) for image files, directories of them and arrays.
 
     Args:
         paths: the INPUT arguments.
         size: (height, width) the model takes.
-        invert: "auto" (invert a picture whose border is lighter than its middle: dark strokes on light paper),
-            "yes" or "no". Arrays are never inverted: they are taken as the dataset's own pixels.
-        preprocess: "mnist" (pictures are size-normalized and centred as MNIST's digits were: mnist_normalize) or
-            "none" (padded to a square and resized). Arrays are taken as they are.
+        invert: "auto" (the ink's polarity measured: dark strokes on light paper are inverted), "yes" or "no".
+            Arrays are never inverted: they are taken as the dataset's own pixels.
+        preprocess: "mnist" (pictures are cleaned up, pictures.prepare, then size-normalized and centred as
+            MNIST's digits were: mnist_normalize) or "none" (padded to a square and resized). Arrays are taken as
+            they are.
+        failed: a list: a picture that cannot be read is added to it as {input, error} and the others are still
+            read; None: it is an error (DataError). A missing path, a directory without pictures, a file of another
+            kind and an array that does not fit are errors either way: they are the call's mistakes, not a picture's.
+        stage: stage(index, name, stage name, pixels), called with each stage of each picture (--show).
     """
     names, images = [], []
+
+    def picture(f: Path):
+        index = len(names)
+        try:
+            images.append(load_image(f, size, invert, preprocess,
+                                     stage and (lambda s, a: stage(index, str(f), s, a)))[None])
+            names.append(str(f))
+        except DataError as e:
+            if failed is None:
+                raise
+            failed.append({"input": str(f), "error": str(e)})
+
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"{p}: no such file or directory")
@@ -50,26 +75,55 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, pr
             if len(names) + len(files) > MAX_INPUTS:
                 raise DataError(f"more than {MAX_INPUTS} inputs; predict on fewer at a time")
             for f in files:
-                names.append(str(f))
-                images.append(load_image(f, size, invert, preprocess)[None])
+                picture(f)
         elif p.suffix.lower() in ARRAY_SUFFIXES:
             x = load_array(p, size, log)
             names += [f"{p}[{i}]" for i in range(len(x))]
             images.append(x)
         elif p.suffix.lower() in IMAGE_SUFFIXES:
-            names.append(str(p))
-            images.append(load_image(p, size, invert, preprocess)[None])
+            picture(p)
         else:
             raise DataError(f"{p}: not an image ({', '.join(IMAGE_SUFFIXES)}), array ({', '.join(ARRAY_SUFFIXES)}) "
                             "or directory")
         if len(names) > MAX_INPUTS:
             raise DataError(f"more than {MAX_INPUTS} inputs; predict on fewer at a time")
+    if not images:  # every picture failed
+        return names, np.zeros((0, *size), np.float32)
     return names, np.concatenate(images).astype(np.float32)
 
 
-def load_image(path: Path, size: tuple, invert: str = "auto", preprocess: str = "none") -> np.ndarray:
-    """One picture as (height, width) float32 pixels 0-255, light on dark (`preprocess`: see load_inputs)."""
-    from PIL import Image, ImageOps
+def load_image(path: Path, size: tuple, invert: str = "auto", preprocess: str = "none", stage=None) -> np.ndarray:
+    """One picture as (height, width) float32 pixels 0-255, light on dark (`preprocess`, `stage`: see load_inputs)."""
+    from PIL import Image
+
+    a = read_picture(path)
+    if preprocess == "mnist":
+        polarity = {"yes": "dark", "no": "light"}.get(invert, "auto")
+        out = mnist_normalize(prepare(a, polarity, stage or (lambda s, x: None)), size)
+        if stage:
+            stage("fed", out)
+        return out
+    if invert == "yes" or (invert == "auto" and _border_is_light(a)):
+        a = 255 - a
+    gray = Image.fromarray(a)
+    # shrink to the model's size keeping the aspect, then pad to its square with the background (black, after
+    # inverting), so nothing stretches; padding the original first would allocate a square of its longest side
+    h, w = size
+    k = min(w / gray.width, h / gray.height)
+    inner = gray.resize((max(1, round(gray.width * k)), max(1, round(gray.height * k))), Image.LANCZOS)
+    square = Image.new("L", (w, h), 0)
+    square.paste(inner, ((w - inner.width) // 2, (h - inner.height) // 2))
+    out = np.asarray(square, np.float32)
+    if stage:
+        stage("picture", a)
+        stage("fed", out)
+    return out
+
+
+def read_picture(path: Path) -> np.ndarray:
+    """A PNG or JPEG as (H, W) uint8 gray levels, upright and on white where transparent; a damaged, oversized or
+    unknown picture is a DataError naming it."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with open_regular(path, DataError) as f, Image.open(f) as img:
@@ -80,26 +134,19 @@ def load_image(path: Path, size: tuple, invert: str = "auto", preprocess: str = 
             img = ImageOps.exif_transpose(img)  # phone pictures: the orientation the camera recorded
             if img.mode in ("RGBA", "LA") or "transparency" in img.info:  # transparent: on white, like paper
                 img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-            gray = img.convert("L")
+            return np.asarray(img.convert("L"), np.uint8)
     except DataError:
         raise
+    except UnidentifiedImageError:  # its message names the open file object (<_io.BufferedReader name=3>)
+        raise DataError(f"{path}: not a readable image (not a PNG or JPEG, or damaged at its start)") from None
     except Exception as e:  # noqa: BLE001  Pillow fails on a damaged picture in many ways (OSError, SyntaxError,
         # ValueError, struct.error, ...: found by fuzzing); a signal is not an Exception here (errors.Stopped)
-        raise DataError(f"{path}: not a readable image ({' '.join(str(e).split())[:200]})") from None
-    a = np.asarray(gray, np.uint8)
-    if invert == "yes" or (invert == "auto" and _border_is_light(a)):
-        a = 255 - a
-    if preprocess == "mnist":
-        return mnist_normalize(a, size)
-    gray = Image.fromarray(a)
-    # shrink to the model's size keeping the aspect, then pad to its square with the background (black, after
-    # inverting), so nothing stretches; padding the original first would allocate a square of its longest side
-    h, w = size
-    k = min(w / gray.width, h / gray.height)
-    inner = gray.resize((max(1, round(gray.width * k)), max(1, round(gray.height * k))), Image.LANCZOS)
-    square = Image.new("L", (w, h), 0)
-    square.paste(inner, ((w - inner.width) // 2, (h - inner.height) // 2))
-    return np.asarray(square, np.float32)
+        raise DataError(f"{path}: not a readable image ({_plain(e)})") from None
+
+
+def _plain(e: Exception) -> str:
+    """An exception's message in one line of at most 200 characters, without the repr of a file object."""
+    return re.sub(r"\s*<_io\.\w+ name=[^>]*>", "", " ".join(str(e).split()))[:200] or type(e).__name__
 
 
 INK = 0.25  # a pixel is ink from a quarter of the picture's brightest stroke up (after inverting)
@@ -134,24 +181,56 @@ def mnist_normalize(a: np.ndarray, size: tuple = MNIST.image_shape[:2]) -> np.nd
     return out
 
 
-def write_shown(images: np.ndarray, names: list, folder, zoom: int = 8) -> list:
+def write_shown(images: np.ndarray, names: list, folder, zoom: int = 8, fresh: bool = True) -> list:
     """--show DIR: what the model was fed, one PNG per input (enlarged `zoom` times, nearest neighbour, so that
-    the pixels stay visible), into a new or empty DIR; never over a file, even one that appears in DIR while the
-    pictures are written (made_empty, write_new)."""
+    the pixels stay visible), into a new or empty DIR (`fresh`; False: DIR was made so by the caller, who wrote the
+    stages there: StageWriter); never over a file, even one that appears in DIR while the pictures are written
+    (made_empty, write_new)."""
     from PIL import Image
 
     folder = Path(folder)
-    made_empty(folder)
+    if fresh:
+        made_empty(folder)
     written = []
     for i, (x, name) in enumerate(zip(images, names)):
-        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name.split("[")[0]).stem)[:60]
-        out = folder / f"{i:04d}-{stem}.png"
+        out = folder / f"{i:04d}-{_stem(name)}.png"
         img = Image.fromarray(np.asarray(x, np.float32).clip(0, 255).astype(np.uint8))
         buf = io.BytesIO()
         img.resize((img.width * zoom, img.height * zoom), Image.NEAREST).save(buf, format="PNG")
         write_new(out, buf.getvalue())
         written.append(str(out))
     return written
+
+
+def _stem(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name.split("[")[0]).stem)[:60]
+
+
+STAGES = ("picture", "background", "normalized", "denoised", "strokes")  # pictures.prepare's, in order
+
+
+class StageWriter:
+    """--show DIR for pictures: each stage of each picture before what the model was fed, as
+    NNNN-NAME.K-STAGE.png beside write_shown's NNNN-NAME.png (K: the stage's place in STAGES, from 1); a small
+    stage is enlarged (nearest neighbour) to at least 200 pixels on its longer side. Written as the pictures are
+    read, so that the stages of 10,000 pictures are never held at once."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.written = []
+
+    def __call__(self, index: int, name: str, stage: str, pixels) -> None:
+        from PIL import Image
+
+        if stage not in STAGES:  # "fed": write_shown's picture, of the batch the model was given
+            return
+        img = Image.fromarray(np.asarray(pixels, np.float32).clip(0, 255).astype(np.uint8))
+        k = max(1, -(-200 // max(img.size)))
+        buf = io.BytesIO()
+        img.resize((img.width * k, img.height * k), Image.NEAREST).save(buf, format="PNG")
+        out = self.folder / f"{index:04d}-{_stem(name)}.{STAGES.index(stage) + 1}-{stage}.png"
+        write_new(out, buf.getvalue())
+        self.written.append(str(out))
 
 
 def made_empty(folder: Path) -> None:
@@ -246,18 +325,22 @@ def _check_header(path, key, shape, dtype, size) -> None:
 
 
 def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str = "best", scale: float = 1 / 255,
-            preprocess: str = "auto", show=None, log=lambda m: None) -> dict:
+            preprocess: str = "auto", show=None, uncertain_below: float = UNCERTAIN_BELOW,
+            log=lambda m: None) -> dict:
     """Classify `inputs` (see load_inputs) with TARGET (anything eval accepts, exports and .tflite included).
 
     Args:
         scale: for a .keras model from outside convbn: what its pixels (0-255) are multiplied by.
         preprocess: "mnist", "none", or "auto": mnist for a model of MNIST digits (a run or export on mnist, or a
             model from elsewhere taking 28x28x1 images), none otherwise (Fashion-MNIST's pictures were not made so).
-        show: a new directory to write what the model was fed into (write_shown).
+        show: a new directory to write each picture's stages (StageWriter) and what the model was fed
+            (write_shown) into.
+        uncertain_below: a prediction whose top probability is under this is marked uncertain.
 
     Returns:
-        source, class_names, preprocess, and predictions: one {input, top: [{class, name, probability}, ...]}
-        per input (and shown: the pictures written).
+        source, class_names, preprocess, uncertain_below, predictions: one {input, uncertain, top: [{class, name,
+        probability}, ...]} per input read, failed: one {input, error} per picture that could not be read (the
+        others are predicted all the same), and shown: the pictures written, where `show`.
     """
     from ..runs.target import opened
 
@@ -268,17 +351,30 @@ def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str 
     if preprocess == "auto":
         digits = t.config.data.dataset == MNIST.name if t.config is not None else tuple(shape) == MNIST.image_shape
         preprocess = "mnist" if digits else "none"
-    files, pixels = load_inputs(inputs, shape[:2], invert, log, preprocess)
-    shown = write_shown(pixels, files, show) if show is not None else None
-    logits = np.concatenate([t.predict((pixels[i:i + 500, ..., None] * factor + offset).astype(np.float32))
-                             for i in range(0, len(pixels), 500)])
-    z = logits - logits.max(axis=1, keepdims=True)
+    stages = None
+    if show is not None:
+        made_empty(Path(show))
+        stages = StageWriter(show)
+    failed = []
+    files, pixels = load_inputs(inputs, shape[:2], invert, log, preprocess, failed=failed, stage=stages)
+    shown = stages.written + write_shown(pixels, files, show, fresh=False) if show is not None else None
+    logits = [t.predict((pixels[i:i + 500, ..., None] * factor + offset).astype(np.float32))
+              for i in range(0, len(pixels), 500)]
+    blank = ~pixels.any(axis=(1, 2))  # no ink found: whatever the model says is a guess
+    out = _ranked(files, np.concatenate(logits) if logits else np.zeros((0, len(names))), names, top_k,
+                  uncertain_below, blank)
+    result = {"source": t.source, "class_names": list(names), "preprocess": preprocess,
+              "uncertain_below": uncertain_below, "predictions": out, "failed": failed}
+    return {**result, "shown": sorted(shown)} if shown is not None else result
+
+
+def _ranked(files, logits, names, top_k, uncertain_below, blank) -> list:
+    z = logits - logits.max(axis=1, keepdims=True) if len(logits) else logits
     prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-    k = min(top_k, prob.shape[1])
+    k = min(top_k, len(names))
     out = []
-    for name, p in zip(files, prob):
+    for name, p, empty in zip(files, prob, blank):
         best = np.argsort(-p, kind="stable")[:k]
-        out.append({"input": name, "top": [{"class": int(c), "name": names[c], "probability": float(p[c])}
-                                           for c in best]})
-    result = {"source": t.source, "class_names": list(names), "preprocess": preprocess, "predictions": out}
-    return {**result, "shown": shown} if shown is not None else result
+        out.append({"input": name, "uncertain": bool(p[best[0]] < uncertain_below or empty),
+                    "top": [{"class": int(c), "name": names[c], "probability": float(p[c])} for c in best]})
+    return out

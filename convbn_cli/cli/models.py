@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from ..analysis.predict import EXIT_SOME_FAILED, UNCERTAIN_BELOW
 from ..errors import EXIT_FINDINGS, ConvbnError
 from ..formats.catalog import FORMATS, format_of
 from .common import (
@@ -71,21 +72,28 @@ def eval_cmd(session: Session, target, which, split, bn_stats, tta, as_json, no_
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
               help="Show the K most probable classes of each input.")
 @click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="Invert pictures to light strokes on dark, as in MNIST; auto: when the border is light (paper).")
+              help="Make pictures light strokes on dark, as in MNIST; yes: the ink is darker than the paper, no: "
+                   "lighter; auto: measured (with --preprocess none: invert when the border is light).")
 @click.option("--preprocess", type=click.Choice(["auto", "mnist", "none"]), default="auto", show_default=True,
-              help="mnist: crop pictures to the ink, fit it in 20x20 keeping its shape, centre it by its centre of "
+              help="mnist: take the paper's tone, light and specks out of pictures, bring thin pens to MNIST's "
+                   "stroke width, crop to the ink, fit it in 20x20 keeping its shape, centre it by its centre of "
                    "mass in 28x28, as MNIST's digits were made; none: pad to a square and resize. auto: mnist for "
                    "a model of MNIST digits.")
 @click.option("--show", "show", type=click.Path(file_okay=False), metavar="DIR",
-              help="Write what the model was fed (each input as the model sees it, enlarged) to the new directory DIR.")
+              help="Write each picture's stages and what the model was fed (enlarged) to the new directory DIR.")
+@click.option("--uncertain-below", type=click.FloatRange(0, 1), default=UNCERTAIN_BELOW, show_default=True,
+              metavar="P", help="Call a prediction uncertain (still giving its class and probability) when its "
+                                "probability is under P, or when no ink was found in the picture.")
 @scale_option
 @json_option
 @pass_session
-def predict_cmd(session: Session, target, inputs, which, top_k, invert, preprocess, show, scale, as_json):
+def predict_cmd(session: Session, target, inputs, which, top_k, invert, preprocess, show, uncertain_below, scale,
+                as_json):
     """The class of each INPUT, with its probability, by TARGET (anything eval accepts, exports included).
 
     INPUT: PNG/JPEG pictures (made grayscale and resized to the model's input), directories of them, or
-    .npy/.npz arrays of pixels 0-255 shaped (N, 28, 28), (N, 28, 28, 1) or (28, 28).
+    .npy/.npz arrays of pixels 0-255 shaped (N, 28, 28), (N, 28, 28, 1) or (28, 28). A picture that cannot be
+    read is one error line and the others are still predicted; the exit code is then 1.
     """
     session.tensorflow(target, runnable_only=True, inputs=inputs)
     from ..analysis.predict import predict
@@ -94,10 +102,16 @@ def predict_cmd(session: Session, target, inputs, which, top_k, invert, preproce
     if show and Path(show).exists() and (not Path(show).is_dir() or any(Path(show).iterdir())):
         raise click.BadParameter(f"{show}: exists and is not an empty directory; name a new one", param_hint="--show")
     report = PredictReport(predict(target, inputs, top_k=top_k, invert=invert, which=which, scale=scale,
-                                   preprocess=preprocess, show=show, log=session.say))
+                                   preprocess=preprocess, show=show, uncertain_below=uncertain_below,
+                                   log=session.say))
     if show:
-        session.say(f"what the model was fed: {show}/")
-    click.echo(dumps(report.to_json()) if as_json else report.render())
+        session.say(f"each picture's stages and what the model was fed: {show}/")
+    if report.result["predictions"] or as_json:
+        click.echo(dumps(report.to_json()) if as_json else report.render())
+    for f in report.result["failed"]:
+        click.echo(f"error: {f['error']}", err=True)
+    if report.result["failed"]:
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @click.command("inspect-bn")
