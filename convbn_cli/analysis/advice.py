@@ -85,6 +85,26 @@ def update_in_training(ctx) -> str:
             "pytorch": "call model.train() before training (model.eval() only for inference)"}[origin(ctx)]
 
 
+def inference_mode(ctx) -> str:
+    """How BN layers are made to use their moving statistics at inference."""
+    return {"convbn": "run the model with training=False at inference (a custom layer or a wrapper that calls BN "
+                      "with training=True keeps each batch's statistics)",
+            "keras": "let those BN layers use their moving statistics at inference: a custom layer or call that passes "
+                     "training=True to BN whatever it is given keeps each batch's statistics; pass the call's own "
+                     "flag through (bn(x, training=training)) and load the weights into the fixed model "
+                     "(model.save_weights, then load_weights)",
+            "pytorch": "call model.eval() before inference and before torch.onnx.export (or export with "
+                       "training=torch.onnx.TrainingMode.EVAL): in train() mode BN normalizes with each batch's "
+                       "statistics"}[origin(ctx)]
+
+
+def synchronized(ctx) -> str:
+    """How BN statistics are averaged over every worker's batches in data-parallel training."""
+    return {"convbn": "distribute.sync_bn: true",
+            "keras": "BatchNormalization(synchronized=True) under the distribution strategy",
+            "pytorch": "nn.SyncBatchNorm.convert_sync_batchnorm(model) under DDP"}[origin(ctx)]
+
+
 def fitting_decay(steps: int) -> float:
     """The largest decay (two decimals) whose average forgets its start (weight below 1%) and spans at most a third
     of `steps`: what check_decay suggests."""

@@ -1,15 +1,17 @@
-"""`convbn diagnose`'s checks that measure the model on data: BN statistics never updated or lagging, the gap between
+"""`convbn diagnose`'s checks that measure the model on data: BN statistics never updated, the gap between
 moving and batch statistics, inputs on another scale, a model that does not fit the images, dead channels. Each
 fix is measured before it is offered (recalibrate only where an in-memory precise BN helps) and phrased in the
 target's own terms (advice.py)."""
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
 from ..model.graph import output_model
 from ..present.thresholds import DEAD_GAMMA
 from . import advice
+from .decay_checks import decay_checked, start_left
 from .findings import (
     MATERIAL_GAP,
     Finding,
@@ -19,7 +21,6 @@ from .findings import (
     in_precise_bn,
     per_channel,
     precise_bn_accuracy,
-    precise_statistics,
 )
 
 SCALE_OFF = 10.0  # inputs this many times too large (or small) for the first BN layer: a scale mismatch
@@ -45,54 +46,10 @@ def check_never_updated(ctx) -> list:
                               "accuracy_moving": moving, "accuracy_after_precise_bn": precise})]
 
 
-def check_decay(ctx) -> list:
-    """A decay whose averaging horizon 1/(1-decay) is long against the steps taken: the moving statistics still
-    remember their start and lag behind the final weights."""
-    if not ctx.steps:
-        return []
-    out = []
-    updating = [bn for bn in ctx.bns if bn.trainable]  # a frozen layer's statistics are not averaged at all
-    for decay in sorted({round(float(bn.momentum), 6) for bn in updating}):
-        left = decay ** ctx.steps  # the weight the initial (0, 1) still has in the average
-        if left > 0.01 or ctx.steps < 3 / max(1 - decay, 1e-9):
-            names = [bn.name for bn in updating if round(float(bn.momentum), 6) == decay]
-            fitting = advice.fitting_decay(ctx.steps)
-            lower = f"{advice.shorter_average(ctx, fitting, ctx.steps)}, or " if fitting < decay else ""
-            out.append(Finding(
-                "decay_too_slow", "warning",
-                f"decay {decay:g} averages over ~{1 / (1 - decay):.0f} steps but training took {ctx.steps}: the "
-                f"initial statistics still weigh {left:.1%} and the rest lags behind the final weights",
-                f"{lower}run {advice.recompute(ctx)}",
-                layers=names, evidence={"decay": decay, "keras_momentum": decay, "pytorch_momentum": 1 - decay,
-                                        "horizon_steps": 1 / (1 - decay), "steps": ctx.steps,
-                                        "initial_weight_left": left}))
-    return out
-
-
-def start_left(ctx) -> float | None:
-    """The share of their start (mean 0, variance 1) the moving statistics still hold, measured against the ones an
-    in-memory precise BN computes: moving = (1 - w) precise + w start, fitted over every channel of the updating
-    layers (means in the data's standard deviations, variances relative to (variance + 1)). None when precise BN's
-    statistics sit too near the start for the fit to tell."""
-    precise = precise_statistics(ctx)
-    lag, span = [], []  # precise - moving, precise - start
-    for bn in [bn for bn in ctx.bns if bn.trainable]:
-        pm, pv = precise[bn.name]
-        mm, mv = (np.asarray(v.numpy(), np.float64) for v in (bn.moving_mean, bn.moving_variance))
-        sd = np.sqrt(np.maximum(pv, 0) + bn.epsilon)
-        lag += [(pm - mm) / sd, (pv - mv) / (np.abs(pv) + 1)]
-        span += [pm / sd, (pv - 1) / (np.abs(pv) + 1)]
-    lag, span = np.concatenate(lag or [[]]), np.concatenate(span or [[]])
-    ok = np.isfinite(lag) & np.isfinite(span)
-    lag, span = lag[ok], span[ok]
-    if not len(span) or float(np.mean(span ** 2)) < 0.01:
-        return None
-    return float(np.clip(lag @ span / (span @ span), 0, 1))
-
-
 def _gap_fix(ctx, helpful: bool) -> tuple:
-    """(fix, the decay evidence behind it) for an inference gap: recalibrate where precise BN helps, and a decay only
-    in the direction the measured lag points (advice.decay_direction)."""
+    """(fix, the decay evidence behind it) for an inference gap: recalibrate where precise BN helps, and then, for
+    the next training, a decay only in the direction the measured lag points (advice.decay_direction) and, on a
+    Keras model, only where the statistics it would leave with these weights measure as well as precise BN's."""
     if ctx.scale_mismatch:
         return "scale the inputs as in training first (input_scale_mismatch): the statistics only look stale", {}
     if not helpful:
@@ -105,13 +62,18 @@ def _gap_fix(ctx, helpful: bool) -> tuple:
     decay, left = decays[0], start_left(ctx)
     direction = advice.decay_direction(decay, ctx.steps, left)
     basis.update(start_left=left, direction=direction)
-    if direction == "lower":
-        fitting = advice.fitting_decay(ctx.steps) if ctx.steps else None
-        to = fitting if fitting is not None and fitting < decay else None
-        fix += f"; so that it does not come back: {advice.shorter_average(ctx, to, ctx.steps)}"
-    elif direction == "higher":
-        fix += f"; so that it does not come back: {advice.longer_average(ctx, decay)}"
-    return fix, basis
+    if direction is None:
+        return fix, basis
+    fitting = advice.fitting_decay(ctx.steps) if ctx.steps else None
+    to = (fitting if fitting is not None and fitting < decay else None) if direction == "lower" else None
+    # the decay measured: `to`, else a usual 0.9 (lower than a lagging one's, higher than a too short one's)
+    checked = (decay_checked(ctx, to or advice.SHORT_AVERAGE, ctx.steps or 100)
+               if isinstance(ctx.model, keras.Model) else None)
+    basis["decay_checked"] = checked
+    if checked is not None and not checked["ok"]:
+        return fix, basis  # the decay would leave statistics no better: not offered
+    said = advice.shorter_average(ctx, to, ctx.steps) if direction == "lower" else advice.longer_average(ctx, decay)
+    return f"{fix}; so that it does not come back: {said}", basis
 
 
 def check_inference_gap(ctx) -> list:

@@ -19,14 +19,15 @@ from ..errors import TargetError
 from ..model import bn_layers
 from ..runs.target import Target, onnx_file, opened
 from .advice import fitting_decay
+from .batch_checks import check_batch_dependence
 from .data_checks import (
     check_accuracy_floor,
     check_dead_channels,
-    check_decay,
     check_inference_gap,
     check_input_scale,
     check_never_updated,
 )
+from .decay_checks import check_decay, check_decay_too_fast
 from .findings import SEVERITIES, Context, Finding
 from .model_checks import (
     check_bn_axis,
@@ -37,18 +38,25 @@ from .model_checks import (
     check_unfolded_export,
     check_values,
 )
+from .order_checks import check_layer_order
+from .worker_checks import check_workers, same_layout
 
 __all__ = ["CHECKS", "SEVERITIES", "Context", "Finding", "diagnose", "diagnose_model", "fitting_decay"] + [
-    c.__name__ for c in (check_accuracy_floor, check_bn_axis, check_dead_channels, check_decay, check_dtypes,
-                         check_few_values, check_frozen, check_inference_gap, check_input_scale, check_never_updated,
-                         check_redundant_bias, check_unfolded_export, check_values)]
+    c.__name__ for c in (check_accuracy_floor, check_batch_dependence, check_bn_axis, check_dead_channels,
+                         check_decay, check_decay_too_fast, check_dtypes,
+                         check_few_values, check_frozen, check_inference_gap, check_input_scale, check_layer_order,
+                         check_never_updated, check_redundant_bias, check_unfolded_export, check_values,
+                         check_workers)]
 
 # In this order: check_input_scale tells check_inference_gap (and check_accuracy_floor) whether stale-looking
 # statistics are a scale problem; check_accuracy_floor comes after the checks of BN's own parameters, so that a
-# model at chance through a dead or non-finite layer leads with that layer's finding.
-CHECKS = (check_never_updated, check_decay, check_bn_axis, check_input_scale, check_inference_gap,
-          check_dead_channels, check_values, check_accuracy_floor, check_redundant_bias, check_dtypes,
-          check_few_values, check_frozen, check_unfolded_export)
+# model at chance through a dead or non-finite layer leads with that layer's finding; check_decay_too_fast after
+# check_input_scale, whose mismatch makes any statistics look far from the data's.
+CHECKS = (check_batch_dependence, check_never_updated, check_decay, check_bn_axis, check_input_scale,
+          check_decay_too_fast, check_inference_gap, check_dead_channels, check_values, check_accuracy_floor,
+          check_redundant_bias, check_dtypes, check_few_values, check_frozen, check_unfolded_export,
+          check_layer_order, check_workers)
+ONLY_WITH = {check_workers: lambda ctx: bool(ctx.workers)}  # checks that apply only to some targets
 
 
 def diagnose_model(ctx: Context, passed: list | None = None) -> list:
@@ -57,6 +65,9 @@ def diagnose_model(ctx: Context, passed: list | None = None) -> list:
     ctx.bns = bn_layers(ctx.model)
     findings = []
     for check in CHECKS:
+        applies = ONLY_WITH.get(check)
+        if applies is not None and not applies(ctx):
+            continue
         found = check(ctx)
         findings += found
         if not found and passed is not None:
@@ -66,7 +77,8 @@ def diagnose_model(ctx: Context, passed: list | None = None) -> list:
 
 # --------------------------------------------------------------------------- opening a target with its data
 
-def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, layout=None, log=lambda m: None) -> dict:
+def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, layout=None, log=lambda m: None,
+             workers=()) -> dict:
     """Diagnose the BN of a run directory, checkpoint, convbn export or any Keras 3 `.keras` model.
 
     Args:
@@ -77,10 +89,14 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, layo
         batches: how many batches of images the data checks (and the in-memory precise BN) use.
         scale: the factor pixels are multiplied by for a model from elsewhere (1/255: pixels in [0, 1]).
         layout: an ONNX model's input layout ("NCHW" or "NHWC") where its graph does not say.
+        workers: the other workers' checkpoints or models of one data-parallel training (`target` the first):
+            compared with it (workers_disagree); each has the same BN layers and weights as `target`.
 
     Returns:
-        {"target", "kind", "bn_layers", "images", "findings": [Finding, ...], "counts": {severity: n}}.
+        {"target", "kind", "bn_layers", "images", "findings": [Finding, ...], "counts": {severity: n}, "workers"}.
     """
+    if workers and any(onnx_file(w) is not None for w in [target, *workers]):
+        raise TargetError("comparing workers (diagnose A B ...) takes Keras models, checkpoints and runs, not ONNX yet")
     onnx = onnx_file(target)
     if onnx is not None:  # an ONNX model (PyTorch's, tf2onnx's): its graph's BN, measured with onnxruntime
         from .onnx_doctor import diagnose_onnx
@@ -89,10 +105,15 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, layo
     t = opened(target, which)
     if not bn_layers(t.model):
         raise TargetError(f"{t.source}: the model has no BN layers to diagnose")
+    others = [(str(w), opened(w, which).model) for w in workers]
+    why = same_layout([t.model] + [m for _, m in others]) if others else None
+    if why:
+        raise TargetError(f"{', '.join([str(target), *map(str, workers)])}: not workers of one model: {why}")
     d = t.eval_data(batches, data_source=data, scale=scale, log=log)
     n = batches * d.batch_size  # batches of the training size (a model from elsewhere: of 128)
     ctx = Context(t.model, d.num_classes, d.images[:n], d.labels[:n], d.batch_size, d.calibration, _steps(t),
-                  t.config, t.kind, scale=None if t.config is not None else scale)
+                  t.config, t.kind, scale=None if t.config is not None else scale, workers=others,
+                  target_name=str(target))
     log(f"diagnosing {t.source}: {len(bn_layers(t.model))} BN layer(s), {len(ctx.images)} images; measuring with "
         "the moving statistics, each batch's own and an in-memory precise BN ...")
     passed = []
@@ -101,7 +122,7 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, layo
     for f in findings:  # the fixes name the user's own target
         f.fix = f.fix.replace("TARGET", named)
     return {"target": t.source, "kind": t.kind, "bn_layers": [bn.name for bn in ctx.bns], "images": len(ctx.images),
-            "findings": findings, "passed": passed,
+            "findings": findings, "passed": passed, "workers": [name for name, _ in others],
             "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES}}
 
 

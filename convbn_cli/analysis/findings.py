@@ -18,6 +18,7 @@ from ..model.graph import consumers, input_model
 
 SEVERITIES = ("info", "warning", "error")
 MATERIAL_GAP = 0.02  # accuracy points between batch- and moving-statistics inference that call for a look
+QUIET = 1e-4  # channels whose variance is below this share of their layer's median: constant, they tell nothing
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Context:
     # exported from PyTorch, whose BN momentum is 1 - Keras' (for ONNX targets, once diagnose opens them)
     framework: str = "keras"
     bns: list = field(default_factory=list)
+    workers: list = field(default_factory=list)  # [(name, model)]: the other workers' models (diagnose A B ...)
+    target_name: str | None = None  # how the user named the target, for findings that name several
     _stats: dict = field(default_factory=dict)
     _measured: dict = field(default_factory=dict)  # accuracies by BN mode, each measured once
     scale_mismatch: bool = False  # set by check_input_scale: the statistics look stale because the inputs are off
@@ -78,7 +81,8 @@ def per_channel(tensor, bn) -> np.ndarray:
     return np.moveaxis(out, axis, -1).reshape(-1, out.shape[axis])
 
 
-def _dataset(ctx):
+def dataset_of(ctx):
+    """The context's images and labels in whole batches of its batch size."""
     return tf.data.Dataset.from_tensor_slices((ctx.images, ctx.labels)).batch(ctx.batch_size, drop_remainder=True)
 
 
@@ -86,7 +90,7 @@ def evaluate_bn(ctx, bn_stats):
     """{loss, accuracy, count, ...} with the moving ("moving") or each batch's own ("batch") BN statistics, once
     each."""
     if bn_stats not in ctx._measured:
-        ctx._measured[bn_stats] = Evaluator(ctx.model, ctx.num_classes, bn_stats)(_dataset(ctx))
+        ctx._measured[bn_stats] = Evaluator(ctx.model, ctx.num_classes, bn_stats)(dataset_of(ctx))
     return ctx._measured[bn_stats]
 
 
@@ -107,7 +111,7 @@ def in_precise_bn(ctx, fn):
 def precise_bn_accuracy(ctx) -> float:
     """Accuracy after an in-memory precise BN (nothing written)."""
     if "precise" not in ctx._measured:
-        ctx._measured["precise"] = in_precise_bn(ctx, lambda: Evaluator(ctx.model, ctx.num_classes)(_dataset(ctx)))
+        ctx._measured["precise"] = in_precise_bn(ctx, lambda: Evaluator(ctx.model, ctx.num_classes)(dataset_of(ctx)))
     return ctx._measured["precise"]["accuracy"]
 
 
@@ -138,3 +142,14 @@ def following_relu(model, bn):
                                               and getattr(act.activation, "__name__", "") == "relu"):
         return act
     return None
+
+
+def usable_channels(population_var: np.ndarray) -> np.ndarray:
+    """Channels whose population variance is finite and not negligible against the layer's median: a constant
+    channel (a ReLU that never fires before the BN) has a variance at float rounding, and any distance divided by
+    it (or by a tiny epsilon) is noise."""
+    pv = np.asarray(population_var, np.float64)
+    ok = np.isfinite(pv) & (pv > 0)
+    if not ok.any():
+        return ok
+    return ok & (pv > QUIET * np.median(pv[ok]))

@@ -205,21 +205,26 @@ def _activations(session, target, which, layers, data, scale, fmt, plot_path):
 @click.option("--fail-on", type=click.Choice(["warning", "error"]), default="error", show_default=True,
               help="Exit 4 when a finding of this severity or worse is found.")
 @pass_session
-def diagnose_cmd(session: Session, target, which, data, batches, scale, layout, as_json, fail_on):
+def diagnose_cmd(session: Session, targets, which, data, batches, scale, layout, as_json, fail_on):
     """Find what is wrong with the batch normalization of TARGET.
 
     TARGET: a run directory, checkpoint, export, any Keras 3 .keras model with BN layers, or an ONNX model (a
     PyTorch export: MODEL.onnx --data mnist). Each finding names its layers, its evidence and a fix. Exit 0, or 4
     when something at or above --fail-on was found.
+
+    WORKER ...: the other workers' checkpoints or models of one data-parallel training, compared with TARGET
+    (workers_disagree: their BN statistics and weights).
     """
     from ..present.reports import DiagnoseReport, dumps
 
+    target, workers = targets[0], list(targets[1:])
+
     try:
-        session.tensorflow(target, data=data, runnable_only=_onnx(target))
+        session.tensorflow(target, *workers, data=data, runnable_only=any(map(_onnx, targets)))
         from ..analysis.diagnose import SEVERITIES, diagnose
 
         report = DiagnoseReport(diagnose(target, which=which, data=data, batches=batches, scale=scale, layout=layout,
-                                         log=session.say))
+                                         log=session.say, workers=workers))
     except ConvbnError as e:
         if as_json:  # a script reading stdout gets an object either way; the one-line error still goes to stderr
             click.echo(dumps({"error": e.lines, "exit_code": e.exit_code}))
