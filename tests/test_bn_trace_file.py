@@ -27,7 +27,7 @@ def test_a_trace_round_trips_through_its_file(tmp_path):
     t = _trace()
     t.end_step, t.final_mechanism = 5, "precise_bn"
     t.final = {"bn0": {"mean": np.ones(3, np.float32), "variance": np.full(3, 2, np.float32)}}
-    path = tmp_path / bt.TRACE_FILE
+    path = tmp_path / "bn_trace.npz"
     path.write_bytes(bt.to_bytes(t))
     back = bt.read_trace(path)
     assert back.steps.tolist() == [1, 2, 3, 4, 5] and back.end_step == 5 and back.final_mechanism == "precise_bn"
@@ -60,7 +60,7 @@ def test_a_resume_keeps_the_samples_up_to_its_checkpoint_and_drops_the_end_marks
 
 @pytest.mark.parametrize("damage", ["garbage", "steps_back", "shape"])
 def test_a_damaged_trace_is_one_line(tmp_path, damage):
-    path = tmp_path / bt.TRACE_FILE
+    path = tmp_path / "bn_trace.npz"
     t = _trace()
     if damage == "garbage":
         path.write_bytes(b"not a zip at all")

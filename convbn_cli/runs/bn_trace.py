@@ -1,4 +1,4 @@
-"""bn_trace.npz: the BN trace of a run (train/trace.py records it, present/bn_trace.py draws it).
+"""bn_stats/bn_trace.npz: the BN trace of a run (train/trace.py records it, present/bn_trace.py draws it).
 
 Every few training steps, for each BN layer and channel: the batch mean and (biased) variance the step normalized
 with and the moving mean and variance after that step's update. One array (samples, channels) per layer and
@@ -20,7 +20,9 @@ import numpy as np
 from ..readers import read_bytes
 from .rundir import RunDirError
 
-TRACE_FILE = "bn_trace.npz"
+# in bn_stats/, with the per-epoch statistics: a run that could not write its first checkpoint is removed whole
+# (RunDir.removed_if_unstarted removes only what training writes, bn_stats/ among it)
+TRACE_FILE = "bn_stats/bn_trace.npz"
 QUANTITIES = ("batch_mean", "batch_variance", "moving_mean", "moving_variance")
 MAX_SAMPLES = 1000  # mnist_bn's 320 channels: 5 KiB a sample, 5 MiB at most
 MAX_BYTES = 256 << 20
@@ -107,7 +109,7 @@ def to_bytes(trace: Trace) -> bytes:
 
 
 def read_trace(path) -> Trace:
-    """The trace in `path` (a run's bn_trace.npz), each array checked; a damaged file is one RunDirError line."""
+    """The trace in `path` (a run's TRACE_FILE), each array checked; a damaged file is one RunDirError line."""
     data = read_bytes(path, MAX_BYTES, "a BN trace", RunDirError)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:

@@ -1,5 +1,5 @@
-"""The BN trace while training (`output.bn_trace: N`): bn_trace.npz, and bn_trace.png / bn_trace_heatmap.png at the
-end (runs/bn_trace.py holds the file, present/bn_trace.py draws it).
+"""The BN trace while training (`output.bn_trace: N`): bn_stats/bn_trace.npz, and bn_trace.png / bn_trace_heatmap.png
+at the end (runs/bn_trace.py holds the file, present/bn_trace.py draws it).
 
 Every N steps (more often when an epoch has fewer than POINTS_PER_EPOCH x N steps: a short run's lag needs
 points), for each BN layer and channel: the batch mean and biased variance the step normalized with, which the BN
