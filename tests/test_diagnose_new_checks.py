@@ -93,9 +93,9 @@ def healthy(data, tmp_path_factory):
     moving, batch = accuracies(model, a)
     assert moving > 0.9 and abs(moving - batch) <= 0.02, (moving, batch)
     x = xy(a)[0][:64]
-    np.testing.assert_allclose(model(x[:32], training=False), model(x[[*range(16), *range(32, 48)]],
-                                                                    training=False)[:16].numpy().tolist()
-                               + model(x[16:32], training=False).numpy().tolist(), atol=1e-4)
+    alone = model(x[:32], training=False).numpy()[:16]
+    among = model(x[[*range(16), *range(32, 48)]], training=False).numpy()[:16]  # the same 16, other partners
+    np.testing.assert_allclose(alone, among, atol=1e-4)
     src = tmp_path_factory.mktemp("healthy") / "healthy.keras"
     model.save(src)
     return src, path, a
@@ -185,8 +185,8 @@ def test_workers_with_their_own_statistics_are_compared(healthy, tmp_path):
     (the healthy control, also through the CLI); a worker whose shard holds one class: its statistics differ."""
     src, path, a = healthy
     rng = np.random.default_rng(0)
-    alike = _workers(src, a, tmp_path / "alike", [rng.permutation(640)[:128] for _ in range(3)]) \
-        if (tmp_path / "alike").mkdir() is None else None
+    (tmp_path / "alike").mkdir()
+    alike = _workers(src, a, tmp_path / "alike", [rng.permutation(640)[:128] for _ in range(3)])
     r = diagnose(alike[0], data=str(path), batches=2, workers=alike[1:])
     assert "workers_disagree" not in names(r) and "workers" in r["passed"] and r["workers"] == alike[1:]
     out = CliRunner().invoke(main, ["diagnose", *alike, "--data", str(path), "--batches", "2", "--json"])
