@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..model import Evaluator
-from ..model.bn import restore_statistics, snapshot_statistics
+from ..model.bn import channel_axis, restore_statistics, snapshot_statistics
 from ..model.graph import input_model
 from . import advice
 from .findings import (
@@ -22,13 +22,13 @@ from .findings import (
     evaluate_bn,
     helps,
     in_precise_bn,
-    per_channel,
     precise_bn_accuracy,
     precise_statistics,
     usable_channels,
 )
 
 SUB_BATCH = 8  # images per sub-batch when measuring how much one image's statistics vary
+NOISE_IMAGES = 1024  # at most this many images for that measurement (128 sub-batches): enough for a variance
 FAST_BATCHES = 3.0  # a decay whose average spans fewer batches, (1 + d) / (1 - d), than this: d below 0.5
 
 
@@ -104,16 +104,27 @@ def start_left(ctx) -> float | None:
 
 
 
+def per_image_means(values: np.ndarray, axis: int) -> np.ndarray:
+    """(N, C): each image's mean per channel of a layer's values (N, ...) whose channels are on `axis`."""
+    values = np.moveaxis(np.asarray(values, np.float64), axis, -1)
+    return values.reshape(len(values), -1, values.shape[-1]).mean(1)
+
+
 def subbatch_means(ctx) -> dict:
-    """{BN layer: (K, C) per-channel means of K sub-batches of SUB_BATCH images}, each layer's input measured with
-    precise BN's statistics in the layers before it (the weights are final; nothing written)."""
+    """{BN layer: (K, C) per-channel means of K sub-batches of SUB_BATCH images (of at most NOISE_IMAGES)}, each
+    layer's input measured with precise BN's statistics in the layers before it (the weights are final; nothing
+    written). The layers before it run on whole batches; the sub-batches are made of its per-image means."""
     def measure():
         out = {}
-        n = (len(ctx.images) // SUB_BATCH) * SUB_BATCH
+        images = ctx.images[:NOISE_IMAGES]
+        n = (len(images) // SUB_BATCH) * SUB_BATCH
         for bn in ctx.bns:
             upstream = input_model(ctx.model, bn)
-            out[bn.name] = np.stack([per_channel(upstream(ctx.images[i:i + SUB_BATCH], training=False), bn).mean(0)
-                                     for i in range(0, n, SUB_BATCH)]) if n >= 2 * SUB_BATCH else np.zeros((0, 1))
+            means = [per_image_means(v, channel_axis(bn, len(v.shape))) for v in
+                     (upstream(images[i:i + ctx.batch_size], training=False) for i in range(0, n, ctx.batch_size))]
+            per_image = np.concatenate(means)[:n] if means else np.zeros((0, 1))
+            out[bn.name] = per_image.reshape(-1, SUB_BATCH, per_image.shape[-1]).mean(1) if n >= 2 * SUB_BATCH \
+                else np.zeros((0, 1))
         return out
 
     if "subbatch_means" not in ctx._measured:
