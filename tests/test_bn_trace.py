@@ -25,7 +25,7 @@ from convbn_cli.model.batch_trace import batch_variables  # noqa: E402
 from convbn_cli.model.bn import bn_layers  # noqa: E402
 from convbn_cli.model.graph import input_model  # noqa: E402
 from convbn_cli.runs import RunDir  # noqa: E402
-from convbn_cli.runs.bn_trace import TRACE_FILE, extend, read_trace, to_bytes  # noqa: E402
+from convbn_cli.runs.bn_trace import TRACE_FILE, empty, extend, read_trace, to_bytes  # noqa: E402
 from convbn_cli.train import Interrupted, train  # noqa: E402
 
 pytestmark = pytest.mark.heavy
@@ -166,6 +166,9 @@ def test_a_run_report_shows_the_trace_and_the_activations_in_a_browser(run_copy,
     (run_copy / TRACE_FILE).write_bytes(b"damaged")  # the page still opens, and says why the trace is missing
     assert cli("report", run_copy).exit_code == 0
     assert "not a BN trace convbn wrote" in (run_copy / "report.html").read_text()
+    (run_copy / TRACE_FILE).write_bytes(to_bytes(empty({"conv1_bn": 4}, {"conv1_bn": 0.9}, {"conv1_bn": "biased"}, 16)))
+    assert cli("report", run_copy).exit_code == 0  # stopped before its first sample: said, not drawn empty
+    assert "no sample yet" in (run_copy / "report.html").read_text()
 
 
 def _outside_model(path):

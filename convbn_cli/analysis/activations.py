@@ -128,7 +128,10 @@ def report_pictures(run, t, *, log=lambda m: None) -> dict:
     if path.is_file():
         try:
             trace = read_trace(path)
-            pictures.update(bn_trace=png(draw_lag, trace), bn_trace_heatmap=png(draw_heatmap, trace))
+            if len(trace):
+                pictures.update(bn_trace=png(draw_lag, trace), bn_trace_heatmap=png(draw_heatmap, trace))
+            else:
+                notes["trace"] = f"{path}: no sample yet (the run stopped before its first sampled step)"
         except ConvbnError as e:
             notes["trace"] = str(e)
     else:

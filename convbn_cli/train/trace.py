@@ -54,8 +54,8 @@ class BNTrace:
         variables = [v for bn in self.bns for v in (*batch_variables(bn), bn.moving_mean, bn.moving_variance)]
         self.read = tf.function(lambda: tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in variables], 0))
         self.trace = empty({bn.name: int(bn.moving_mean.shape[0]) for bn in self.bns},
-                     {bn.name: float(bn.momentum) for bn in self.bns},
-                     {bn.name: moving_variance_rule(bn) for bn in self.bns}, trainer.steps)
+                           {bn.name: float(bn.momentum) for bn in self.bns},
+                           {bn.name: moving_variance_rule(bn) for bn in self.bns}, trainer.steps)
         if trainer.restored and (trainer.run.path / TRACE_FILE).is_file():
             self.resume(trainer, trainer.run.path / TRACE_FILE)
 
@@ -121,7 +121,13 @@ class BNTrace:
                 trainer.run.write_file(name, picture.getvalue())
 
     def on_close(self, trainer):
-        self.write(trainer)  # stopped by a signal or an error: the samples up to the signal checkpoint's step
+        """Stopped by a signal: its checkpoint is at this very step, and the samples up to it go with it (a resume
+        continues from there). After any other failure nothing is written: the run keeps what it had."""
+        if self.trace is None or trainer.run is None:
+            return
+        step = int(trainer.optimizer.iterations.numpy())
+        if (trainer.run.checkpoints / f"ckpt-{step}.index").is_file():
+            self.write(trainer)
 
     def write(self, trainer):
         if self.dirty and self.trace is not None and self.bns and trainer.run is not None:
