@@ -53,7 +53,10 @@ def test_ctrl_c_at_the_end_of_a_sweeps_first_run_trains_no_other(tmp_path, synth
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny_raw(tmp_path, **{"train.epochs": 1})))
     path = sw.create(sw.plan(config, ["model.bn.decay=0.5,0.9,0.99"]))
+    # The sweep fetches each trial's dataset through data.sources (train() through data.fetch): both stubbed, or
+    # the test downloads the real MNIST (refused without the network mark).
     monkeypatch.setattr("convbn_cli.data.fetch", lambda *a, **k: synthetic)
+    monkeypatch.setattr("convbn_cli.data.sources.fetch", lambda *a, **k: synthetic)
     console_finish = events.Console.on_finish
 
     def finish_then_ctrl_c(self, trainer, results):
