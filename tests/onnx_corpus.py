@@ -85,7 +85,7 @@ class Net:
             elif kind == "bn_rows":  # BN over axis 1 of the NHWC view: one statistic per image row
                 self.p.append({"gamma": self.rng.uniform(0.6, 1.4, hw), "beta": self.rng.normal(0.1, 0.2, hw),
                                "mean": np.zeros(hw), "var": np.ones(hw), "eps": eps, "channels": hw})
-            elif kind == "bn":
+            elif kind in ("bn", "bn_train", "bn_reduce"):
                 self.p.append({"gamma": self.rng.uniform(0.6, 1.4, c), "beta": self.rng.normal(0.1, 0.2, c),
                                "mean": np.zeros(c), "var": np.ones(c), "eps": eps, "channels": c})
             else:
@@ -97,7 +97,7 @@ class Net:
                 return x
             if kind == "conv":
                 x = conv(x, p["w"], p["b"])
-            elif kind == "bn":
+            elif kind in ("bn", "bn_train", "bn_reduce"):
                 x = bn(x, p)
             elif kind == "relu":
                 x = np.maximum(x, 0)
@@ -120,7 +120,7 @@ class Net:
         fixed point); the last Gemm: least squares."""
         for _ in range(4 if any("share" in a for _, *a in self.plan) else 1):
             for k, (kind, *_) in enumerate(self.plan):
-                if kind == "bn" or kind == "bn_rows":
+                if kind in ("bn", "bn_rows", "bn_train", "bn_reduce"):
                     calls = [j for j, q in enumerate(self.p) if q is self.p[k] and j <= k]
                     if calls[-1] != k:
                         continue
@@ -129,6 +129,7 @@ class Net:
                         inputs = [a.transpose(0, 2, 3, 1) for a in inputs]
                     m, v = zip(*[moments(a) for a in inputs])
                     self.p[k]["mean"], self.p[k]["var"] = np.mean(m, 0), np.mean(v, 0)
+        self.fit_x = x
         last = len(self.plan) - 1
         f = self.forward(x, last)
         f1 = np.concatenate([f, np.ones((len(f), 1))], 1)
@@ -188,7 +189,15 @@ def to_onnx(net: Net, layout="NCHW"):
         elif kind == "bn":
             if id(p) not in names:
                 names[id(p)] = [g.init(q, p[q]) for q in ("gamma", "beta", "mean", "var")]
-            x = g.node("BatchNormalization", [x, *names[id(p)]], "bn", epsilon=p["eps"], momentum=0.9)
+            momentum = {} if p.get("momentum", 0.9) is None else {"momentum": p.get("momentum", 0.9)}
+            x = g.node("BatchNormalization", [x, *names[id(p)]], "bn", epsilon=p["eps"], **momentum)
+        elif kind == "bn_train":  # exported in training mode (torch.onnx.export, TrainingMode.TRAINING): 3 outputs
+            ins = [x, *[g.init(q, p[q]) for q in ("gamma", "beta", "mean", "var")]]
+            x = g.name("bn")
+            g.nodes.append(helper.make_node("BatchNormalization", ins, [x, x + "_rm", x + "_rv"], name=x,
+                                            epsilon=p["eps"], momentum=0.9, training_mode=1))
+        elif kind == "bn_reduce":  # a "BN" written out of ReduceMean over the batch: each batch's own statistics
+            x = _reduce_bn(g, x, p)
         elif kind == "relu":
             x = g.node("Relu", [x])
         elif kind == "pool":
@@ -201,9 +210,22 @@ def to_onnx(net: Net, layout="NCHW"):
             x = g.node("MatMul", [x, g.init("w", p["w"].T)])
         elif kind == "t2":  # tf2onnx before its optimizer: to NHWC and back, around nothing
             x = g.node("Transpose", [g.node("Transpose", [x], perm=[0, 2, 3, 1])], perm=[0, 3, 1, 2])
+        elif kind == "dropout":  # an inference graph that kept its Dropout (identity at inference)
+            x = g.node("Dropout", [x])
         elif kind == "as4d":  # (N, C) -> (N, C, 1, 1), as a BatchNorm2d after a view
             x = g.node("Reshape", [x, g.init("shape", [0, -1, 1, 1], np.int64)])
     return g.model("input", shape, x, "pytorch" if layout == "NCHW" else "tf2onnx")
+
+
+def _reduce_bn(g, x, p):
+    shape = [1, -1, 1, 1]
+    m = g.node("ReduceMean", [x], axes=[0, 2, 3], keepdims=1)
+    d = g.node("Sub", [x, m])
+    v = g.node("ReduceMean", [g.node("Mul", [d, d])], axes=[0, 2, 3], keepdims=1)
+    sd = g.node("Sqrt", [g.node("Add", [v, g.init("eps", p["eps"])])])
+    n = g.node("Div", [d, sd])
+    return g.node("Add", [g.node("Mul", [n, g.init("g", p["gamma"].reshape(shape))]),
+                          g.init("b", p["beta"].reshape(shape))])
 
 
 CNN = [("conv", 6), ("bn",), ("relu",), ("pool",), ("conv", 8), ("bn",), ("relu",), ("flatten",), ("gemm", CLASSES)]
@@ -215,6 +237,12 @@ SHARED = [("conv", 6), ("bn",), ("relu",), ("conv", 6), ("bn",), ("relu",), ("co
           ("relu",), ("pool",), ("flatten",), ("gemm", CLASSES)]
 TRANSPOSED = [("conv", 6), ("t2",), ("bn",), ("relu",), ("pool",), ("flatten",), ("gemm", CLASSES)]
 GEMM_4D = [("flatten",), ("gemm", 24), ("as4d",), ("bn",), ("relu",), ("flatten",), ("gemm", CLASSES)]
+TRAIN_MODE = [("conv", 6), ("bn_train",), ("relu",), ("pool",), ("conv", 8), ("bn",), ("relu",), ("flatten",),
+              ("gemm", CLASSES)]
+REDUCE_BN = [("conv", 6), ("bn_reduce",), ("relu",), ("pool",), ("flatten",), ("gemm", CLASSES)]
+RELU_FIRST = [("conv", 6), ("relu",), ("bn",), ("pool",), ("conv", 8), ("bn",), ("relu",), ("flatten",),
+              ("gemm", CLASSES)]
+DROPOUT_BN = [("flatten",), ("dropout",), ("gemm", 24), ("bn",), ("relu",), ("gemm", CLASSES)]
 WRONG_AXIS = [("conv", 6), ("bn_rows",), ("relu",), ("pool",), ("flatten",), ("gemm", CLASSES)]
 
 
@@ -239,6 +267,25 @@ def _never_updated(net):
     return net
 
 
+def _momentum(value):
+    def change(net):  # the momentum attribute every BN node is written with (None: none written)
+        for p in _bns(net):
+            p["momentum"] = value
+        return net
+    return change
+
+
+def _last_batch(value, images=32):
+    """Running statistics that are one small batch's (what a decay of 0.1 leaves: ~1 batch), layer by layer."""
+    def change(net):
+        x = net.fit_x[-images:]
+        for k, (kind, *_) in enumerate(net.plan):
+            if kind == "bn":
+                net.p[k]["mean"], net.p[k]["var"] = moments(net.forward(x, k))
+        return _momentum(value)(net)
+    return change
+
+
 def _set(k, **values):
     def change(net):
         for q, (index, value) in values.items():
@@ -246,6 +293,12 @@ def _set(k, **values):
             net.p[k][q][index] = value
         return net
     return change
+
+
+def _constant_channels(net):
+    """Two of the first conv's six channels constant (zero weights): their variance 0 is below epsilon, but a lower
+    epsilon changes nothing there (nothing varies); a positive shift keeps them alive after the ReLU."""
+    return _set(1, beta=([0, 1], 0.5))(_set(0, w=([0, 1], 0.0))(net))
 
 
 def _scaled_input(factor):
@@ -285,8 +338,30 @@ CORPUS = {
     "dead_layer": (CNN, "NCHW", {"seed": 19}, _set(1, gamma=(slice(None), 0.0)), None, {"dead_bn_layer"}, {}),
     "extreme_values": (CNN, "NCHW", {"seed": 20}, _scaled_input(3e4), None, {"extreme_bn_values"}, {}),
     "inputs_on_another_scale": (CNN, "NCHW", {"seed": 21}, None, None, {"input_scale_mismatch"}, {"scale": 1.0}),
+    "training_mode_export": (TRAIN_MODE, "NCHW", {"seed": 26}, None, None, {"batch_dependent_predictions"}, {}),
+    "reduce_mean_bn": (REDUCE_BN, "NCHW", {"seed": 27}, None, None, {"batch_dependent_predictions"}, {}),
+    "momentum_ported_wrong": (CNN, "NCHW", {"seed": 28}, None, _last_batch(0.1), {"decay_too_fast"}, {}),
+    "momentum_fast_statistics_precise": (CNN, "NCHW", {"seed": 29}, None, _momentum(0.1), set(), {}),
+    "momentum_absent": (CNN, "NCHW", {"seed": 34}, None, _last_batch(None), set(), {}),
+    "relu_before_bn": (RELU_FIRST, "NCHW", {"seed": 30}, None, None, {"layer_order"}, {}),
+    "dropout_before_bn": (DROPOUT_BN, "NCHW", {"seed": 31}, None, None, {"layer_order"}, {}),
+    "constant_channels_epsilon": (CNN, "NCHW", {"seed": 32, "eps": 1e-2}, _constant_channels, None, set(), {}),
     "labels_of_other_data": (CNN, "NCHW", {"seed": 22}, None, None, {"accuracy_at_chance"}, {"shuffled": True}),
 }
+
+
+def workers(x, y, seed=33, apart=True):
+    """Two ONNX models of one data-parallel training: the same weights; with `apart`, the second's running
+    statistics are its own shard's (32 images of one class: shards not shuffled across workers), as a
+    BN not synchronized across workers leaves them."""
+    net = Net(CNN, seed=seed).fit(x[:, None].astype(np.float64) / 255, y)
+    first = to_onnx(net)
+    if apart:
+        shard = x[y == 0][:32, None].astype(np.float64) / 255
+        for k, (kind, *_) in enumerate(net.plan):
+            if kind == "bn":
+                net.p[k]["mean"], net.p[k]["var"] = moments(net.forward(shard, k))
+    return first, to_onnx(net)
 
 
 def build(name, x, y):

@@ -304,9 +304,9 @@ def test_decay_advice_comes_after_recalibrate_and_only_once_checked(data, tmp_pa
     assert "momentum" not in again.fix and again.fix.startswith("convbn recalibrate")  # unchecked: not offered
 
 
-def test_workers_of_onnx_models_are_refused_in_one_line(healthy, tmp_path):
-    """Comparing workers takes Keras models, checkpoints and runs: an ONNX model among them is one line (exit 2),
-    never a comparison silently skipped."""
+def test_workers_of_onnx_and_keras_models_mixed_are_refused_in_one_line(healthy, tmp_path):
+    """Comparing workers takes ONNX models only (tests/test_onnx_bn_doctor.py) or Keras models, checkpoints and runs
+    only: both kinds among them is one line (exit 2), never a comparison silently skipped."""
     onnx = pytest.importorskip("onnx")
     from onnx_corpus import CORPUS, images
     from onnx_corpus import build as build_onnx
@@ -315,6 +315,6 @@ def test_workers_of_onnx_models_are_refused_in_one_line(healthy, tmp_path):
     onnx.save(build_onnx(next(iter(CORPUS)), x, y)[0], tmp_path / "w.onnx")
     np.savez(tmp_path / "d.npz", x=x, y=y)
     src = healthy[0]
-    for targets in ([str(tmp_path / "w.onnx"), str(tmp_path / "w.onnx")], [str(src), str(tmp_path / "w.onnx")]):
+    for targets in ([str(tmp_path / "w.onnx"), str(src)], [str(src), str(tmp_path / "w.onnx")]):
         out = CliRunner().invoke(main, ["diagnose", *targets, "--data", str(tmp_path / "d.npz")])
-        assert out.exit_code == 2 and "not ONNX yet" in out.output and "Traceback" not in out.output, out.output
+        assert out.exit_code == 2 and "not both" in out.output and "Traceback" not in out.output, out.output

@@ -193,3 +193,95 @@ def test_the_commands_take_onnx_models_and_bad_input_is_one_line(corpus):
     r = runner.invoke(main, ["recalibrate", str(healthy), "--data", str(d / "data.npz"), "--output",
                              str(d / "x.keras")])
     assert r.exit_code == 2 and "must end in .onnx" in r.output
+
+
+# --------------------------------------------------------------------------- issue 38's new checks on ONNX models
+
+def _found(r, name):
+    return [f for f in r["findings"] if f.name == name]
+
+
+def test_batch_dependent_predictions_on_onnx_names_the_training_mode_node_and_the_reductions(corpus):
+    healthy = _diagnose(corpus, "cnn_nchw")
+    assert not _found(healthy, "batch_dependent_predictions") and "batch_dependence" in healthy["passed"]
+    r = _diagnose(corpus, "training_mode_export")
+    (f,) = _found(r, "batch_dependent_predictions")
+    assert f.severity == "error" and f.layers == ["bn_7"] and "bn_7" in f.message and "model.eval()" in f.fix
+    assert f.evidence["accuracy_with_running_statistics"] > 0.95  # the running statistics it holds, measured
+    (f,) = _found(_diagnose(corpus, "reduce_mean_bn"), "batch_dependent_predictions")
+    assert f.layers == f.evidence["nodes"] and len(f.layers) == 2 and all("reducemean" in n for n in f.layers)
+
+
+def test_decay_too_fast_on_onnx_reads_the_momentum_attribute(corpus):
+    (f,) = _found(_diagnose(corpus, "momentum_ported_wrong"), "decay_too_fast")
+    assert f.evidence["decay"] == pytest.approx(0.1) and f.evidence["pytorch_momentum"] == pytest.approx(0.9)
+    assert "nn.BatchNorm2d(momentum=0.01 to 0.1)" in f.fix
+    # a momentum of 0.1 whose statistics measure as precise BN's: the decay alone is no fault
+    r = _diagnose(corpus, "momentum_fast_statistics_precise")
+    assert not _found(r, "decay_too_fast") and "decay_too_fast" in r["passed"]
+    r = _diagnose(corpus, "momentum_absent")  # the same noisy statistics, but no momentum attribute: not judged
+    assert not _found(r, "decay_too_fast") and "no momentum attribute" in r["not_applied"]["decay_too_fast"]
+    assert _diagnose(corpus, "cnn_nchw")["not_applied"] == {}
+
+
+def test_layer_order_on_onnx_reports_what_the_graph_shows(corpus):
+    assert not _found(_diagnose(corpus, "cnn_nchw"), "layer_order")
+    (f,) = _found(_diagnose(corpus, "relu_before_bn"), "layer_order")
+    assert f.severity == "info" and f.layers == ["bn_8"] and f.evidence["order"]["bn_8"]["after_activation"]
+    (f,) = _found(_diagnose(corpus, "dropout_before_bn"), "layer_order")
+    assert "dropout" in f.message and f.evidence["dropout_nodes_in_graph"]
+
+
+def test_epsilon_dominates_on_onnx_is_measured(corpus):
+    found = _found(_diagnose(corpus, "tiny_variance_big_epsilon"), "epsilon_dominates")
+    assert found and all(f.evidence["lower_epsilon"]["material"] for f in found)
+    # two of six channels constant (variance 0, below epsilon): a lower epsilon changes nothing there
+    _, models, _ = corpus
+    from convbn_cli.analysis.onnx_graph import open_onnx
+
+    bn = open_onnx(models["constant_channels_epsilon"][0]).bns[0]
+    assert (bn.moving_variance.numpy() <= bn.epsilon).mean() > 0.25
+    assert not _found(_diagnose(corpus, "constant_channels_epsilon"), "epsilon_dominates")
+
+
+def test_workers_disagree_on_onnx_workers(corpus):
+    from onnx_corpus import workers
+
+    from convbn_cli.cli import main
+
+    d, _, (x, y) = corpus
+    for name, model in zip(("w1", "w2"), workers(x, y)):
+        onnx.save(model, d / f"{name}.onnx")
+    onnx.save(workers(x, y, apart=False)[1], d / "w_same.onnx")
+    onnx.save(workers(x, y, seed=40, apart=False)[1], d / "w_other.onnx")
+    run = dict(data=str(d / "data.npz"), batches=BATCHES)
+    r = diagnose(str(d / "w1.onnx"), workers=[str(d / "w2.onnx")], **run)
+    (f,) = _found(r, "workers_disagree")
+    assert r["workers"] == [str(d / "w2.onnx")] and f.layers and "SyncBatchNorm" in f.fix
+    assert set(f.evidence["accuracy_by_worker"]) == {str(d / "w1.onnx"), str(d / "w2.onnx")}
+    r = diagnose(str(d / "w1.onnx"), workers=[str(d / "w_same.onnx")], **run)
+    assert not _found(r, "workers_disagree") and "workers" in r["passed"]
+    (f,) = _found(diagnose(str(d / "w1.onnx"), workers=[str(d / "w_other.onnx")], **run), "workers_disagree")
+    assert f.severity == "error" and "weights differ" in f.message
+    r = CliRunner().invoke(main, ["diagnose", str(d / "w1.onnx"), str(d / "relu_before_bn.onnx"), "--data",
+                                  str(d / "data.npz")])
+    assert r.exit_code == 2 and "not workers of one model" in r.output and "Traceback" not in r.output
+
+
+def test_the_gap_fixs_decay_advice_on_onnx_only_where_the_momentum_is_known(corpus):
+    """_gap_fix's decay advice on an ONNX model: checked (decay_checked, through the ONNX context) where the nodes
+    carry a momentum, and the recalibrate-first advice alone where they do not."""
+    from onnx_corpus import CNN, Net, _momentum, _stale, to_onnx
+
+    d, _, (x, y) = corpus
+    for momentum in (0.5, None):
+        net = _momentum(momentum)(_stale(Net(CNN, seed=11).fit(x[:, None] / 255.0, y)))
+        onnx.save(to_onnx(net), d / f"gap_{momentum}.onnx")
+        (f,) = _found(diagnose(str(d / f"gap_{momentum}.onnx"), data=str(d / "data.npz"), batches=BATCHES),
+                      "inference_training_gap")
+        if momentum is None:
+            assert f.evidence["decays"] == [] and f.evidence.get("decay_checked") is None
+            assert "does not come back" not in f.fix and "convbn recalibrate" in f.fix
+        else:
+            assert f.evidence["decays"] == [0.5] and f.evidence["decay_checked"]["ok"]
+            assert "so that it does not come back: a lower momentum" in f.fix

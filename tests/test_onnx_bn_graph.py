@@ -97,3 +97,27 @@ def test_a_bn_on_the_input_is_measured_and_a_training_mode_export_is_one_line(tm
     onnx.save(model(training_mode=1), tmp_path / "train.onnx")
     with pytest.raises(TargetError, match="training mode|not a readable ONNX"):
         open_onnx(tmp_path / "train.onnx")
+
+
+def test_the_new_checks_graph_facts_training_mode_reductions_momentum_and_order(tmp_path, data):
+    from onnx_corpus import DROPOUT_BN, REDUCE_BN, RELU_FIRST, TRAIN_MODE
+
+    from convbn_cli.analysis.onnx_checks import graph_orders
+
+    healthy = _open(tmp_path, Net(CNN).fit(*data), name="h")
+    assert healthy.batch_mixing == [] and all(bn.momentum_given and not bn.training_mode for bn in healthy.bns)
+    orders = graph_orders(healthy).values()  # conv -> BN -> ReLU: BN before its activation, nothing to note
+    assert all(o["before_activation"] and not o["after_activation"] and not o["dropout_before"] for o in orders)
+    trained = _open(tmp_path, Net(TRAIN_MODE).fit(*data), name="t")  # opened now, no longer refused
+    assert trained.batch_mixing == [trained.bns[0].name] and trained.bns[0].training_mode
+    assert "training mode" in fold_target(trained, trained.bns[0])
+    reduced = _open(tmp_path, Net(REDUCE_BN).fit(*data), name="r")
+    assert reduced.bns == [] and [n.split("_")[0] for n in reduced.batch_mixing] == ["reducemean"] * 2
+    relu = _open(tmp_path, Net(RELU_FIRST).fit(*data), name="o")
+    assert [o["after_activation"] is not None for o in graph_orders(relu).values()] == [True, False]
+    drop = _open(tmp_path, Net(DROPOUT_BN).fit(*data), name="d")
+    assert [o["dropout_before"] for o in graph_orders(drop).values()][0].startswith("dropout")
+    net = Net(CNN).fit(*data)
+    for p in [q for (kind, *_), q in zip(net.plan, net.p) if kind == "bn"]:
+        p["momentum"] = None
+    assert not any(bn.momentum_given for bn in _open(tmp_path, net, name="n").bns)

@@ -55,7 +55,9 @@ def _gap_fix(ctx, helpful: bool) -> tuple:
     if not helpful:
         return ("keep the moving statistics: precise BN does not improve them here (the gap comes from normalizing "
                 "small evaluation batches with their own statistics, or from layers meant to stay frozen)", {})
-    decays = sorted({round(float(bn.momentum), 6) for bn in ctx.bns if bn.trainable})
+    # an ONNX node without a momentum attribute says nothing of the decay it was trained with: no decay advice
+    decays = sorted({round(float(bn.momentum), 6) for bn in ctx.bns
+                     if bn.trainable and getattr(bn, "momentum_given", True)})
     fix, basis = advice.recompute(ctx, measured=True), {"decays": decays, "steps": ctx.steps}
     if len(decays) != 1:  # layers averaging differently: no one direction to give
         return fix, basis
@@ -68,7 +70,7 @@ def _gap_fix(ctx, helpful: bool) -> tuple:
     to = (fitting if fitting is not None and fitting < decay else None) if direction == "lower" else None
     # the decay measured: `to`, else a usual 0.9 (lower than a lagging one's, higher than a too short one's)
     checked = (decay_checked(ctx, to or advice.SHORT_AVERAGE, ctx.steps or 100)
-               if isinstance(ctx.model, keras.Model) else None)
+               if isinstance(ctx.model, keras.Model) or hasattr(ctx, "accuracy_with") else None)
     basis["decay_checked"] = checked
     if checked is not None and not checked["ok"]:
         return fix, basis  # the decay would leave statistics no better: not offered

@@ -95,13 +95,15 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, layo
     Returns:
         {"target", "kind", "bn_layers", "images", "findings": [Finding, ...], "counts": {severity: n}, "workers"}.
     """
-    if workers and any(onnx_file(w) is not None for w in [target, *workers]):
-        raise TargetError("comparing workers (diagnose A B ...) takes Keras models, checkpoints and runs, not ONNX yet")
-    onnx = onnx_file(target)
-    if onnx is not None:  # an ONNX model (PyTorch's, tf2onnx's): its graph's BN, measured with onnxruntime
+    files = [onnx_file(w) for w in [target, *workers]]
+    if workers and any(f is None for f in files) and any(f is not None for f in files):
+        raise TargetError("comparing workers (diagnose A B ...) takes ONNX models only or Keras models, checkpoints "
+                          "and runs only, not both")
+    if files[0] is not None:  # an ONNX model (PyTorch's, tf2onnx's): its graph's BN, measured with onnxruntime
         from .onnx_doctor import diagnose_onnx
 
-        return diagnose_onnx(onnx, data=data, batches=batches, scale=scale, layout=layout, log=log)
+        return diagnose_onnx(files[0], data=data, batches=batches, scale=scale, layout=layout, log=log,
+                             workers=files[1:])
     t = opened(target, which)
     if not bn_layers(t.model):
         raise TargetError(f"{t.source}: the model has no BN layers to diagnose")

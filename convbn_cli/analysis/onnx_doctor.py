@@ -23,6 +23,14 @@ from . import advice
 from .data_checks import check_accuracy_floor, check_inference_gap, check_input_scale, check_never_updated
 from .findings import SEVERITIES, Finding, evaluate_bn, helps, precise_bn_accuracy
 from .model_checks import check_values
+from .onnx_checks import (
+    check_batch_dependence,
+    check_decay_too_fast,
+    check_layer_order,
+    check_workers,
+    layout_differs,
+    open_workers,
+)
 from .onnx_graph import bias_of, channel_axis, fold_target, open_onnx, producer_chain, with_statistics
 from .onnx_measure import OnnxContext, Runner, inputs_of, onnx_data, precise_bn, score
 
@@ -144,15 +152,21 @@ def _recompute(ctx) -> str:
 
 
 # In diagnose.py's order (see there): the scale check before the gap, the floor after BN's own parameters.
-CHECKS = (check_never_updated, check_bn_axis, check_input_scale, check_inference_gap, check_dead_channels,
-          check_values, check_accuracy_floor, check_redundant_bias, check_dtypes, check_unfolded_export)
+CHECKS = (check_batch_dependence, check_never_updated, check_bn_axis, check_input_scale, check_decay_too_fast,
+          check_inference_gap, check_dead_channels, check_values, check_accuracy_floor, check_redundant_bias,
+          check_dtypes, check_unfolded_export, check_layer_order, check_workers)
+ONLY_WITH = {check_workers: lambda ctx: bool(ctx.workers)}
 
 
-def context(path, data, batches: int, scale: float, layout=None, log=lambda s: None) -> tuple:
+def context(path, data, batches: int, scale: float, layout=None, log=lambda s: None, workers=()) -> tuple:
     """(context, --data) of an ONNX model opened with --data's images, measured (each BN mode's accuracy, precise
-    BN) once."""
+    BN) once; `workers`: the other workers' files (diagnose A B ...), each with the same layers and weights."""
     m = open_onnx(path, layout)
-    if not m.bns:
+    others = open_workers(workers, layout)
+    why = layout_differs([m] + [w for _, w in others]) if others else None
+    if why:
+        raise TargetError(f"{', '.join([str(path), *map(str, workers)])}: not workers of one model: {why}")
+    if not m.bns and not m.batch_mixing:  # a graph that normalizes with batch statistics is still diagnosed
         raise TargetError(f"{path}: the model has no BatchNormalization nodes to diagnose (folded into the convs?)")
     data, scale = inputs_of(m, data, scale)
     log(f"diagnosing {path}: {len(m.bns)} BN layer(s); measuring with the running statistics, each batch's own and "
@@ -160,16 +174,21 @@ def context(path, data, batches: int, scale: float, layout=None, log=lambda s: N
     d = onnx_data(m, data, batches, scale, log)
     n = batches * d.batch_size
     ctx = OnnxContext(m, d.num_classes, d.images[:n], d.labels[:n], d.batch_size, d.calibration, None, None, "onnx",
-                      scale=scale, framework=m.framework, bns=m.bns, runner=Runner(m))
+                      scale=scale, framework=m.framework, bns=m.bns, runner=Runner(m), workers=others,
+                      target_name=str(path))
     ctx.measure()
     return ctx, data
 
 
-def diagnose_onnx(path, *, data=None, batches=20, scale=1 / 255, layout=None, log=lambda s: None) -> dict:
-    """diagnose.diagnose's result for an ONNX model (the same keys, kind "onnx")."""
-    ctx, data = context(path, data, batches, scale, layout, log)
+def diagnose_onnx(path, *, data=None, batches=20, scale=1 / 255, layout=None, log=lambda s: None,
+                  workers=()) -> dict:
+    """diagnose.diagnose's result for an ONNX model (the same keys, kind "onnx"; "not_applied": {check: why})."""
+    ctx, data = context(path, data, batches, scale, layout, log, workers)
     findings, passed = [], []
     for check in CHECKS:
+        applies = ONLY_WITH.get(check)
+        if applies is not None and not applies(ctx):
+            continue
         found = check(ctx)
         findings += found
         if not found:
@@ -183,6 +202,7 @@ def diagnose_onnx(path, *, data=None, batches=20, scale=1 / 255, layout=None, lo
                 f.fix += f"; for this file: convbn recalibrate {path} --data {data}"
     return {"target": str(path), "kind": "onnx", "bn_layers": [bn.name for bn in ctx.bns], "images": len(ctx.images),
             "findings": findings, "passed": passed, "framework": ctx.framework, "layout": ctx.model.layout,
+            "workers": [name for name, _ in ctx.workers], "not_applied": ctx.not_applied,
             "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES}}
 
 

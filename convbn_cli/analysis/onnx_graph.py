@@ -64,6 +64,8 @@ class OnnxBn:
     center: bool = True
     trainable: bool = True
     axis: int = 1
+    training_mode: bool = False  # exported in training mode: normalizes with each batch's statistics as it stands
+    momentum_given: bool = False  # the node has a momentum attribute (else ONNX's default 0.9 says nothing)
 
     @property
     def channels(self) -> int:
@@ -94,6 +96,7 @@ class OnnxModel:
     consumers: dict = field(default_factory=dict)  # {tensor: [node, ...]}
     shapes: dict = field(default_factory=dict)  # {tensor: dims} from ONNX shape inference (None: unknown)
     about: dict = field(default_factory=dict)  # what a convbn export says about itself (formats/catalog.py)
+    batch_mixing: list = field(default_factory=list)  # nodes that mix the batch's images (batch statistics)
 
     runner: object = None  # onnx_measure.Runner, once the model is measured
 
@@ -139,6 +142,7 @@ def open_onnx(path, layout: str | None = None) -> OnnxModel:
     m.layout = input_layout(m, layout) if len(dims) == 4 else "NC"
     m.framework = _framework(proto, m.layout)
     m.bns = _bn_layers(m)
+    m.batch_mixing = batch_mixing(m)
     m.about = about
     return m
 
@@ -188,10 +192,6 @@ def _bn_layers(m: OnnxModel) -> list:
         if len(node.input) < 5 or any(t not in m.inits for t in node.input[1:5]):
             raise TargetError(f"{m.path}: BatchNormalization {node.name or node.output[0]!r} takes its parameters "
                               "from the graph rather than initializers; convbn reads trained BN parameters only")
-        if attr(node, "training_mode", 0):
-            raise TargetError(f"{m.path}: BatchNormalization {node.name or node.output[0]!r} was exported in "
-                              "training mode (training_mode=1: each batch's own statistics); export the model in "
-                              "eval mode (model.eval() before torch.onnx.export)")
         key = tuple(node.input[3:5])
         if key in layers:
             layers[key].nodes.append(node)
@@ -199,10 +199,42 @@ def _bn_layers(m: OnnxModel) -> list:
         names = dict(zip(("gamma", "beta", "mean", "var"), node.input[1:5]))
         eps = float(attr(node, "epsilon", 1e-5))
         bn = OnnxBn(node.name or node.output[0], [node], names, eps, float(attr(node, "momentum", 0.9)),
-                    dtype=str(m.inits[names["var"]].dtype), node_epsilon=eps)
+                    dtype=str(m.inits[names["var"]].dtype), node_epsilon=eps,
+                    training_mode=bool(attr(node, "training_mode", 0)),
+                    momentum_given=any(a.name == "momentum" for a in node.attribute))
         bn.set({k: m.inits[v].astype(np.float64) for k, v in names.items()})
         layers[key] = bn
     return list(layers.values())
+
+
+def batch_mixing(m: OnnxModel) -> list:
+    """The names of the nodes through which one image's output depends on the other images of its batch: a
+    BatchNormalization exported in training mode (each batch's own statistics), and a reduction over the batch axis
+    (axis 0), as exporters write a BN that normalizes with its batch's mean and variance out of ReduceMean nodes."""
+    out = []
+    for node in m.proto.graph.node:
+        if node.op_type == "BatchNormalization" and attr(node, "training_mode", 0):
+            out.append(node.name or node.output[0])
+        elif node.op_type.startswith("Reduce"):
+            axes = attr(node, "axes", None)
+            if axes is None and len(node.input) > 1 and node.input[1] in m.inits:
+                axes = m.inits[node.input[1]].tolist()
+            rank = len(m.shapes.get(node.input[0]) or ()) or None
+            if axes is not None and any(a == 0 or (rank and a == -rank) for a in np.ravel(axes)):
+                out.append(node.name or node.output[0])
+    return out
+
+
+def in_inference_mode(proto):
+    """A copy of `proto` whose BatchNormalization nodes exported in training mode normalize with their running
+    statistics (training_mode=0, the running-statistics outputs dropped: nothing an inference graph reads)."""
+    p = copy.deepcopy(proto)
+    for node in p.graph.node:
+        if node.op_type == "BatchNormalization" and attr(node, "training_mode", 0):
+            for a in [a for a in node.attribute if a.name == "training_mode"]:
+                node.attribute.remove(a)
+            del node.output[1:]
+    return p
 
 
 # --------------------------------------------------------------------------- axes and producers
@@ -276,6 +308,8 @@ def fold_target(m: OnnxModel, bn: OnnxBn):
     before it, else why not (a string). Not across a max-pool with a negative scale (max does not commute with a
     negative factor), an average pool with padding, or a node something else also reads; never into a weight that
     another node shares (folding would change that node too); only where BN normalizes the layer's channels."""
+    if bn.training_mode:  # folding its running statistics would change what the graph computes
+        return "it was exported in training mode (each batch's own statistics)"
     with np.errstate(invalid="ignore", divide="ignore"):
         s = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
     if not all(np.isfinite(a).all() for a in (s, bn.moving_mean.numpy(), bn.beta.numpy())):
@@ -310,7 +344,7 @@ def exposed(m: OnnxModel, tensors, stats_fed: bool):
     takes every BN layer's mean and variance as inputs (named as the initializers) instead of holding them."""
     from onnx import TensorProto, helper
 
-    p = copy.deepcopy(m.proto)
+    p = in_inference_mode(m.proto)  # the running statistics fed are what a training-mode node would ignore
     g = p.graph
     have = {o.name for o in g.output} | {i.name for i in g.input}  # the input itself is fed, not fetched
     for t in dict.fromkeys(tensors):
@@ -332,7 +366,7 @@ def exposed(m: OnnxModel, tensors, stats_fed: bool):
 def with_batch_statistics(m: OnnxModel, ranks: dict):
     """A copy of the model whose every BN node normalizes with its own batch's mean and (biased) variance, as a
     model run in training mode does (the running statistics unused); `ranks`: {BN input tensor: its rank}."""
-    p = copy.deepcopy(m.proto)
+    p = in_inference_mode(m.proto)
     g = p.graph
     opset = next((o.version for o in p.opset_import if o.domain in ("", "ai.onnx")), 13)
     nodes = []

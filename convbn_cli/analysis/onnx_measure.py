@@ -61,7 +61,7 @@ class Runner:
         self.bn_inputs = [n.input[0] for bn in m.bns for n in bn.nodes]
         self.bn_outputs = [n.output[0] for bn in m.bns for n in bn.nodes]
         self._stats = runtime.onnx_session(m.path, exposed(m, self.bn_inputs + self.bn_outputs, stats_fed=True))
-        self._batch = None
+        self._batch = self._exported = None
         m.runner = self
 
     def feeds(self, x, stats: dict | None = None) -> dict:
@@ -91,6 +91,14 @@ class Runner:
             ranks = {t: first[t].ndim for t in self.bn_inputs}
             self._batch = runtime.onnx_session(self.m.path, with_batch_statistics(self.m, ranks))
         return self._batch([self.m.output], {self.m.input: np.asarray(x, np.float32)})[0]
+
+
+    def exported_logits(self, x):
+        """Logits of the graph as it was exported: a BatchNormalization in training mode normalizes with its
+        batch's statistics (the other variants run it with its running statistics)."""
+        if self._exported is None:
+            self._exported = runtime.onnx_session(self.m.path, self.m.proto)
+        return self._exported([self.m.output], {self.m.input: np.asarray(x, np.float32)})[0]
 
 
 def channel_moments(value) -> tuple:
@@ -147,6 +155,7 @@ class OnnxContext(Context):
 
     runner: Runner = None
     _peaks: dict = field(default_factory=dict)
+    not_applied: dict = field(default_factory=dict)  # {check: why it does not apply to this model}
 
     def population_stats(self, bn):
         """Mean and (biased) variance per channel of what `bn` receives at inference (the running statistics of
@@ -171,6 +180,33 @@ class OnnxContext(Context):
         precise = precise_bn(self.runner, self.calibration)
         self._measured["precise_by_layer"] = precise
         self._measured["precise"] = score(lambda x: self.runner.logits(x, precise), batches, self.num_classes)
+
+    def accuracy_with(self, stats: dict) -> float:
+        """Accuracy with the running statistics replaced by `stats` {layer: (mean, var)} (decay_checks asks)."""
+        return score(lambda x: self.runner.logits(x, stats), self.batches(), self.num_classes)["accuracy"]
+
+    def epsilon_effect(self, bn, channels) -> dict:
+        """batch_checks.epsilon_effect's measurement (a lower epsilon in `channels`, fed through the variance) on
+        this model: the OnnxModel is called as a Keras model is."""
+        from .batch_checks import epsilon_effect
+
+        return epsilon_effect(self, bn, channels)
+
+    def subbatch_means(self) -> dict:
+        """decay_checks.subbatch_means for this model: {BN layer: (K, C) means of K sub-batches of SUB_BATCH
+        images}, each layer's input measured with precise BN's statistics in the layers before it."""
+        from .decay_checks import NOISE_IMAGES, SUB_BATCH
+
+        images = self.images[:NOISE_IMAGES]
+        n = (len(images) // SUB_BATCH) * SUB_BATCH
+        found = {bn.name: [] for bn in self.bns}
+        for i in range(0, n, self.batch_size):
+            out = self.runner.run(images[i:min(i + self.batch_size, n)], self._measured["precise_by_layer"])
+            for bn in self.bns:
+                v = np.asarray(out[bn.nodes[0].input[0]], np.float64)
+                found[bn.name].append(v.reshape(len(v), v.shape[1], -1).mean(2))
+        return {name: (np.concatenate(m).reshape(-1, SUB_BATCH, m[0].shape[-1]).mean(1) if n >= 2 * SUB_BATCH
+                       else np.zeros((0, 1))) for name, m in found.items()}
 
     def peaks(self, precise: bool) -> dict:
         """{BN layer: the largest value each channel of its output takes over the data}, with the running
