@@ -82,6 +82,45 @@ def test_the_trace_holds_each_steps_batch_statistics_and_the_tf1_update(tmp_path
     _check_tf1_rule(trace)
 
 
+def _events(folder) -> dict:
+    """{tag: {step: value}} of a TensorBoard run: scalars as floats, histograms as their (buckets, 3) arrays."""
+    found = {}
+    for event_file in folder.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for v in event.summary.value:
+                found.setdefault(v.tag, {})[event.step] = tf.make_ndarray(v.tensor)
+    return found
+
+
+def test_tensorboard_has_the_traces_lag_and_statistics_at_its_steps(tmp_path, synthetic):
+    from convbn_cli.present.bn_trace import lag
+
+    cfg = load_config(raw=tiny_raw(tmp_path, **{"train.epochs": 1}))  # the default output.bn_trace
+    run = train(cfg, data=synthetic, log=quiet, progress=False).run_dir
+    trace = read_trace(run / TRACE_FILE)
+    events = _events(run / "tensorboard" / "train")
+    assert len(trace) >= 8 and set(trace.layers) == {"conv1_bn", "conv2_bn"}
+    for name, a in trace.layers.items():
+        gaps = lag(trace, name)
+        for key in ("mean", "variance"):
+            written = events[f"bn/{name}/lag_{key}"]  # KeyError: the tag is missing
+            assert sorted(written) == trace.steps.tolist()
+            np.testing.assert_allclose([float(written[s]) for s in trace.steps], gaps[key], rtol=1e-6, atol=0)
+        for q in ("moving_mean", "moving_variance", "batch_mean"):
+            written = events[f"bn/{name}/{q}"]
+            assert sorted(written) == trace.steps.tolist()
+            for k, step in enumerate(trace.steps):
+                buckets = written[step]  # rows (left edge, right edge, count) over the layer's channels
+                assert buckets[:, 2].sum() == a[q].shape[1]
+                assert buckets[0, 0] == pytest.approx(a[q][k].min(), rel=1e-6, abs=1e-12)
+                assert buckets[-1, 1] == pytest.approx(a[q][k].max(), rel=1e-6, abs=1e-12)
+
+    off = load_config(raw=tiny_raw(tmp_path / "off", **{"train.epochs": 1, "output.bn_trace": None}))
+    run = train(off, data=synthetic, log=quiet, progress=False).run_dir
+    tags = set(_events(run / "tensorboard" / "train"))
+    assert "epoch/loss" in tags and not any(t.startswith("bn/") for t in tags) and not (run / TRACE_FILE).exists()
+
+
 def test_the_trace_across_a_resume_in_the_middle_of_an_epoch(tmp_path, synthetic):
     """Interrupted at step 22 of 32 (epoch 2), resumed: every step once, the numbers as if never interrupted. A
     sample past the checkpoint left in the file (a kill between the trace's write and the checkpoint) is dropped."""

@@ -94,3 +94,17 @@ def test_the_trace_subscriber_uses_only_the_trainers_contract():
     assert {"cfg", "run", "model"} <= set(used)  # the check sees what it reads
     assert set(used) - read - call == set()
     assert [name for name, ctx in used.items() if ctx != {"Load"}] == []
+
+
+def test_one_sample_measures_as_that_step_of_the_whole_trace():
+    """What TensorBoard is handed of a sample (bn/<layer>/lag_*) is the lag bn_trace.png draws at that step."""
+    from convbn_cli.present.bn_trace import lag
+
+    t = _trace()
+    k = 3
+    row = {n: {q: a[q][k] for q in bt.QUANTITIES} for n, a in t.layers.items()}
+    one = bt.one_sample(int(t.steps[k]), row)
+    assert one.steps.tolist() == [4] and len(one) == 1
+    for name in t.layers:
+        for key, values in lag(one, name).items():
+            assert values.shape == (1,) and values[0] == lag(t, name)[key][k]

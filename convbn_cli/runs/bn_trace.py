@@ -52,6 +52,13 @@ def empty(layers: dict, decay: dict, rule: dict, steps_per_epoch: int) -> Trace:
                  dict(decay), dict(rule), int(steps_per_epoch))
 
 
+def one_sample(step: int, row: dict) -> Trace:
+    """A trace of the one sample `row` ({layer: {quantity: (C,)}}) taken at `step`: what the trace's measures (such
+    as present/bn_trace.lag) take, for a sample on its way to TensorBoard."""
+    return Trace(np.asarray([step], np.int64),
+                 {n: {q: np.asarray(a[q], np.float32)[None] for q in QUANTITIES} for n, a in row.items()}, {}, {})
+
+
 def extend(trace: Trace, steps: list, rows: list) -> None:
     """Add samples: `rows[k]` is {layer: {quantity: (C,)}} at `steps[k]`; then thin if the trace grew past
     MAX_SAMPLES."""

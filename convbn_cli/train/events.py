@@ -37,12 +37,15 @@ from tqdm import tqdm
 from .. import signals
 from ..errors import ConvbnError, WriteError
 from ..files import writing
+from ..present.bn_trace import lag
 from ..present.plots import confusion_matrix, curves
 from ..present.reports import duration, plural
+from ..runs.bn_trace import one_sample
 from ..runs.rundir import final_val
 from .trace import BNTrace
 
 PROGRESS_EVERY = 20  # steps between reads of the running loss (each read waits for the device)
+BN_HISTOGRAMS = ("moving_mean", "moving_variance", "batch_mean")  # per BN trace sample, over channels
 
 
 def crossed(trainer, step, every) -> bool:
@@ -54,9 +57,10 @@ def standard(cfg, log, progress, on_step=None, user=(), provenance=None) -> list
     """convbn's own subscribers for a training of `cfg`, in the order they are called, then the `user`'s (any
     objects with some of Subscriber's methods); `provenance` makes run.json's record (None: none is written, a
     non-chief worker); the trainer adds its StopOnSignal after them all."""
-    made = [MetricsFiles(), StepLog(), BNStatsFiles(), TensorBoard(), Console(log)]
+    trace = BNTrace() if cfg.output.bn_trace else None  # bn_trace.npz (and its pictures with output.plots)
+    made = [MetricsFiles(), StepLog(), BNStatsFiles(), TensorBoard(trace), Console(log)]
     made += [Plots()] if cfg.output.plots else []
-    made += [BNTrace()] if cfg.output.bn_trace else []  # bn_trace.npz (and its pictures with output.plots)
+    made += [trace] if trace is not None else []
     if cfg.train.early_stopping is not None:
         made.append(EarlyStopping(cfg.train.early_stopping))
     made += [Provenance(provenance)] if provenance is not None else []  # once the run (or resume) has started
@@ -148,9 +152,18 @@ class TensorBoard(Subscriber):
     epoch/loss and epoch/accuracy overlay; the train run also has the loss and learning rate every
     `output.log_every_steps` steps (the mean over those steps), the throughput, and histograms of each BN layer's
     gamma and beta. The train run's epoch/loss is the plain cross-entropy, like validation's; with label
-    smoothing, the loss actually minimized is epoch/loss_with_label_smoothing."""
+    smoothing, the loss actually minimized is epoch/loss_with_label_smoothing.
+
+    With the BN trace on (`bn_trace`, the run's BNTrace), each of its samples too, at its step: per BN layer the lag
+    of the moving statistics behind the batch's as scalars, bn/<layer>/lag_mean (median over channels of |moving
+    mean - batch mean| / batch std) and bn/<layer>/lag_variance (of |moving variance / batch variance - 1|), the
+    very measure of bn_trace.png (present/bn_trace.lag), and histograms over channels of bn/<layer>/moving_mean,
+    moving_variance and batch_mean. The trace's own read of the device serves both."""
 
     train = val = None
+
+    def __init__(self, bn_trace=None):
+        self.bn_trace = bn_trace
 
     def on_start(self, trainer):
         self.every = trainer.cfg.output.log_every_steps
@@ -170,6 +183,22 @@ class TensorBoard(Subscriber):
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             raise
+        if self.bn_trace is not None:
+            self.bn_trace.listeners.append(self.on_bn_sample)
+
+    def on_bn_sample(self, step, values):
+        """One BN trace sample ({layer: {quantity: (C,)}} at `step`): the class docstring's bn/ tags."""
+        if self.train is None:
+            return
+        sample = one_sample(step, values)
+        # several summaries per sample fill the writer's queue: a write may flush, and meet a full disk, here
+        with writing(self.folder), self.train.as_default(step=step):
+            for name, arrays in values.items():
+                gaps = lag(sample, name)
+                for key in ("mean", "variance"):
+                    tf.summary.scalar(f"bn/{name}/lag_{key}", float(gaps[key][0]))
+                for q in BN_HISTOGRAMS:
+                    tf.summary.histogram(f"bn/{name}/{q}", arrays[q])
 
     def on_epoch_start(self, trainer, epoch):
         self.previous = dict(ZERO_SUMS)  # the sums restart with every epoch

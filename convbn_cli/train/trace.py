@@ -13,6 +13,9 @@ checkpoint it continues from, so the trace has every sampled step once: none mis
 the traced batch statistics are the first replica's: with synchronized BN the global batch's, without it the
 chief's own slice; the moving statistics are the mirrored variables' (averaged over replicas).
 
+Each sample is also handed to the callables in `listeners` as (step, {layer: {quantity: (C,)}}): events.TensorBoard
+writes it there (one read from the device for both).
+
 Deliberately not an events.Subscriber subclass (events.py imports this module for standard()); it has every event
 method, as the trainer calls them all.
 """
@@ -47,6 +50,7 @@ class BNTrace:
     def __init__(self):
         self.trace, self.bns, self.every, self.dirty, self.read = None, [], 1, False, None
         self.steps, self.rows = [], []  # samples not yet in self.trace (added in one go: no copy per sample)
+        self.listeners = []  # called with each sample (module docstring)
 
     def on_start(self, trainer):
         self.every = sampling_interval(trainer.cfg.output.bn_trace, trainer.steps)
@@ -85,6 +89,8 @@ class BNTrace:
                 values[bn.name][q], at = flat[at:at + bn.moving_mean.shape[0]], at + bn.moving_mean.shape[0]
         self.steps.append(step)
         self.rows.append(values)
+        for listen in self.listeners:
+            listen(step, values)
         self.dirty = True
         if len(self.steps) >= MAX_SAMPLES // 4:  # a long epoch: bounded in memory too
             self.flush()
