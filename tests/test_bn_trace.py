@@ -21,7 +21,7 @@ import keras  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.data.pipeline import batch_loader, epoch_order, make_splits  # noqa: E402
 from convbn_cli.model import build_model  # noqa: E402
-from convbn_cli.model.batch_trace import batch_variables  # noqa: E402
+from convbn_cli.model.batch_trace import batch_variables, keep_batch_statistics  # noqa: E402
 from convbn_cli.model.bn import bn_layers  # noqa: E402
 from convbn_cli.model.graph import input_model  # noqa: E402
 from convbn_cli.runs import RunDir  # noqa: E402
@@ -116,9 +116,12 @@ def test_tensorboard_has_the_traces_lag_and_statistics_at_its_steps(tmp_path, sy
                 assert buckets[-1, 1] == pytest.approx(a[q][k].max(), rel=1e-6, abs=1e-12)
 
     off = load_config(raw=tiny_raw(tmp_path / "off", **{"train.epochs": 1, "output.bn_trace": None}))
-    run = train(off, data=synthetic, log=quiet, progress=False).run_dir
-    tags = set(_events(run / "tensorboard" / "train"))
-    assert "epoch/loss" in tags and not any(t.startswith("bn/") for t in tags) and not (run / TRACE_FILE).exists()
+    result = train(off, data=synthetic, log=quiet, progress=False)
+    tags = set(_events(result.run_dir / "tensorboard" / "train"))
+    assert "epoch/loss" in tags and not any(t.startswith("bn/") for t in tags)
+    assert not (result.run_dir / TRACE_FILE).exists()
+    kept = [v.numpy() for bn in bn_layers(result.model) for v in batch_variables(bn)]
+    assert len(kept) == 4 and not any(np.any(v) for v in kept)  # without the trace no step wrote them
 
 
 def test_the_trace_across_a_resume_in_the_middle_of_an_epoch(tmp_path, synthetic):
@@ -177,6 +180,7 @@ def test_batch_statistics_variables_are_in_no_checkpoint_and_no_keras_file(tmp_p
         inp = keras.Input((5, 5, 3))
         model = keras.Model(inp, layer(keras.layers.Conv2D(3, 3)(inp)))
         assert batch_variables(layer) is not None and len(layer.weights) == 4
+        keep_batch_statistics(layer)
         x = np.random.default_rng(0).normal(size=(8, 5, 5, 3)).astype(np.float32)
         tf.function(lambda x, model=model: model(x, training=True))(x)
         h = np.asarray(model.layers[1](x), np.float64)
@@ -280,7 +284,8 @@ REPLICAS = textwrap.dedent("""
     import keras
     from convbn_cli.config import load_config, plan_layers
     from convbn_cli.model import build_model
-    from convbn_cli.model.batch_trace import batch_variables
+    from convbn_cli.model.batch_trace import batch_variables, keep_batch_statistics
+    from convbn_cli.model.bn import bn_layers
     from convbn_cli.train import distribute
     from convbn_cli.train.loop import make_train_step
     from convbn_cli.train.optim import make_optimizer
@@ -304,6 +309,8 @@ REPLICAS = textwrap.dedent("""
             opt = make_optimizer(cfg.train, 100)
             opt.build(model.trainable_variables)
             step, _ = make_train_step(model, opt, cfg.train, strategy, 16)
+        for bn in bn_layers(model):  # as the BN trace asks, before the step is traced
+            keep_batch_statistics(bn)
         h = model.get_layer("conv1")(x).numpy().astype(np.float64)  # before the step: conv1 as initialized
         step(*next(iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, y))))))
         mean, var = (v.numpy() for v in batch_variables(model.get_layer("conv1_bn")))

@@ -8,6 +8,11 @@ before they existed still restores, and exports are unchanged). Under tf.distrib
 values: with synchronized BN every replica has the global batch's statistics, without it the first replica's
 slice is the chief's own.
 
+Only a layer asked to (keep_batch_statistics: train/trace.py's BNTrace does, when `output.bn_trace` is on) writes
+them: without a trace the step does not spend two assignments per BN layer on them. The request is read when the
+training step's function is traced, so it must come before that (BNTrace asks in on_start, before the first step);
+asked later, the step already compiled keeps what it was traced with.
+
 The variance kept is the biased one (divided by n = N*H*W), the one the step normalized with, whatever the layer's
 `moving_variance` rule averages.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 ATTRIBUTE = "_convbn_batch_statistics"
+KEEP = "_convbn_keep_batch_statistics"
 
 
 def add_batch_variables(layer, channels: int) -> None:
@@ -29,10 +35,16 @@ def add_batch_variables(layer, channels: int) -> None:
     object.__setattr__(layer, ATTRIBUTE, made)  # past Keras' __setattr__: tracked attributes become weights
 
 
+def keep_batch_statistics(layer, keep: bool = True) -> None:
+    """Have `layer` write its batch statistics in the training steps traced from now on (module docstring)."""
+    object.__setattr__(layer, KEEP, bool(keep))  # a plain attribute, as the variables' (not in get_config)
+
+
 def record(layer, mean, variance) -> None:
-    """Keep this step's batch mean and (biased) variance in the layer (inside the training step's graph)."""
+    """Keep this step's batch mean and (biased) variance in the layer (inside the training step's graph), if it was
+    asked to (keep_batch_statistics)."""
     made = getattr(layer, ATTRIBUTE, None)
-    if made is None:
+    if made is None or not getattr(layer, KEEP, False):
         return
     for variable, value in zip(made, (mean, variance)):
         variable.assign(tf.reshape(tf.cast(value, tf.float32), variable.shape))

@@ -3,9 +3,10 @@ at the end (runs/bn_trace.py holds the file, present/bn_trace.py draws it).
 
 Every N steps (more often when an epoch has fewer than POINTS_PER_EPOCH x N steps: a short run's lag needs
 points), for each BN layer and channel: the batch mean and biased variance the step normalized with, which the BN
-layer kept in its own variables during the step (model/batch_trace.py: no second forward pass), and the moving mean
-and variance after the step's update. The cost is one read of those small variables per sample
-(bench/bn_trace_cost.py measures it on mnist_bn's step).
+layer kept in its own variables during the step (model/batch_trace.py: no second forward pass; asked for in
+on_start, so that a run without the trace does not write them), and the moving mean and variance after the
+step's update. The cost is one read of those small variables per sample (bench/bn_trace_cost.py measures it on
+mnist_bn's step).
 
 Written with the metrics, before each epoch's checkpoint, and when training stops for any reason (the signal
 checkpoint is taken at the very step of the last sample). A --resume keeps the samples up to the step of the
@@ -29,7 +30,7 @@ import tensorflow as tf
 
 from ..errors import ConvbnError
 from ..model import build_model
-from ..model.batch_trace import batch_variables
+from ..model.batch_trace import batch_variables, keep_batch_statistics
 from ..model.bn import bn_layers, moving_variance_rule
 from ..present.bn_trace import draw_heatmap, draw_lag
 from ..runs.bn_trace import MAX_SAMPLES, QUANTITIES, TRACE_FILE, empty, extend, read_trace, to_bytes, up_to
@@ -55,6 +56,8 @@ class BNTrace:
     def on_start(self, trainer):
         self.every = sampling_interval(trainer.cfg.output.bn_trace, trainer.steps)
         self.bns = [bn for bn in bn_layers(trainer.model) if batch_variables(bn) is not None]
+        for bn in self.bns:  # before the training step is first traced (the trainer calls it after on_start)
+            keep_batch_statistics(bn)
         variables = [v for bn in self.bns for v in (*batch_variables(bn), bn.moving_mean, bn.moving_variance)]
         self.read = tf.function(lambda: tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in variables], 0))
         self.trace = empty({bn.name: int(bn.moving_mean.shape[0]) for bn in self.bns},
