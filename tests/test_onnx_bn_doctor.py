@@ -1,5 +1,5 @@
 """Issue 38, part 1 and 4: `diagnose`, `inspect-bn`, `recalibrate` and `export --fold-bn` on ONNX models, on a
-corpus of 25 onnx.helper models (tests/onnx_corpus.py: healthy ones and one fault each) whose correct accuracy
+corpus of 33 onnx.helper models (tests/onnx_corpus.py: healthy ones and one fault each) whose correct accuracy
 on a synthetic dataset is known. Each diagnose is a fraction of a second, the corpus together ~15 s: slow tier.
 
 PyTorch is not used: its CPU wheel (~200 MB from download.pytorch.org, more from PyPI with its CUDA
@@ -28,7 +28,7 @@ from convbn_cli.errors import ConvbnError  # noqa: E402
 from convbn_cli.export import export  # noqa: E402
 from convbn_cli.present.reports import DiagnoseReport  # noqa: E402
 
-pytestmark = pytest.mark.heavy  # 25 models diagnosed, recalibrated and folded: ~20 s, the slow tier (conftest.py)
+pytestmark = pytest.mark.heavy  # 33 models diagnosed, recalibrated and folded: ~30 s, the slow tier (conftest.py)
 
 BATCHES = 8
 

@@ -121,3 +121,19 @@ def test_the_new_checks_graph_facts_training_mode_reductions_momentum_and_order(
     for p in [q for (kind, *_), q in zip(net.plan, net.p) if kind == "bn"]:
         p["momentum"] = None
     assert not any(bn.momentum_given for bn in _open(tmp_path, net, name="n").bns)
+
+
+def test_eval_and_predict_feed_an_nchw_onnx_model_its_layout(tmp_path, data):
+    """formats/runtime.py's ONNX reader (what eval and predict run): a PyTorch-style NCHW model takes (N, H, W, C)
+    images like every other target and is fed them as NCHW; a tf2onnx NHWC model as they are. Before, an NCHW
+    model got NHWC images (its signature read (1, 8, 8): one row of 8x1 pixels per channel)."""
+    from convbn_cli.formats.runtime import read_onnx
+
+    net = Net(CNN).fit(*data)
+    want = net.forward(data[0][:16])
+    nhwc = data[0][:16].transpose(0, 2, 3, 1).astype(np.float32)
+    for layout in ("NCHW", "NHWC"):
+        onnx.save(to_onnx(net, layout), tmp_path / f"{layout}.onnx")
+        opened = read_onnx(tmp_path / f"{layout}.onnx")
+        assert opened.shape == (8, 8, 1), layout
+        np.testing.assert_allclose(opened.predict(nhwc), want, atol=1e-3, err_msg=layout)

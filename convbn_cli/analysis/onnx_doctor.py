@@ -194,6 +194,8 @@ def diagnose_onnx(path, *, data=None, batches=20, scale=1 / 255, layout=None, lo
         if not found:
             passed.append(check.__name__.removeprefix("check_"))
     findings.sort(key=lambda f: -SEVERITIES.index(f.severity))
+    for name, why in ctx.not_applied.items():  # said as well as kept in --json: a check that did not judge
+        log(f"{name}: {why}")
     for f in findings:
         f.fix = f.fix.replace("TARGET", str(path)).replace("--data DATA", f"--data {data}")
     if ctx.framework == "pytorch":  # the PyTorch recipe fixes the model; this file is fixed by recalibrate

@@ -148,21 +148,13 @@ def open_onnx(path, layout: str | None = None) -> OnnxModel:
 
 
 def input_layout(m: OnnxModel, given: str | None) -> str:
-    """NCHW or NHWC: what the graph does with its input first (straight into a Conv: NCHW; a Transpose that puts
-    the last axis second: NHWC), else its shape (one of 1 or 3 channels first or last), else `given` (--layout)."""
-    if given:
-        return given.upper()
-    first = m.consumers.get(m.input, [])
-    if first and all(n.op_type == "Conv" for n in first):
-        return "NCHW"
-    perms = [list(attr(n, "perm", [])) for n in first if n.op_type == "Transpose"]
-    if perms and all(p == [0, 3, 1, 2] for p in perms):
-        return "NHWC"
-    c_first, c_last = m.input_shape[0] in (1, 3), m.input_shape[-1] in (1, 3)
-    if c_first != c_last:
-        return "NCHW" if c_first else "NHWC"
-    raise TargetError(f"{m.path}: the graph does not say whether its input {tuple(m.input_shape)} is NCHW or NHWC; "
-                      "give --layout NCHW (PyTorch) or --layout NHWC (Keras, TensorFlow)")
+    """NCHW or NHWC: runtime.onnx_layout's reading of the graph (what eval and predict feed it too), else `given`
+    (--layout)."""
+    found = runtime.onnx_layout(m.proto.graph, (None, *m.input_shape), given)
+    if found is None:
+        raise TargetError(f"{m.path}: the graph does not say whether its input {tuple(m.input_shape)} is NCHW or "
+                          "NHWC; give --layout NCHW (PyTorch) or --layout NHWC (Keras, TensorFlow)")
+    return found
 
 
 def _framework(proto, layout: str) -> str:

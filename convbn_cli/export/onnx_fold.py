@@ -137,7 +137,9 @@ def export_onnx(path, fmt="onnx", *, fold_bn=False, output=None, force=False, da
     remove_stale_temporaries(out.parent, out.name)
     with staged(out, before_replace=lambda: check_output(out, "onnx", force)) as tmp:
         tmp.write_bytes(proto.SerializeToString())
-        diff = float(np.abs(runtime.read("onnx", tmp).predict(x) - reference).max())
+        # read back as eval runs it: images (N, H, W, C), fed in the layout the graph takes
+        nhwc = np.moveaxis(x, 1, -1) if m.layout == "NCHW" else x
+        diff = float(np.abs(runtime.read("onnx", tmp, m.layout).predict(nhwc) - reference).max())
         if not diff < MAX_LOGIT_DIFF:
             raise ExportError(f"{out}: exported logits differ from the original by {diff:.3g} (at most "
                               f"{MAX_LOGIT_DIFF:g} allowed); nothing was written")

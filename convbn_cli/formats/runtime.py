@@ -192,13 +192,38 @@ def _all_tensors(model):
     return out
 
 
-def read_onnx(path) -> Opened:
+def onnx_layout(graph, dims, given=None):
+    """"NCHW" or "NHWC": the input layout of an ONNX graph whose input is `dims` (N, a, b, c): `given` (--layout),
+    else what the graph does with its input first (straight into a Conv: NCHW, as PyTorch exports; a Transpose
+    that puts the last axis second: NHWC, as tf2onnx writes), else its shape (1 or 3 channels first or last
+    alone); None where nothing says (analysis/onnx_graph.py's diagnose and the readers here decide alike)."""
+    if given:
+        return given.upper()
+    inits = {t.name for t in graph.initializer}
+    name = next((i.name for i in graph.input if i.name not in inits), None)
+    first = [n for n in graph.node if name in n.input]
+    if first and all(n.op_type == "Conv" for n in first):
+        return "NCHW"
+    perms = [[int(v) for a in n.attribute if a.name == "perm" for v in a.ints] for n in first
+             if n.op_type == "Transpose"]
+    if perms and all(p == [0, 3, 1, 2] for p in perms):
+        return "NHWC"
+    c_first, c_last = dims[1] in (1, 3), dims[-1] in (1, 3)
+    if c_first != c_last:
+        return "NCHW" if c_first else "NHWC"
+    return None
+
+
+def read_onnx(path, layout=None) -> Opened:
     """An ONNX model through onnxruntime (the `onnx` extra), opened by its path so that its external data is read
-    from beside it (check_onnx_external_data), with memory bounded (_onnx_runtime); every failure one line."""
+    from beside it (check_onnx_external_data), with memory bounded (_onnx_runtime); every failure one line. A model
+    that takes NCHW images (onnx_layout: a PyTorch export) is fed them: `predict` takes (N, H, W, C) as every
+    reader's does, and its shape is (H, W, C)."""
     onnx, ort = _onnx_runtime(path)
     data = read_bytes(path, MAX_ONNX_BYTES, "an ONNX model of an MNIST-like conv net", TargetError)
     try:
-        check_onnx_external_data(path, onnx.load_from_string(data))
+        proto = onnx.load_from_string(data)
+        check_onnx_external_data(path, proto)
         options = ort.SessionOptions()
         options.add_session_config_entry("session.use_env_allocators", "1")  # the bounded arena
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -210,10 +235,12 @@ def read_onnx(path) -> Opened:
     shape, classes = check_signature(path, [_shape(i.shape) for i in inputs], [_shape(o.shape) for o in outputs])
     name = inputs[0].name
     about = read_metadata(path, session.get_modelmeta().custom_metadata_map)
+    nchw = onnx_layout(proto.graph, (None, *shape), layout) == "NCHW"
+    shape = (shape[1], shape[2], shape[0]) if nchw else shape
 
     def run(x):
         try:
-            return session.run(None, {name: x})[0]
+            return session.run(None, {name: np.ascontiguousarray(np.moveaxis(x, -1, 1)) if nchw else x})[0]
         except Exception as e:  # noqa: BLE001  onnxruntime's own error types (Fail, RuntimeException, ...)
             short = (f"more memory than the {MAX_ONNX_ARENA_BYTES >> 20} MiB an ONNX model may take"
                      if "smaller than requested" in str(e) else _cut(e, 200))
@@ -401,10 +428,10 @@ def read_savedmodel(path) -> Opened:
 READERS = {"keras": read_keras, "tflite": read_tflite, "onnx": read_onnx, "savedmodel": read_savedmodel}
 
 
-def read(fmt: str, path) -> Opened:
+def read(fmt: str, path, layout=None) -> Opened:
     """The model file at `path`, opened by its format's reader; what it says about its input (metadata) wins over
-    its input's name."""
-    opened = READERS[fmt](path)
+    its input's name. `layout`: an ONNX model's input layout (--layout) where its graph does not say."""
+    opened = READERS[fmt](path, layout) if layout else READERS[fmt](path)
     if opened.about.get("input"):
         opened.takes_pixels = opened.about["input"] == "pixels"
     opened.predict = _one_row_each(path, opened.predict, opened.classes)
