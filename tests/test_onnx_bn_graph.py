@@ -137,3 +137,27 @@ def test_eval_and_predict_feed_an_nchw_onnx_model_its_layout(tmp_path, data):
         opened = read_onnx(tmp_path / f"{layout}.onnx")
         assert opened.shape == (8, 8, 1), layout
         np.testing.assert_allclose(opened.predict(nhwc), want, atol=1e-3, err_msg=layout)
+
+
+def test_eval_and_predict_take_layout_where_the_graph_does_not_say(tmp_path):
+    """An input (N, 3, 4, 3) read straight by a Flatten says nothing of its layout: as before it is fed NHWC, and
+    eval and predict take --layout NCHW (runs/target.open_target's layout) to feed it NCHW."""
+    from onnx import TensorProto, helper
+
+    from convbn_cli.runs.target import open_target
+
+    w = np.random.default_rng(0).normal(size=(2, 36)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Flatten", ["input"], ["f"]),
+                           helper.make_node("Gemm", ["f", "w"], ["out"], transB=1)], "g",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 3])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])],
+                          [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "amb.onnx")
+    x = np.random.default_rng(1).normal(size=(5, 4, 3, 3)).astype(np.float32)  # (N, H, W, C) for NCHW (3, 4, 3)
+    t = open_target(str(tmp_path / "amb.onnx"), runnable_only=True, layout="NCHW")
+    np.testing.assert_allclose(t.predict(x), x.transpose(0, 3, 1, 2).reshape(5, -1) @ w.T, rtol=1e-5)
+    x = np.random.default_rng(2).normal(size=(5, 3, 4, 3)).astype(np.float32)
+    np.testing.assert_allclose(open_target(str(tmp_path / "amb.onnx"), runnable_only=True).predict(x),
+                               x.reshape(5, -1) @ w.T, rtol=1e-5)

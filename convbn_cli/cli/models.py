@@ -50,19 +50,32 @@ def _onnx(target) -> bool:
 @click.option("--tta", is_flag=True,
               help="Also report accuracy with test-time augmentation (the mean prediction over the image and its "
                    "four one-pixel shifts), apart from the plain accuracy.")
+@layout_option
 @json_option
 @no_progress_option
 @pass_session
-def eval_cmd(session: Session, target, which, split, bn_stats, tta, as_json, no_progress):
+def eval_cmd(session: Session, target, which, split, bn_stats, tta, layout, as_json, no_progress):
     if tta and bn_stats == "batch":
         raise click.UsageError("--tta works with --bn-stats moving (the model's inference mode)")
     session.tensorflow(target, runnable_only=True)
     from ..analysis import evaluate
     from ..present.reports import EvalReport, dumps
 
+    target = _with_layout(target, which, layout)
+
     report = EvalReport(evaluate(target, which=which, split=split, bn_stats=bn_stats, tta=tta,
                                  progress=session.progress(no_progress) and not as_json, log=session.say))
     click.echo(dumps(report.to_json()) if as_json else report.render())
+
+
+def _with_layout(target, which, layout):
+    """TARGET opened with --layout (an ONNX model whose graph does not say NCHW or NHWC), else TARGET as given:
+    evaluate and predict take either."""
+    if layout is None:
+        return target
+    from ..runs.target import open_target
+
+    return open_target(target, which, runnable_only=True, layout=layout)
 
 
 @click.command("predict")
@@ -85,10 +98,11 @@ def eval_cmd(session: Session, target, which, split, bn_stats, tta, as_json, no_
               metavar="P", help="Call a prediction uncertain (still giving its class and probability) when its "
                                 "probability is under P, or when no ink was found in the picture.")
 @scale_option
+@layout_option
 @json_option
 @pass_session
 def predict_cmd(session: Session, target, inputs, which, top_k, invert, preprocess, show, uncertain_below, scale,
-                as_json):
+                layout, as_json):
     """The class of each INPUT, with its probability, by TARGET (anything eval accepts, exports included).
 
     INPUT: PNG/JPEG pictures (made grayscale and resized to the model's input), directories of them, or
@@ -101,6 +115,7 @@ def predict_cmd(session: Session, target, inputs, which, top_k, invert, preproce
 
     if show and Path(show).exists() and (not Path(show).is_dir() or any(Path(show).iterdir())):
         raise click.BadParameter(f"{show}: exists and is not an empty directory; name a new one", param_hint="--show")
+    target = _with_layout(target, which, layout)
     report = PredictReport(predict(target, inputs, top_k=top_k, invert=invert, which=which, scale=scale,
                                    preprocess=preprocess, show=show, uncertain_below=uncertain_below,
                                    log=session.say))

@@ -117,16 +117,17 @@ class Target:
                         tf.cast(pixels, tf.float32).numpy())
 
 
-def open_target(target, which="best", *, runnable_only=False) -> Target:
+def open_target(target, which="best", *, runnable_only=False, layout=None) -> Target:
     """Open TARGET (see the module docstring); `which` chooses a run directory's checkpoint; `runnable_only`: the
-    command can also take the formats that only run (eval, predict).
+    command can also take the formats that only run (eval, predict); `layout`: an ONNX model's input layout
+    (--layout NCHW|NHWC) where its graph does not say.
 
     Raises TargetError (exit 2, one line) for anything that is not a usable target.
     """
     where = locate(target, runnable_only=runnable_only)
     path = where.path
     if where.kind not in ("run", "prefix"):
-        return _open_file(path, where.kind)
+        return _open_file(path, where.kind, layout)
     try:
         if where.kind == "run":
             run = RunDir.open(path)
@@ -155,13 +156,13 @@ def opened(target, which="best", *, runnable_only=False) -> Target:
     return target if isinstance(target, Target) else open_target(target, which, runnable_only=runnable_only)
 
 
-def _open_file(path: Path, fmt: str) -> Target:
+def _open_file(path: Path, fmt: str, layout=None) -> Target:
     """A model file (formats/runtime.py reads it). Under a run directory it must fit the run's data, and every
     command hands it normalized images: an export that takes raw pixels gets them back from the run's
     normalization (a .keras one is opened as its network without the normalization, so that recalibrate, export
     and diagnose work on the network). Away from a run it keeps its own input contract."""
     run, cfg = _run_above(path)
-    opened = runtime.read(fmt, path)
+    opened = runtime.read(fmt, path, layout if fmt == "onnx" else None)
     model, predict, affine = opened.model, opened.predict, None
     if cfg is not None:
         _check_fits(path, (None, *opened.shape), (None, opened.classes), cfg)
