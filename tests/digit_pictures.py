@@ -158,14 +158,20 @@ def picture(category, digit, rng) -> Image.Image:
 
 def photo(digit, rng, size, pen, font) -> Image.Image:
     """A page photographed by a phone: the digit a little rotated, off-white paper under light that falls off
-    across the page, blurred a little, and saved as a JPEG."""
+    across the page, blurred a little, and saved as a JPEG. Half of them show the table beyond the tilted page in
+    the corners (darker or lighter than the paper)."""
     alpha = ink_mask(digit, rng, size, rng.uniform(0.3, 0.7), pen, font)
-    alpha = np.asarray(Image.fromarray((alpha * 255).astype(np.uint8)).rotate(rng.uniform(-12, 12),
-                                                                                resample=Image.BICUBIC), np.float32)
+    angle, table = rng.uniform(-12, 12), rng.random() < 0.5
+    if not table:
+        alpha = np.asarray(Image.fromarray((alpha * 255).astype(np.uint8)).rotate(angle, resample=Image.BICUBIC),
+                           np.float32) / 255.0
     paper = np.array([235, 228, 215]) * rng.uniform(0.75, 1.0)
-    rgb = compose(alpha / 255.0, paper, rng.uniform(10, 60, 3)) * lighting(alpha.shape, rng, rng.uniform(0.15, 0.35))
-    rgb = rgb + rng.normal(0, 4, rgb.shape)
-    img = to_image(rgb).filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.8)))
+    rgb = compose(alpha, paper, rng.uniform(10, 60, 3)) * lighting(alpha.shape, rng, rng.uniform(0.15, 0.35))
+    img = to_image(rgb + rng.normal(0, 4, rgb.shape))
+    if table:
+        tone = int(rng.choice([rng.uniform(30, 90), rng.uniform(240, 255)]))
+        img = img.rotate(angle, resample=Image.BICUBIC, fillcolor=(tone, tone - 10, tone - 25))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.8)))
     return jpeg(img, rng.integers(35, 75))
 
 

@@ -86,6 +86,36 @@ def test_keep_large_keeps_exactly_the_blobs_a_flood_fill_finds_large(seed):
     np.testing.assert_array_equal(pic.keep_large(mask), want)
 
 
+def tilted_page(table: float, paper=200.0, ink=30.0, size=(300, 400)) -> np.ndarray:
+    """A photo of a page tilted by 8 degrees: the table shows in wedges at the corners; a zero drawn on the page."""
+    h, w = size
+    page = Image.new("F", (w, h), paper)
+    ImageDraw.Draw(page).ellipse((150, 80, 230, 220), outline=ink, width=5)
+    return np.array(page.rotate(8, resample=Image.BILINEAR, fillcolor=table), np.float32)
+
+
+def test_what_lies_beyond_a_tilted_page_is_not_ink():
+    """The table around a tilted page, lighter or darker than the paper, larger than the digit and as far from the
+    paper as its ink, was taken for the ink (a lighter one even turned the polarity), or cropped with the digit."""
+    zero = pic.normalized(tilted_page(table=200), *pic.background(tilted_page(table=200))) > 0.5
+    for table in (255.0, 20.0):
+        a = tilted_page(table)
+        ink = pic.denoised(pic.normalized(a, *pic.background(a)))
+        assert (ink > 0.5).sum() == pytest.approx(zero.sum(), rel=0.1) and (ink[zero] > 0.5).mean() > 0.9, table
+
+
+def test_a_digit_at_the_edge_stays_and_a_sliver_along_it_goes():
+    mask = np.zeros((100, 120), bool)
+    mask[40:100, 10:16] = True  # a stroke of a digit cut by the bottom edge: touches it for 6 pixels
+    mask[60:66, 10:40] = True
+    mask[0:4, 30:110] = True  # a sliver of table along the top edge
+    mask[30:50, 117:120] = True  # and along the right one
+    kept = pic.keep_large(mask, border=3)
+    assert kept[40:100, 10:16].all() and kept[60:66, 10:40].all() and kept.sum() == 60 * 6 + 6 * 24
+    assert (pic.keep_large(mask[:10], border=3) == pic.keep_large(mask[:10])).all()  # all slivers: all stay
+    assert not pic.keep_large(mask[:10], border=3, fallback=False).any()
+
+
 def test_median3_is_the_median_of_each_3x3_neighbourhood():
     a = np.random.default_rng(3).random((9, 13)).astype(np.float32)
     p = np.pad(a, 1, mode="edge")

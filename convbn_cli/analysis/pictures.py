@@ -7,11 +7,13 @@ undoes one of those, measured on the picture itself rather than by fixed amounts
 1. background: the paper's brightness everywhere, as a smooth surface (a quadratic in x and y) fitted robustly to
    the medians of small blocks, so that strokes (a minority of the blocks) do not pull it; it removes grey paper,
    tinted paper and a lighting gradient or vignette at once.
-2. normalized: the ink's polarity from which side of that surface the strongest deviations lie (dark ink on
-   paper, or chalk on a board), the ink as its contrast relative to the paper (a ratio, so that ink in the shade
-   counts as much as ink in the light), the paper's noise measured and cut off, the strokes stretched to full.
+2. normalized: the ink's polarity from which side of that surface the ink lies (dark ink on paper, or chalk on
+   a board: the side with more contrast in blobs that are neither specks nor beyond the page), the ink as its
+   contrast relative to the paper (a ratio, so that ink in the shade counts as much as ink in the light), the
+   paper's noise measured and cut off, the strokes stretched to full.
 3. denoised: specks and grain removed: blobs much smaller than the digit's largest stroke dropped (connected
-   components), and a 3x3 median where the strokes are wide enough to survive it.
+   components), and a 3x3 median where the strokes are wide enough to survive it; and what a photo shows beyond
+   the page (blobs lying along the picture's edge).
 4. strokes: the stroke width measured (2 x ink area / boundary length, against the digit's size) and, where the
    pen was much thinner than MNIST's (whose strokes are about 0.137 of the digit's longer side, the median over
    2,000 training digits measured the same way), thickened to MNIST's; the digit is cropped with a margin.
@@ -105,17 +107,18 @@ def _quadratic(y, x, h, w) -> np.ndarray:
 def normalized(a: np.ndarray, surface: np.ndarray, noise: float, polarity: str = "auto") -> np.ndarray:
     """Ink 0-1 on 0: each pixel's contrast against the paper there (dark ink: the fraction of the paper's light it
     takes away; light ink: its rise towards white), the paper's noise cut off and the strokes stretched so that
-    their cores are 1. A picture with no ink above the noise is all 0."""
-    d = a - surface
+    their cores are 1. A picture with no ink above the noise is all 0. polarity "auto": the side whose ink, less
+    what lies beyond the page (keep_large), holds more contrast: the table around a tilted page may be lighter
+    than the paper, larger than the digit and as far from the paper as its ink."""
+    ways = {p: _contrast(a - surface, surface, noise, p) for p in ("dark", "light")}
     if polarity == "auto":
-        cut = 4 * noise
-        polarity = "dark" if np.maximum(-d - cut, 0).sum() > np.maximum(d - cut, 0).sum() else "light"
-    if polarity == "dark":
-        room = np.maximum(surface, 16.0)  # near-black paper: a floor, not a division by nothing
-        x, rel_noise = -d / room, noise / max(float(np.median(surface)), 16.0)
-    else:
-        room = np.maximum(255.0 - surface, 16.0)
-        x, rel_noise = d / room, noise / max(255.0 - float(np.median(surface)), 16.0)
+        held = {p: _ink_held(*ways[p], _border(a.shape)) for p in ways}
+        polarity = max(held, key=held.get)
+        if held[polarity] < 0.001 * a.size:  # no ink inside the page either way (a digit run into the table, say,
+            # and grain on the other side): the stronger extreme, which a thin digit's strokes reach (a thousandth)
+            lo, hi = np.quantile(a - surface, [0.001, 0.999])
+            polarity = "dark" if -lo > hi else "light"
+    x, rel_noise = ways[polarity]
     floor = max(3 * rel_noise, 0.03)
     strong = x[x > max(6 * rel_noise, 0.08)]
     if strong.size == 0:
@@ -126,13 +129,32 @@ def normalized(a: np.ndarray, surface: np.ndarray, noise: float, polarity: str =
     return np.clip((x - floor) / (top - floor), 0, 1).astype(np.float32)
 
 
+def _contrast(d, surface, noise, polarity) -> tuple:
+    """(contrast of each pixel against the paper for ink of this polarity, the paper's noise in those units)."""
+    if polarity == "dark":
+        room = np.maximum(surface, 16.0)  # near-black paper: a floor, not a division by nothing
+        return -d / room, noise / max(float(np.median(surface)), 16.0)
+    room = np.maximum(255.0 - surface, 16.0)
+    return d / room, noise / max(255.0 - float(np.median(surface)), 16.0)
+
+
+def _ink_held(x, rel_noise, border) -> float:
+    """The contrast summed over the blobs of strong ink that are neither specks nor beyond the page."""
+    mask = x > max(6 * rel_noise, 0.08)
+    return float(x[keep_large(mask, border=border, fallback=False)].sum()) if mask.any() else 0.0
+
+
+def _border(shape) -> int:
+    return max(3, round(0.02 * max(shape)))
+
+
 # --------------------------------------------------------------------------- 3. denoised
 
 
 def denoised(ink: np.ndarray, level: float = 0.35) -> np.ndarray:
     """`ink` without specks: a 3x3 median where strokes are at least 3 pixels wide (a thinner line would go with
     the grain), then only the blobs of ink (pixels over `level`, 8-connected) at least SPECK of the largest one's
-    area kept, with a pixel of their soft edge."""
+    area kept, with a pixel of their soft edge, and not those lying along the picture's edge (keep_large)."""
     mask = ink > level
     if not mask.any():
         return ink
@@ -141,7 +163,7 @@ def denoised(ink: np.ndarray, level: float = 0.35) -> np.ndarray:
         mask = ink > level
         if not mask.any():
             return ink
-    return np.where(grow(keep_large(mask), 1), ink, 0).astype(np.float32)
+    return np.where(grow(keep_large(mask, border=_border(ink.shape)), 1), ink, 0).astype(np.float32)
 
 
 def median3(a: np.ndarray) -> np.ndarray:
@@ -152,20 +174,41 @@ def median3(a: np.ndarray) -> np.ndarray:
     return np.partition(shifted, 4, axis=0)[4]
 
 
-def keep_large(mask: np.ndarray, fraction: float = SPECK) -> np.ndarray:
-    """`mask` with only its 8-connected blobs of at least `fraction` of the largest blob's area."""
+def keep_large(mask: np.ndarray, fraction: float = SPECK, border: int = 0, fallback: bool = True) -> np.ndarray:
+    """`mask` with only its 8-connected blobs of at least `fraction` of the largest blob's area; and, with `border`,
+    without what a photo shows beyond the page (a table, the page's shadow; see _beyond_page). Where that would
+    leave nothing, those blobs stay (`fallback`; or nothing is left)."""
     row, start, end = _runs(mask)
     if len(row) == 0:
         return mask
     parent = _join_runs(row, start, end)
     roots = np.array([_root(parent, i) for i in range(len(row))])
     area = np.bincount(roots, weights=end - start)
-    kept = area[roots] >= fraction * area.max()
+    if border:
+        beyond = _beyond_page(mask.shape, border, row, start, end, roots, area)
+        if (~beyond[roots]).any() or not fallback:
+            area = np.where(beyond, 0, area)
+    if area.max() == 0:
+        return np.zeros_like(mask)
+    kept = (area[roots] >= fraction * area.max()) & (area[roots] > 0)
     out = np.zeros(mask.shape[0] * (mask.shape[1] + 1) + 1, np.int32)
     width = mask.shape[1] + 1
     np.add.at(out, row[kept] * width + start[kept], 1)
     np.add.at(out, row[kept] * width + end[kept], -1)
     return (np.cumsum(out)[:-1].reshape(mask.shape[0], width)[:, :-1] > 0)
+
+
+def _beyond_page(shape, border, row, start, end, roots, area) -> np.ndarray:
+    """Per blob: whether it lies beyond the photographed page: mostly (over half its area) within `border` pixels
+    of the picture's edge, or along the edge for longer than twice the side of a square of its area (a wedge of
+    table in a corner of a tilted page). A digit drawn at the edge only touches it: a stroke's width."""
+    h, w = shape
+    inner = np.clip(np.minimum(end, w - border) - np.maximum(start, border), 0, None)  # run pixels away from it
+    inner = np.where((row < border) | (row >= h - border), 0, inner)
+    near = area - np.bincount(roots, weights=inner, minlength=len(area))
+    on_edge = np.where((row == 0) | (row == h - 1), end - start, (start == 0).astype(int) + (end == w))
+    contact = np.bincount(roots, weights=on_edge, minlength=len(area))
+    return (near > area / 2) | (contact > 2 * np.sqrt(area))
 
 
 def _runs(mask: np.ndarray) -> tuple:
@@ -244,9 +287,10 @@ def stroke_width(mask: np.ndarray) -> float:
 
 
 def strokes(ink: np.ndarray, level: float = 0.35) -> np.ndarray:
-    """The digit cropped to its ink (with a margin), resized to STROKE_BOX on its longer side, and its strokes
-    thickened to MNIST's width where they are under THIN_STROKE of that side (measured before resizing, where a
-    thin pen is still a few pixels wide)."""
+    """The digit cropped to its ink (with a margin, its soft edges kept) and, where its strokes are under
+    THIN_STROKE of its longer side (measured before any resizing, where a thin pen is still a few pixels wide),
+    resized to STROKE_BOX on that side and thickened to MNIST's width. Strokes wide enough are left as they are:
+    not resampled twice (a pixel's shift of the centre of mass turns a weak model's answer)."""
     from PIL import Image
 
     mask = ink > level
@@ -257,15 +301,15 @@ def strokes(ink: np.ndarray, level: float = 0.35) -> np.ndarray:
     side = max(bottom - top, right - left)
     ratio = stroke_width(mask[top:bottom, left:right]) / side
     margin = side // 4 + 2
-    crop = np.pad(ink[top:bottom, left:right], margin)
+    crop = np.pad(ink, margin)[top:bottom + 2 * margin, left:right + 2 * margin]  # the rows top - margin, ...
+    if ratio >= THIN_STROKE:
+        return crop.astype(np.float32)
     k = STROKE_BOX / side
     size = (max(1, round(crop.shape[1] * k)), max(1, round(crop.shape[0] * k)))
     out = np.asarray(Image.fromarray(crop, "F").resize(size, Image.LANCZOS if k < 1 else Image.BILINEAR),
                      np.float32).clip(0, 1)
-    if ratio < THIN_STROKE:
-        steps = round((MNIST_STROKE - ratio) * STROKE_BOX / 2)
-        out = grow_grey(out, steps)
-        strong = out[out > 0.1]
-        if strong.size:  # a thin line reduced is faint: its core back to full ink
-            out = np.clip(out / max(float(np.percentile(strong, 90)), 1e-3), 0, 1)
+    out = grow_grey(out, round((MNIST_STROKE - ratio) * STROKE_BOX / 2))
+    strong = out[out > 0.1]
+    if strong.size:  # a thin line reduced is faint: its core back to full ink
+        out = np.clip(out / max(float(np.percentile(strong, 90)), 1e-3), 0, 1)
     return out.astype(np.float32)

@@ -29,8 +29,8 @@ MAX_IMAGE_SIDE = 20_000  # and so is a thin strip whose one side is absurd
 MAX_INPUTS = 10_000  # images per call (MNIST's test set); the whole batch is held as float32, ~3 KB an image
 MAX_ARRAY_BYTES = 64 << 20  # an .npy/.npz by its header: MAX_INPUTS MNIST-sized images as float64
 # A top class under this probability is called uncertain. Measured on 800 pictures of digits (tests/digit_pictures.py,
-# seeds 0-3): two small models (tests/test_predict_pictures.py) made 9 mistakes, 7 of them under 0.7, and were under
-# it on 1.5% of their right answers; the quick start's model made 1 (under it) and was under it on 2% of the rest.
+# seeds 0-3): the small model of tests/test_predict_pictures.py made 4 mistakes, 3 of them under 0.7, and was under
+# it on 2% of its right answers; the quick start's model made 1 (at 0.76) and was under it on 2.5% of the rest.
 UNCERTAIN_BELOW = 0.7
 EXIT_SOME_FAILED = 1  # `convbn predict`: some pictures could not be read (the others were predicted)
 
