@@ -158,6 +158,13 @@ CHECKS = (check_batch_dependence, check_never_updated, check_bn_axis, check_inpu
 ONLY_WITH = {check_workers: lambda ctx: bool(ctx.workers)}
 
 
+def no_bn(path, verb: str) -> str:
+    """The one line for an ONNX file without BN nodes: most often an export whose BN was folded into the convs
+    (convbn's own ONNX exports, tf2onnx's default), where the model it came from still has them."""
+    return (f"{path}: the model has no BatchNormalization nodes to {verb} (BN folded into the convs at export "
+            f"leaves none: {verb} the model it was exported from, e.g. its run directory)")
+
+
 def context(path, data, batches: int, scale: float, layout=None, log=lambda s: None, workers=()) -> tuple:
     """(context, --data) of an ONNX model opened with --data's images, measured (each BN mode's accuracy, precise
     BN) once; `workers`: the other workers' files (diagnose A B ...), each with the same layers and weights."""
@@ -167,7 +174,7 @@ def context(path, data, batches: int, scale: float, layout=None, log=lambda s: N
     if why:
         raise TargetError(f"{', '.join([str(path), *map(str, workers)])}: not workers of one model: {why}")
     if not m.bns and not m.batch_mixing:  # a graph that normalizes with batch statistics is still diagnosed
-        raise TargetError(f"{path}: the model has no BatchNormalization nodes to diagnose (folded into the convs?)")
+        raise TargetError(no_bn(path, "diagnose"))
     data, scale = inputs_of(m, data, scale)
     log(f"diagnosing {path}: {len(m.bns)} BN layer(s); measuring with the running statistics, each batch's own and "
         "an in-memory precise BN (onnxruntime) ...")
@@ -224,7 +231,7 @@ def inspect_onnx(path, layers=None, layout=None) -> dict:
     m = open_onnx(path, layout or "NCHW")  # the layout changes nothing here: no images are fed
     params = {bn.name: parameters(bn) for bn in m.bns}
     if not params:
-        raise TargetError(f"{path}: the model has no BatchNormalization nodes")
+        raise TargetError(no_bn(path, "inspect"))
     if layers:
         unknown = [n for n in layers if n not in params]
         if unknown:
@@ -242,7 +249,7 @@ def recalibrate_onnx(path, *, data=None, batches=PRECISE_BN_BATCHES, scale=1 / 2
     _check_output(path, out, force)
     m = open_onnx(path, layout)
     if not m.bns:
-        raise TargetError(f"{path}: the model has no BatchNormalization nodes to recalibrate")
+        raise TargetError(no_bn(path, "recalibrate"))
     data, scale = inputs_of(m, data, scale)
     d = onnx_data(m, data, batches or PRECISE_BN_BATCHES, scale, log)
     runner = Runner(m)
