@@ -112,6 +112,7 @@ def _save(model, tmp_path, name="m.keras"):
     return path
 
 
+@pytest.mark.heavy
 def test_a_sequential_keras_model_is_diagnosed_recalibrated_and_inspected(npz, tmp_path):
     """The keras-io convnet written the keras-io way (keras.Sequential with an Input), with BN: Keras 3.15's
     `Sequential.input` raises for it once loaded from a file, which made diagnose crash with a traceback."""
@@ -141,6 +142,7 @@ def test_plain_keras_model_trained_without_training_true_never_updated(npz, tmp_
     assert f.evidence["accuracy_after_precise_bn"] > f.evidence["accuracy_moving"] and "convbn recalibrate" in f.fix
 
 
+@pytest.mark.heavy
 def test_functional_branch_with_a_redundant_bias_and_a_frozen_bn(npz, tmp_path):
     path, a = npz
     model = _fit(_plain_keras(branch=True, conv_bias=True), a)
@@ -274,6 +276,7 @@ def test_training_ends_with_a_warning_when_the_moving_statistics_lag(tmp_path, m
         assert any(ln.startswith("precise BN (train.precise_bn: auto)") and "(kept)" in ln for ln in lines), lines
 
 
+@pytest.mark.heavy
 def test_external_keras_model_inspect_recalibrate_and_fold(npz, tmp_path):
     import hashlib
 
@@ -334,6 +337,7 @@ def _context(model, steps=None):
     return ctx
 
 
+@pytest.mark.heavy
 def test_bn_on_the_wrong_axis_is_an_error_naming_the_fix(npz, tmp_path):
     """The seed question's own mistake: statistics per image row (axis=1 on channels_last), not per feature map.
     The model still learns, so only the structure tells."""
@@ -366,6 +370,7 @@ def test_a_model_at_chance_in_every_mode_is_not_called_healthy(npz, tmp_path):
     assert f.severity == "error" and set(f.evidence["accuracy"]) == {"moving", "batch", "precise_bn"}
 
 
+@pytest.mark.heavy
 def test_a_bias_before_the_producers_own_relu_is_not_redundant(npz, tmp_path):
     path, a = npz
     model = _fit(_one_bn_model({"activation": "relu", "use_bias": True}), a)
@@ -399,6 +404,7 @@ def test_channels_silenced_by_stale_statistics_are_not_called_dead(npz, tmp_path
     assert "convbn recalibrate" in finding(r, "inference_training_gap").fix
 
 
+@pytest.mark.heavy
 def test_an_input_scale_mismatch_is_named_with_the_scale_to_use(npz, tmp_path):
     """Trained on pixels in [0, 1], fed raw 0-255 pixels (--scale 1): not stale statistics, and no recalibrate."""
     path, a = npz
