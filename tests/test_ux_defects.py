@@ -88,6 +88,15 @@ def test_resume_of_a_missing_run_says_the_run_is_missing(tmp_path, run_dir):
     assert code == 2 and len(lines) == 1 and "give no CONFIG" in lines[0] and str(config) in lines[0], lines
 
 
+def test_sweep_resume_of_a_missing_sweep_says_the_sweep_is_missing(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(tmp_path)))
+    code, lines = convbn("sweep", config, "model.bn.decay=0.9,0.99", "--resume", tmp_path / "missing")
+    assert code == 2 and lines == [f"error: {tmp_path / 'missing'}: no such sweep directory"], lines
+    code, lines = convbn("sweep", config, "--resume", tmp_path)  # it is there: CONFIG is what is wrong
+    assert code == 2 and len(lines) == 1 and "give no CONFIG" in lines[0], lines
+
+
 # --------------------------------------------------------------------------- 4. bare leaf keys
 
 @pytest.mark.parametrize("override,full", [("epochs=2", "train.epochs"), ("lr=0.01", "train.optimizer.lr"),

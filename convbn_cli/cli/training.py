@@ -93,6 +93,8 @@ def sweep(session: Session, config, settings, seeds, resume, no_progress):
     from ..train import sweep as sw  # its planning needs no TensorFlow; its training imports it when it runs
 
     if resume and (config or settings):
+        if not Path(resume).is_dir():  # as for train: a missing sweep directory is the first thing to say
+            raise ConvbnError(f"{resume}: no such sweep directory")
         raise ConvbnError("--resume continues a sweep as it was planned; give no CONFIG or settings with it")
     if not resume and config is None:
         raise ConvbnError("missing CONFIG (e.g. convbn sweep mnist_bn model.bn.decay=0.9,0.99), or --resume DIR")
