@@ -285,3 +285,74 @@ def test_the_gap_fixs_decay_advice_on_onnx_only_where_the_momentum_is_known(corp
         else:
             assert f.evidence["decays"] == [0.5] and f.evidence["decay_checked"]["ok"]
             assert "so that it does not come back: a lower momentum" in f.fix
+
+
+# --------------------------------------------------------------------------- a model exported in training mode
+
+def _training_mode_nodes(path):
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"
+            and any(a.name == "training_mode" and a.i for a in n.attribute)]
+
+
+def test_recalibrate_writes_a_training_mode_export_in_inference_mode_and_says_so(corpus):
+    """Before, the file written kept training_mode=1: it normalized with each batch's statistics and ignored the
+    recomputed ones the report measured. Now it runs them, one image as in a batch."""
+    from convbn_cli.cli import main
+
+    d, models, (x, _) = corpus
+    path = models["training_mode_export"][0]
+    out = d / "training_mode_export-recal-test.onnx"
+    r = CliRunner().invoke(main, ["recalibrate", str(path), "--data", str(d / "data.npz"), "--batches", "4",
+                                  "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "exported in training mode" in r.output and "inference mode" in r.output and "model.eval()" in r.output
+    assert _training_mode_nodes(path) and not _training_mode_nodes(out)
+    xs = x[:64, None].astype(np.float32) / 255
+    np.testing.assert_allclose(_logits(out, xs[:1]), _logits(out, xs)[:1], atol=1e-4)
+
+
+def test_export_folds_a_training_mode_export_in_inference_mode_and_says_so(corpus):
+    """Before: exit 1, "exported logits differ" (the reference ran the inference-mode graph, the file read back
+    kept training_mode=1)."""
+    from convbn_cli.cli import main
+
+    d, models, _ = corpus
+    path = models["training_mode_export"][0]
+    out = d / "training_mode_export-folded-test.onnx"
+    r = CliRunner().invoke(main, ["export", str(path), "--format", "onnx", "--fold-bn", "--data",
+                                  str(d / "data.npz"), "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "exported in training mode" in r.output and "model.eval()" in r.output
+    assert out.is_file() and not _training_mode_nodes(out)
+    assert not [n for n in onnx.load(str(out)).graph.node if n.op_type == "BatchNormalization"]
+
+
+# --------------------------------------------------------------------------- recalibrate's output file
+
+def test_recalibrate_never_replaces_a_file_that_appeared_while_it_measured(corpus, monkeypatch):
+    import convbn_cli.analysis.onnx_doctor as doctor
+
+    d, models, _ = corpus
+    out = d / "appeared.onnx"
+    measure = doctor.precise_bn
+
+    def appearing(*a, **kw):
+        out.write_bytes(b"someone else's")
+        return measure(*a, **kw)
+
+    monkeypatch.setattr(doctor, "precise_bn", appearing)
+    with pytest.raises(ConvbnError, match="already exists"):
+        recalibrate(str(models["stale"][0]), batches=2, data_source=str(d / "data.npz"), output=str(out))
+    assert out.read_bytes() == b"someone else's"
+
+
+def test_recalibrate_refuses_a_symlink_output_even_with_force(corpus):
+    d, models, _ = corpus
+    target = d / "kept.onnx"
+    target.write_bytes(b"kept")
+    link = d / "link.onnx"
+    link.symlink_to(target)
+    with pytest.raises(ConvbnError, match="not a .onnx file"):
+        recalibrate(str(models["stale"][0]), batches=2, data_source=str(d / "data.npz"), output=str(link),
+                    force=True)
+    assert link.is_symlink() and target.read_bytes() == b"kept"

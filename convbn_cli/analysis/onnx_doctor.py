@@ -16,8 +16,9 @@ import numpy as np
 
 from ..config.schema import PRECISE_BN_BATCHES
 from ..errors import ConvbnError, TargetError
-from ..files import staged
-from ..formats.catalog import FORMAT_INFO, file_name
+from ..files import remove_stale_temporaries, staged
+from ..formats.catalog import file_name
+from ..formats.output import check_output
 from ..present.thresholds import DEAD_GAMMA
 from . import advice
 from .data_checks import check_accuracy_floor, check_inference_gap, check_input_scale, check_never_updated
@@ -31,7 +32,15 @@ from .onnx_checks import (
     layout_differs,
     open_workers,
 )
-from .onnx_graph import bias_of, channel_axis, fold_target, open_onnx, producer_chain, with_statistics
+from .onnx_graph import (
+    bias_of,
+    channel_axis,
+    fold_target,
+    open_onnx,
+    producer_chain,
+    to_inference_mode,
+    with_statistics,
+)
 from .onnx_measure import OnnxContext, Runner, inputs_of, onnx_data, precise_bn, score
 
 
@@ -243,33 +252,37 @@ def inspect_onnx(path, layers=None, layout=None) -> dict:
 def recalibrate_onnx(path, *, data=None, batches=PRECISE_BN_BATCHES, scale=1 / 255, layout=None, output=None,
                      force=False, log=lambda s: None) -> dict:
     """Precise BN for an ONNX model: a new .onnx (NAME-recalibrated.onnx beside it, or `output`) with every BN
-    layer's running statistics recomputed; recalibrate's result keys (before/after on --data's images)."""
+    layer's running statistics recomputed, in inference mode (a BN exported in training mode would ignore them);
+    recalibrate's result keys (before/after on --data's images), and `inference_mode`: the layers switched."""
     path = Path(path)
+    if batches is None:  # --full: a run's one pass over its training split; --data has no such split
+        raise ConvbnError(f"{path}: --full is for runs and Keras models; an ONNX model's statistics average "
+                          "--batches batches of --data's images")
     out = Path(output) if output else path.with_name(file_name(f"{path.stem}-recalibrated", "onnx"))
     _check_output(path, out, force)
     m = open_onnx(path, layout)
     if not m.bns:
         raise TargetError(no_bn(path, "recalibrate"))
+    switched = to_inference_mode(m, log)
     data, scale = inputs_of(m, data, scale)
-    d = onnx_data(m, data, batches or PRECISE_BN_BATCHES, scale, log)
+    d = onnx_data(m, data, batches, scale, log)
     runner = Runner(m)
     batched = [(d.images[i:i + 500], d.labels[i:i + 500]) for i in range(0, len(d.images), 500)]
     before = score(runner.logits, batched, d.num_classes)
     stats = precise_bn(runner, d.calibration, log)
     after = score(lambda x: runner.logits(x, stats), batched, d.num_classes)
-    with staged(out) as tmp:
+    remove_stale_temporaries(out.parent, out.name)
+    # minutes of measuring lie between the first check and the write: a file that appeared meanwhile is refused
+    with staged(out, before_replace=lambda: _check_output(path, out, force)) as tmp:
         tmp.write_bytes(with_statistics(m, stats).SerializeToString())
     changes = {bn.name: (bn.moving_mean.numpy(), bn.moving_variance.numpy(), *stats[bn.name]) for bn in m.bns}
     return {"source": str(path), "checkpoint": str(out), "split": d.split, "batches": len(d.calibration),
-            "before": before, "after": after, "layers": changes, "source_step": None}
+            "before": before, "after": after, "layers": changes, "source_step": None, "inference_mode": switched}
 
 
 def _check_output(source: Path, out: Path, force: bool) -> None:
-    if out.suffix.lower() != FORMAT_INFO["onnx"].suffix:
-        raise ConvbnError(f"--output {out}: an ONNX model's name must end in .onnx")
+    """formats/output.check_output's rules (a .onnx name; an existing file replaced only with --force, never a
+    symlink or a directory), and never the model being recalibrated."""
     if out.exists() and source.exists() and out.resolve() == source.resolve():
         raise ConvbnError(f"--output {out}: is the model being recalibrated; write it to another path")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise ConvbnError(f"--output {out}: already exists; add --force to replace it")
-    if out.is_dir():
-        raise ConvbnError(f"--output {out}: is a directory")
+    check_output(out, "onnx", force)

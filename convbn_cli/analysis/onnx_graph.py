@@ -89,7 +89,7 @@ class OnnxModel:
     input: str
     output: str
     input_shape: tuple  # the graph's input dims after the batch
-    layout: str  # "NCHW" or "NHWC" (a rank-4 input), else "NC"
+    layout: str  # "NCHW" or "NHWC": runtime.check_signature refuses an input that is not images (rank 4)
     classes: int
     framework: str  # "pytorch" or "keras": whose terms a fix is said in (analysis/advice.py)
     producers: dict = field(default_factory=dict)  # {tensor: node}
@@ -124,7 +124,7 @@ def open_onnx(path, layout: str | None = None) -> OnnxModel:
     inputs = [i for i in g.input if i.name not in inits]
     dims = tuple(d.dim_value or None for d in inputs[0].type.tensor_type.shape.dim)
     out_dims = tuple(d.dim_value or None for d in g.output[0].type.tensor_type.shape.dim)
-    m = OnnxModel(path, proto, inits, [], inputs[0].name, g.output[0].name, dims[1:], "NC", int(out_dims[-1] or 0),
+    m = OnnxModel(path, proto, inits, [], inputs[0].name, g.output[0].name, dims[1:], "NCHW", int(out_dims[-1] or 0),
                   "keras")
     for node in g.node:
         for t in node.output:
@@ -139,7 +139,7 @@ def open_onnx(path, layout: str | None = None) -> OnnxModel:
                                          for d in v.type.tensor_type.shape.dim)
     except Exception:  # noqa: BLE001  shape inference is a help, not a need: the runtime's shapes serve instead
         pass
-    m.layout = input_layout(m, layout) if len(dims) == 4 else "NC"
+    m.layout = input_layout(m, layout)
     m.framework = _framework(proto, m.layout)
     m.bns = _bn_layers(m)
     m.batch_mixing = batch_mixing(m)
@@ -229,6 +229,21 @@ def in_inference_mode(proto):
     return p
 
 
+def to_inference_mode(m: OnnxModel, log=lambda s: None) -> list:
+    """Turn `m` (in memory) into its inference-mode variant (in_inference_mode) and name the BatchNormalization
+    layers exported in training mode: a model written from it (recalibrate, export --fold-bn) must normalize with
+    the running statistics it was measured with, not with each batch's own as the exported graph did."""
+    trained = [bn.name for bn in m.bns if bn.training_mode]
+    if trained:
+        m.proto = in_inference_mode(m.proto)
+        for bn in m.bns:
+            bn.training_mode = False
+        log(f"{m.path}: {', '.join(trained)} exported in training mode (training_mode=1: each batch's own "
+            "statistics); the model written runs them in inference mode, with the running statistics measured "
+            "here (in PyTorch, call model.eval() before torch.onnx.export)")
+    return trained
+
+
 # --------------------------------------------------------------------------- axes and producers
 
 def channel_axis(m: OnnxModel, tensor: str, depth: int = 0):
@@ -237,7 +252,7 @@ def channel_axis(m: OnnxModel, tensor: str, depth: int = 0):
     if depth > 200:
         return None
     if tensor == m.input:
-        return {"NCHW": 1, "NHWC": 3}.get(m.layout, 1)
+        return {"NCHW": 1, "NHWC": 3}[m.layout]
     node = m.producers.get(tensor)
     if node is None:
         return None

@@ -92,7 +92,6 @@ class Runner:
             self._batch = runtime.onnx_session(self.m.path, with_batch_statistics(self.m, ranks))
         return self._batch([self.m.output], {self.m.input: np.asarray(x, np.float32)})[0]
 
-
     def exported_logits(self, x):
         """Logits of the graph as it was exported: a BatchNormalization in training mode normalizes with its
         batch's statistics (the other variants run it with its running statistics)."""

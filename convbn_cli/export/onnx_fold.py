@@ -8,6 +8,9 @@ channels by s, and the bias becomes s * (bias - mean) + beta; MatMul has no bias
 of it. Pools and reshapes in between stay where they are: a per-channel factor and offset pass through them
 (a max-pool only for a positive factor, which fold_target checks).
 
+A BN node exported in training mode (training_mode=1) is written in inference mode: the graph as exported
+normalizes with each batch's own statistics, which no folded layer can do.
+
 Before folding, the "only works in training mode" trap: a model whose accuracy with each batch's own statistics
 beats its running statistics' has stale statistics, and folding would bake them in; export refuses and names
 recalibrate.
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis.findings import MATERIAL_GAP
-from ..analysis.onnx_graph import attr, fold_target, open_onnx
+from ..analysis.onnx_graph import attr, fold_target, open_onnx, to_inference_mode
 from ..analysis.onnx_measure import Runner, inputs_of, onnx_data, score
 from ..errors import ConvbnError
 from ..files import remove_stale_temporaries, staged
@@ -126,6 +129,9 @@ def export_onnx(path, fmt="onnx", *, fold_bn=False, output=None, force=False, da
     if out.exists() and out.resolve() == path.resolve():
         raise ConvbnError(f"--output {out}: is the model being exported; write the export to another path")
     m = open_onnx(path, layout)
+    # a BN exported in training mode: folded (or kept) as inference runs it, with the running statistics that
+    # _refuse_stale checks first; the export is checked against that inference-mode graph, and says so
+    switched = to_inference_mode(m, log)
     data, scale = inputs_of(m, data, scale)  # the images the folded export is checked on
     d = onnx_data(m, data, max(STALE_BATCHES, -(-check_images // 128)), scale, log)
     runner = Runner(m)
@@ -145,7 +151,7 @@ def export_onnx(path, fmt="onnx", *, fold_bn=False, output=None, force=False, da
                               f"{MAX_LOGIT_DIFF:g} allowed); nothing was written")
     return {"source": str(path), "path": str(out), "format": "onnx", "fold_bn": True, "folded": folded,
             "kept": list(kept), "kept_why": kept, "input": f"{m.layout} float32, as the original model takes them",
-            "max_abs_logit_diff": diff, "checked_images": len(x)}
+            "max_abs_logit_diff": diff, "checked_images": len(x), "inference_mode": switched}
 
 
 def _refuse_stale(path, runner, d, data) -> None:
