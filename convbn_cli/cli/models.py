@@ -38,6 +38,18 @@ def _onnx(target) -> bool:
     return format_of(Path(target)) == "onnx"
 
 
+def _refuse_ignored(target, onnx_ignores: dict, others_ignore: dict) -> None:
+    """One line (exit 2) for an option given that TARGET's kind would silently ignore: `onnx_ignores` {option:
+    given} are what only a run or Keras model takes, `others_ignore` what only an ONNX model takes."""
+    onnx = _onnx(target)
+    named = [o for o, given in (onnx_ignores if onnx else others_ignore).items() if given]
+    if named and onnx:
+        raise ConvbnError(f"{target}: {', '.join(named)} not taken by an ONNX model (for runs and Keras models: an "
+                          "ONNX model has no run; its statistics and accuracy come from --batches of --data's images)")
+    if named:
+        raise ConvbnError(f"{target}: {', '.join(named)} is for ONNX models only (a Keras model's input is NHWC)")
+
+
 # --------------------------------------------------------------------------- eval and inspect-bn
 
 @click.command("eval", help="Accuracy, loss, per-class accuracy and confusion matrix of TARGET: " + TARGET_HELP
@@ -276,6 +288,7 @@ def recalibrate(session: Session, target, which, batches, full, split, data, sca
     NAME-recalibrated.keras beside it, for an ONNX TARGET (with --data) a new NAME-recalibrated.onnx; the original
     is never changed.
     """
+    _refuse_ignored(target, {"--full": full, "--split": split, "--checkpoint": which != "best"}, {"--layout": layout})
     session.tensorflow(target, data=data, runnable_only=_onnx(target))
     from ..analysis.recalibration import recalibrate as run_recalibrate
     from ..present.reports import RecalibrateReport
@@ -307,6 +320,7 @@ def export_cmd(session: Session, target, fmt, fold_bn, output, force, no_preproc
     TARGET may also be a .keras model from outside convbn (then --data gives the images it is checked on), or an
     ONNX model: `--format onnx --fold-bn --data ...` folds its BN nodes into the Conv/Gemm before them.
     """
+    _refuse_ignored(target, {"--checkpoint": which != "best"}, {"--layout": layout})
     session.tensorflow(target, data=data, runnable_only=_onnx(target))
     from ..export import export
     from ..present.reports import ExportReport

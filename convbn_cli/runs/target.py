@@ -126,6 +126,8 @@ def open_target(target, which="best", *, runnable_only=False, layout=None) -> Ta
     """
     where = locate(target, runnable_only=runnable_only)
     path = where.path
+    if layout is not None and where.kind != "onnx":  # only an ONNX graph may leave its input layout unsaid
+        raise TargetError(f"{target}: --layout is for ONNX models only (this is a {where.kind}: its input is NHWC)")
     if where.kind not in ("run", "prefix"):
         return _open_file(path, where.kind, layout)
     try:
@@ -162,7 +164,7 @@ def _open_file(path: Path, fmt: str, layout=None) -> Target:
     normalization (a .keras one is opened as its network without the normalization, so that recalibrate, export
     and diagnose work on the network). Away from a run it keeps its own input contract."""
     run, cfg = _run_above(path)
-    opened = runtime.read(fmt, path, layout if fmt == "onnx" else None)
+    opened = runtime.read(fmt, path, layout)
     model, predict, affine = opened.model, opened.predict, None
     if cfg is not None:
         _check_fits(path, (None, *opened.shape), (None, opened.classes), cfg)
