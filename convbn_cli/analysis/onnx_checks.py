@@ -7,14 +7,12 @@ order_checks, worker_checks); what is ONNX here is how the graph is read and run
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import advice, decay_checks
 from .batch_checks import batch_dependence
-from .findings import Finding, evaluate_bn, helps, precise_bn_accuracy
+from .findings import Finding, evaluate_bn
 from .onnx_graph import POOLS, RESHAPES, open_onnx
 from .onnx_measure import score
-from .worker_checks import compare_workers
+from .worker_checks import views_differ, workers_finding
 
 ACTIVATIONS = {"Relu", "LeakyRelu", "Elu", "Selu", "PRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish",
                "Softplus", "Gelu", "Mish"}
@@ -142,48 +140,18 @@ def open_workers(paths, layout=None) -> list:
 
 def layout_differs(models) -> str | None:
     """Why the ONNX models cannot be workers of one training (another BN layer, initializer or shape), or None."""
-    views = [onnx_worker(m) for m in models]
-    for i, v in enumerate(views[1:], 1):
-        for part, what in (("statistics", "BN layers"), ("weights", "initializers")):
-            a = {k: np.shape(x[0] if part == "statistics" else x) for k, x in views[0][part].items()}
-            b = {k: np.shape(x[0] if part == "statistics" else x) for k, x in v[part].items()}
-            if a != b:
-                odd = sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k] != b[k])
-                return f"worker {i + 1} has other {what} than the first ({', '.join(odd[:3])})"
-    return None
+    return views_differ([onnx_worker(m) for m in models], "initializers")
+
+
+ONNX_WORDS = {"weights": "initializer(s)", "copies": "exports", "kept": "file",
+              "same_step": "compare models exported at the same step, and check that the gradients are all-reduced "
+                           "across workers (DDP in PyTorch)",
+              "average": "average the workers' running means and variances into one model",
+              "precise": lambda ctx, first: f"convbn recalibrate {first} --data DATA (precise BN)"}
 
 
 def check_workers(ctx) -> list:
-    """workers_disagree for ONNX workers (ctx.workers: [(name, OnnxModel)]): worker_checks' verdicts, each worker's
-    accuracy measured with its own statistics in the first's graph, and the measured fix."""
+    """workers_disagree for ONNX workers (ctx.workers: [(name, OnnxModel)]): worker_checks' finding, each worker's
+    accuracy measured with its own statistics in the first's graph."""
     views = [onnx_worker(ctx.model)] + [onnx_worker(m) for _, m in ctx.workers]
-    found = compare_workers(views)
-    if not found["weights_differ"] and not found["statistics_differ"]:
-        return []
-    names = [ctx.target_name or "worker 1"] + [n for n, _ in ctx.workers]
-    accuracy = {name: ctx.accuracy_with(v["statistics"]) for name, v in zip(names, views)}
-    evidence = {**found, "workers": names, "accuracy_by_worker": accuracy}
-    if found["weights_differ"]:
-        top = sorted(found["weights_differ"], key=found["weights_differ"].get, reverse=True)[:3]
-        return [Finding("workers_disagree", "error",
-                        f"the workers' weights differ ({len(found['weights_differ'])} initializer(s), up to "
-                        f"{found['weights_max_relative']:.2g} relative: {', '.join(top)}): these are not exports of "
-                        "one model at one step", "compare models exported at the same step, and check that the "
-                        "gradients are all-reduced across workers (DDP in PyTorch)", layers=[], evidence=evidence)]
-    average = {layer: tuple(np.mean([np.asarray(v["statistics"][layer][k], np.float64) for v in views], axis=0)
-                            for k in (0, 1)) for layer in found["statistics"]}
-    averaged, precise = ctx.accuracy_with(average), precise_bn_accuracy(ctx)
-    worst, best = min(accuracy.values()), max(accuracy.values())
-    evidence.update(accuracy_averaged_statistics=averaged, accuracy_after_precise_bn=precise)
-    choice = "precise BN" if precise >= averaged else "averaged"
-    fix = (f"convbn recalibrate {names[0]} --data DATA (precise BN, measured: {precise:.2%})" if choice == "precise BN"
-           else f"average the workers' running means and variances into one model (measured: {averaged:.2%})")
-    fix += f", the workers {worst:.2%} to {best:.2%}; in training, {advice.synchronized(ctx)}"
-    severity = "warning" if helps(ctx, worst, best) or helps(ctx, worst, max(precise, averaged)) else "info"
-    layers = found["statistics_differ"]
-    far = max(np.inf if (d := found["statistics"][n]["max_mean_distance_in_std"]) is None else d for n in layers)
-    return [Finding("workers_disagree", severity,
-                    f"{len(names)} workers share their weights but their BN statistics differ in {len(layers)} "
-                    f"layer(s) (means up to {far:.2f} standard deviations apart): each averaged its own worker's "
-                    "batches (BN not synchronized), so which file is kept decides the accuracy", fix, layers=layers,
-                    channels={n: found["statistics"][n]["channels"] for n in layers}, evidence=evidence)]
+    return workers_finding(ctx, views, ctx.accuracy_with, ONNX_WORDS)

@@ -17,7 +17,7 @@ import numpy as np
 from ..model import Evaluator
 from ..model.bn import bn_layers, restore_statistics, snapshot_statistics
 from . import advice
-from .findings import Finding, dataset_of, evaluate_bn, helps, precise_bn_accuracy
+from .findings import Finding, dataset_of, helps, precise_bn_accuracy
 
 WEIGHTS_APART = 1e-5  # relative difference of a weight across workers beyond a checkpoint's float round trip
 STATS_APART = 0.25  # moving means this many of the data's standard deviations apart across workers
@@ -76,16 +76,19 @@ def keras_worker(model) -> dict:
 
 
 def same_layout(models: list) -> str | None:
-    """Why the models cannot be workers of one training (another BN layer, weight or shape), or None."""
-    views = [keras_worker(m) for m in models]
-    ref = views[0]
+    """Why the Keras models cannot be workers of one training (another BN layer, weight or shape), or None."""
+    return views_differ([keras_worker(m) for m in models])
+
+
+def views_differ(views: list, weights: str = "weights") -> str | None:
+    """Why the workers' views (compare_workers' contract) cannot be of one training: another BN layer, weight or
+    shape than the first's; None where they can. `weights`: what the format calls them."""
     for i, v in enumerate(views[1:], 1):
-        for part in ("statistics", "weights"):
-            a = {k: np.shape(x[0] if part == "statistics" else x) for k, x in ref[part].items()}
+        for part, what in (("statistics", "BN layers"), ("weights", weights)):
+            a = {k: np.shape(x[0] if part == "statistics" else x) for k, x in views[0][part].items()}
             b = {k: np.shape(x[0] if part == "statistics" else x) for k, x in v[part].items()}
             if a != b:
                 odd = sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k] != b[k])
-                what = "BN layers" if part == "statistics" else "weights"
                 return f"worker {i + 1} has other {what} than the first ({', '.join(odd[:3])})"
     return None
 
@@ -101,50 +104,54 @@ def _accuracy_with_statistics(ctx, stats: dict) -> float:
         restore_statistics(saved)
 
 
+KERAS_WORDS = {"weights": "variable(s)", "copies": "checkpoints", "kept": "checkpoint",
+               "same_step": "compare checkpoints written at the same step, and check that the gradients are "
+                            "all-reduced across workers (a distribution strategy, or DDP in PyTorch)",
+               "average": "average the workers' moving means and variances into one checkpoint",
+               "precise": lambda ctx, first: f"{advice.recompute(ctx, measured=True)} on the first worker's checkpoint"}
+
+
 def check_workers(ctx) -> list:
-    """workers_disagree: the first target against the other workers (ctx.workers: [(name, model)]): weights that
-    differ (an error: not one model), BN statistics that differ (a warning), each worker's accuracy with its own
-    statistics, and the measured fix: the averaged statistics or a precise BN, whichever measures better."""
+    """workers_disagree: the first target against the other workers (ctx.workers: [(name, model)])."""
     views = [keras_worker(ctx.model)] + [keras_worker(m) for _, m in ctx.workers]
+    return workers_finding(ctx, views, lambda stats: _accuracy_with_statistics(ctx, stats), KERAS_WORDS)
+
+
+def workers_finding(ctx, views: list, accuracy_with, words: dict) -> list:
+    """workers_disagree for any format: `views` (compare_workers' contract, ctx.model's first, then ctx.workers'),
+    `accuracy_with` (statistics -> accuracy of ctx.model with them), `words` (what the format calls its parts).
+    Weights that differ are an error (not one model); BN statistics that differ a warning, with each worker's
+    accuracy with its own statistics and the measured fix: the averaged statistics or a precise BN, whichever
+    measures better."""
     found = compare_workers(views)
     if not found["weights_differ"] and not found["statistics_differ"]:
         return []
     names = [ctx.target_name or "worker 1"] + [n for n, _ in ctx.workers]
-    accuracy = {names[0]: evaluate_bn(ctx, "moving")["accuracy"]}
-    for (name, _), view in zip(ctx.workers, views[1:]):
-        accuracy[name] = _accuracy_with_statistics(ctx, view["statistics"])
+    accuracy = {name: accuracy_with(v["statistics"]) for name, v in zip(names, views)}
     evidence = {**found, "workers": names, "accuracy_by_worker": accuracy}
     if found["weights_differ"]:
         top = sorted(found["weights_differ"], key=found["weights_differ"].get, reverse=True)[:3]
         return [Finding("workers_disagree", "error",
-                        f"the workers' weights differ ({len(found['weights_differ'])} variable(s), up to "
-                        f"{found['weights_max_relative']:.2g} relative: {', '.join(top)}): these are not checkpoints "
-                        "of one model at one step", "compare checkpoints written at the same step, and check that the "
-                        "gradients are all-reduced across workers (a distribution strategy, or DDP in PyTorch)",
-                        layers=[], evidence=evidence)]
-    return [_statistics_finding(ctx, found, names, accuracy, evidence)]
-
-
-def _statistics_finding(ctx, found, names, accuracy, evidence) -> Finding:
-    """The workers share their weights but not their BN statistics: each averaged its own batches."""
-    average = {layer: tuple(np.mean([np.asarray(v["statistics"][layer][k], np.float64) for v in
-                                     [keras_worker(ctx.model)] + [keras_worker(m) for _, m in ctx.workers]], axis=0)
+                        f"the workers' weights differ ({len(found['weights_differ'])} {words['weights']}, up to "
+                        f"{found['weights_max_relative']:.2g} relative: {', '.join(top)}): these are not "
+                        f"{words['copies']} of one model at one step", words["same_step"], layers=[],
+                        evidence=evidence)]
+    average = {layer: tuple(np.mean([np.asarray(v["statistics"][layer][k], np.float64) for v in views], axis=0)
                             for k in (0, 1)) for layer in found["statistics"]}
-    averaged, precise = _accuracy_with_statistics(ctx, average), precise_bn_accuracy(ctx)
+    averaged, precise = accuracy_with(average), precise_bn_accuracy(ctx)
     worst, best = min(accuracy.values()), max(accuracy.values())
     evidence.update(accuracy_averaged_statistics=averaged, accuracy_after_precise_bn=precise)
     options = {"precise BN": precise, "the workers' averaged statistics": averaged}
     choice = max(options, key=options.get)
-    fix = (f"{advice.recompute(ctx, measured=True)} on the first worker's checkpoint" if choice == "precise BN"
-           else "average the workers' moving means and variances into one checkpoint")
+    fix = words["precise"](ctx, names[0]) if choice == "precise BN" else words["average"]
     fix += (f" (measured: {options[choice]:.2%}, the workers {worst:.2%} to {best:.2%}); in training, "
             f"{advice.synchronized(ctx)}")
     severity = "warning" if helps(ctx, worst, best) or helps(ctx, worst, options[choice]) else "info"
     layers = found["statistics_differ"]
     far = max(np.inf if (d := found["statistics"][n]["max_mean_distance_in_std"]) is None else d for n in layers)
-    return Finding("workers_disagree", severity,
-                   f"{len(names)} workers share their weights but their BN statistics differ in {len(layers)} "
-                   f"layer(s) (means up to {far:.2f} standard deviations apart): each averaged its own worker's "
-                   "batches (BN not synchronized), so which checkpoint is kept decides the accuracy", fix,
-                   layers=layers,
-                   channels={n: found["statistics"][n]["channels"] for n in layers}, evidence=evidence)
+    return [Finding("workers_disagree", severity,
+                    f"{len(names)} workers share their weights but their BN statistics differ in {len(layers)} "
+                    f"layer(s) (means up to {far:.2f} standard deviations apart): each averaged its own worker's "
+                    f"batches (BN not synchronized), so which {words['kept']} is kept decides the accuracy", fix,
+                    layers=layers, channels={n: found["statistics"][n]["channels"] for n in layers},
+                    evidence=evidence)]
