@@ -98,3 +98,54 @@ def test_settled_validation_leaves_training_as_it_was(tmp_path, short, mnist):
         for layer in a:
             assert np.array_equal(a[layer]["moving_mean"], b[layer]["moving_mean"])
             assert np.array_equal(a[layer]["moving_variance"], b[layer]["moving_variance"])
+
+
+RENORM = {"data.max_train": 800, "data.max_test": 200, "train.epochs": 2,
+          "model.bn": {"decay": 0.9, "renorm": True}}
+
+
+def _every_step(kept):
+    """on_step keeping every variable of the model (trainable and not: renorm's too) after each step."""
+    return lambda step, model: kept.append([v.numpy() for v in model.variables])
+
+
+@pytest.fixture(scope="module")
+def renorm(tmp_path_factory, mnist):
+    """A renorm model trained three times, the same seed: validation with batch statistics each epoch and settled
+    where they beat the moving ones (precise_bn: auto), settled every epoch (always), and neither (off)."""
+    runs = {}
+    for when in ("auto", "always", "off"):
+        steps = []
+        cfg = load_config(raw=tiny_raw(tmp_path_factory.mktemp(when), **RENORM, **{"train.precise_bn": when}))
+        runs[when] = train(cfg, data=mnist, log=lambda m: None, progress=False, on_step=_every_step(steps)), steps
+    return runs
+
+
+def test_settled_validation_leaves_a_renorm_models_training_as_it_was(renorm):
+    """The batch-statistics and settled evaluations call renorm layers in training mode, which moves renorm_mean,
+    renorm_stddev and moving_stddev as well as the moving mean and variance: all of them are put back, so every
+    variable after every step is what the run without settled validation had."""
+    plain, theirs = renorm["off"]
+    names = [v.path for v in plain.model.variables]
+    assert any("renorm_mean" in n for n in names) and any("moving_stddev" in n for n in names)
+    for when in ("auto", "always"):  # auto: the batch-statistics pass each epoch; always: the settled one
+        settled, ours = renorm[when]
+        assert "val_acc_batch" in settled.metrics[0] or when == "always"
+        assert len(ours) == len(theirs) > 0
+        for step, (a, b) in enumerate(zip(ours, theirs), 1):
+            for name, x, y in zip(names, a, b):
+                assert np.array_equal(x, y), f"{when}, step {step}: {name} differs"
+        for a, b in zip(settled.metrics, plain.metrics):
+            assert a["train_loss"] == b["train_loss"] and a["val_acc_moving"] == b["val_acc"]
+
+
+def test_precise_bn_always_settles_every_epoch_without_the_gap_pass(renorm):
+    """Under `always` the final model is recalibrated whatever the gap, so every epoch is judged settled (not only
+    those whose moving statistics lag), and the batch-statistics pass that would decide it is not made."""
+    settled, _ = renorm["always"]
+    rows = RunDir(settled.run_dir).read_metrics()
+    assert [r["val_bn"] for r in rows] == ["precise_bn", "precise_bn"]
+    assert all("val_acc_batch" not in r and r["settle_s"] > 0 for r in rows)
+    res = json.loads((settled.run_dir / "results.json").read_text())
+    best = max(i for i, r in enumerate(rows) if r["val_acc"] == max(r["val_acc"] for r in rows))
+    assert res["best_epoch"] == best + 1 and res["best_val_acc"] == rows[best]["val_acc"]

@@ -27,9 +27,16 @@ def bn_layers(model) -> list:
 
 
 def snapshot_statistics(model) -> list:
-    """[(variable, value)] of every BN layer's moving mean and variance, to put back with restore_statistics:
-    what is measured with other statistics (batch statistics, an in-memory precise BN) leaves the model as it was."""
-    return [(v, v.numpy()) for layer in bn_layers(model) for v in (layer.moving_mean, layer.moving_variance)]
+    """[(variable, value)] of every non-trainable variable of every BN layer, to put back with restore_statistics:
+    what is measured with other statistics (batch statistics, an in-memory precise BN) leaves the model as it was.
+
+    All of them, not only the moving mean and variance: a training-mode call of a renorm layer also moves
+    renorm_mean, renorm_stddev and moving_stddev, which the next training step reads (its r/d correction). The BN
+    trace's batch-statistics variables (batch_trace.py) are not among them (they are not tracked) and are rightly
+    left: they are no state any computation reads, only the record of the latest training-mode call, which the
+    trace reads right after a training step (which rewrote them); restoring them would add two assignments per BN
+    layer after every batch of the batch-statistics forward for nothing."""
+    return [(v, v.numpy()) for layer in bn_layers(model) for v in layer.non_trainable_variables]
 
 
 def restore_statistics(snapshot) -> None:

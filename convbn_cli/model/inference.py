@@ -18,8 +18,8 @@ from .graph import run_graph
 
 def forward_fn(model, bn_stats: str = "moving"):
     """A compiled function images -> logits in inference mode; with bn_stats="batch", BN layers use each
-    batch's own statistics (dropout stays off), and their moving averages are put back after every call so
-    that the model is left exactly as it was."""
+    batch's own statistics (dropout stays off), and their non-trainable variables (moving averages, renorm's) are
+    put back after every call so that the model is left exactly as it was (bn.snapshot_statistics)."""
     if bn_stats == "moving":
         return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     saved = snapshot_statistics(model)

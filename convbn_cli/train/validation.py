@@ -8,20 +8,24 @@ The epoch was chosen by noise and every summary showed 11% beside a 96% test acc
 So after each epoch's validation with the moving statistics, when the final model would be settled by precise BN
 (train.precise_bn not off, no train.ema: the EMA's final model is not an epoch's weights):
 
-1. validation with each batch's own statistics (batches of the training size), the comparison final.py makes;
-2. only if the moving statistics lose by more than its noise (final.Gap.material): an in-memory precise BN of the
-   epoch's weights over the first EPOCH_BATCHES of the batches the final precise BN uses, validation again, and the
-   moving statistics put back, so that training, the checkpoint and a resume continue exactly as without it;
+1. with `precise_bn: auto`, validation with each batch's own statistics (batches of the training size), the
+   comparison final.py makes; with `always` none (final.py settles the final model whatever it would say);
+2. with `always`, or if the moving statistics lose by more than step 1's noise (final.Gap.material): an in-memory
+   precise BN of the epoch's weights over the first EPOCH_BATCHES of the batches the final precise BN uses,
+   validation again, and every non-trainable BN variable put back (the moving statistics, renorm's), so that
+   training, the checkpoint and a resume continue exactly as without it;
 3. the row's val_acc / val_loss are then what the final model would measure (the settled figures; with
    `precise_bn: auto` only where they are not worse, as final.settle keeps them), val_*_moving the moving ones,
-   val_acc_batch the batch-statistics accuracy, val_bn which statistics val_acc used, settle_s what it cost.
+   val_acc_batch the batch-statistics accuracy (where step 1 measured it), val_bn which statistics val_acc used,
+   settle_s what it cost.
 
 Cost (each row's settle_s), measured on this project's 2-core CPU shared with other jobs: mnist_bn (5 BN layers) on
 6,000 images, 2 epochs of 42 steps of 128: 4.0 s and 3.3 s for steps 1-2 beside epochs of 14.2 s and 7.7 s (load
 average 7; with 10 batches and a lighter load, 2.2 s and 2.8 s beside 8.2 s and 5.6 s). Most of it is fixed: one
 pass per BN layer over EPOCH_BATCHES batches, compiling each layer's function, and two passes over the 600 validation
-images; it does not grow with the training set, so a longer epoch pays a smaller share. A run whose statistics do
-not lag (a long one) pays step 1 only, one more pass over the validation split. The settled figure is an estimate
+images; it does not grow with the training set, so a longer epoch pays a smaller share. Under `auto`, a run whose
+statistics do not lag (a long one) pays step 1 only, one more pass over the validation split; under `always` every
+epoch pays step 2 and none pays step 1. The settled figure is an estimate
 over EPOCH_BATCHES batches (on that run 96.33% and 97.50%; the final model, over all 42, 97.67%); the final model's
 own (results.json's val_acc, over train.precise_bn.batches) is the one every summary shows, and what `convbn eval
 RUN --split val` gives.
@@ -54,9 +58,13 @@ def validation_fields(model, splits, cfg, moving: dict, evaluate) -> dict:
     if precise is None or cfg.train.ema is not None or not bn_layers(model):
         return fields  # the final model keeps the moving statistics (or is not an epoch's weights)
     started = time.monotonic()
-    gap = measure_gap(model, splits, cfg, moving=moving)
-    fields["val_acc_batch"] = gap.batch_acc
-    if gap.material:
+    # under `always` the final model is settled whatever the gap (final.settle), so every epoch is, and the
+    # batch-statistics pass that would only decide whether to settle is not made
+    settle = precise.when == "always"
+    if not settle:
+        gap = measure_gap(model, splits, cfg, moving=moving)
+        fields["val_acc_batch"], settle = gap.batch_acc, gap.material
+    if settle:
         settled = settled_validation(model, splits, cfg, min(precise.batches, EPOCH_BATCHES), evaluate)
         if precise.when == "always" or settled["accuracy"] >= moving["accuracy"]:
             fields.update(val_loss=settled["loss"], val_acc=settled["accuracy"], val_bn="precise_bn")
