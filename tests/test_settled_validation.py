@@ -8,8 +8,11 @@ import json
 
 import pytest
 
+from conftest import tiny_raw
+from convbn_cli.config import dump_config, load_config
 from convbn_cli.present import html, plots
 from convbn_cli.present.reports import CompareReport, RunsReport, SweepReport, duration, plural
+from convbn_cli.runs.listing import list_runs
 from convbn_cli.runs.rundir import best_row, final_val, moving_val_acc
 from convbn_cli.runs.sweepdir import notes, summarize
 
@@ -35,7 +38,7 @@ def test_the_best_epoch_is_the_best_settled_validation_and_the_later_of_equals()
     old = [{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.4}]  # a run from before: val_acc was moving
     assert best_row(old)[0]["epoch"] == 2 and moving_val_acc(old[0]) == 0.4
     assert best_row([{"epoch": 1, "train_acc": 0.3, "val_acc": None}])[1] == "train_acc"
-    assert plots.best_row(rows)[0]["epoch"] == 2  # the curves mark the same epoch
+    assert plots.best_row is best_row  # the curves mark the same epoch, chosen by the one function
 
 
 def test_the_shown_validation_is_the_final_models_with_the_moving_one_beside_it_where_they_differ():
@@ -83,6 +86,29 @@ def test_the_sweep_table_shows_the_final_validation_and_says_when_precise_bn_ove
         {**RESULTS, "bn_statistics": {"mechanism": "none"}}))
     assert notes(tmp_path, sweep) == []
     assert notes(tmp_path, {**sweep, "axes": [["train.optimizer.lr", ["0.1", "0.2"]]]}) == []
+
+
+def test_the_sweep_table_and_runs_agree_on_an_ema_run(tmp_path):
+    """The EMA's final model is no epoch's weights: `runs` hides the best epoch's moving figure, and so does the
+    sweep table (one computation, rundir.final_val); a figure equal to the final one is not shown either."""
+    ema = {**RESULTS, "val_acc": 0.9812, "ema_val_acc": 0.9812, "bn_statistics": {"mechanism": "ema", "kept": True}}
+    same = {**RESULTS, "best_val_acc_moving": RESULTS["val_acc"]}
+    sweep = {"axes": [["train.optimizer.lr", ["0.1", "0.2"]]], "seeds": 1,
+             "runs": [{"name": f"lr={lr}", "values": {"train.optimizer.lr": lr}} for lr in ("0.1", "0.2")]}
+    config = dump_config(load_config(raw=tiny_raw(tmp_path)))
+    for r, results in zip(sweep["runs"], (ema, same)):
+        (tmp_path / r["name"]).mkdir()
+        (tmp_path / r["name"] / "config.yaml").write_text(config)
+        (tmp_path / r["name"] / "results.json").write_text(json.dumps(results))
+    listed = {s["run"]: s for s in list_runs(tmp_path)["runs"]}
+    rows = summarize(tmp_path, sweep)
+    for r, row in zip(sweep["runs"], rows):
+        run = listed[r["name"]]
+        assert run["val_acc"] == row["val_acc_mean"] and run["val_acc_moving"] is None
+    assert rows[0]["val_acc_mean"] == 0.9812 and rows[0]["val_acc_moving_mean"] is None  # was 0.1117
+    text = SweepReport({"sweep": str(tmp_path), "axes": sweep["axes"], "seeds": 1, "rows": rows}).render()
+    assert "98.12%" in text and "(moving" not in text
+    assert "(moving" not in RunsReport(list_runs(tmp_path)).render()
 
 
 def test_bn_statistics_settled_by_says_what_it_means():

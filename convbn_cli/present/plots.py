@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 
 from ..files import atomic_open
-from ..runs.rundir import best_row as rundir_best_row
+from ..runs.rundir import best_row  # the epoch the final model comes from, as every summary marks it
 
 
 def _pyplot():
@@ -32,12 +32,6 @@ def _save(fig, path) -> None:
 
 
 HIGH_ACCURACY = 0.99  # from here on, accuracy curves are drawn as error rates on a log scale
-
-
-def best_row(rows: list):
-    """The epoch the run's final model comes from when it is the best one (runs.rundir.best_row: the best settled
-    validation accuracy, the later of equals; else the best training accuracy)."""
-    return rundir_best_row(rows)
 
 
 def curves(rows: list, path, title: str = "", steps: list | None = None) -> None:

@@ -269,13 +269,15 @@ def moving_val_acc(row: dict):
     return row.get("val_acc_moving", row.get("val_acc"))
 
 
-def final_val(results: dict) -> tuple:
+def final_val(results: dict, same: bool = False) -> tuple:
     """(validation accuracy of the run's final model, the best epoch's with the moving statistics or None where
     they are the same) from results.json: what every summary shows. The final model's figure is what `convbn eval
-    RUN --split val` gives (results' val_acc); a run from before it was recorded has best_val_acc only."""
+    RUN --split val` gives (results' val_acc); a run from before it was recorded has best_val_acc only.
+    `same=True` keeps the moving figure where it equals the final one (a sweep averages it over seeds, and hides
+    it only where the means are the same); it stays None where it is beside the point or missing."""
     shown = _accuracy(results.get("val_acc", results.get("best_val_acc")))
     moving = _accuracy(results.get("best_val_acc_moving"))
-    if shown is None or moving is None or abs(moving - shown) < 5e-5 or "ema_val_acc" in results:
+    if shown is None or moving is None or "ema_val_acc" in results or (not same and abs(moving - shown) < 5e-5):
         moving = None  # (the EMA's final model is no epoch's weights: the epoch's moving figure is beside the point)
     return shown, moving
 

@@ -23,7 +23,7 @@ from ..config import load_config
 from ..config.loader import parse_config_text
 from ..errors import ConfigError
 from ..readers import read_json
-from .rundir import RunDir, RunDirError
+from .rundir import RunDir, RunDirError, final_val
 
 PLAN = "sweep.json"
 MAX_RUNS = 1000
@@ -155,12 +155,12 @@ def _gap(results: dict):
     return gap.get("gap") if isinstance(gap, dict) else None
 
 
-def _val(results: dict):  # the final model's validation accuracy (an older run's best_val_acc)
-    return results.get("val_acc", results.get("best_val_acc"))
+def _val(results: dict):  # the final model's validation accuracy, as `runs` and the report show it
+    return final_val(results)[0]
 
 
-def _moving_val(results: dict):  # the best epoch's with the moving statistics (or, in an older run, best_val_acc)
-    return results.get("best_val_acc_moving", results.get("best_val_acc"))
+def _moving_val(results: dict):  # the best epoch's with the moving statistics where `runs` would show one
+    return final_val(results, same=True)[1]
 
 
 # a row's columns: (where in results.json, the least and the most a value convbn writes there can be); val_acc is
