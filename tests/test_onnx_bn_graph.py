@@ -161,3 +161,13 @@ def test_eval_and_predict_take_layout_where_the_graph_does_not_say(tmp_path):
     x = np.random.default_rng(2).normal(size=(5, 3, 4, 3)).astype(np.float32)
     np.testing.assert_allclose(open_target(str(tmp_path / "amb.onnx"), runnable_only=True).predict(x),
                                x.reshape(5, -1) @ w.T, rtol=1e-5)
+
+
+def test_onnxruntime_failures_to_run_are_one_line_and_the_arena_is_named():
+    """formats/runtime._run_error, what eval's reader and the in-memory variants both raise."""
+    from convbn_cli.formats.runtime import MAX_ONNX_ARENA_BYTES, _run_error
+
+    e = _run_error("m.onnx", RuntimeError("Available memory of 0 is smaller than requested bytes of 8"))
+    assert str(e) == f"m.onnx: onnxruntime could not run it (more memory than the {MAX_ONNX_ARENA_BYTES >> 20} MiB " \
+                     "an ONNX model may take)"
+    assert str(_run_error("m.onnx", RuntimeError("bad\n  node"))) == "m.onnx: onnxruntime could not run it (bad node)"

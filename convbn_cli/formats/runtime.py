@@ -242,11 +242,16 @@ def read_onnx(path, layout=None) -> Opened:
         try:
             return session.run(None, {name: np.ascontiguousarray(np.moveaxis(x, -1, 1)) if nchw else x})[0]
         except Exception as e:  # noqa: BLE001  onnxruntime's own error types (Fail, RuntimeException, ...)
-            short = (f"more memory than the {MAX_ONNX_ARENA_BYTES >> 20} MiB an ONNX model may take"
-                     if "smaller than requested" in str(e) else _cut(e, 200))
-            raise TargetError(f"{path}: onnxruntime could not run it ({short})") from None
+            raise _run_error(path, e) from None
 
     return Opened("onnx", run, shape, classes, PIXELS_INPUT in name, about)
+
+
+def _run_error(path, e: Exception) -> TargetError:
+    """onnxruntime's failure to run the model at `path`, in one line: the bounded arena's refusal said as such."""
+    short = (f"more memory than the {MAX_ONNX_ARENA_BYTES >> 20} MiB an ONNX model may take"
+             if "smaller than requested" in str(e) else _cut(e, 200))
+    return TargetError(f"{path}: onnxruntime could not run it ({short})")
 
 
 def load_onnx(path):
@@ -277,9 +282,7 @@ def onnx_session(path, proto):
         try:
             return session.run(outputs, feeds)
         except Exception as e:  # noqa: BLE001  onnxruntime's own error types (Fail, RuntimeException, ...)
-            short = (f"more memory than the {MAX_ONNX_ARENA_BYTES >> 20} MiB an ONNX model may take"
-                     if "smaller than requested" in str(e) else _cut(e, 200))
-            raise TargetError(f"{path}: onnxruntime could not run it ({short})") from None
+            raise _run_error(path, e) from None
 
     return run
 
