@@ -147,7 +147,7 @@ ONNX_WORDS = {"weights": "initializer(s)", "copies": "exports", "kept": "file",
               "same_step": "compare models exported at the same step, and check that the gradients are all-reduced "
                            "across workers (DDP in PyTorch)",
               "average": "average the workers' running means and variances into one model",
-              "precise": lambda ctx, first: f"convbn recalibrate {first} --data DATA (precise BN)"}
+              "precise": lambda ctx, first: f"precise BN: convbn recalibrate {first} --data DATA"}
 
 
 def check_workers(ctx) -> list:
