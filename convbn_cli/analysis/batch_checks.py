@@ -141,13 +141,19 @@ def check_batch_dependence(ctx) -> list:
     fixed = _with_moving_statistics(ctx, layers) if layers else None
     measured = f" (measured here: {now:.2%} now, {fixed:.2%} with their moving statistics)" if layers else ""
     where = f"BN layer(s) {', '.join(layers)} normalize" if layers else "something in the model normalizes"
-    return [Finding("batch_dependent_predictions", "error",
-                    f"the same image gets different logits in different batches at inference (median change "
-                    f"{found['median_relative_change']:.2%} of its largest logit, {found['predictions_changed']:.1%} "
-                    f"of the predicted classes change): {where} with each batch's own statistics at inference, so "
-                    "a prediction depends on the other images and a single image is normalized by itself",
-                    advice.inference_mode(ctx) + measured, layers=layers,
-                    evidence={**found, "accuracy_now": now, "accuracy_with_moving_statistics": fixed})]
+    return [dependence_finding(found, f"{where} with each batch's own statistics at inference",
+                               advice.inference_mode(ctx) + measured, layers,
+                               {"accuracy_now": now, "accuracy_with_moving_statistics": fixed})]
+
+
+def dependence_finding(found: dict, where: str, fix: str, layers: list, evidence: dict) -> Finding:
+    """batch_dependent_predictions' one wording for Keras and ONNX models: `found` is batch_dependence's result,
+    `where` says what normalizes with the batch's statistics."""
+    return Finding("batch_dependent_predictions", "error",
+                   f"the same image gets different logits in different batches at inference (median change "
+                   f"{found['median_relative_change']:.2%} of its largest logit, {found['predictions_changed']:.1%} "
+                   f"of the predicted classes change): {where}, so a prediction depends on the other images and a "
+                   "single image is normalized by itself", fix, layers=layers, evidence={**found, **evidence})
 
 
 def epsilon_effect(ctx, bn, channels, factors=(1e1, 1e2)) -> dict:

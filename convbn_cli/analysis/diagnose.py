@@ -28,7 +28,7 @@ from .data_checks import (
     check_never_updated,
 )
 from .decay_checks import check_decay, check_decay_too_fast
-from .findings import SEVERITIES, Context, Finding
+from .findings import SEVERITIES, Context, Finding, run_checks
 from .model_checks import (
     check_bn_axis,
     check_dtypes,
@@ -63,16 +63,7 @@ def diagnose_model(ctx: Context, passed: list | None = None) -> list:
     """Every check's findings for an opened model and its data, most severe first; the names of the checks that
     found nothing are appended to `passed`."""
     ctx.bns = bn_layers(ctx.model)
-    findings = []
-    for check in CHECKS:
-        applies = ONLY_WITH.get(check)
-        if applies is not None and not applies(ctx):
-            continue
-        found = check(ctx)
-        findings += found
-        if not found and passed is not None:
-            passed.append(check.__name__.removeprefix("check_"))
-    return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))
+    return run_checks(ctx, CHECKS, ONLY_WITH, passed)
 
 
 # --------------------------------------------------------------------------- opening a target with its data

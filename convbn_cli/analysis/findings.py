@@ -74,6 +74,22 @@ class Context:
         return self._stats[bn.name]
 
 
+def run_checks(ctx, checks, only_with: dict, passed: list | None = None) -> list:
+    """Every check's findings for an opened model (Keras or ONNX: the context answers the same questions), most
+    severe first; a check in `only_with` runs only where its predicate holds (workers_disagree: when there are
+    workers); the names of the checks that found nothing are appended to `passed`."""
+    findings = []
+    for check in checks:
+        applies = only_with.get(check)
+        if applies is not None and not applies(ctx):
+            continue
+        found = check(ctx)
+        findings += found
+        if not found and passed is not None:
+            passed.append(check.__name__.removeprefix("check_"))
+    return sorted(findings, key=lambda f: -SEVERITIES.index(f.severity))
+
+
 def per_channel(tensor, bn) -> np.ndarray:
     """(values, channels) float64: `tensor` with every axis but the BN's channel axis flattened."""
     out = np.asarray(tensor, np.float64)

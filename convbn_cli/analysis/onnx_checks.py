@@ -8,10 +8,11 @@ order_checks, worker_checks); what is ONNX here is how the graph is read and run
 from __future__ import annotations
 
 from . import advice, decay_checks
-from .batch_checks import batch_dependence
+from .batch_checks import batch_dependence, dependence_finding
 from .findings import Finding, evaluate_bn
 from .onnx_graph import POOLS, RESHAPES, open_onnx
 from .onnx_measure import score
+from .order_checks import after_activation_note
 from .worker_checks import views_differ, workers_finding
 
 ACTIVATIONS = {"Relu", "LeakyRelu", "Elu", "Selu", "PRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish",
@@ -35,14 +36,10 @@ def check_batch_dependence(ctx) -> list:
                 if trained else "")
     where = (f"node(s) {', '.join(named)} normalize" if named else "something in the graph normalizes")
     modes = f" ({len(trained)} BatchNormalization node(s) with training_mode=1)" if trained else ""
-    return [Finding("batch_dependent_predictions", "error",
-                    f"the same image gets different logits in different batches at inference (median change "
-                    f"{found['median_relative_change']:.2%} of its largest logit, {found['predictions_changed']:.1%} "
-                    f"of the predicted classes change): {where} with each batch's own statistics{modes}, so a "
-                    "prediction depends on the other images and a single image is normalized by itself",
-                    advice.inference_mode(ctx) + measured, layers=trained or named,
-                    evidence={**found, "nodes": named, "training_mode_layers": trained, "accuracy_now": now,
-                              "accuracy_with_running_statistics": fixed})]
+    return [dependence_finding(found, f"{where} with each batch's own statistics{modes}",
+                               advice.inference_mode(ctx) + measured, trained or named,
+                               {"nodes": named, "training_mode_layers": trained, "accuracy_now": now,
+                                "accuracy_with_running_statistics": fixed})]
 
 
 def check_decay_too_fast(ctx) -> list:
@@ -113,8 +110,7 @@ def check_layer_order(ctx) -> list:
     said = []
     after = [n for n, o in found.items() if o["after_activation"]]
     if after:
-        said.append(f"BN layer(s) {', '.join(after)} come after an activation (the BN paper puts BN before it; the "
-                    "evidence on which is better is mixed, so this is no fault)")
+        said.append(after_activation_note(after))
     for name, o in found.items():
         if o["dropout_before"]:
             said.append(f"dropout {o['dropout_before']} feeds {name} (in training it widens what BN averages; the "

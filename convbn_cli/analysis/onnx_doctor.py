@@ -22,7 +22,7 @@ from ..formats.output import check_output
 from ..present.thresholds import DEAD_GAMMA
 from . import advice
 from .data_checks import check_accuracy_floor, check_inference_gap, check_input_scale, check_never_updated
-from .findings import SEVERITIES, Finding, evaluate_bn, helps, precise_bn_accuracy
+from .findings import SEVERITIES, Finding, evaluate_bn, helps, precise_bn_accuracy, run_checks
 from .model_checks import check_values
 from .onnx_checks import (
     check_batch_dependence,
@@ -200,16 +200,8 @@ def diagnose_onnx(path, *, data=None, batches=20, scale=1 / 255, layout=None, lo
                   workers=()) -> dict:
     """diagnose.diagnose's result for an ONNX model (the same keys, kind "onnx"; "not_applied": {check: why})."""
     ctx, data = context(path, data, batches, scale, layout, log, workers)
-    findings, passed = [], []
-    for check in CHECKS:
-        applies = ONLY_WITH.get(check)
-        if applies is not None and not applies(ctx):
-            continue
-        found = check(ctx)
-        findings += found
-        if not found:
-            passed.append(check.__name__.removeprefix("check_"))
-    findings.sort(key=lambda f: -SEVERITIES.index(f.severity))
+    passed = []
+    findings = run_checks(ctx, CHECKS, ONLY_WITH, passed)
     for name, why in ctx.not_applied.items():  # said as well as kept in --json: a check that did not judge
         log(f"{name}: {why}")
     for f in findings:

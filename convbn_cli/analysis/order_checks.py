@@ -44,6 +44,12 @@ def variance_shift(variance_training, variance_inference, moving_variance=None) 
             "moving_to_inference_median": moving, "channels": int(keep.sum())}
 
 
+def after_activation_note(layers: list) -> str:
+    """layer_order's neutral words for BN after an activation (Keras and ONNX models alike)."""
+    return (f"BN layer(s) {', '.join(layers)} come after an activation (the BN paper puts BN before it; the "
+            "evidence on which is better is mixed, so this is no fault)")
+
+
 def _is_activation(layer, own=True) -> bool:
     """An activation layer; with `own`, also a conv/dense that applies its own activation (Conv2D(activation=...))."""
     if isinstance(layer, ACTIVATIONS):
@@ -107,8 +113,7 @@ def check_layer_order(ctx) -> list:
     said = []
     after = [n for n, o in found.items() if o["after_activation"]]
     if after:
-        said.append(f"BN layer(s) {', '.join(after)} come after an activation (the BN paper puts BN before it; "
-                    "the evidence on which is better is mixed, so this is no fault)")
+        said.append(after_activation_note(after))
     for name, s in shifts.items():
         shift = f"its input varies {s['median_ratio']:.2f}x as much in training as at inference (measured)" if (
             s and s["median_ratio"] is not None) else "the variance shift is not measured inside a nested model"
