@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..readers import read_bytes
+from ..readers import check_zip, read_bytes
 from .rundir import RunDirError
 
 # in bn_stats/, with the per-epoch statistics: a run that could not write its first checkpoint is removed whole
@@ -117,11 +117,10 @@ def to_bytes(trace: Trace) -> bytes:
 
 def read_trace(path) -> Trace:
     """The trace in `path` (a run's TRACE_FILE), each array checked; a damaged file is one RunDirError line."""
-    data = read_bytes(path, MAX_BYTES, "a BN trace", RunDirError)
+    what = "a BN trace convbn wrote"
+    check_zip(path, {}, MAX_BYTES, total_limit=MAX_BYTES, what=what, error=RunDirError)  # declared sizes bounded
+    data = read_bytes(path, MAX_BYTES, what, RunDirError)
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            if sum(i.file_size for i in z.infolist()) > MAX_BYTES:
-                raise ValueError("its arrays are larger than a BN trace can be")
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
             return _checked({k: f[k] for k in f.files})
     except (ValueError, KeyError, TypeError, OSError, zipfile.BadZipFile, EOFError) as e:
