@@ -5,6 +5,7 @@ pixel is decoded where the header tells."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import time
@@ -77,6 +78,15 @@ def test_every_kind_of_file_is_brought_to_the_target_shape_and_failures_are_prob
     assert sixteen.images[0, :, :, 0].tolist() == [[0, 255], [128, 1]]  # 16 bits scaled, not clipped at 255
     clear = decode_items([i for i in mixed.items if i.where == "b/clear.png"], (3, 3, 1), "pad", progress=False)
     assert clear.images[0, :, :, 0].tolist() == [[255, 255, 255], [255, 0, 255], [255, 255, 255]]  # on white
+
+
+def test_a_file_turned_into_a_fifo_after_listing_is_a_problem_not_a_wait(tmp_path):
+    save(tmp_path / "d" / "a" / "1.png", np.zeros((2, 2), np.uint8))
+    items = list_dataset(tmp_path / "d").items
+    (tmp_path / "d" / "a" / "1.png").unlink()
+    os.mkfifo(tmp_path / "d" / "a" / "1.png")
+    got = decode_items(items, (2, 2, 1), "pad", progress=False)
+    assert len(got.images) == 0 and got.problems == [("a/1.png", "is a FIFO (named pipe), not a file; refused")]
 
 
 def test_probe_reads_headers_only(mixed):

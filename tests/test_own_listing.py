@@ -248,6 +248,10 @@ def test_bad_npz_files_are_one_line(tmp_path):
     refused(lambda: list_dataset(tmp_path / "n.npz"), "x_train has 2 images and y_train 3 labels")
     np.savez(tmp_path / "big.npz", x_train=np.full((2, 3, 3), 300.0), y_train=np.array([0, 1]))
     refused(lambda: list_dataset(tmp_path / "big.npz"), "pixel values from 300 to 300")
+    np.savez(tmp_path / "half.npz", x_train=x, y_train=np.array([0, 1]), y_test=np.array([0]))
+    refused(lambda: list_dataset(tmp_path / "half.npz"), "half.npz: has y_test but not x_test")
+    np.savez(tmp_path / "y2d.npz", x_train=x, y_train=np.zeros((2, 2), np.int64))
+    refused(lambda: list_dataset(tmp_path / "y2d.npz"), "y2d.npz[y_train]: shape (2, 2); expected labels (N,)")
     np.savez(tmp_path / "none.npz", images=x)
     refused(lambda: list_dataset(tmp_path / "none.npz"), "needs arrays x_train and y_train")
     np.savez(tmp_path / "many.npz", x_train=np.zeros((5, 2, 2), np.uint8), y_train=np.zeros(5, np.int64))
@@ -278,6 +282,7 @@ def test_idx_pairs_give_train_and_test_with_numbered_classes(tmp_path):
     e.mkdir()
     idx(e / "emnist-letters-train-images-idx3-ubyte.gz", x)
     idx(e / "emnist-letters-train-labels-idx1-ubyte.gz", np.array([1, 2, 3]))
+    os.symlink("/etc", e / "unrelated")  # beside a named file, only its own IDX files are looked at
     got = list_dataset(e / "emnist-letters-train-images-idx3-ubyte.gz")
     assert set(got.arrays) == {"pool"} and got.arrays["pool"].images.shape == (3, 3, 2)  # EMNIST is stored transposed
     assert np.array_equal(got.arrays["pool"].images[1], x[1].T)

@@ -1,18 +1,16 @@
 """What a dataset the user brings holds, found without decoding a pixel: which images, in which split, with which
 label. The layouts (`fmt`; "auto" tells them by what the path is and holds):
-
 - folder: PATH/<class>/<image>, or PATH/train/<class>/... + PATH/test/<class>/... [+ PATH/val/...]; class names
   are the sorted folder names (their union over the splits); hidden files and folders are not looked at;
-- csv: Kaggle's label,pixel0..pixelK (K+1 a square number; its test.csv without labels is split "predict"), or
-  rows of path,label with paths relative to the CSV's folder;
+- csv: Kaggle's label,pixel0..pixelK (K+1 a square; its test.csv without labels is split "predict"), or rows of
+  path,label with paths relative to the CSV's folder;
 - npz: x_train, y_train [, x_test, y_test] [, x_val, y_val] [, class_names], or x, y as `diagnose --data` reads;
 - idx: *train-images-idx3-ubyte[.gz] + *train-labels-idx1-ubyte[.gz] and the t10k-/test- pair (EMNIST, KMNIST).
-The training images without a labelled test split beside them are the "pool", which the caller splits.
-
-Bounded like every read of convbn's: at most `max_files` images (data.max_files), each CSV at most 1 GiB, 10M rows
-and short cells, an array by its header before it is loaded; a FIFO, socket or device is refused from its lstat
-(never opened, so nothing blocks) and a symbolic link that leads out of the dataset is refused, naming the link.
-Every refusal is one DataError line naming the file (and the CSV line).
+Training images without a labelled test split beside them are the "pool", which the caller splits. Bounded like
+every read of convbn's: at most `max_files` images (data.max_files), each CSV at most 1 GiB, 10M rows and short
+cells, an array by its header before it is loaded; a FIFO, socket or device is refused from its lstat (never
+opened, so nothing blocks), and a symbolic link leading out of the dataset is refused, naming the link. Every
+refusal is one DataError line naming the file (and the CSV line).
 """
 
 from __future__ import annotations
@@ -173,16 +171,17 @@ class _Scan:
             raise DataError(f"{self.name(path)}: is {_kind(st.st_mode)}, not a file; refused")
         return "file", st
 
-    def children(self, folder: Path) -> list:
-        """[(path, "file" | "dir", stat)] of a folder's visible entries, sorted by name (each folder read once)."""
-        if folder in self.seen:
-            return self.seen[folder]
+    def children(self, folder: Path, want=None) -> list:
+        """[(path, "file" | "dir", stat)] of a folder's visible entries (only the names `want` accepts, if given),
+        sorted by name; each folder is read once."""
+        if (folder, want) in self.seen:
+            return self.seen[folder, want]
         names = []
         try:
             with os.scandir(folder) as it:
                 for entry in it:
                     self.count_entry()
-                    if not (entry.name.startswith(".") or entry.name in IGNORED):
+                    if not (entry.name.startswith(".") or entry.name in IGNORED or (want and not want(entry.name))):
                         names.append(entry.name)
         except OSError as e:
             raise DataError(f"{self.name(folder)}: cannot read: {e.strerror or e}") from None
@@ -191,7 +190,7 @@ class _Scan:
             kind, st = self.kind(folder / name)
             if kind is not None:
                 out.append((folder / name, kind, st))
-        self.seen[folder] = out
+        self.seen[folder, want] = out
         return out
 
 
@@ -294,7 +293,7 @@ def _labels(raw: list, names_ok: bool):
         return [], []
     texts = [t.strip() for _, t in raw]
     ints = [_int(t) for t in texts]
-    if (not names_ok or 2 * sum(i is not None for i in ints) >= len(ints)):
+    if not names_ok or 2 * sum(i is not None for i in ints) >= len(ints):
         for (where, text), i in zip(raw, ints):
             if i is None:
                 raise DataError(f"{where}: label {text[:MAX_CELL_CHARS]!r} is neither an integer nor a class name")
@@ -323,8 +322,7 @@ def _label_array(y, where: str, class_names) -> np.ndarray:
 
 
 def _number_names(labels) -> list:
-    top = max((int(y.max()) for y in labels if y.size), default=-1)
-    return [str(k) for k in range(top + 1)]
+    return [str(k) for k in range(max((int(y.max()) + 1 for y in labels if y.size), default=0))]
 
 
 # --------------------------------------------------------------------------- CSV
@@ -515,6 +513,8 @@ def _list_npz(scan: _Scan) -> Listing:
         elif key.startswith("x"):
             check_array_header(f"{name}[{key}]", shape, dtype)
             scan.count_image(shape[0])
+        elif len(shape) != 1 or shape[0] > scan.max_files:  # labels: as many as images, checked once loaded
+            raise DataError(f"{name}[{key}]: shape {shape}; expected labels (N,) with N at most data.max_files")
 
     loaded = dict(zip(keys, load_npz_arrays(path, keys, MAX_ARRAY_BYTES, "needs arrays x_train and y_train", check)))
     class_names = [str(c) for c in loaded["class_names"]] if "class_names" in loaded else None
@@ -533,7 +533,7 @@ def _list_npz(scan: _Scan) -> Listing:
 def _npz_pairs(present: set, name: str) -> list:
     """[(split, images key, labels key or None)] of an .npz's arrays."""
     for x, y in (("x_train", "y_train"), ("x_test", "y_test"), ("x_val", "y_val"), ("x", "y")):
-        if (x in present) != (y in present) and x != "x_test":
+        if (x in present) != (y in present) and not (x == "x_test" and x in present):  # x_test alone: predict
             raise DataError(f"{name}: has {x if x in present else y} but not {y if x in present else x}")
     if "x_train" not in present and "x" not in present:
         raise DataError(f"{name}: needs arrays x_train and y_train (it holds {', '.join(sorted(present)) or 'none'})")
@@ -552,7 +552,7 @@ def _list_idx(scan: _Scan) -> Listing:
     if scan.root.is_file() and not named:
         raise DataError(f"{scan.given}: not named as an IDX file (*train-images-idx3-ubyte[.gz], ...)")
     found = {}
-    for p, kind, _ in scan.children(scan.folder):
+    for p, kind, _ in scan.children(scan.folder, IDX_NAME.fullmatch):  # others beside a named file: not looked at
         m = IDX_NAME.fullmatch(p.name) if kind == "file" else None
         if m and (named is None or m["prefix"] == named["prefix"]):
             split = "train" if m["split"].lower() == "train" else "test"
