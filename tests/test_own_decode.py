@@ -58,6 +58,7 @@ def mixed(tmp_path):
     good = (root / "a" / "grey.png").read_bytes()
     (root / "b" / "cut.png").write_bytes(good[: len(good) // 2])
     (root / "b" / "words.png").write_text("not a picture at all")
+    (root / "b" / "script.png").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 2 2\n")  # for Ghostscript
     return list_dataset(root)
 
 
@@ -69,10 +70,11 @@ def test_every_kind_of_file_is_brought_to_the_target_shape_and_failures_are_prob
         assert got.labels.tolist() == [0, 0, 1, 1, 1] and got.labels.dtype == np.int64
         assert got.original.tolist() == [[6, 8, 1], [5, 5, 3], [3, 3, 3], [7, 4, 3], [2, 2, 1]]
         assert got.hashes.dtype == np.dtype("S16") and len(set(got.hashes.tolist())) == 5
-        assert [w for w, _ in got.problems] == ["b/cut.png", "b/words.png", "b/zero.png"]
+        assert [w for w, _ in got.problems] == ["b/cut.png", "b/script.png", "b/words.png", "b/zero.png"]
         whys = dict(got.problems)
         assert whys["b/zero.png"] == "an empty file (0 bytes)" and "not an image" in whys["b/words.png"]
         assert "truncated" in whys["b/cut.png"] and all("\n" not in w for w in whys.values())
+        assert whys["b/script.png"].startswith("not an image of a kind read here (PNG, JPEG")
         assert str(mixed.root) not in " ".join(whys.values())  # the path is named once, by `where`
     sixteen = decode_items([i for i in mixed.items if i.where == "b/sixteen.png"], (2, 2, 1), "pad", progress=False)
     assert sixteen.images[0, :, :, 0].tolist() == [[0, 255], [128, 1]]  # 16 bits scaled, not clipped at 255
@@ -94,8 +96,8 @@ def test_probe_reads_headers_only(mixed):
     got = {i.where: h for i, h in zip(mixed.items, headers)}
     assert (got["a/grey.png"].h, got["a/grey.png"].w, got["a/grey.png"].channels) == (6, 8, 1)
     assert got["b/clear.png"].channels == 3 and got["b/sixteen.png"].channels == 1
-    assert got["b/zero.png"] is None and got["b/words.png"] is None
-    assert [w for w, _ in problems] == ["b/words.png", "b/zero.png"]  # a cut file's header still reads
+    assert got["b/zero.png"] is None and got["b/words.png"] is None and got["b/script.png"] is None
+    assert [w for w, _ in problems] == ["b/script.png", "b/words.png", "b/zero.png"]  # a cut file's header reads
 
 
 @pytest.mark.parametrize("side", [40_000, 8_000])

@@ -17,6 +17,7 @@ applied. Then `resize_image`, the one resize rule.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -42,6 +43,9 @@ MAX_IMAGE_PIXELS = 50_000_000  # by its header, before decoding (a 48-megapixel 
 MAX_IMAGE_SIDE = 65_535  # and so is a strip whose one side is absurd (PNG allows 2^31 - 1)
 DECODE_BUDGET = 1 << 30  # bytes of decoded pixels the threads may hold at once
 BYTES_PER_PIXEL = 16  # what decoding one pixel may hold at once: Pillow's 4-byte pixels, a composite, a copy
+# The decoders a dataset's image may be read with (listing.IMAGE_SUFFIXES): Pillow would otherwise try all of its
+# ~40, EPS among them, which runs Ghostscript on the file's contents (JPEG includes cameras' MPO files).
+PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 CHUNK = 64  # images per task: fewer, larger tasks than one per image keep the threads' overhead small
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 SIXTEEN_BIT = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
@@ -85,12 +89,21 @@ def _opened(path):
             raise _Unusable("an empty file (0 bytes)")
         if size > MAX_IMAGE_BYTES:
             raise _Unusable(f"{size_text(size)}, more than an image may be ({size_text(MAX_IMAGE_BYTES)}); refused")
-        with Image.open(f) as img:  # reads the header only
+        with Image.open(f, formats=_formats()) as img:  # reads the header only
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS or max(w, h) > MAX_IMAGE_SIDE:
                 raise _Unusable(f"{w}x{h} pixels, more than {MAX_IMAGE_PIXELS:,} (or a side over {MAX_IMAGE_SIDE:,}); "
                                 "refused before decoding")
             yield img
+
+
+@functools.cache
+def _formats() -> tuple:
+    """PILLOW_FORMATS this Pillow has (one built without WebP lacks it; Image.open fails on a name it lacks)."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(f for f in PILLOW_FORMATS if f in Image.OPEN)
 
 
 def _why(e: Exception, path) -> str:
@@ -100,7 +113,7 @@ def _why(e: Exception, path) -> str:
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"more pixels than an image may have ({_plain(e)}); refused before decoding"
     if isinstance(e, UnidentifiedImageError):
-        return "not an image Pillow can read (another kind of file, or damaged at its start)"
+        return f"not an image of a kind read here ({', '.join(PILLOW_FORMATS)}), or damaged at its start"
     text = _plain(e).replace(f"{path}: ", "")
     return text if isinstance(e, (_Unusable, DataError)) else f"cannot be decoded ({text})"
 
