@@ -122,7 +122,7 @@ class _Scan:
             raise DataError(f"{given}: is {_kind(st.st_mode)}, not a file or folder; refused")
         self.folder = self.root if stat.S_ISDIR(st.st_mode) else self.root.parent  # what links must stay inside
         self.images = self.entries = 0
-        self.skipped, self.seen = [], {}
+        self.skipped, self.seen, self.links = [], {}, {}  # links: path -> where it leads (inside the dataset)
 
     def name(self, path) -> str:  # what messages name: below the dataset path as the user gave it
         if not _inside(path, self.folder):
@@ -131,7 +131,7 @@ class _Scan:
         return str(base / Path(path).relative_to(self.folder))
 
     def where(self, path) -> str:  # what Item.where and `skipped` name: relative to the dataset's folder
-        return Path(path).relative_to(self.folder).as_posix()
+        return str(path)[len(str(self.folder).rstrip("/")) + 1:]
 
     def skip(self, where: str, why: str) -> None:
         self.skipped.append((where, why))
@@ -160,7 +160,7 @@ class _Scan:
                     raise DataError(f"{self.name(path)}: a symbolic link to {target}, outside {self.given}; refused")
                 if not os.path.exists(target):
                     return self.skip(self.where(path), "a broken symbolic link"), None
-                st = os.stat(target)
+                st, self.links[path] = os.stat(target), Path(target)
                 if stat.S_ISDIR(st.st_mode):  # never followed: a link to a folder above it would loop forever
                     return self.skip(self.where(path), "a symbolic link to a folder (not followed)"), None
         except OSError as e:
@@ -237,7 +237,7 @@ def _list_folder(scan: _Scan) -> Listing:
     if len(class_names) > MAX_CLASSES:
         raise DataError(f"{scan.given}: {len(class_names):,} class folders, more than {MAX_CLASSES:,}")
     index = {c: i for i, c in enumerate(class_names)}
-    items = [Item(Path(os.path.realpath(p)), scan.where(p), split, index[c], _stat_key(st))
+    items = [Item(scan.links.get(p, p), scan.where(p), split, index[c], _stat_key(st))
              for split in SPLITS if split in found for c, files in sorted(found[split].items()) for p, st in files]
     return Listing(scan.root, "folder", class_names, items, {}, scan.skipped, sorted({it.path for it in items}))
 
@@ -264,7 +264,7 @@ def _images_below(scan: _Scan, folder: Path) -> list:
                 found.append((p, st))
             else:
                 scan.skip(scan.where(p), f"not an image ({p.suffix or 'no extension'})")
-    return sorted(found)
+    return sorted(found, key=lambda f: str(f[0]))
 
 
 def _check_classes(scan: _Scan, splits: dict, found: dict) -> None:
