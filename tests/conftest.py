@@ -405,6 +405,19 @@ def synthetic():
     return synthetic_arrays()
 
 
+def own_dataset_for(config_path, folder) -> list:
+    """The override a shipped config needs to be used in a test: `data.dataset=` a small image folder written under
+    `folder` for a config made for the user's own dataset (folder_cnn), nothing for one naming a built-in dataset."""
+    import yaml
+    from own_data import write_folder
+
+    from convbn_cli.data.registry import DATASETS
+
+    if yaml.safe_load(Path(config_path).read_text())["data"]["dataset"] in DATASETS:
+        return []
+    return [f"data.dataset={write_folder(Path(folder) / 'own-images')}"]
+
+
 def tiny_raw(tmp_path, **over):
     """A tiny conv-BN net config as a raw dict (2 conv-BN layers, global pool, dense)."""
     raw = {

@@ -8,8 +8,9 @@ import sys
 import pytest
 import yaml
 from click.testing import CliRunner
+from own_data import SHAPES
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, own_dataset_for, run_cli
 from convbn_cli.cli import main
 from convbn_cli.config import ConfigError, load_config, plan_layers
 from convbn_cli.config.loader import apply_overrides, parse_key
@@ -39,10 +40,11 @@ def with_changes(*pairs):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path):
-    cfg = load_config(path)
+def test_every_shipped_config_validates(path, tmp_path):
+    cfg = load_config(path, own_dataset_for(path, tmp_path))
     assert cfg.output.name == path.stem
-    assert plan_layers(cfg)[-1].out_shape == (10,)
+    assert plan_layers(cfg)[-1].out_shape == (cfg.dataset.num_classes,)
+    assert cfg.dataset.num_classes == (len(SHAPES) if cfg.own else 10)
 
 
 BAD = [
@@ -66,7 +68,8 @@ BAD = [
     (with_changes(("model.layers[0].bn.center", "'yes'")),
      ["model.layers[0].bn.center: must be true or false, got 'yes'"]),
     (with_changes(("data.dataset", "cifar10")),
-     ["data.dataset: must be one of 'mnist' or 'fashion_mnist', got 'cifar10'"]),
+     ["data.dataset: 'cifar10' is neither a built-in dataset (mnist or fashion_mnist) nor a file or folder of your "
+      "own"]),
     (with_changes(("data.val_split", "1")), ["data.val_split: must be in [0, 1), got 1"]),
     (with_changes(("train.epochs", "0")), ["train.epochs: must be in [1, 100000], got 0"]),
     (with_changes(("train.optimizer.lr", "-0.1")), ["train.optimizer.lr: must be in (0, 100], got -0.1"]),

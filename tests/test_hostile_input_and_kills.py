@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CONFIGS, run_cli, tiny_raw
+from conftest import CONFIGS, own_dataset_for, run_cli, tiny_raw
 from convbn_cli.cli import main
 
 SHIPPED = [yaml.safe_load(p.read_text()) for p in CONFIGS]
@@ -123,10 +123,15 @@ def test_a_shipped_config_reaches_the_trainer_only_through_the_stubbed_fetch(tmp
     # the guard, a 55 MB download into the data directory of whoever ran the fast tier).
     from convbn_cli.data.sources import cache_dir
 
+    own = own_dataset_for(path, tmp_path)  # folder_cnn: a small folder of the user's own images
     before = _files(cache_dir())
     for command in ("validate", "train"):
-        result = CliRunner().invoke(main, [command, str(path), f"output.root={tmp_path / 'runs'}"])
+        result = CliRunner().invoke(main, [command, str(path), f"output.root={tmp_path / 'runs'}", *own])
         assert result.exit_code == 0 and result.exception is None, (command, result.output, result.exception)
+    if own:  # read (decoded, or from convbn's cache) with the config itself; nothing to fetch
+        assert no_training.fetched == [] and [c.own.path for c in no_training.trained] == \
+            [str((tmp_path / "own-images").resolve())]
+        return
     dataset = yaml.safe_load(path.read_text())["data"]["dataset"]
     assert no_training.fetched == [dataset] and [c.data.dataset for c in no_training.trained] == [dataset]
     assert _files(cache_dir()) == before

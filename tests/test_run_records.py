@@ -33,10 +33,10 @@ def test_built_in_configs_work_by_name_from_any_directory(tmp_path, monkeypatch)
     assert shown.exit_code == 0 and shown.output == (CONFIGS[0].parent / "seed_toy.yaml").read_text()
     bad = runner.invoke(main, ["configs", "show", "nope"])
     assert bad.exit_code == 2
-    assert "no built-in config named 'nope' (there are: fashion_bn, mnist_best, mnist_bn" in bad.output
+    assert "no built-in config named 'nope' (there are: fashion_bn, folder_cnn, mnist_best, mnist_bn" in bad.output
     missing = runner.invoke(main, ["validate", "nope.yaml"])
     assert missing.exit_code == 2
-    assert "built-in configs: fashion_bn, mnist_best, mnist_bn, mnist_fast, seed_toy" in missing.output
+    assert "built-in configs: fashion_bn, folder_cnn, mnist_best, mnist_bn, mnist_fast, seed_toy" in missing.output
 
 
 def test_a_built_in_config_trains(tmp_path, monkeypatch, synthetic):

@@ -12,7 +12,7 @@ import click
 from ..config import load_config
 from ..config.builtin import builtin_names, builtin_path
 from ..data.registry import DATASETS
-from ..errors import ConvbnError
+from ..errors import ConvbnError, DataError
 from ..runs.listing import compare_runs, list_runs
 from ..runs.rundir import next_number
 from .common import Session, json_option, no_progress_option, pass_session
@@ -84,9 +84,10 @@ def configs(ctx):
     """The configs that ship with convbn: `convbn train NAME` uses one from any directory."""
     if ctx.invoked_subcommand is None:
         for name in builtin_names():
-            cfg = load_config(name)
+            cfg = load_config(name, read_dataset=False)  # folder_cnn's dataset is yours: given when you train
             kinds = [layer.type for layer in cfg.model.layers]
-            click.echo(f"{name:12s} {cfg.data.dataset}, {len(kinds)} layers ({kinds.count('conv')} conv), "
+            dataset = cfg.data.dataset if cfg.own is None else "your images"
+            click.echo(f"{name:12s} {dataset}, {len(kinds)} layers ({kinds.count('conv')} conv), "
                        f"{cfg.train.epochs} epochs, batch {cfg.data.batch_size}, decay {cfg.model.bn.decay:g}")
 
 
@@ -104,7 +105,7 @@ def configs_show(name):
 
 @click.group()
 def data():
-    """Fetch and inspect the datasets (MNIST, Fashion-MNIST)."""
+    """Fetch and inspect the datasets (MNIST, Fashion-MNIST), and check your own."""
 
 
 @data.command("fetch")
@@ -119,6 +120,58 @@ def data_fetch(session: Session, dataset, source, no_progress):
 
     arrays = fetch(dataset, source, log=session.say, progress=session.progress(no_progress))
     click.echo(f"{dataset}: {len(arrays['y_train'])} training and {len(arrays['y_test'])} test images ready")
+
+
+@data.command("check")
+@click.argument("path", type=click.Path(exists=False))
+@click.option("--format", "fmt", type=click.Choice(["auto", "folder", "csv", "npz", "idx"]), default="auto",
+              show_default=True, help="How PATH holds the images (auto: told by what it is and holds).")
+@click.option("--resize", type=click.Choice(["pad", "fit", "stretch"]), default="pad", show_default=True,
+              help="How images are brought to one shape (data.resize).")
+@click.option("--input-shape", "shape", metavar="HxWxC", default=None,
+              help="The shape to bring the images to (model.input_shape); default: the dataset's most common.")
+@click.option("--test-split", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of a dataset without a test split held out as one (data.test_split).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Training batch size: classes with fewer images are named.")
+@click.option("--max-files", type=click.IntRange(min=1), default=200_000, show_default=True,
+              help="Images read at most (data.max_files).")
+@click.option("--strict", is_flag=True, help="Refuse the dataset (exit 2) if any file is unreadable or skipped.")
+@json_option
+@no_progress_option
+@pass_session
+def data_check(session: Session, path, fmt, resize, shape, test_split, batch_size, max_files, strict, as_json,
+               no_progress):
+    """Check your own dataset at PATH (image folders, a CSV, an NPZ or IDX files) as training would read it.
+
+    Counts per class and split, class imbalance, exact duplicates within and across splits (which inflate test
+    accuracy), unreadable files, mixed sizes and what the resize rule did to them, classes smaller than a batch.
+    The decoded images are cached (nothing is written in PATH). Exit 0: usable; 1: warnings; 2: refused.
+    """
+    from ..analysis.dataset_checks import check_dataset
+    from ..data import cache_dir
+    from ..data.own.dataset import load_own
+    from ..present.dataset_report import DataCheckReport
+    from ..present.reports import dumps
+
+    own = load_own(path, fmt, resize=resize, shape=_shape(shape), test_split=test_split, max_files=max_files,
+                   cache_root=cache_dir(), log=session.say, progress=session.progress(no_progress))
+    check = check_dataset(own, batch_size=batch_size, strict=strict)
+    report = DataCheckReport(check)
+    click.echo(dumps(report.to_json()) if as_json else report.render())
+    if check.refused:
+        sys.exit(2)
+    if check.severity_counts()["warning"]:
+        sys.exit(1)
+
+
+def _shape(text):
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and 0 < int(p) <= 4096 for p in parts) or parts[2] not in ("1", "3"):
+        raise DataError(f"--input-shape {text}: expected HEIGHTxWIDTHxCHANNELS, e.g. 28x28x1 (channels 1 or 3)")
+    return tuple(int(p) for p in parts)
 
 
 @data.command("info")

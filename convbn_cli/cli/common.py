@@ -90,6 +90,27 @@ def fetch_apart(dataset: str, session: Session, progress: bool) -> None:
         sys.exit(done.returncode)
 
 
+def dataset_reader(session: Session, progress: bool) -> dict:
+    """load_config's keyword arguments for a command that trains: the user's own dataset is decoded with
+    `progress`, and the first time (not from the cache) its data check is shown, as `convbn data check` gives it;
+    a dataset the check refuses (no training split, a class the training images lack, ...) stops here, exit 2."""
+
+    def seen(own, cfg) -> None:
+        if not own.built:
+            return
+        from ..analysis.dataset_checks import check_dataset
+        from ..present.dataset_report import DataCheckReport
+
+        check = check_dataset(own, batch_size=cfg.data.batch_size)
+        session.say(DataCheckReport(check).render())
+        if check.refused:
+            errors = [f.message for f in check.findings if f.severity == "error"]
+            raise DataError(f"data.dataset {own.root}: {errors[0]}" + (f" (and {len(errors) - 1} more problems)"
+                                                                       if len(errors) > 1 else ""))
+
+    return {"log": session.say, "progress": progress, "on_dataset": seen}
+
+
 # --------------------------------------------------------------------------- options several commands take
 
 def _checkpoint(ctx, param, value):

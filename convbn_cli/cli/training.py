@@ -56,7 +56,8 @@ def train(session: Session, config, overrides, resume, no_progress, workers):
         raise ConvbnError("missing CONFIG (e.g. convbn train configs/mnist_bn.yaml), or --resume RUN_DIR")
     # the input is checked here, once: bad input is exit 2 before any worker process starts
     resume = open_for_resume(resume, overrides) if resume else None
-    cfg = resume.config if resume else load_config(config, overrides)
+    cfg = resume.config if resume else load_config(config, overrides,
+                                                   **common.dataset_reader(session, session.progress(no_progress)))
     args = (["--resume", str(resume.run.path)] if resume else [config]) + list(overrides)
     if workers and workers > 1:
         sys.exit(launch_workers(workers, args + ["--no-progress"], log=session.say))
@@ -64,7 +65,8 @@ def train(session: Session, config, overrides, resume, no_progress, workers):
         # one worker of a cluster: train in a child process whose start-up this one watches (launcher.py)
         peers = check_tf_config(os.environ.get("TF_CONFIG"))
         sys.exit(supervise(args + (["--no-progress"] if no_progress else []), peers))
-    common.fetch_apart(cfg.data.dataset, session, session.progress(no_progress))
+    if cfg.own is None:  # the user's own dataset was read (decoded and cached) with the config
+        common.fetch_apart(cfg.data.dataset, session, session.progress(no_progress))
     session.tensorflow()
     from ..train import train as run_training  # TensorFlow: after the checks above
 
@@ -105,7 +107,8 @@ def sweep(session: Session, config, settings, seeds, resume, no_progress):
         planned = sw.plan(config, settings, seeds)  # every combination validated before anything is written
         path = sw.create(planned)
         click.echo(f"sweep directory: {path} ({len(planned['runs'])} runs)")
-    for dataset in dict.fromkeys(sw.run_config(path, planned, i).data.dataset for i in range(len(planned["runs"]))):
+    configs = [sw.run_config(path, planned, i) for i in range(len(planned["runs"]))]  # your own dataset: read here
+    for dataset in dict.fromkeys(c.data.dataset for c in configs if c.own is None):
         common.fetch_apart(dataset, session, session.progress(no_progress))
     session.tensorflow()
     from ..present.reports import SweepReport

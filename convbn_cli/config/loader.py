@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ..data import registry
 from ..errors import ConfigError, ConvbnError
 from ..readers import read_bytes
 from . import builtin, schema
@@ -204,11 +205,16 @@ def dump_config(cfg) -> str:
 
 # --------------------------------------------------------------------------- validation
 
-def load_config(path=None, overrides=(), *, raw: dict | None = None) -> schema.Config:
+def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, progress: bool = True,
+                on_dataset=None, read_dataset: bool = True) -> schema.Config:
     """Load, override and validate a config; raise ConfigError listing every problem.
 
     `raw` takes an already parsed mapping instead of a file. Shape checks that can be made before
-    training (kernels larger than their input, dense layers fed 4-D tensors, ...) run here too.
+    training (kernels larger than their input, dense layers fed 4-D tensors, ...) run here too. A config naming
+    the user's own dataset reads it first (from convbn's cache, or decoding it with `progress`, saying so to
+    `log`), since its classes and image shape are part of the config (data.about); `on_dataset(own, cfg)` then sees
+    what was read. `read_dataset=False`: the config as written, the user's dataset not read (nor the layers
+    planned, which need its classes and shape: `convbn configs` lists the built-in configs so).
     """
     if raw is None:
         path = builtin.resolve(path)  # a file, or the name of a config that ships with convbn (`mnist_bn`)
@@ -217,12 +223,38 @@ def load_config(path=None, overrides=(), *, raw: dict | None = None) -> schema.C
     out = raw.setdefault("output", {})
     if isinstance(out, dict) and out.get("name") is None and path is not None:
         out["name"] = _safe_name(Path(path).stem)
-    try:
-        cfg = schema.Config.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+    cfg = _validate(raw)
+    if not cfg.resolved:
+        if not read_dataset:
+            return cfg
+        cfg = _read_own_dataset(cfg, raw, log, progress, on_dataset)
     plan_layers(cfg)  # raises ConfigError on shape problems
     return cfg
+
+
+def _validate(raw: dict) -> schema.Config:
+    try:
+        return schema.Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def _read_own_dataset(cfg, raw: dict, log, progress: bool, on_dataset) -> schema.Config:
+    """The config with data.about filled from the user's dataset, and its path made absolute, so that the run's
+    config.yaml names it from anywhere."""
+    from ..data.own.dataset import for_config, stderr_log  # NumPy and Pillow: only for a config that needs them
+
+    path = Path(cfg.own.path).expanduser()
+    if not path.exists() and not path.is_symlink():
+        builtin_names = " or ".join(registry.DATASETS)
+        raise ConfigError([f"data.dataset: {cfg.own.path!r} is neither a built-in dataset ({builtin_names}) nor a "
+                           "file or folder of your own"])
+    own = for_config(cfg, log=log or stderr_log, progress=progress)
+    raw = {**raw, "data": {**raw["data"], "dataset": {"path": str(own.root), "format": own.format},
+                           "about": own.about()}}
+    if on_dataset is not None:
+        on_dataset(own, cfg)
+    return _validate(raw)
 
 
 def _safe_name(stem: str) -> str:

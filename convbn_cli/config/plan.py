@@ -118,7 +118,7 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
     """Walk the layers, tracking the shape; raise ConfigError naming each layer that cannot work."""
     problems = []
     ds = cfg.dataset
-    if tuple(cfg.model.input_shape) != ds.image_shape:
+    if tuple(cfg.model.input_shape) != ds.image_shape and cfg.own is None:  # the user's images are resized to it
         h, w, c = ds.image_shape
         problems.append(f"model.input_shape: {cfg.data.dataset} gives {h}x{w}x{c} images (height, width, channels), "
                         f"got {'x'.join(map(str, cfg.model.input_shape))}")
@@ -164,8 +164,9 @@ def _last_layer_problems(cfg) -> list[str]:
     classes = cfg.dataset.num_classes
     if last.type != "dense" or last.units != classes:
         what = f"a dense layer with {last.units} units" if last.type == "dense" else f"a {last.type} layer"
-        return [f"model.layers[{n}]: the last layer must be a dense layer with {classes} units (the class logits), "
-                f"got {what}"]
+        whose = f"data.dataset {cfg.own.path} has {classes} classes, so " if cfg.own else ""
+        return [f"model.layers[{n}]: {whose}the last layer must be a dense layer with {classes} units (the class "
+                f"logits), got {what}"]
     if last.activation not in (None, "linear"):
         return [f"model.layers[{n}].activation: the last layer gives the logits and must have no activation, "
                 f"got {last.activation!r}"]
@@ -211,7 +212,7 @@ def training_batch(cfg: schema.Config) -> TrainingBatch:
     a multi_worker cluster's size is known once it runs)."""
     d, dist = cfg.data, cfg.distribute
     available = min(d.max_train or cfg.dataset.train_size, cfg.dataset.train_size)
-    train_images = available - int(round(available * d.val_split))
+    train_images = available - (0 if cfg.dataset.val_size else int(round(available * d.val_split)))
     replicas = (dist.cpu_replicas or 1) if dist.strategy == "mirrored" else 1
     sync = dist.strategy != "none" and dist.sync_bn
     global_batch = min(d.batch_size * replicas, train_images)

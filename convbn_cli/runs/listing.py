@@ -115,7 +115,7 @@ def summarize(path: Path, root: Path | None = None) -> dict:
     name = str(path.relative_to(root)) if root is not None and path != root else str(path)
     return {
         "run": name, "path": str(path), "date": when[:16].replace("T", " "),
-        "dataset": config.get("data.dataset"),
+        "dataset": config.get("data.dataset", config.get("data.dataset.path")),  # a name, or your own's path
         "epochs_done": metrics[-1]["epoch"] if metrics else 0, "epochs": config.get("train.epochs"),
         # val_acc: the validation accuracy of the model the next command opens (`convbn eval RUN --split val`);
         # val_acc_moving: the best epoch's with the moving BN statistics, where it differs; best_val_acc: as recorded

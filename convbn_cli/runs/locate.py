@@ -125,7 +125,7 @@ def check_data_for(where: Located, target, data) -> None:
     if run is None:
         return
     try:
-        dataset = RunDir(run).load_config().data.dataset
+        dataset = RunDir(run).load_config().dataset_name
     except RunDirError as e:
         raise TargetError(str(e)) from None
     check_data_of_run(target, dataset, data)

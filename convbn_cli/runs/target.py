@@ -16,9 +16,9 @@ import tensorflow as tf
 
 from ..config.schema import PRECISE_BN_BATCHES, Config
 from ..data.external import EvalData, external_data
+from ..data.load import dataset_arrays
 from ..data.pipeline import calibration_batches, make_splits, normalizer, pixels_of
 from ..data.registry import pixel_affine
-from ..data.sources import fetch
 from ..errors import TargetError
 from ..formats import runtime
 from ..formats.catalog import format_of
@@ -65,7 +65,7 @@ class Target:
             if self.config is None:
                 raise TargetError(f"{self.source}: no run directory (config.yaml) above this model to say which "
                                       "data it was trained on")
-            self._arrays = fetch(self.config.data.dataset, log=log, progress=progress)
+            self._arrays = dataset_arrays(self.config, log=log, progress=progress)
         return self._arrays
 
     def splits(self, data=None, log=lambda m: None, progress=False):
@@ -87,7 +87,7 @@ class Target:
             return tuple(shape), names, scale, 0.0
         cfg = self.config
         return (tuple(cfg.model.input_shape), cfg.dataset.class_names,
-                *pixel_affine(cfg.data.dataset, cfg.data.normalize))
+                *pixel_affine(cfg.dataset, cfg.data.normalize))
 
     def eval_data(self, batches: Optional[int], *, split=None, data=None, data_source=None, scale=1 / 255,
                   log=lambda m: None, progress=False) -> EvalData:
@@ -105,7 +105,7 @@ class Target:
             # --full (batches None): a model from elsewhere has no training split to pass over
             return external_data(self.model, data_source, batches or PRECISE_BN_BATCHES, scale, log)
         if data_source is not None:  # another dataset would be silently ignored: the run's config says which data
-            check_data_of_run(self.source, self.config.data.dataset, data_source)
+            check_data_of_run(self.source, self.config.dataset_name, data_source)
         cfg, splits = self.config, self.splits(data, log, progress)
         split = split or ("val" if splits.size("val") else "test")
         if splits.size(split) == 0:

@@ -24,7 +24,7 @@ import tensorflow as tf
 from .. import signals
 from ..config import plan_layers
 from ..config.schema import Config
-from ..data import fetch
+from ..data.load import dataset_arrays
 from ..data.pipeline import batch_loader, epoch_order, eval_dataset, make_splits, steps_per_epoch, train_dataset
 from ..errors import EXIT_DIVERGED, ConvbnError, Stopped
 from ..files import tensorflow_write_error
@@ -322,7 +322,7 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg)
         if data is None:
-            data = fetch(cfg.data.dataset, log=self.log, progress=self.progress)
+            data = dataset_arrays(cfg, log=self.log, progress=self.progress)
         self.splits = make_splits(data, cfg)
         replicas = self.strategy.num_replicas_in_sync
         self.global_batch = cfg.data.batch_size * replicas

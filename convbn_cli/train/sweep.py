@@ -23,7 +23,7 @@ from pathlib import Path
 from .. import signals
 from ..config import dump_config, load_config
 from ..config.loader import safe_parse
-from ..data import sources
+from ..data.load import dataset_arrays, dataset_key
 from ..errors import ConfigError, Stopped
 from ..files import is_our_temporary, remove_entry, write_json_atomic, write_text_atomic
 from ..present.plots import sweep_summary
@@ -163,8 +163,9 @@ def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bo
         log(f"[{i}/{len(sweep['runs'])}] {r['name']}: done already")
         return False
     cfg = run_config(path, sweep, i - 1)
-    if cfg.data.dataset not in data:  # read once, shared by every run of the sweep
-        data[cfg.data.dataset] = sources.fetch(cfg.data.dataset, log=log, progress=progress)
+    key = dataset_key(cfg)
+    if key not in data:  # read once, shared by every run of the sweep
+        data[key] = dataset_arrays(cfg, log=log, progress=progress)
     if _unstarted(run_dir):  # made by us and killed before its config was in place: start it afresh
         for p in run_dir.iterdir():
             remove_entry(p)
@@ -176,7 +177,7 @@ def _run_one(path, sweep, i, r, data, pending, took, relay, log, progress) -> bo
     log(f"[{i}/{len(sweep['runs'])}] {r['name']}" + (" (resuming)" if resume else "") + eta(took, left))
     started = time.monotonic()
     try:
-        train(cfg, data=data[cfg.data.dataset], resume=resume, log=log, progress=progress,
+        train(cfg, data=data[key], resume=resume, log=log, progress=progress,
               overrides=r["overrides"], run_dir=None if resume else run_dir, on_step=relay)
     finally:
         import keras

@@ -1,0 +1,140 @@
+"""convbn's cache of the user's own dataset: the decoded, resized images of every split in one .npz, and a
+manifest saying what they were made from.
+
+What decides that the cache still holds the dataset. The cache is keyed by the *content*: a sha256 over every
+file's relative name and the sha256 of all its bytes. Names, sizes, modification times and a sample of bytes
+are not enough on their own: `cp -p`, `rsync -t`, `tar x` and `git checkout` set a modification time of the
+user's (or tool's) choosing, a relabelled image keeps its size, and a changed pixel need not fall in a sample.
+Reading every byte of 60,000 small files costs about as long as listing them, far less than decoding them.
+
+Reading every byte on every run would still cost a second or two, so each file's (size, mtime_ns, ctime_ns,
+inode, device) is recorded beside the hash, and a run whose files all show the same five values uses the cache
+without reading them: the kernel sets ctime on every write, rename and metadata change, and no user-level tool
+can set it back, so equal values on the same file system mean the same bytes. Any difference (a copy to
+another machine, a `touch`) falls back to the full hash, which decides: the same content keeps the cache (the
+new states are recorded), a different one says what changed and decodes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import DataError
+from ...files import atomic_open, write_json_atomic
+from ...readers import check_zip, open_regular, read_json
+
+CACHE_VERSION = 1
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists every file: ~100 bytes each, 10 million at most
+MAX_CACHE_MEMBER_BYTES = 16 << 30  # one decoded split; data.max_files bounds it long before this
+HASH_CHUNK = 1 << 20
+
+
+def entry_dir(cache_root: Path, root: Path, options: dict) -> Path:
+    """Where the cache of the dataset at `root`, read with `options` (format, test split, file limit), lives: one
+    folder per (absolute path, options). The manifest says which shape and resize rule the arrays have; another
+    one decodes again into the same folder."""
+    key = json.dumps({"root": str(root.resolve()), **options}, sort_keys=True)
+    return cache_root / "own" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _state(st) -> list:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def tree_states(root: Path, files: list) -> dict:
+    """relative name -> [size, mtime_ns, ctime_ns, inode, device] of what decides the cache: for a folder, every
+    file under it but hidden ones (so an added file is noticed); for a single file (an .npz, a CSV), `files`,
+    the ones it was read from (a CSV of paths names its images)."""
+    states = {}
+    if root.is_dir():
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in names:
+                if not name.startswith("."):
+                    path = Path(folder) / name
+                    try:
+                        states[relative(path, root)] = _state(path.stat())
+                    except OSError:  # a dangling link: named as such by the listing, which reads again
+                        states[relative(path, root)] = None
+    for path in files:
+        try:
+            states[relative(Path(path), root)] = _state(Path(path).stat())
+        except OSError:
+            states[relative(Path(path), root)] = None
+    return states
+
+
+def relative(path: Path, root: Path) -> str:
+    base = root if root.is_dir() else root.parent
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def content_hash(root: Path, files: list) -> str:
+    """sha256 over (relative name, sha256 of all the bytes) of every file, in name order (see the module's
+    docstring for why the whole content)."""
+    total = hashlib.sha256(f"convbn-own-{CACHE_VERSION}".encode())
+    for path in sorted(files, key=lambda p: relative(Path(p), root)):
+        digest = hashlib.sha256()
+        with open_regular(path, DataError) as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+        total.update(relative(Path(path), root).encode("utf-8", "surrogateescape") + b"\0" + digest.digest())
+    return total.hexdigest()
+
+
+def changes(old: dict, new: dict) -> str:
+    """What differs between two tree_states, in words: '3 files changed, 1 added, 2 removed'."""
+    changed = sum(1 for k in new if k in old and old[k] != new[k])
+    added, removed = len(new.keys() - old.keys()), len(old.keys() - new.keys())
+    parts = [f"{n} file{'s' if n != 1 else ''} {what}" for n, what in ((changed, "changed"), (added, "added"),
+                                                                          (removed, "removed")) if n]
+    return ", ".join(parts) or "nothing changed"
+
+
+def read_manifest(folder: Path):
+    """The manifest of a cache entry, or None where there is none or it is unusable (then the cache is rebuilt)."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path, MAX_MANIFEST_BYTES, "a dataset cache's manifest", DataError)
+    except DataError:
+        return None
+    if not isinstance(manifest, dict) or manifest.get("version") != CACHE_VERSION:
+        return None
+    return manifest
+
+
+def write(folder: Path, manifest: dict, arrays: dict) -> None:
+    """The arrays first, then the manifest that vouches for them, each atomically: a killed write leaves either
+    the old cache or none that is used (a manifest is only read with its arrays' hash)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_open(folder / "arrays.npz", "wb") as f:
+        np.savez(f, **arrays)
+    manifest = {**manifest, "version": CACHE_VERSION, "arrays_size": (folder / "arrays.npz").stat().st_size}
+    write_json_atomic(folder / "manifest.json", manifest)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    write_json_atomic(folder / "manifest.json", manifest)
+
+
+def read_arrays(folder: Path) -> dict:
+    """The cached arrays, bounded like any file convbn did not just write (no pickles)."""
+    path = folder / "arrays.npz"
+    check_zip(path, {}, MAX_CACHE_MEMBER_BYTES, max_members=256, what="a dataset cache", error=DataError)
+    try:
+        with open_regular(path, DataError) as raw, np.load(raw, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: an unreadable dataset cache ({' '.join(str(e).split())[:200]})") from None

@@ -1,0 +1,248 @@
+"""The user's own dataset (`data.dataset: PATH`) as convbn uses it: image folders, a CSV, an NPZ or IDX files,
+listed and bounded (listing.py), decoded once and brought to one image shape (decode.py), then kept in convbn's
+cache (cache.py), so that every later run loads arrays about as quickly as MNIST's. Nothing is ever written
+inside the dataset's folder.
+
+`load_own` is the one way in: it returns an OwnData, whose splits the trainer, `convbn data check` and every
+command that measures a run use alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ...errors import DataError
+from . import cache
+from .decode import Decoded, convert_arrays, decode_items, probe
+from .listing import list_dataset
+
+SPLIT_ORDER = ("train", "val", "test", "predict")
+LARGEST_DEFAULT_SIDE = 64  # images larger than this (by their most common size) are brought down to it by default
+FIELDS = ("images", "labels", "where", "original", "hashes")
+
+
+@dataclass
+class OwnData:
+    """The user's dataset as convbn uses it: every split's images in one shape, and what was read."""
+
+    root: Path
+    format: str  # folder | csv | npz | idx
+    class_names: list
+    image_shape: tuple  # (height, width, channels) every image was brought to
+    resize: str  # pad | fit | stretch
+    splits: dict  # "train", "val" (when the dataset has one), "test", "predict" (unlabelled rows) -> Decoded
+    skipped: list  # (where, why): every file not used, never silently
+    content_hash: str
+    mean: list = field(default_factory=list)  # per channel, pixels in [0, 1], of the training images
+    std: list = field(default_factory=list)
+    built: bool = False  # decoded this time (not read from the cache): `train` shows the data check then
+
+    def arrays(self) -> dict:
+        """x_/y_ arrays per split, as data.pipeline.make_splits takes them."""
+        out = {}
+        for split in ("train", "val", "test"):
+            d = self.splits.get(split)
+            out[f"x_{split}"] = d.images if d is not None else np.zeros((0, *self.image_shape), np.uint8)
+            out[f"y_{split}"] = d.labels if d is not None else np.zeros((0,), np.int64)
+        return out
+
+    def size(self, split: str) -> int:
+        return len(self.splits[split].labels) if split in self.splits else 0
+
+    @property
+    def digits(self) -> bool:
+        """Classes 0-9 drawn light on a dark ground (the border of the training images is dark), as MNIST's: then
+        predict prepares a photographed picture as it does for MNIST (analysis/pictures.py)."""
+        train = self.splits.get("train")
+        if list(self.class_names) != list("0123456789") or self.image_shape[2] != 1 or train is None \
+                or not len(train.labels):
+            return False
+        x = train.images[:2000, :, :, 0]
+        border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
+        return float(np.median(border)) < 64
+
+    def about(self) -> dict:
+        """What the run records of the dataset (config's data.about, schema.DatasetFacts)."""
+        return {"class_names": list(self.class_names), "image_shape": list(self.image_shape),
+                "mean": list(self.mean), "std": list(self.std), "train_size": self.size("train"),
+                "test_size": self.size("test"), "val_size": self.size("val"), "content_hash": self.content_hash,
+                "digits": self.digits}
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def for_config(cfg, log=stderr_log, progress: bool = True) -> OwnData:
+    """The user's dataset a config names (data.dataset, data.resize, data.test_split, data.max_files), in the
+    config's model.input_shape when it gives one."""
+    from ..sources import cache_dir
+
+    d, shape = cfg.data, cfg.model.input_shape
+    return load_own(cfg.own.path, cfg.own.format, resize=d.resize, shape=tuple(shape) if shape else None,
+                    test_split=d.test_split, max_files=d.max_files, cache_root=cache_dir(), log=log,
+                    progress=progress)
+
+
+def load_own(path, fmt: str = "auto", *, resize: str = "pad", shape: Optional[tuple] = None,
+             test_split: float = 0.2, max_files: int = 200_000, cache_root: Path, log=stderr_log,
+             progress: bool = True, workers: int = 0) -> OwnData:
+    """The dataset at `path` from convbn's cache under `cache_root` when its files are unchanged, else listed,
+    decoded (to `shape`, or the dataset's own) and cached. Bad input: one-line DataError naming the file."""
+    root = Path(path).expanduser()
+    if not root.exists() and not root.is_symlink():
+        raise DataError(f"data.dataset: {path}: no such file or directory")
+    root = root.resolve()
+    folder = cache.entry_dir(cache_root, root, {"format": fmt, "test_split": test_split, "max_files": max_files})
+    wanted = list(shape) if shape else None
+    manifest = _usable(cache.read_manifest(folder), resize, wanted, root, log)
+    if manifest is not None:
+        states = cache.tree_states(root, [] if root.is_dir() else [root.parent / f for f in manifest["files"]])
+        if states == manifest["states"]:
+            return _from_cache(root, folder, manifest, log)
+    listing = list_dataset(root, fmt, max_files)
+    files = [Path(f) for f in listing.files]
+    digest = cache.content_hash(root, files)
+    states = cache.tree_states(root, [] if root.is_dir() else files)
+    if manifest is not None and manifest.get("content_hash") == digest:
+        log(f"[cache] {root}: files touched or copied, content unchanged: the cache holds it")
+        cache.write_manifest(folder, {**manifest, "states": states})
+        return _from_cache(root, folder, manifest, log)
+    if manifest is not None:
+        log(f"[data] {root}: {cache.changes(manifest['states'], states)} since it was cached; decoding again")
+    own = _build(listing, resize, shape, test_split, workers, progress, log)
+    own.content_hash = digest
+    meta = {"format": own.format, "class_names": own.class_names, "image_shape": list(own.image_shape),
+            "resize": resize, "requested_shape": wanted, "content_hash": digest, "mean": own.mean, "std": own.std,
+            "files": [cache.relative(f, root) for f in files], "states": states,
+            "skipped": [list(s) for s in own.skipped]}
+    try:
+        cache.write(folder, meta, _flatten(own))
+        log(f"[cache] {folder}")
+    except OSError as e:  # the data is good: use it anyway, just without a cache
+        log(f"  could not write the cache {folder}: {e.strerror or e}")
+    return own
+
+
+def _usable(manifest, resize, wanted, root, log):
+    """The manifest when its arrays have the shape and resize rule asked for (or the dataset's own shape)."""
+    if manifest is None:
+        return None
+    if (manifest["resize"], manifest["requested_shape"]) == (resize, wanted) or \
+            (manifest["resize"], manifest["image_shape"]) == (resize, wanted):
+        return manifest
+    log(f"[data] {root}: cached as {'x'.join(map(str, manifest['image_shape']))} ({manifest['resize']}); "
+        f"decoding again for {'x'.join(map(str, wanted)) if wanted else 'its own shape'} ({resize})")
+    return None
+
+
+def _from_cache(root: Path, folder: Path, manifest: dict, log) -> OwnData:
+    arrays = cache.read_arrays(folder)
+    splits = {}
+    for split in SPLIT_ORDER:
+        if f"{split}_labels" in arrays:
+            splits[split] = Decoded(*(arrays[f"{split}_{k}"] for k in FIELDS), problems=[])
+            splits[split].where = splits[split].where.tolist()
+    log(f"[cache] {root} ({sum(len(d.labels) for d in splits.values())} images, {folder})")
+    return OwnData(root, manifest["format"], list(manifest["class_names"]), tuple(manifest["image_shape"]),
+                   manifest["resize"], splits, [tuple(s) for s in manifest["skipped"]], manifest["content_hash"],
+                   list(manifest["mean"]), list(manifest["std"]))
+
+
+def _flatten(own: OwnData) -> dict:
+    out = {}
+    for split, d in own.splits.items():
+        for k in FIELDS:
+            value = getattr(d, k)
+            out[f"{split}_{k}"] = np.asarray(value, dtype=str) if k == "where" else value
+    return out
+
+
+def _build(listing, resize, shape, test_split, workers, progress, log) -> OwnData:
+    """Decode every split of a listing to one shape, split off a test set where the dataset has none, and put
+    the training images in a fixed order (by a hash of their names) so that the validation images, the last
+    ones, are a sample of every class."""
+    skipped = list(listing.skipped)
+    if listing.arrays:
+        shape = shape or _array_shape(listing.arrays)
+        splits = {s: convert_arrays(a, shape, resize) for s, a in listing.arrays.items()}
+    else:
+        headers, problems = probe(listing.items, progress=progress)
+        skipped += problems
+        good = [item for item, h in zip(listing.items, headers) if h is not None]
+        if not good:
+            raise DataError(f"{listing.root}: no readable images ({len(skipped)} files skipped, e.g. "
+                            f"{skipped[0][0]}: {skipped[0][1]})" if skipped else f"{listing.root}: no images")
+        shape = shape or _file_shape([h for h in headers if h is not None])
+        log(f"[data] decoding {len(good)} images of {listing.root} to {'x'.join(map(str, shape))} ({resize})")
+        splits = {split: decode_items([i for i in good if i.split == split], shape, resize, workers=workers,
+                                      progress=progress)
+                  for split in dict.fromkeys(item.split for item in good)}
+    for d in splits.values():
+        skipped += d.problems
+    splits = _split_pool(splits, test_split)
+    if "train" not in splits or not len(splits["train"].labels):
+        raise DataError(f"{listing.root}: no training images")
+    splits["train"] = _take(splits["train"], np.argsort(_name_keys(splits["train"].where), kind="stable"))
+    x = splits["train"].images.reshape(-1, shape[2]).astype(np.float64) / 255.0
+    mean, std = x.mean(0), np.maximum(x.std(0), 1e-3)  # a constant channel would divide by zero
+    return OwnData(listing.root, listing.format, list(listing.class_names), tuple(shape), resize, splits, skipped,
+                   "", [float(m) for m in mean], [float(s) for s in std], built=True)
+
+
+def _array_shape(arrays: dict) -> tuple:
+    images = next(iter(arrays.values())).images
+    h, w = images.shape[1:3]
+    return (h, w, 3 if images.ndim == 4 and images.shape[3] in (3, 4) else 1)
+
+
+def _file_shape(headers) -> tuple:
+    """The dataset's own image shape: its most common size (the longer side brought down to
+    LARGEST_DEFAULT_SIDE, aspect kept), in colour when any image is."""
+    (h, w), _ = Counter((hd.h, hd.w) for hd in headers).most_common(1)[0]
+    if max(h, w) > LARGEST_DEFAULT_SIDE:
+        ratio = LARGEST_DEFAULT_SIDE / max(h, w)
+        h, w = max(1, round(h * ratio)), max(1, round(w * ratio))
+    return (h, w, 3 if any(hd.channels == 3 for hd in headers) else 1)
+
+
+def _name_keys(where) -> np.ndarray:
+    """A number in [0, 1) per image from a hash of its name: the same on every machine, and an added file moves
+    no other image between splits."""
+    return np.array([int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                                    "big") / 2.0**64 for w in where])
+
+
+def _split_pool(splits: dict, test_split: float) -> dict:
+    """A dataset given as one pool of labelled images: the images whose name keys fall below `test_split` are
+    the test set, the rest training images (with any the dataset names as such). A pool beside a test split of
+    the dataset's own is all training images."""
+    pool = splits.pop("pool", None)
+    if pool is None:
+        return splits
+    to_test = _name_keys(pool.where) < test_split if "test" not in splits else np.zeros(len(pool.labels), bool)
+    splits["train"] = _join(splits.get("train"), _take(pool, np.flatnonzero(~to_test)))
+    if to_test.any():
+        splits["test"] = _take(pool, np.flatnonzero(to_test))
+    return splits
+
+
+def _take(d: Decoded, idx) -> Decoded:
+    idx = np.asarray(idx, dtype=np.int64)
+    return Decoded(d.images[idx], d.labels[idx], [d.where[i] for i in idx], d.original[idx], d.hashes[idx],
+                   problems=[])
+
+
+def _join(a: Optional[Decoded], b: Decoded) -> Decoded:
+    if a is None:
+        return b
+    return Decoded(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]),
+                   list(a.where) + list(b.where), np.concatenate([a.original, b.original]),
+                   np.concatenate([a.hashes, b.hashes]), problems=[])

@@ -1,0 +1,136 @@
+"""The user's own dataset as convbn keeps it (data/own/dataset.py, cache.py) and as a config names it: decoded once,
+cached by content, told apart when a file changes, split reproducibly, normalized per channel, and recorded in the
+config (data.about) so that every later command knows its classes and shape. No TensorFlow here."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+from own_data import SHAPES, draw, write_folder
+
+from convbn_cli.config import load_config
+from convbn_cli.data import registry
+from convbn_cli.data.own.dataset import load_own
+from convbn_cli.errors import ConfigError, DataError
+
+TRAIN = "train"  # (a literal [\"train\" index would put the test in the slow tier: conftest.TIERS)
+
+
+def tree(root) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def load(root, tmp_path, log=None, **kw):
+    return load_own(root, cache_root=tmp_path / "cache", log=(log.append if log is not None else lambda m: None),
+                    progress=False, **kw)
+
+
+def test_a_folder_is_decoded_once_then_read_from_the_cache_and_nothing_is_written_inside_it(tmp_path):
+    root = write_folder(tmp_path / "shapes")
+    before = tree(root)
+    first = load(root, tmp_path)
+    assert first.built and first.class_names == sorted(SHAPES) and first.image_shape == (20, 20, 1)
+    assert first.size("train") == 18 and first.size("test") == 18 and "val" not in first.splits
+    log = []
+    again = load(root, tmp_path, log)
+    assert not again.built and any("[cache]" in m for m in log)
+    for split in (TRAIN, "test"):
+        a, b = first.splits[split], again.splits[split]
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels) and a.where == b.where
+        assert np.array_equal(a.hashes, b.hashes)
+    assert again.content_hash == first.content_hash and again.mean == first.mean
+    assert tree(root) == before  # nothing written, nothing touched inside the user's folder
+
+
+def test_the_cache_is_keyed_by_content_a_touch_keeps_it_a_change_an_addition_or_a_removal_rebuilds_it(tmp_path):
+    root = write_folder(tmp_path / "shapes")
+    first = load(root, tmp_path)
+    picture = root / "train" / "circle" / "0.png"
+    os.utime(picture, ns=(1, 1))  # another mtime (as cp -p or tar would give), the same bytes
+    log = []
+    touched = load(root, tmp_path, log)
+    assert not touched.built and any("content unchanged" in m for m in log)
+    draw("cross", 99).save(picture)  # another picture under the same name and the old mtime
+    os.utime(picture, ns=(1, 1))
+    log = []
+    changed = load(root, tmp_path, log)
+    assert changed.built and changed.content_hash != first.content_hash
+    assert any("1 file changed" in m for m in log)
+    draw("cross", 100).save(root / "train" / "cross" / "new.png")
+    (root / "test" / "square" / "24.png").unlink()
+    log = []
+    load(root, tmp_path, log)
+    assert any("1 file added, 1 removed" in m or "1 file removed" in m and "1 file added" in m for m in log), log
+
+
+def test_one_tree_is_split_by_name_hashes_stable_when_files_are_added(tmp_path):
+    root = write_folder(tmp_path / "pool", per_class=40, splits=(None,))
+    own = load(root, tmp_path, test_split=0.25)
+    n_test, n = own.size("test"), own.size("train") + own.size("test")
+    assert n == 120 and 0.15 < n_test / n < 0.35
+    test_before = set(own.splits["test"].where)
+    draw("circle", 500).save(root / "circle" / "extra.png")
+    after = load(root, tmp_path, test_split=0.25)
+    assert test_before <= set(after.splits["test"].where)  # no image moved between the splits
+    assert not set(after.splits[TRAIN].where) & set(after.splits["test"].where)
+
+
+def test_colour_images_get_a_mean_and_std_per_channel_from_the_training_split(tmp_path):
+    root = write_folder(tmp_path / "colour", colour=True)
+    own = load(root, tmp_path)
+    assert own.image_shape == (20, 20, 3)
+    x = own.splits[TRAIN].images.reshape(-1, 3) / 255.0
+    assert np.allclose(own.mean, x.mean(0)) and np.allclose(own.std, x.std(0))
+    assert own.mean[0] != pytest.approx(own.mean[2])  # the channels do differ, so one pair would be wrong
+    entry = registry.own_entry(str(root), own.about())
+    scale, offset = registry.pixel_affine(entry, "standardize")
+    pixels = own.splits[TRAIN].images.astype(np.float64)
+    z = pixels * np.asarray(scale) + np.asarray(offset)
+    assert np.allclose(z.reshape(-1, 3).mean(0), 0, atol=1e-6) and np.allclose(z.reshape(-1, 3).std(0), 1, atol=1e-6)
+
+
+RAW = {
+    "data": {"batch_size": 4, "val_split": 0.2},
+    "model": {"layers": [{"type": "conv", "filters": 4, "kernel": 3}, {"type": "global_pool"},
+                         {"type": "dense", "units": "classes"}]},
+    "train": {"epochs": 1},
+}
+
+
+def test_a_config_naming_a_folder_records_its_classes_shape_and_content_and_names_it_absolutely(tmp_path,
+                                                                                                 monkeypatch):
+    root = write_folder(tmp_path / "shapes", colour=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(raw=copy.deepcopy(RAW), overrides=["data.dataset=shapes"])
+    assert cfg.own.path == str(root.resolve()) and cfg.own.format == "folder"
+    assert cfg.dataset.class_names == tuple(sorted(SHAPES)) and cfg.model.input_shape == [20, 20, 3]
+    assert cfg.model.layers[-1].units == len(SHAPES) and cfg.data.about.train_size == 18
+    assert cfg.dataset_name == str(root.resolve())
+    again = load_config(raw=cfg.model_dump(mode="json"))  # a run's config.yaml: nothing read again
+    assert again.data.about == cfg.data.about and again.model.input_shape == [20, 20, 3]
+
+
+def test_a_last_layer_that_does_not_fit_the_folders_classes_is_one_line_naming_both(tmp_path):
+    root = write_folder(tmp_path / "shapes")
+    raw = copy.deepcopy(RAW)
+    raw["model"]["layers"][-1]["units"] = 10
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=raw, overrides=[f"data.dataset={root}"])
+    assert e.value.problems == [f"model.layers[2]: data.dataset {root.resolve()} has 3 classes, so the last layer "
+                                "must be a dense layer with 3 units (the class logits), got a dense layer with 10 "
+                                "units"]
+
+
+def test_a_run_whose_dataset_changed_since_is_refused_in_one_line(tmp_path):
+    from convbn_cli.data.load import dataset_arrays
+
+    root = write_folder(tmp_path / "shapes")
+    cfg = load_config(raw=copy.deepcopy(RAW), overrides=[f"data.dataset={root}"])
+    arrays = dataset_arrays(cfg, log=lambda m: None, progress=False)
+    assert arrays["x_train"].shape == (18, 20, 20, 1) and len(arrays["y_test"]) == 18
+    draw("cross", 77).save(root / "train" / "circle" / "0.png")
+    with pytest.raises(DataError, match="its files changed since this run read them"):
+        dataset_arrays(cfg, log=lambda m: None, progress=False)
