@@ -91,6 +91,12 @@ def test_bad_folders_are_one_line_naming_what_is_wrong(tmp_path):
         (tmp_path / "texts" / "cat").mkdir(parents=True, exist_ok=True)
         (tmp_path / "texts" / "cat" / f"{i}.txt").write_text("words")
     refused(lambda: list_dataset(tmp_path / "texts"), f"no images under {tmp_path / 'texts'}")
+    (tmp_path / "top").mkdir()
+    (tmp_path / "top" / "a.txt").write_text("words")
+    refused(lambda: list_dataset(tmp_path / "top"), f"no images under {tmp_path / 'top'}", "e.g. a.txt")
+    (tmp_path / "top" / "labels.csv").write_text("path,label\n")
+    (tmp_path / "top" / "img").mkdir()  # class folders, or the images the CSV names? the user says which
+    refused(lambda: list_dataset(tmp_path / "top"), "holds folders and labels.csv", "data.dataset.format")
     picture(tmp_path / "mixed" / "train" / "cat" / "1.png")
     picture(tmp_path / "mixed" / "dog" / "1.png")
     refused(lambda: list_dataset(tmp_path / "mixed"), "train/ beside other folders (dog)")

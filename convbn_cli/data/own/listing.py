@@ -206,9 +206,11 @@ def _detect(scan: _Scan) -> str:
     entries = scan.children(scan.root)
     if any(kind == "file" and IDX_NAME.fullmatch(p.name) for p, kind, _ in entries):
         return "idx"
-    if any(kind == "dir" for _, kind, _ in entries):
-        return "folder"
-    suffixes = {p.suffix.lower() for p, _, _ in entries}
+    tables = [p.name for p, kind, _ in entries if kind == "file" and p.suffix.lower() in (".csv", ".npz")]
+    if tables and any(kind == "dir" for _, kind, _ in entries):  # class folders, or the images a CSV names?
+        raise DataError(f"{scan.given}: holds folders and {', '.join(tables[:3])}; set data.dataset.format (folder, "
+                        "csv or npz) or name the file")
+    suffixes = {name[-4:].lower() for name in tables}
     return "npz" if ".npz" in suffixes else "csv" if ".csv" in suffixes else "folder"  # folder: says what is amiss
 
 
@@ -575,11 +577,9 @@ def _list_idx(scan: _Scan) -> Listing:
         x, y = _idx_pair(scan, pair[0][0], pair[1][0], prefix)
         scan.count_image(len(x))
         arrays[split] = ArraySplit(x, y, scan.where(pair[0][0]))
-    if "test" not in arrays:
-        arrays = {"pool": arrays["train"]}
-    files = sorted(p for v in files.values() for p in v)
-    return Listing(scan.root, "idx", _number_names([a.labels for a in arrays.values()]), [], arrays,
-                   scan.skipped, files)
+    arrays = arrays if "test" in arrays else {"pool": arrays["train"]}
+    return Listing(scan.root, "idx", _number_names([a.labels for a in arrays.values()]), [], arrays, scan.skipped,
+                   sorted(p for v in files.values() for p in v))
 
 
 def _idx_pair(scan: _Scan, images_path: Path, labels_path: Path, prefix: str):
