@@ -220,6 +220,10 @@ def test_bad_csvs_of_paths_name_the_line(tmp_path):
     refused(lambda: list_dataset(tmp_path / "d" / "up.csv"), "up.csv: line 2: ../outside.png leads to", "outside")
     write_csv(tmp_path / "d" / "cols.csv", [["file", "label"], ["a.png", "cat"]])
     refused(lambda: list_dataset(tmp_path / "d" / "cols.csv"), "cols.csv: line 1: no 'path' column")
+    (tmp_path / "d" / "nul.csv").write_text("path,label\na\0.png,cat\n")
+    refused(lambda: list_dataset(tmp_path / "d" / "nul.csv"), "nul.csv: line 2: a NUL byte in the path")
+    (tmp_path / "d" / "quoted.csv").write_text('"path\nlabel",x\na.png,cat\n')  # a line break inside a cell
+    refused(lambda: list_dataset(tmp_path / "d" / "quoted.csv"), "no 'path' column (the header is: path label, x)")
     os.mkfifo(tmp_path / "d" / "pipe.png")
     write_csv(tmp_path / "d" / "fifo.csv", [["path", "label"], ["pipe.png", "cat"]])
     refused(lambda: list_dataset(tmp_path / "d" / "fifo.csv"), "fifo.csv: line 2: pipe.png is a FIFO")

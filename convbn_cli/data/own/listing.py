@@ -84,11 +84,14 @@ class Listing:
 
 def list_dataset(path, fmt: str = "auto", max_files: int = 200_000) -> Listing:
     """The images of the dataset at `path` in the layout `fmt` (auto, folder, csv, npz or idx)."""
-    scan = _Scan(Path(path), max_files)
-    fmt = _detect(scan) if fmt == "auto" else fmt
-    if fmt not in FORMATS:
-        raise DataError(f"{path}: unknown dataset format {fmt!r}; expected auto, {', '.join(FORMATS)}")
-    return {"folder": _list_folder, "csv": _list_csv, "npz": _list_npz, "idx": _list_idx}[fmt](scan)
+    try:
+        scan = _Scan(Path(path), max_files)
+        fmt = _detect(scan) if fmt == "auto" else fmt
+        if fmt not in FORMATS:
+            raise DataError(f"{path}: unknown dataset format {fmt!r}; expected auto, {', '.join(FORMATS)}")
+        return {"folder": _list_folder, "csv": _list_csv, "npz": _list_npz, "idx": _list_idx}[fmt](scan)
+    except DataError as e:  # a file name or a CSV cell quoted in it may hold a line break: still one line
+        raise DataError(" ".join(str(e).splitlines())) from None
 
 
 # --------------------------------------------------------------------------- walking the dataset, bounded
@@ -146,8 +149,7 @@ class _Scan:
     def count_image(self, n: int = 1) -> None:
         self.images += n
         if self.images > self.max_files:
-            raise DataError(f"{self.given}: more than {self.max_files:,} images; data.max_files sets the limit "
-                            "(raise it to read more)")
+            raise DataError(f"{self.given}: more than {self.max_files:,} images (data.max_files); raise it to use more")
 
     def kind(self, path: Path):
         """("file" | "dir" | None, stat of what it leads to) for an entry met while listing; None: passed over,
@@ -200,8 +202,7 @@ def _detect(scan: _Scan) -> str:
         found = {".csv": "csv", ".npz": "npz"}.get(scan.root.suffix.lower())
         found = found or ("idx" if IDX_NAME.fullmatch(scan.root.name) else None)
         if found is None:
-            raise DataError(f"{scan.given}: cannot tell the dataset's format from the name (expected a folder, a "
-                            ".csv, an .npz or IDX files); set data.dataset.format")
+            raise DataError(f"{scan.given}: not a folder, .csv, .npz or IDX file; set data.dataset.format")
         return found
     entries = scan.children(scan.root)
     if any(kind == "file" and IDX_NAME.fullmatch(p.name) for p, kind, _ in entries):
@@ -469,9 +470,9 @@ def _path_table(scan: _Scan, path: Path, name: str, header: list, rows) -> dict:
         if len(cells) != len(header):
             raise DataError(f"{name}: line {line}: {len(cells)} cells, the header has {len(header)}")
         cell, where = cells[path_col].strip(), f"{scan.where(path)}:{line}"
-        target = os.path.realpath(path.parent / cell) if cell else ""
-        if not cell:
-            raise DataError(f"{name}: line {line}: an empty path")
+        if not cell or "\0" in cell:
+            raise DataError(f"{name}: line {line}: {'a NUL byte in the' if cell else 'an empty'} path")
+        target = os.path.realpath(path.parent / cell)
         if not _inside(target, scan.folder):
             raise DataError(f"{name}: line {line}: {cell[:200]} leads to {target}, outside {scan.folder}; refused")
         if Path(cell).suffix.lower() not in IMAGE_SUFFIXES:
@@ -562,8 +563,7 @@ def _list_idx(scan: _Scan) -> Listing:
     if not found:
         raise DataError(f"{scan.given}: no IDX files (*train-images-idx3-ubyte[.gz], *train-labels-idx1-ubyte[.gz])")
     if len(found) > 1:
-        raise DataError(f"{scan.given}: IDX files of several datasets ({', '.join(sorted(found))[:200]}); name one "
-                        "of its files, e.g. its train-images file")
+        raise DataError(f"{scan.given}: IDX files of several datasets ({', '.join(sorted(found))[:200]}); name a file")
     (prefix, files), = found.items()
     arrays = {}
     for split in ("train", "test"):
