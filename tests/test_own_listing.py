@@ -262,6 +262,12 @@ def test_bad_npz_files_are_one_line(tmp_path):
     refused(lambda: list_dataset(tmp_path / "half.npz"), "half.npz: has y_test but not x_test")
     np.savez(tmp_path / "y2d.npz", x_train=x, y_train=np.zeros((2, 2), np.int64))
     refused(lambda: list_dataset(tmp_path / "y2d.npz"), "y2d.npz[y_train]: shape (2, 2); expected labels (N,)")
+    np.savez(tmp_path / "locked.npz", x_train=x, y_train=np.array([0, 1]))
+    data = bytearray((tmp_path / "locked.npz").read_bytes())
+    for at in (i for i in range(len(data) - 4) if data[i:i + 4] in (b"PK\x03\x04", b"PK\x01\x02")):
+        data[at + (6 if data[at + 2] == 3 else 8)] |= 1  # the "encrypted" flag of each member
+    (tmp_path / "locked.npz").write_bytes(bytes(data))
+    refused(lambda: list_dataset(tmp_path / "locked.npz"), "locked.npz: not a readable .npz", "encrypted")
     np.savez(tmp_path / "none.npz", images=x)
     refused(lambda: list_dataset(tmp_path / "none.npz"), "needs arrays x_train and y_train")
     np.savez(tmp_path / "many.npz", x_train=np.zeros((5, 2, 2), np.uint8), y_train=np.zeros(5, np.int64))

@@ -383,9 +383,8 @@ def _csv_files(scan: _Scan) -> list:
 
 
 def _list_csv(scan: _Scan) -> Listing:
-    tables, csv_files = [], _csv_files(scan)
-    for path, role in csv_files:
-        tables.append((role, _read_table(scan, path, role)))
+    csv_files = _csv_files(scan)
+    tables = [(role, _read_table(scan, path, role)) for path, role in csv_files]
     layouts = {"images" in t for _, t in tables}
     if len(layouts) > 1:
         raise DataError(f"{scan.given}: a path,label CSV beside a label,pixel0,... CSV; use one layout")
@@ -454,9 +453,8 @@ def _pixel_table(scan: _Scan, path: Path, name: str, header: list, rows) -> dict
         where.append(f"{scan.where(path)}:{line}")
         if label_col is not None:
             labels.append((f"{name}: line {line}", cells[label_col]))
-    stacked = np.stack(images) if images else np.zeros((0, side, side), np.uint8)
-    return {"images": stacked, "rows": where, "name": scan.where(path),
-            "label": labels if label_col is not None else None}
+    return {"images": np.stack(images) if images else np.zeros((0, side, side), np.uint8), "rows": where,
+            "name": scan.where(path), "label": labels if label_col is not None else None}
 
 
 def _path_table(scan: _Scan, path: Path, name: str, header: list, rows) -> dict:
@@ -496,12 +494,11 @@ def _path_table(scan: _Scan, path: Path, name: str, header: list, rows) -> dict:
 # --------------------------------------------------------------------------- NPZ
 
 def _list_npz(scan: _Scan) -> Listing:
-    path = scan.root
-    if scan.root.is_dir():
-        npz = [p for p, kind, _ in scan.children(scan.root) if kind == "file" and p.suffix.lower() == ".npz"]
-        if len(npz) != 1:
-            raise DataError(f"{scan.given}: {len(npz) or 'no'} .npz files; name the one to read")
-        path = npz[0]
+    npz = [p for p, kind, _ in scan.children(scan.root) if kind == "file" and p.suffix.lower() == ".npz"] \
+        if scan.root.is_dir() else [scan.root]
+    if len(npz) != 1:
+        raise DataError(f"{scan.given}: {len(npz) or 'no'} .npz files; name the one to read")
+    path = npz[0]
     name = scan.name(path)
     members = check_zip(path, {}, MAX_ARRAY_BYTES, max_members=64, what="an .npz of arrays", error=DataError)
     present = {m.filename[:-4] for m in members if m.filename.endswith(".npy")}
@@ -519,7 +516,10 @@ def _list_npz(scan: _Scan) -> Listing:
         elif len(shape) != 1 or shape[0] > scan.max_files:  # labels: as many as images, checked once loaded
             raise DataError(f"{name}[{key}]: shape {shape}; expected labels (N,) with N at most data.max_files")
 
-    loaded = dict(zip(keys, load_npz_arrays(path, keys, MAX_ARRAY_BYTES, "needs arrays x_train and y_train", check)))
+    try:
+        loaded = dict(zip(keys, load_npz_arrays(path, keys, MAX_ARRAY_BYTES, "needs x_train and y_train", check)))
+    except RuntimeError as e:  # zipfile: a member flagged as encrypted (load_npz_arrays turns the rest to one line)
+        raise DataError(f"{name}: not a readable .npz ({e})") from None
     class_names = [str(c) for c in loaded["class_names"]] if "class_names" in loaded else None
     arrays = {}
     for split, x, y in pairs:
