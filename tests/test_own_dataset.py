@@ -134,3 +134,38 @@ def test_a_run_whose_dataset_changed_since_is_refused_in_one_line(tmp_path):
     draw("cross", 77).save(root / "train" / "circle" / "0.png")
     with pytest.raises(DataError, match="its files changed since this run read them"):
         dataset_arrays(cfg, log=lambda m: None, progress=False)
+
+
+def _encrypted_flags(path) -> None:
+    data = bytearray(path.read_bytes())
+    for at in (i for i in range(len(data) - 4) if data[i:i + 4] in (b"PK\x03\x04", b"PK\x01\x02")):
+        data[at + (6 if data[at + 2] == 3 else 8)] |= 1  # the "encrypted" flag of each member
+    path.write_bytes(bytes(data))
+
+
+def test_the_older_readers_refuse_a_fifo_an_encrypted_npz_and_take_a_limit_for_large_idx_files(tmp_path):
+    """read_idx opened a FIFO with a plain open() (waiting forever for a writer); NumPy archives whose members are
+    flagged as encrypted escaped as zipfile's RuntimeError (a traceback from `diagnose --data`); and read_idx's
+    MNIST-sized bound refused EMNIST byclass (547 MB) whatever the caller allowed."""
+    import gzip
+    import struct
+
+    from convbn_cli.data.external import load_npz_arrays
+    from convbn_cli.data.formats import read_idx, read_npz
+
+    os.mkfifo(tmp_path / "pipe-idx3-ubyte")
+    with pytest.raises(DataError, match="FIFO"):
+        read_idx(tmp_path / "pipe-idx3-ubyte")
+    np.savez(tmp_path / "locked.npz", x=np.zeros((2, 3, 3), np.uint8), y=np.zeros(2, np.int64), x_train=np.zeros(1),
+             y_train=np.zeros(1), x_test=np.zeros(1), y_test=np.zeros(1))
+    _encrypted_flags(tmp_path / "locked.npz")
+    with pytest.raises(DataError, match="not a readable"):
+        load_npz_arrays(tmp_path / "locked.npz", ("x", "y"), 1 << 20, "")
+    with pytest.raises(DataError, match="not a readable npz"):
+        read_npz(tmp_path / "locked.npz")
+    images = np.arange(2 * 300 * 300, dtype=np.uint32).astype(np.uint8).reshape(2, 300, 300)
+    (tmp_path / "big-idx3-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">III", 2, 300, 300)
+                                                               + images.tobytes()))
+    with pytest.raises(DataError, match="more than 100000 allowed"):
+        read_idx(tmp_path / "big-idx3-ubyte.gz", limit=100_000)
+    assert np.array_equal(read_idx(tmp_path / "big-idx3-ubyte.gz", limit=200_000), images)

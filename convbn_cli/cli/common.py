@@ -102,7 +102,7 @@ def dataset_reader(session: Session, progress: bool) -> dict:
         from ..present.dataset_report import DataCheckReport
 
         check = check_dataset(own, batch_size=cfg.data.batch_size)
-        session.say(DataCheckReport(check).render())
+        session.say(DataCheckReport(check).summary())
         if check.refused:
             errors = [f.message for f in check.findings if f.severity == "error"]
             raise DataError(f"data.dataset {own.root}: {errors[0]}" + (f" (and {len(errors) - 1} more problems)"

@@ -108,7 +108,9 @@ def load_npz_arrays(path, keys, limit: int, missing: str, check=None):
                     raise DataError(f"{path}: {key} declares shape {shape} ({dtype}), more than {size_text(limit)}; "
                                     "use a smaller sample")
                 out.append(f[key])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
-        # a damaged archive fails in zipfile, zlib or NumPy: each is one line
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+            RuntimeError) as e:
+        # a damaged archive fails in zipfile, zlib or NumPy: each is one line (RuntimeError: a member flagged as
+        # encrypted)
         raise DataError(f"{path}: not a readable .npz ({' '.join(str(e).split())[:200]})") from None
     return out

@@ -35,7 +35,7 @@ IDX_FILES = {  # the four files of the original distribution, for either dataset
 MAX_IDX_BYTES = 256 << 20  # any IDX file convbn reads is far smaller (MNIST's largest: 47 MB)
 
 
-def read_idx(path, expect: tuple | None = None) -> np.ndarray:
+def read_idx(path, expect: tuple | None = None, limit: int = MAX_IDX_BYTES) -> np.ndarray:
     """Parse an IDX file (gzipped or not): magic 0x0000 + type code + ndim, big-endian dims, then the data.
 
     `expect` = (largest count, dims after the count), e.g. (60000, (28, 28)): a header that differs is refused
@@ -44,17 +44,17 @@ def read_idx(path, expect: tuple | None = None) -> np.ndarray:
     Hand-written because no maintained package reads IDX; the format is a dozen lines anyway.
     """
     path = Path(path)
-    with open(path, "rb") as raw_file:
+    with open_regular(path, DataError) as raw_file:  # a FIFO or a device is refused, not waited on
         gz = raw_file.read(2) == b"\x1f\x8b"
         raw_file.seek(0)
         f = gzip.GzipFile(fileobj=raw_file) if gz else raw_file
         try:
-            return _read_idx_stream(f, path, expect)
+            return _read_idx_stream(f, path, expect, limit)
         except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream (found by fuzzing)
             raise DataError(f"{path}: corrupt gzip data ({e})") from None
 
 
-def _read_idx_stream(f, path, expect) -> np.ndarray:
+def _read_idx_stream(f, path, expect, limit) -> np.ndarray:
     head = f.read(4)
     if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number {head.hex() or 'empty'})")
@@ -73,8 +73,8 @@ def _read_idx_stream(f, path, expect) -> np.ndarray:
             raise DataError(f"{path}: IDX header declares shape {dims}; this dataset has at most {most} items of "
                             f"shape {tuple(tail)}")
     expected = int(np.prod(dims, dtype=np.int64))
-    if expected > MAX_IDX_BYTES:
-        raise DataError(f"{path}: IDX header declares {expected} bytes, more than any MNIST-like file")
+    if expected > limit:
+        raise DataError(f"{path}: IDX header declares {expected} bytes, more than {limit} allowed")
     data = f.read(expected + 1)  # one byte more tells a file that is longer than its header says
     if len(data) != expected:
         raise DataError(f"{path}: IDX header promises {expected} bytes of data for shape {dims}, "
@@ -130,7 +130,8 @@ def read_npz(path, dataset=None) -> dict:
             return {k: f[k] for k in KEYS}
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+            RuntimeError) as e:  # RuntimeError: zipfile's answer to a member flagged as encrypted
         raise DataError(f"{path}: not a readable npz file ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 

@@ -104,27 +104,29 @@ def load_own(path, fmt: str = "auto", *, resize: str = "pad", shape: Optional[tu
     wanted = list(shape) if shape else None
     manifest = _usable(cache.read_manifest(folder), resize, wanted, root, log)
     if manifest is not None:
-        states = cache.tree_states(root, [] if root.is_dir() else [root.parent / f for f in manifest["files"]])
-        if states == manifest["states"]:
+        named = [] if root.is_dir() else [root.parent / f for f in manifest["files"]]
+        if cache.states_digest(root, named) == manifest["states_digest"]:
             return _from_cache(root, folder, manifest, log)
     listing = list_dataset(root, fmt, max_files)
     files = [Path(f) for f in listing.files]
     digest = cache.content_hash(root, files)
-    states = cache.tree_states(root, [] if root.is_dir() else files)
+    named = [] if root.is_dir() else files
+    states, states_digest = cache.tree_states(root, named), cache.states_digest(root, named)
     if manifest is not None and manifest.get("content_hash") == digest:
         log(f"[cache] {root}: files touched or copied, content unchanged: the cache holds it")
-        cache.write_manifest(folder, {**manifest, "states": states})
+        cache.write_manifest(folder, {**manifest, "states_digest": states_digest}, states)
         return _from_cache(root, folder, manifest, log)
     if manifest is not None:
-        log(f"[data] {root}: {cache.changes(manifest['states'], states)} since it was cached; decoding again")
+        log(f"[data] {root}: {cache.changes(cache.read_states(folder), states)} since it was cached; decoding "
+            "again")
     own = _build(listing, resize, shape, test_split, workers, progress, log)
     own.content_hash = digest
     meta = {"format": own.format, "class_names": own.class_names, "image_shape": list(own.image_shape),
             "resize": resize, "requested_shape": wanted, "content_hash": digest, "mean": own.mean, "std": own.std,
-            "files": [cache.relative(f, root) for f in files], "states": states,
+            "files": [cache.relative(f, root) for f in files], "states_digest": states_digest,
             "skipped": [list(s) for s in own.skipped]}
     try:
-        cache.write(folder, meta, _flatten(own))
+        cache.write(folder, meta, _flatten(own), states)
         log(f"[cache] {folder}")
     except OSError as e:  # the data is good: use it anyway, just without a cache
         log(f"  could not write the cache {folder}: {e.strerror or e}")
@@ -144,7 +146,7 @@ def _usable(manifest, resize, wanted, root, log):
 
 
 def _from_cache(root: Path, folder: Path, manifest: dict, log) -> OwnData:
-    arrays = cache.read_arrays(folder)
+    arrays = cache.read_arrays(folder, manifest.get("arrays_size"))
     splits = {}
     for split in SPLIT_ORDER:
         if f"{split}_labels" in arrays:

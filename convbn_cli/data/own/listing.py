@@ -587,7 +587,7 @@ def _idx_pair(scan: _Scan, images_path: Path, labels_path: Path, prefix: str):
     EMNIST stores its images transposed (column by column): they are turned upright here."""
     arrays = []
     for p, dims in ((images_path, 3), (labels_path, 1)):
-        a = read_idx(p)  # a FIFO or a link out of the folder was refused when the folder was listed
+        a = read_idx(p, limit=MAX_ARRAY_BYTES)  # EMNIST byclass is 547 MB; a FIFO was refused by the listing
         if a.ndim != dims:
             raise DataError(f"{scan.name(p)}: an IDX of {a.ndim} dimension(s) where "
                             f"{'images (3)' if dims == 3 else 'labels (1)'} were expected")
