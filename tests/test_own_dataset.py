@@ -169,3 +169,21 @@ def test_the_older_readers_refuse_a_fifo_an_encrypted_npz_and_take_a_limit_for_l
     with pytest.raises(DataError, match="more than 100000 allowed"):
         read_idx(tmp_path / "big-idx3-ubyte.gz", limit=100_000)
     assert np.array_equal(read_idx(tmp_path / "big-idx3-ubyte.gz", limit=200_000), images)
+
+
+def test_the_docs_table_of_data_check_lists_exactly_the_ids_the_checks_emit():
+    import ast
+    import re
+    from pathlib import Path
+
+    import convbn_cli.analysis.dataset_checks as checks
+
+    tree = ast.parse(Path(checks.__file__).read_text())
+    emitted = {node.args[0].value for node in ast.walk(tree) if isinstance(node, ast.Call)
+               and getattr(node.func, "id", None) == "DataFinding" and node.args
+               and isinstance(node.args[0], ast.Constant)}
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    section = docs[docs.index("`convbn data check PATH` (and `train`"):]
+    documented = set(re.findall(r"`([a-z_]+)`", "\n".join(line.split("|")[1] for line in section.splitlines()
+                                                          if line.startswith("| `"))))
+    assert emitted and documented == emitted
