@@ -357,6 +357,8 @@ class OptimizerConfig(Strict):
     weight_decay: Fraction = 0.0  # decoupled weight decay (Keras optimizers' `weight_decay`)
     momentum: Fraction = 0.9  # for `momentum`
     nesterov: bool = False
+    beta_1: Fraction = 0.9  # adam, adamw: decay of the gradient's moving average (Keras' default)
+    beta_2: Fraction = 0.999  # adam, adamw: decay of the squared gradient's moving average
 
 
 class ScheduleConfig(Strict):

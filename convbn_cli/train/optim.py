@@ -68,9 +68,9 @@ def make_optimizer(train: TrainConfig, total_steps: int) -> keras.optimizers.Opt
     elif o.name == "momentum":
         opt = keras.optimizers.SGD(lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=wd, **ema)
     elif o.name == "adam":
-        opt = keras.optimizers.Adam(lr, weight_decay=wd, **ema)
+        opt = keras.optimizers.Adam(lr, beta_1=o.beta_1, beta_2=o.beta_2, weight_decay=wd, **ema)
     else:
-        opt = keras.optimizers.AdamW(lr, weight_decay=o.weight_decay, **ema)
+        opt = keras.optimizers.AdamW(lr, beta_1=o.beta_1, beta_2=o.beta_2, weight_decay=o.weight_decay, **ema)
     # Decay the conv/dense kernels only: shrinking BN's gamma/beta or the biases regularizes nothing useful.
     opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     return opt
