@@ -187,3 +187,16 @@ def test_the_docs_table_of_data_check_lists_exactly_the_ids_the_checks_emit():
     documented = set(re.findall(r"`([a-z_]+)`", "\n".join(line.split("|")[1] for line in section.splitlines()
                                                           if line.startswith("| `"))))
     assert emitted and documented == emitted
+
+
+def test_data_info_lists_the_users_datasets_the_cache_holds(tmp_path):
+    from convbn_cli.data.own.cache import own_caches
+    from convbn_cli.present.reports import DataInfoReport
+
+    root = write_folder(tmp_path / "shapes")
+    load(root, tmp_path)
+    (listed,) = own_caches(tmp_path / "cache")
+    assert listed["dataset"] == str(root.resolve()) and listed["images"] == 36 and listed["classes"] == 3
+    assert listed["image_shape"] == [20, 20, 1] and listed["size_bytes"] > 36 * 20 * 20
+    text = DataInfoReport(str(tmp_path / "cache"), [], [listed]).render()
+    assert f"{root.resolve()} (folder): 36 images of 20x20x1 (pad), 3 classes" in text

@@ -177,11 +177,12 @@ def _shape(text):
 @data.command("info")
 @json_option
 def data_info(as_json):
-    """Show the cache directory and what it holds."""
+    """Show the cache directory and what it holds (the built-in datasets, and your own that were read)."""
     from ..data import cache_dir, info
+    from ..data.own.cache import own_caches
     from ..present.reports import DataInfoReport, dumps
 
-    report = DataInfoReport(str(cache_dir()), [info(d) for d in DATASETS])
+    report = DataInfoReport(str(cache_dir()), [info(d) for d in DATASETS], own_caches(cache_dir()))
     click.echo(dumps(report.to_json()) if as_json else report.render())
 
 

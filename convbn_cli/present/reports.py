@@ -162,9 +162,10 @@ class ExportReport:
 class DataInfoReport:
     cache_dir: str
     datasets: list = field(default_factory=list)
+    own: list = field(default_factory=list)  # the user's datasets the cache holds (data/own/cache.own_caches)
 
     def to_json(self) -> dict:
-        return {"cache_dir": self.cache_dir, "datasets": self.datasets}
+        return {"cache_dir": self.cache_dir, "datasets": self.datasets, "own": self.own}
 
     def render(self) -> str:
         lines = [f"cache directory: {self.cache_dir}"]
@@ -176,6 +177,10 @@ class DataInfoReport:
             else:
                 state = f"cached but unusable: {i['problem']}"
             lines.append(f"  {i['dataset']}: {state}")
+        for o in self.own:
+            shape = "x".join(map(str, o["image_shape"] or []))
+            lines.append(f"  {o['dataset']} ({o['format']}): {o['images']} images of {shape} ({o['resize']}), "
+                         f"{o['classes']} classes, {(o['size_bytes'] or 0) / 2**20:.1f} MiB in {o['cache']}")
         return "\n".join(lines)
 
 

@@ -172,3 +172,18 @@ def read_arrays(folder: Path, manifest_size: int) -> dict:
             return {k: f[k] for k in f.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{path}: an unreadable dataset cache ({' '.join(str(e).split())[:200]})") from None
+
+
+def own_caches(cache_root: Path) -> list:
+    """What convbn's cache holds of the user's datasets (`convbn data info`): per entry its dataset's path, format,
+    shape, images and size on disk, from the manifests (nothing is decoded)."""
+    out = []
+    for manifest_path in sorted((cache_root / "own").glob("*/manifest.json")):
+        m = read_manifest(manifest_path.parent)
+        if m is None:
+            continue
+        out.append({"dataset": m.get("root"), "format": m.get("format"), "image_shape": m.get("image_shape"),
+                    "resize": m.get("resize"), "images": m.get("images"), "classes": len(m.get("class_names", [])),
+                    "cache": str(manifest_path.parent), "size_bytes": m.get("arrays_size")})
+    return out
+

@@ -121,7 +121,8 @@ def load_own(path, fmt: str = "auto", *, resize: str = "pad", shape: Optional[tu
             "again")
     own = _build(listing, resize, shape, test_split, workers, progress, log)
     own.content_hash = digest
-    meta = {"format": own.format, "class_names": own.class_names, "image_shape": list(own.image_shape),
+    meta = {"root": str(root), "images": sum(len(d.labels) for d in own.splits.values()), "format": own.format,
+            "class_names": own.class_names, "image_shape": list(own.image_shape),
             "resize": resize, "requested_shape": wanted, "content_hash": digest, "mean": own.mean, "std": own.std,
             "files": [cache.relative(f, root) for f in files], "states_digest": states_digest,
             "skipped": [list(s) for s in own.skipped]}
