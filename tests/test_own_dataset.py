@@ -200,3 +200,16 @@ def test_data_info_lists_the_users_datasets_the_cache_holds(tmp_path):
     assert listed["image_shape"] == [20, 20, 1] and listed["size_bytes"] > 36 * 20 * 20
     text = DataInfoReport(str(tmp_path / "cache"), [], [listed]).render()
     assert f"{root.resolve()} (folder): 36 images of 20x20x1 (pad), 3 classes" in text
+
+
+def test_per_channel_normalization_and_its_inverse_in_the_pipeline(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    from convbn_cli.data.pipeline import normalizer, pixels_of
+
+    root = write_folder(tmp_path / "colour", colour=True)
+    cfg = load_config(raw=copy.deepcopy(RAW), overrides=[f"data.dataset={root}", "data.normalize=standardize"])
+    pixels = tf.constant(np.random.default_rng(0).integers(0, 256, (4, 20, 20, 3)), tf.float32)
+    z = normalizer(cfg)(pixels).numpy()
+    mean, std = np.array(cfg.data.about.mean), np.array(cfg.data.about.std)
+    np.testing.assert_allclose(z, (pixels.numpy() / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pixels_of(cfg)(z).numpy(), pixels.numpy(), atol=1e-3)

@@ -62,7 +62,7 @@ def normalizer(cfg: Config):
         return lambda x: tf.cast(x, tf.float32) * (1.0 / 255.0)
     ds = cfg.dataset  # the published per-pixel mean and std of its training set, or per channel of the user's own
     if isinstance(ds.mean, tuple):
-        scale, offset = registry.pixel_affine(ds, "standardize")
+        scale, offset = np.float32(registry.pixel_affine(ds, "standardize"))  # per channel, broadcast on the last axis
         return lambda x: tf.cast(x, tf.float32) * scale + offset
     mean, std = ds.mean, ds.std
     return lambda x: (tf.cast(x, tf.float32) * (1.0 / 255.0) - mean) * (1.0 / std)
@@ -71,6 +71,7 @@ def normalizer(cfg: Config):
 def pixels_of(cfg: Config):
     """The inverse of `normalizer`: normalized batch -> pixels 0-255 (for models that normalize themselves)."""
     scale, offset = registry.pixel_affine(cfg.dataset, cfg.data.normalize)
+    scale, offset = np.float32(scale), np.float32(offset)  # one each, or one per channel (the user's own dataset)
     return lambda x: (tf.cast(x, tf.float32) - offset) * (1.0 / scale)
 
 
