@@ -170,10 +170,21 @@ def test_arrays_are_converted_like_files(tmp_path):
     assert (convert_arrays(ArraySplit(rgba, np.array([0]), "x"), (2, 2, 1), "pad").images == 255).all()
 
 
-def test_progress_goes_to_stderr_and_bad_settings_are_one_line(mixed, capsys):
+def test_progress_goes_to_stderr_and_bad_settings_are_one_line(mixed, capsys, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     decode_items(mixed.items[:2], (4, 4, 1), "fit", workers=0, progress=True)
-    out, err = capsys.readouterr()
-    assert out == "" and "decoding" in err
+    assert "decoding" in terminal.getvalue() and capsys.readouterr().out == ""
+    monkeypatch.undo()
+    decode_items(mixed.items[:2], (4, 4, 1), "fit", workers=0, progress=True)  # stderr is no terminal: a log
+    assert capsys.readouterr().err == ""
     decode_items(mixed.items[:2], (4, 4, 1), "fit", progress=False)
     assert capsys.readouterr().err == ""
     from convbn_cli.errors import DataError

@@ -147,10 +147,6 @@ def test_each_format_trains_and_the_run_records_the_dataset(tmp_path, data_dir, 
     assert results["test_acc"] == pytest.approx(result.test_acc)
 
 
-@pytest.mark.xfail(strict=True, reason="data/own/dataset.py load_own keys its cache folder (cache.entry_dir) by "
-                   "the format asked for: load_config reads data.dataset with format auto and records the one it "
-                   "resolved to (config/loader.py, folder), and the trainer's for_config asks for that one, another "
-                   "cache folder: the first run on a dataset decodes it twice")
 def test_the_first_run_on_a_dataset_decodes_it_once(tmp_path, data_dir):
     root = png_train_test(tmp_path)
     lines = []

@@ -229,9 +229,6 @@ def test_each_bad_input_is_one_line_naming_the_file_exit_2_under_a_gib(tmp_path,
     assert not (tmp_path / "runs").exists()  # a refused dataset starts no run
 
 
-@pytest.mark.xfail(strict=True, reason="data/own/decode.py:198 draws its tqdm bars with disable=not progress, so "
-                   "on a stderr that is not a terminal (a log file, CI) the bars' frames come before the one line; "
-                   "training's own bar (train/events.py ProgressBar) uses disable=None and is silent there")
 @pytest.mark.parametrize("kind", ["check", "train"])
 def test_a_bad_input_read_past_the_listing_is_still_one_line_in_a_log(tmp_path, kind):
     """As a user meets it without --no-progress, with stderr going to a file: the 40,000 x 40,000 PNGs get past

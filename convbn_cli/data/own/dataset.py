@@ -100,9 +100,10 @@ def load_own(path, fmt: str = "auto", *, resize: str = "pad", shape: Optional[tu
     if not root.exists() and not root.is_symlink():
         raise DataError(f"data.dataset: {path}: no such file or directory")
     root = root.resolve()
-    folder = cache.entry_dir(cache_root, root, {"format": fmt, "test_split": test_split, "max_files": max_files})
+    # keyed without the format: `auto` and the format it resolves to (which the run's config records) share it
+    folder = cache.entry_dir(cache_root, root, {"test_split": test_split, "max_files": max_files})
     wanted = list(shape) if shape else None
-    manifest = _usable(cache.read_manifest(folder), resize, wanted, root, log)
+    manifest = _usable(cache.read_manifest(folder), fmt, resize, wanted, root, log)
     if manifest is not None:
         named = [] if root.is_dir() else [root.parent / f for f in manifest["files"]]
         if cache.states_digest(root, named) == manifest["states_digest"]:
@@ -134,9 +135,13 @@ def load_own(path, fmt: str = "auto", *, resize: str = "pad", shape: Optional[tu
     return own
 
 
-def _usable(manifest, resize, wanted, root, log):
-    """The manifest when its arrays have the shape and resize rule asked for (or the dataset's own shape)."""
+def _usable(manifest, fmt, resize, wanted, root, log):
+    """The manifest when its arrays were read in the format asked for (any, for auto) and have the shape and
+    resize rule asked for (or the dataset's own shape)."""
     if manifest is None:
+        return None
+    if fmt not in ("auto", manifest["format"]):
+        log(f"[data] {root}: cached as {manifest['format']}; reading it again as {fmt}")
         return None
     if (manifest["resize"], manifest["requested_shape"]) == (resize, wanted) or \
             (manifest["resize"], manifest["image_shape"]) == (resize, wanted):

@@ -195,7 +195,8 @@ def _run(task, n: int, workers: int, progress: bool, desc: str) -> dict:
 
     failed = {}
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
-    with tqdm(total=n, desc=desc, unit="img", file=sys.stderr, disable=not progress, leave=False) as bar:
+    # disable=None: no bar where stderr is not a terminal (a log, a pipe), as the training bar (train/events.py)
+    with tqdm(total=n, desc=desc, unit="img", file=sys.stderr, disable=None if progress else True, leave=False) as bar:
         try:
             for future in as_completed([pool.submit(chunk, start) for start in range(0, n, CHUNK)]):
                 start, bad = future.result()
