@@ -1,8 +1,11 @@
 """`convbn predict`: the class of each input image, with its probability, from any model eval accepts.
 
 Inputs are image files (PNG, JPEG), directories of them, or .npy/.npz arrays of pixels. An image is made to
-look like the dataset's: grayscale, light strokes on a dark background (MNIST's convention; a dark-on-light
-picture is inverted), padded to a square with its background and resized to the model's input size.
+look like the dataset's: for MNIST and Fashion-MNIST (and a dataset of the user's own digits) grayscale, light
+strokes on a dark background (MNIST's convention; a dark-on-light picture is inverted), padded to a square with its
+background and resized to the model's input size; for a dataset of the user's own, decoded as its files were in
+training (grey or colour, any suffix it may hold) and brought to the model's input size by the run's data.resize
+rule (data/own/decode.py), nothing inverted.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import numpy as np
 
 from ..data import DataError
 from ..data.external import load_npz_arrays
+from ..data.own.decode import RESIZE_RULES
+from ..data.own.listing import IMAGE_SUFFIXES as LISTED_SUFFIXES
 from ..data.registry import DIGIT_BOX, MNIST
 from ..files import give_usual_mode
 from ..readers import array_bytes, array_header, check_zip, open_regular
 from .pictures import prepare
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+OWN_SUFFIXES = tuple(sorted(LISTED_SUFFIXES))  # a model of the user's own dataset: any picture its folders may hold
 ARRAY_SUFFIXES = (".npy", ".npz")
 MAX_IMAGE_PIXELS = 25_000_000  # a bigger picture (by its header) is refused before it is decoded (a 12 MP photo fits)
 MAX_IMAGE_SIDE = 20_000  # and so is a thin strip whose one side is absurd
@@ -36,14 +42,15 @@ EXIT_SOME_FAILED = 1  # `convbn predict`: some pictures could not be read (the o
 
 
 def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, preprocess: str = "none",
-                failed=None, stage=None):
-    """(names, pixels (N, height, width) float32 in 0-255) for image files, directories of them and arrays.
+                failed=None, stage=None, resize=None, channels: int = 1):
+    """(names, pixels float32 in 0-255) for image files, directories of them and arrays: (N, height, width) for
+    grayscale (`channels` 1), (N, height, width, 3) for colour.
 
     Args:
         paths: the INPUT arguments.
         size: (height, width) the model takes.
         invert: "auto" (the ink's polarity measured: dark strokes on light paper are inverted), "yes" or "no".
-            Arrays are never inverted: they are taken as the dataset's own pixels.
+            Arrays are never inverted: they are taken as the dataset's own pixels. With `resize` auto is no.
         preprocess: "mnist" (pictures are cleaned up, pictures.prepare, then size-normalized and centred as
             MNIST's digits were: mnist_normalize) or "none" (padded to a square and resized). Arrays are taken as
             they are.
@@ -51,14 +58,22 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, pr
             read; None: it is an error (DataError). A missing path, a directory without pictures, a file of another
             kind and an array that does not fit are errors either way: they are the call's mistakes, not a picture's.
         stage: stage(index, name, stage name, pixels), called with each stage of each picture (--show).
+        resize: a rule of data/own/decode.RESIZE_RULES: with preprocess "none", pictures are decoded and resized
+            as the user's own dataset's files were (read_as_dataset); None: as MNIST's (load_image).
+        channels: 1 (grayscale) or 3 (colour: a picture made grayscale by preprocess "mnist" is repeated 3 times).
     """
     names, images = [], []
+    own = resize is not None and preprocess != "mnist"
+    suffixes = OWN_SUFFIXES if own else IMAGE_SUFFIXES
 
     def picture(f: Path):
         index = len(names)
         try:
-            images.append(load_image(f, size, invert, preprocess,
-                                     stage and (lambda s, a: stage(index, str(f), s, a)))[None])
+            if own:
+                images.append(read_as_dataset(f, (*size, channels), resize, invert)[None])
+            else:
+                a = load_image(f, size, invert, preprocess, stage and (lambda s, x: stage(index, str(f), s, x)))
+                images.append((np.repeat(a[..., None], 3, axis=-1) if channels == 3 else a)[None])
             names.append(str(f))
         except DataError as e:
             if failed is None:
@@ -69,27 +84,50 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, pr
         if not p.exists():
             raise DataError(f"{p}: no such file or directory")
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise DataError(f"{p}: no {'/'.join(s[1:].upper() for s in IMAGE_SUFFIXES)} images in this directory")
-            if len(names) + len(files) > MAX_INPUTS:
-                raise DataError(f"more than {MAX_INPUTS} inputs; predict on fewer at a time")
-            for f in files:
+            for f in _pictures_in(p, suffixes, len(names)):
                 picture(f)
         elif p.suffix.lower() in ARRAY_SUFFIXES:
-            x = load_array(p, size, log)
+            x = load_array(p, (*size, channels), log)
             names += [f"{p}[{i}]" for i in range(len(x))]
             images.append(x)
-        elif p.suffix.lower() in IMAGE_SUFFIXES:
+        elif p.suffix.lower() in suffixes:
             picture(p)
         else:
-            raise DataError(f"{p}: not an image ({', '.join(IMAGE_SUFFIXES)}), array ({', '.join(ARRAY_SUFFIXES)}) "
+            raise DataError(f"{p}: not an image ({', '.join(suffixes)}), array ({', '.join(ARRAY_SUFFIXES)}) "
                             "or directory")
         if len(names) > MAX_INPUTS:
             raise DataError(f"more than {MAX_INPUTS} inputs; predict on fewer at a time")
     if not images:  # every picture failed
-        return names, np.zeros((0, *size), np.float32)
+        return names, np.zeros((0, *size, *((3,) if channels == 3 else ())), np.float32)
     return names, np.concatenate(images).astype(np.float32)
+
+
+def _pictures_in(folder: Path, suffixes: tuple, before: int) -> list:
+    """The pictures of a directory INPUT, sorted; none, or more than MAX_INPUTS with the `before` already read, is
+    a DataError."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
+    if not files:
+        raise DataError(f"{folder}: no {'/'.join(s[1:].upper() for s in suffixes)} images in this directory")
+    if before + len(files) > MAX_INPUTS:
+        raise DataError(f"more than {MAX_INPUTS} inputs; predict on fewer at a time")
+    return files
+
+
+def read_as_dataset(path: Path, shape: tuple, resize: str, invert: str = "no") -> np.ndarray:
+    """One picture as the user's own dataset's files were read in training (data/own/decode.decode_items: its
+    decoders, EXIF orientation, transparency on white, grey or colour), brought to `shape` (H, W, C) by the rule
+    `resize`; float32 0-255, (H, W) for grey, (H, W, 3) for colour. Inverted only with invert "yes": the dataset's
+    pictures are taken as they come (its polarity is whatever the user's files have)."""
+    from ..data.own.decode import decode_items
+    from ..data.own.listing import Item
+
+    decoded = decode_items([Item(Path(path).absolute(), str(path), "predict", -1, ())], tuple(shape), resize,
+                           workers=1, progress=False)
+    if decoded.problems:
+        raise DataError(f"{path}: {decoded.problems[0][1]}")
+    a = decoded.images[0].astype(np.float32)
+    a = 255.0 - a if invert == "yes" else a
+    return a[..., 0] if shape[-1] == 1 else a
 
 
 def load_image(path: Path, size: tuple, invert: str = "auto", preprocess: str = "none", stage=None) -> np.ndarray:
@@ -281,7 +319,8 @@ def _border_is_light(a: np.ndarray) -> bool:
 
 def load_array(path: Path, size: tuple, log=lambda m: None) -> np.ndarray:
     """Pixels (N, height, width) from an .npy, or from an .npz's x, x_test or only array; shapes (N, H, W),
-    (N, H, W, 1) or one image (H, W). Pixels are 0-255; a float array with values in [0, 1] is scaled to that."""
+    (N, H, W, 1) or one image (H, W). `size` (H, W, 3), a colour model's: (N, H, W, 3) or one image (H, W, 3),
+    returned as they are. Pixels are 0-255; a float array with values in [0, 1] is scaled to that."""
     if path.suffix.lower() == ".npy":
         try:
             with open_regular(path, DataError) as f:
@@ -302,7 +341,7 @@ def load_array(path: Path, size: tuple, log=lambda m: None) -> np.ndarray:
     if x.size == 0:
         raise DataError(f"{path}: holds no images (shape {x.shape})")
     floats = np.issubdtype(x.dtype, np.floating)
-    x = np.asarray(x, np.float32).reshape((-1, *size))
+    x = np.asarray(x, np.float32).reshape((-1, *_image_shape(size)))
     if not np.isfinite(x).all():
         raise DataError(f"{path}: holds pixels that are not finite numbers (NaN or infinity)")
     if floats and 0 < x.max() <= 1.0:
@@ -311,16 +350,28 @@ def load_array(path: Path, size: tuple, log=lambda m: None) -> np.ndarray:
     return x
 
 
+def _image_shape(size: tuple) -> tuple:
+    """One image's array shape: (H, W) for grayscale ((H, W) or (H, W, 1) given), (H, W, 3) for colour."""
+    return tuple(size) if len(size) == 3 and size[2] == 3 else tuple(size[:2])
+
+
 def _check_header(path, key, shape, dtype, size) -> None:
-    h, w = size
-    ok = (tuple(shape) == (h, w) or (len(shape) == 3 and tuple(shape[1:]) == (h, w))
-          or (len(shape) == 4 and tuple(shape[1:]) == (h, w, 1)))
+    h, w = size[:2]
+    shape = tuple(shape)
+    if len(size) == 3 and size[2] == 3:
+        ok = shape == (h, w, 3) or (len(shape) == 4 and shape[1:] == (h, w, 3))
+        expected = f"(N, {h}, {w}, 3) or ({h}, {w}, 3): this model takes colour images"
+    else:
+        ok = shape == (h, w) or (len(shape) == 3 and shape[1:] == (h, w)) or (len(shape) == 4
+                                                                             and shape[1:] == (h, w, 1))
+        expected = f"(N, {h}, {w}), (N, {h}, {w}, 1) or ({h}, {w})"
     if not ok:
-        raise DataError(f"{path}{key}: shape {tuple(shape)}; expected (N, {h}, {w}), (N, {h}, {w}, 1) or ({h}, {w})")
+        raise DataError(f"{path}{key}: shape {shape}; expected {expected}")
     if dtype.kind not in "uif":
         raise DataError(f"{path}{key}: dtype {dtype}; expected numbers (pixels 0-255)")
-    if (shape[0] if len(shape) > 2 else 1) > MAX_INPUTS or array_bytes(shape, dtype) > MAX_ARRAY_BYTES:
-        raise DataError(f"{path}{key}: shape {tuple(shape)} is more than {MAX_INPUTS:,} images; predict on fewer "
+    one = len(shape) == len(_image_shape(size))
+    if (1 if one else shape[0]) > MAX_INPUTS or array_bytes(shape, dtype) > MAX_ARRAY_BYTES:
+        raise DataError(f"{path}{key}: shape {shape} is more than {MAX_INPUTS:,} images; predict on fewer "
                         "at a time (or measure a whole set with `convbn eval`)")
 
 
@@ -331,41 +382,64 @@ def predict(target, inputs, *, top_k: int = 1, invert: str = "auto", which: str 
 
     Args:
         scale: for a .keras model from outside convbn: what its pixels (0-255) are multiplied by.
-        preprocess: "mnist", "none", or "auto": mnist for a model of MNIST digits (a run or export on mnist, or a
-            model from elsewhere taking 28x28x1 images), none otherwise (Fashion-MNIST's pictures were not made so).
+        preprocess: "mnist", "none", or "auto": mnist for a model of digits (a run or export on MNIST or on the
+            user's own digits, data.about's digits; a model from elsewhere taking 28x28x1 images), none otherwise
+            (Fashion-MNIST's pictures were not made so; the user's own: the run's data.resize rule).
         show: a new directory to write each picture's stages (StageWriter) and what the model was fed
             (write_shown) into.
         uncertain_below: a prediction whose top probability is under this is marked uncertain.
 
     Returns:
-        source, class_names, preprocess, uncertain_below, predictions: one {input, uncertain, top: [{class, name,
-        probability}, ...]} per input read, failed: one {input, error} per picture that could not be read (the
-        others are predicted all the same), and shown: the pictures written, where `show`.
+        source, class_names, preprocess, resize (the rule pictures were brought to the model's size by, None for
+        MNIST's way), uncertain_below, predictions: one {input, uncertain, top: [{class, name, probability}, ...]}
+        per input read, failed: one {input, error} per picture that could not be read (the others are predicted
+        all the same), and shown: the pictures written, where `show`.
     """
     from ..runs.target import opened
 
     t = opened(target, which, runnable_only=True)
     shape, names, factor, offset = t.pixel_contract(scale)
-    if len(shape) != 3 or shape[-1] != 1:
-        raise DataError(f"{t.source}: takes inputs of shape {shape}; predict needs grayscale images (H, W, 1)")
-    if preprocess == "auto":
-        digits = t.config.data.dataset == MNIST.name if t.config is not None else tuple(shape) == MNIST.image_shape
-        preprocess = "mnist" if digits else "none"
+    if len(shape) != 3 or shape[-1] not in (1, 3):
+        raise DataError(f"{t.source}: takes inputs of shape {shape}; predict reads grayscale (H, W, 1) or colour "
+                        "(H, W, 3) images")
+    preprocess, resize = preparation(t, tuple(shape), preprocess)
     stages = None
     if show is not None:
         made_empty(Path(show))
         stages = StageWriter(show)
     failed = []
-    files, pixels = load_inputs(inputs, shape[:2], invert, log, preprocess, failed=failed, stage=stages)
+    files, pixels = load_inputs(inputs, shape[:2], invert, log, preprocess, failed=failed, stage=stages,
+                                resize=resize, channels=shape[-1])
     shown = stages.written + write_shown(pixels, files, show, fresh=False) if show is not None else None
-    logits = [t.predict((pixels[i:i + 500, ..., None] * factor + offset).astype(np.float32))
-              for i in range(0, len(pixels), 500)]
-    blank = ~pixels.any(axis=(1, 2))  # no ink found: whatever the model says is a guess
+    x = pixels if shape[-1] == 3 else pixels[..., None]
+    factor, offset = np.asarray(factor, np.float32), np.asarray(offset, np.float32)  # per channel: one of each
+    logits = [t.predict((x[i:i + 500] * factor + offset).astype(np.float32)) for i in range(0, len(x), 500)]
+    flat = pixels.reshape(len(pixels), int(np.prod(pixels.shape[1:])))  # (-1 is ambiguous for no pictures)
+    # no ink found (MNIST's way), or a picture of one colour (the user's own): whatever the model says is a guess
+    blank = ~flat.any(axis=1) if resize is None else flat.min(axis=1) == flat.max(axis=1)
     out = _ranked(files, np.concatenate(logits) if logits else np.zeros((0, len(names))), names, top_k,
                   uncertain_below, blank)
-    result = {"source": t.source, "class_names": list(names), "preprocess": preprocess,
+    result = {"source": t.source, "class_names": list(names), "preprocess": preprocess, "resize": resize,
               "uncertain_below": uncertain_below, "predictions": out, "failed": failed}
     return {**result, "shown": sorted(shown)} if shown is not None else result
+
+
+def preparation(t, shape: tuple, preprocess: str = "auto") -> tuple:
+    """(preprocess, resize) for the opened target `t` taking images of `shape` (H, W, C): preprocess "mnist" for
+    digits (under "auto"), else "none"; resize the rule pictures are brought to the model's size by under "none"
+    (its run's data.resize for the user's own dataset, what an export away from its run says, "pad" for a colour
+    model from elsewhere), or None: MNIST's way (load_image: inverted where light, padded with black)."""
+    about = t.about or {}
+    if t.config is not None:
+        digits, rule = t.config.dataset.digits, t.config.data.resize if t.config.own is not None else None
+    else:  # an export away from its run says what it was trained on; a model from elsewhere: by its input shape
+        digits = about["digits"] if isinstance(about.get("digits"), bool) else shape == MNIST.image_shape
+        rule = about.get("resize") if about.get("resize") in RESIZE_RULES else None
+    if preprocess == "auto":
+        preprocess = "mnist" if digits else "none"
+    if preprocess == "mnist":
+        return preprocess, None
+    return preprocess, rule or ("pad" if shape[-1] == 3 else None)
 
 
 def _ranked(files, logits, names, top_k, uncertain_below, blank) -> list:

@@ -98,12 +98,14 @@ def _with_layout(target, which, layout):
               help="Show the K most probable classes of each input.")
 @click.option("--invert", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Make pictures light strokes on dark, as in MNIST; yes: the ink is darker than the paper, no: "
-                   "lighter; auto: measured (with --preprocess none: invert when the border is light).")
+                   "lighter; auto: measured (with --preprocess none: invert when the border is light; a model of "
+                   "your own dataset, not of digits: never).")
 @click.option("--preprocess", type=click.Choice(["auto", "mnist", "none"]), default="auto", show_default=True,
               help="mnist: take the paper's tone, light and specks out of pictures, bring thin pens to MNIST's "
                    "stroke width, crop to the ink, fit it in 20x20 keeping its shape, centre it by its centre of "
-                   "mass in 28x28, as MNIST's digits were made; none: pad to a square and resize. auto: mnist for "
-                   "a model of MNIST digits.")
+                   "mass in 28x28, as MNIST's digits were made; none: pad to a square and resize (a model of your "
+                   "own dataset: as its files were read in training, by its data.resize rule). auto: mnist for a "
+                   "model of digits (MNIST, or your own digits 0-9 drawn light on dark).")
 @click.option("--show", "show", type=click.Path(file_okay=False), metavar="DIR",
               help="Write each picture's stages and what the model was fed (enlarged) to the new directory DIR.")
 @click.option("--uncertain-below", type=click.FloatRange(0, 1), default=UNCERTAIN_BELOW, show_default=True,
@@ -117,9 +119,11 @@ def predict_cmd(session: Session, target, inputs, which, top_k, invert, preproce
                 layout, as_json):
     """The class of each INPUT, with its probability, by TARGET (anything eval accepts, exports included).
 
-    INPUT: PNG/JPEG pictures (made grayscale and resized to the model's input), directories of them, or
-    .npy/.npz arrays of pixels 0-255 shaped (N, 28, 28), (N, 28, 28, 1) or (28, 28). A picture that cannot be
-    read is one error line and the others are still predicted; the exit code is then 1.
+    INPUT: PNG/JPEG pictures (made grayscale, or colour for a model that takes colour, and resized to the
+    model's input; a model of your own dataset also reads the other kinds its folders may hold, BMP, GIF, TIFF,
+    WebP, PNM), directories of them, or .npy/.npz arrays of pixels 0-255 shaped (N, H, W), (N, H, W, 1) or (H, W),
+    (N, H, W, 3) or (H, W, 3) for colour. A picture that cannot be read is one error line and the others are still
+    predicted; the exit code is then 1.
     """
     session.tensorflow(target, runnable_only=True, inputs=inputs)
     from ..analysis.predict import predict

@@ -69,9 +69,10 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
         force: replace a previous export at `output` (never anything else; see export/output.py).
         data_source, scale: the check images for a .keras model from outside convbn (see data/external.py);
             its export goes beside it by default (NAME-folded.keras, ...).
-        preprocessing: the export takes raw 0-255 pixels, (N, H, W, 1) float32, and normalizes them itself as the
-            run's `data.normalize` did; False: it takes normalized images, as the network inside convbn does.
-            A model from outside convbn keeps its own input contract either way.
+        preprocessing: the export takes raw 0-255 pixels, (N, H, W, C) float32, and normalizes them itself as the
+            run's `data.normalize` did (per channel for the user's own dataset under standardize); False: it takes
+            normalized images, as the network inside convbn does. A model from outside convbn keeps its own input
+            contract either way.
         layout: an ONNX TARGET's input layout where its graph does not say (export/onnx_fold.py folds its BN).
 
     Returns:
@@ -118,17 +119,39 @@ def export(target, fmt="keras", *, fold_bn=False, output=None, which="best", dat
 
 def export_metadata(t, affine) -> dict:
     """What an export says about itself, so that it can be used away from its run: the class names (by number
-    for a model from elsewhere) and whether it takes raw pixels or normalized images."""
+    for a model from elsewhere), whether it takes raw pixels or normalized images, and for a run's model its input
+    contract: the image shape, normalized = pixels * pixel_scale + pixel_offset (one of each per channel for the
+    user's own dataset under standardize; applied inside the model when input is "pixels"), whether its classes
+    are digits drawn light on dark (predict's MNIST preparation) and the resize rule of the user's own dataset."""
     names = list(t.config.dataset.class_names) if t.config is not None else None
-    return {"written_by": "convbn", "dataset": t.config.dataset_name if t.config is not None else None,
-            "class_names": names, "input": "pixels" if affine else "normalized"}
+    about = {"written_by": "convbn", "dataset": t.config.dataset_name if t.config is not None else None,
+             "class_names": names, "input": "pixels" if affine else "normalized"}
+    if t.config is None:
+        return about
+    cfg = t.config
+    scale, offset = pixel_affine(cfg.dataset, cfg.data.normalize)
+    return {**about, "image_shape": list(cfg.model.input_shape), "normalize": cfg.data.normalize,
+            "pixel_scale": _numbers(scale), "pixel_offset": _numbers(offset), "digits": bool(cfg.dataset.digits),
+            "resize": cfg.data.resize if cfg.own is not None else None}
+
+
+def _numbers(v):
+    """A scale or offset as JSON: a number, or a list of one per channel."""
+    return [float(x) for x in v] if isinstance(v, (tuple, list)) else float(v)
 
 
 def input_contract(model, affine, t) -> str:
     """What the exported model takes, in words (printed by export, and the README's contract)."""
     shape = "(N, " + ", ".join(str(d) for d in model.input_shape[1:]) + ") float32"
-    if affine:
-        return f"raw pixels 0-255, {shape}; normalized inside the model ({t.config.data.normalize})"
     if t.config is None:
         return f"{shape}, as the original model takes them"
-    return f"normalized images ({t.config.data.normalize}), {shape}: --no-preprocessing"
+    scale, offset = pixel_affine(t.config.dataset, t.config.data.normalize)
+    how = t.config.data.normalize + (", per channel" if isinstance(scale, tuple) else "")
+    if affine:
+        return f"raw pixels 0-255, {shape}; normalized inside the model ({how})"
+    return (f"normalized images ({how}: pixels x {_short(scale)} + {_short(offset)}), {shape}: "
+            "--no-preprocessing")
+
+
+def _short(v) -> str:
+    return "(" + ", ".join(f"{x:.6g}" for x in v) + ")" if isinstance(v, (tuple, list)) else f"{v:.6g}"
