@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import DataError  # noqa: F401  (re-exported: a data file or source that cannot be used)
 from ..files import atomic_open
-from ..readers import array_header, check_zip, open_regular
+from ..readers import array_header, check_zip, open_regular, size_text
 from .registry import MNIST
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -74,7 +74,8 @@ def _read_idx_stream(f, path, expect, limit) -> np.ndarray:
                             f"shape {tuple(tail)}")
     expected = int(np.prod(dims, dtype=np.int64))
     if expected > limit:
-        raise DataError(f"{path}: IDX header declares {expected} bytes, more than {limit} allowed")
+        raise DataError(f"{path}: IDX header declares {expected} bytes, more than any MNIST-like file "
+                        f"({size_text(limit)} at most)")
     data = f.read(expected + 1)  # one byte more tells a file that is longer than its header says
     if len(data) != expected:
         raise DataError(f"{path}: IDX header promises {expected} bytes of data for shape {dims}, "
