@@ -130,6 +130,32 @@ def test_the_digit_runs_exports_say_the_folders_class_names_and_predict_alike_aw
             assert abs(mine["top"][0]["probability"] - theirs["top"][0]["probability"]) < 1e-4
 
 
+def test_a_run_of_ones_own_light_on_dark_digits_gets_mnists_preparation_of_pictures(tmp_path):
+    """Folders 0-9 of light digits on dark (data.about's digits): predict prepares a dark-on-light picture as for
+    MNIST (inverted, cropped to the ink, centred), where a folder of anything else gets its resize rule."""
+    from digit_pictures import picture
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "digits"
+    for digit in range(10):
+        (root / str(digit)).mkdir(parents=True)
+        for k in range(8):
+            img = picture("white on black", digit, rng).convert("L")
+            img.thumbnail((28, 28))
+            img.save(root / str(digit) / f"{k}.png")
+    cli = cli_in(tmp_path / "cache")
+    r = cli(*["train", "folder_cnn", f"data.dataset={root}", "data.batch_size=16", "train.epochs=1",
+              f"output.root={tmp_path / 'runs'}", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "runs" / "folder_cnn" / "1"
+    paper = tmp_path / "paper.png"
+    picture("font", 4, rng).save(paper)  # dark on white, 200-640 pixels wide
+    r = cli("predict", run, paper, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["preprocess"] == "mnist" and out["resize"] is None and out["class_names"] == list("0123456789")
+
+
 # ------------------------------------------------------------------------------------- (b) per-channel exports
 
 def _run_logits(run, images):
@@ -179,7 +205,7 @@ def test_a_keras_export_under_its_run_reads_back_its_per_channel_normalization_a
     from convbn_cli.runs.target import open_target
 
     _, _, run, _ = colour_run
-    export(run, "keras")
+    export(run, "keras", force=True)
     t = open_target(run / "export" / "model.keras")
     scale, offset = open_target(run).pixel_contract()[2:]
     assert np.allclose(t.pixel_affine[0], scale) and np.allclose(t.pixel_affine[1], offset)
@@ -244,6 +270,15 @@ def test_eval_report_inspect_diagnose_and_recalibrate_take_a_run_of_ones_own_dat
     assert "accuracy_at_chance" not in [f["name"] for f in found["findings"]], found["findings"]
     r = cli("recalibrate", run)
     assert r.exit_code == 0 and "recalibrated" in r.output, r.output
+    assert cli("export", run, "--format", "keras", "--force").exit_code == 0
+    r = cli("recalibrate", run / "export" / "model.keras")  # an export's copy keeps its per-channel Rescaling
+    assert r.exit_code == 0, r.output
+    from convbn_cli.runs.target import open_target
+
+    scale, offset = open_target(run).pixel_contract()[2:]
+    again = open_target(run / "export" / "model-recalibrated.keras")
+    assert np.allclose(again.pixel_affine[0], scale) and np.allclose(again.pixel_affine[1], offset)
+    assert again.about["class_names"] == sorted(SHAPES)
     r = cli("report", run)
     assert r.exit_code == 0, r.output
     html = (run / "report.html").read_text()
