@@ -314,5 +314,16 @@ def test_predict_prepares_pictures_as_the_runs_dataset_says():
     assert preparation(SimpleNamespace(config=None, about={}), (32, 32, 3)) == ("none", "pad")
 
 
+def test_predict_opens_a_picture_with_the_png_and_jpeg_decoders_only(tmp_path):
+    """An EPS file named .png is not handed to Pillow's EPS plugin (which runs Ghostscript on it)."""
+    from convbn_cli.analysis.predict import read_picture
+    from convbn_cli.errors import DataError
+
+    eps = tmp_path / "drawing.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(DataError, match=r"not a readable image \(not a PNG or JPEG, or damaged at its start\)$"):
+        read_picture(eps)
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-m", "slow or not slow", "-s"]))

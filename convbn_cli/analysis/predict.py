@@ -164,7 +164,9 @@ def read_picture(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with open_regular(path, DataError) as f, Image.open(f) as img:
+        # PNG and JPEG decoders only: Pillow would otherwise try all of its ~40, EPS among them, which runs
+        # Ghostscript on the file's contents (data/own/decode.py's PILLOW_FORMATS, for the same reason)
+        with open_regular(path, DataError) as f, Image.open(f, formats=("PNG", "JPEG")) as img:
             # the header's size, before a pixel is decoded: a 60 KB PNG may declare a billion pixels
             if img.width * img.height > MAX_IMAGE_PIXELS or max(img.size) > MAX_IMAGE_SIDE:
                 raise DataError(f"{path}: {img.width}x{img.height} pixels, more than {MAX_IMAGE_PIXELS:,} (or a side "
