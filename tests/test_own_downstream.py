@@ -327,3 +327,25 @@ def test_predict_opens_a_picture_with_the_png_and_jpeg_decoders_only(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-m", "slow or not slow", "-s"]))
+
+
+def test_diagnose_measures_a_validation_split_smaller_than_one_batch_as_one_batch(tmp_path):
+    """6 validation images and training batches of 16: diagnose measured zero whole batches (0% accuracy, a
+    false accuracy_at_chance); the split is now one batch of its 6 images."""
+    import tensorflow as tf
+
+    from convbn_cli.model import Evaluator
+    from convbn_cli.runs.target import open_target
+
+    root = shape_folder(tmp_path / "shapes", per_class=2)
+    cli = cli_in(tmp_path / "cache")
+    r = cli(*["train", "folder_cnn", f"data.dataset={root}", "data.batch_size=16", "train.epochs=1",
+              f"output.root={tmp_path / 'runs'}", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    data = open_target(tmp_path / "runs" / "folder_cnn" / "1").eval_data(2)
+    assert len(data.labels) == 6 and data.batch_size == 6
+    target = open_target(tmp_path / "runs" / "folder_cnn" / "1")
+    batches = tf.data.Dataset.from_tensor_slices((data.images, data.labels)).batch(data.batch_size,
+                                                                                   drop_remainder=True)
+    assert Evaluator(target.model, 3, "batch")(batches)["count"] == 6
+

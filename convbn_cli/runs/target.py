@@ -112,8 +112,11 @@ class Target:
             raise TargetError(f"the run's config holds out no {split} split (data.val_split is 0)")
         pixels = getattr(splits, f"x_{split}")
         calibration = calibration_batches(splits, cfg, batches)  # streamed: a full pass is the whole training split
+        # measured in whole batches (BN's batch statistics need them): a split smaller than one training batch (the
+        # user's own small dataset) is one batch of all its images, not zero batches measured as 0% accuracy
+        batch = max(2, min(cfg.data.batch_size, splits.size(split)))
         return EvalData(normalizer(cfg)(pixels).numpy(), getattr(splits, f"y_{split}").numpy(), calibration,
-                        max(cfg.data.batch_size, 2), cfg.dataset.num_classes, split,
+                        batch, cfg.dataset.num_classes, split,
                         tf.cast(pixels, tf.float32).numpy())
 
 
