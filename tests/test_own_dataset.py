@@ -213,3 +213,16 @@ def test_per_channel_normalization_and_its_inverse_in_the_pipeline(tmp_path):
     mean, std = np.array(cfg.data.about.mean), np.array(cfg.data.about.std)
     np.testing.assert_allclose(z, (pixels.numpy() / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(pixels_of(cfg)(z).numpy(), pixels.numpy(), atol=1e-3)
+
+
+def test_a_kaggle_test_csv_without_labels_is_images_to_predict_and_not_a_training_set(tmp_path):
+    from convbn_cli.data.own.listing import list_dataset
+
+    side = 4
+    rows = [",".join(f"pixel{i}" for i in range(side * side))] + [",".join(["7"] * side * side)] * 3
+    (tmp_path / "test.csv").write_text("\n".join(rows) + "\n")
+    listing = list_dataset(tmp_path / "test.csv", "csv")
+    (only,) = listing.arrays.items()
+    assert only[0] == "predict" and only[1].images.shape == (3, side, side) and list(only[1].labels) == [-1] * 3
+    with pytest.raises(DataError, match="no training images"):
+        load(tmp_path / "test.csv", tmp_path)

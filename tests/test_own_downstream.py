@@ -108,6 +108,25 @@ def test_a_folder_of_digit_pictures_trains_to_a_stated_accuracy_and_predict_name
     assert text.exit_code == 0 and text.output.count(" seven (") >= 4, text.output
 
 
+def test_predict_reads_a_csv_of_pixels_as_kaggles_test_csv_row_by_row(digits_run):
+    """Kaggle's digit-recognizer test.csv (pixel0..pixel783, no label): each row is one input, named by its line,
+    predicted as the model predicts the same pixels from an array."""
+    from convbn_cli.runs.target import open_target
+
+    tmp, root, run, cli = digits_run
+    x = open_target(run).splits().x_test.numpy()[:7, :, :, 0]
+    rows = [",".join(f"pixel{i}" for i in range(x[0].size))] + [",".join(map(str, img.ravel())) for img in x]
+    (tmp / "test.csv").write_text("\n".join(rows) + "\n")
+    np.save(tmp / "same.npy", x)
+    from_csv = json.loads(cli("predict", run, tmp / "test.csv", "--json").stdout)["predictions"]
+    from_npy = json.loads(cli("predict", run, tmp / "same.npy", "--json").stdout)["predictions"]
+    assert [p["input"] for p in from_csv] == [f"test.csv:{line}" for line in range(2, 9)]
+    assert [p["top"] for p in from_csv] == [p["top"] for p in from_npy]
+    (tmp / "bad.csv").write_text(rows[0] + "\n" + rows[1].replace(",", ",seven,", 1).rsplit(",", 1)[0] + "\n")
+    r = cli("predict", run, tmp / "bad.csv")
+    assert r.exit_code == 2 and "bad.csv: line 2: pixel1 is 'seven'" in r.output, r.output
+
+
 def test_the_digit_runs_exports_say_the_folders_class_names_and_predict_alike_away_from_the_run(digits_run):
     from convbn_cli.formats import runtime
 

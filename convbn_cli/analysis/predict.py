@@ -90,11 +90,15 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, pr
             x = load_array(p, (*size, channels), log)
             names += [f"{p}[{i}]" for i in range(len(x))]
             images.append(x)
+        elif p.suffix.lower() == ".csv":
+            rows, x = load_pixel_csv(p, (*size, channels), resize or "pad", MAX_INPUTS - len(names))
+            names += rows
+            images.append(x)
         elif p.suffix.lower() in suffixes:
             picture(p)
         else:
-            raise DataError(f"{p}: not an image ({', '.join(suffixes)}), array ({', '.join(ARRAY_SUFFIXES)}) "
-                            "or directory")
+            raise DataError(f"{p}: not an image ({', '.join(suffixes)}), array ({', '.join(ARRAY_SUFFIXES)}), "
+                            "CSV of pixels or directory")
         if len(names) > MAX_INPUTS:
             raise DataError(f"more than {MAX_INPUTS} inputs; predict on fewer at a time")
     if not images:  # every picture failed
@@ -111,6 +115,25 @@ def _pictures_in(folder: Path, suffixes: tuple, before: int) -> list:
     if before + len(files) > MAX_INPUTS:
         raise DataError(f"more than {MAX_INPUTS} inputs; predict on fewer at a time")
     return files
+
+
+def load_pixel_csv(path: Path, shape: tuple, resize: str, most: int):
+    """(row names, pixels float32 0-255) of a CSV in Kaggle's layout (`label,pixel0,...` or, as its test.csv,
+    `pixel0,...`), read by the dataset listing (data/own/listing.py: bounded, one line naming a bad cell), each
+    row's square image brought to `shape` by the rule `resize` when its size differs. At most `most` rows."""
+    from ..data.own.decode import convert_arrays
+    from ..data.own.listing import list_dataset
+
+    listing = list_dataset(path, "csv", max_files=most)
+    if not listing.arrays:
+        raise DataError(f"{path}: a CSV of image paths; give predict the pictures (or their folder) instead")
+    rows, images = [], []
+    for split in listing.arrays.values():
+        decoded = convert_arrays(split, tuple(shape), resize)
+        rows += list(decoded.where)
+        images.append(decoded.images.astype(np.float32))
+    x = np.concatenate(images)
+    return rows, x[..., 0] if shape[-1] == 1 else x
 
 
 def read_as_dataset(path: Path, shape: tuple, resize: str, invert: str = "no") -> np.ndarray:

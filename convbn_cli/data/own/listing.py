@@ -393,8 +393,8 @@ def _list_csv(scan: _Scan) -> Listing:
     class_names, labels = _labels([r for _, t in tables for r in t["label"] or []], names_ok=not pixels)
     labels, splits = iter(labels), {}
     for role, t in tables:
-        split = {"main": "train" if labelled_test else "pool", "val": "val"}.get(
-            role, "test" if t["label"] is not None else "predict")
+        split = {"main": "train" if labelled_test else "pool", "val": "val"}.get(role, "test") \
+            if t["label"] is not None else "predict"
         splits[split] = (t, np.array([next(labels) if t["label"] is not None else -1 for _ in t["rows"]], np.int64))
     files = sorted(path for path, _ in csv_files)
     if pixels:  # Kaggle's layout: the pixels are in the CSVs
@@ -418,7 +418,7 @@ def _read_table(scan: _Scan, path: Path, role: str) -> dict:
         table = (_pixel_table if pixels else _path_table)(scan, path, name, header, rows)
     finally:
         rows.close()  # sets the csv module's field size limit back at once, whatever happened
-    if table["label"] is None and role != "test":
+    if table["label"] is None and (role != "test" and "images" not in table):  # Kaggle's test.csv: for predict
         raise DataError(f"{name}: line 1: no 'label' column (the header is: {', '.join(header)[:200]})")
     return table
 
