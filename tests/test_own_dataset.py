@@ -224,5 +224,6 @@ def test_a_kaggle_test_csv_without_labels_is_images_to_predict_and_not_a_trainin
     listing = list_dataset(tmp_path / "test.csv", "csv")
     (only,) = listing.arrays.items()
     assert only[0] == "predict" and only[1].images.shape == (3, side, side) and list(only[1].labels) == [-1] * 3
-    with pytest.raises(DataError, match="no training images"):
+    with pytest.raises(DataError, match=r"test.csv: no 'label' column: images without labels are for `convbn "
+                       "predict`"):
         load(tmp_path / "test.csv", tmp_path)

@@ -196,6 +196,9 @@ def _build(listing, resize, shape, test_split, workers, progress, log) -> OwnDat
     for d in splits.values():
         skipped += d.problems
     splits = _split_pool(splits, test_split)
+    if set(splits) == {"predict"}:  # Kaggle's test.csv alone
+        raise DataError(f"{listing.root}: no 'label' column: images without labels are for `convbn predict`, not "
+                        "for training (give the train.csv)")
     if "train" not in splits or not len(splits["train"].labels):
         raise DataError(f"{listing.root}: no training images")
     splits["train"] = _take(splits["train"], np.argsort(_name_keys(splits["train"].where), kind="stable"))
