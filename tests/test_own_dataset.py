@@ -227,3 +227,13 @@ def test_a_kaggle_test_csv_without_labels_is_images_to_predict_and_not_a_trainin
     with pytest.raises(DataError, match=r"test.csv: no 'label' column: images without labels are for `convbn "
                        "predict`"):
         load(tmp_path / "test.csv", tmp_path)
+
+
+def test_large_pictures_are_decoded_on_every_core_small_ones_on_one():
+    from types import SimpleNamespace
+
+    from convbn_cli.data.own.dataset import _decode_workers
+
+    small = [SimpleNamespace(h=28, w=28)] * 5 + [SimpleNamespace(h=3000, w=4000)] * 2
+    large = [SimpleNamespace(h=768, w=1024)] * 5 + [SimpleNamespace(h=28, w=28)] * 2
+    assert _decode_workers(small) == 1 and _decode_workers(large) == (os.cpu_count() or 1)
