@@ -252,3 +252,25 @@ def test_seventy_thousand_hashes_are_checked_in_well_under_a_second():
     took = time.perf_counter() - start
     assert finding(check, "duplicates_across_splits").count == 500
     assert took < 1.0, f"{took:.2f} s for 70,000 images"
+
+
+def test_a_class_with_no_image_anywhere_is_named():
+    """Labels 1..3 in a dataset whose class names run 0..3 leave class '0' empty: named, not passed over."""
+    from types import SimpleNamespace
+
+    from convbn_cli.analysis.dataset_checks import check_dataset
+
+    def split(labels):
+        n = len(labels)
+        return SimpleNamespace(images=np.zeros((n, 2, 2, 1), np.uint8), labels=np.array(labels, np.int64),
+                               where=[f"x[{i}]" for i in range(n)], original=np.tile([2, 2, 1], (n, 1)),
+                               hashes=np.array([bytes([i % 256, i // 256]) * 8 for i in range(n)], "S16"))
+
+    own = SimpleNamespace(splits={"train": split([1, 2, 3] * 4), "test": split([1, 2, 3])},
+                          class_names=["0", "1", "2", "3"], skipped=[], image_shape=(2, 2, 1), resize="pad",
+                          root="/x", format="npz", content_hash="0" * 64)
+    found = {f.id: f for f in check_dataset(own, batch_size=2).findings}
+    assert "empty_class" in found and "'0'" in found["empty_class"].message
+    own.class_names = ["1", "2", "3"]
+    own.splits = {"train": split([0, 1, 2] * 4), "test": split([0, 1, 2])}
+    assert "empty_class" not in {f.id for f in check_dataset(own, batch_size=2).findings}

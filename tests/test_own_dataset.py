@@ -237,3 +237,130 @@ def test_large_pictures_are_decoded_on_every_core_small_ones_on_one():
     small = [SimpleNamespace(h=28, w=28)] * 5 + [SimpleNamespace(h=3000, w=4000)] * 2
     large = [SimpleNamespace(h=768, w=1024)] * 5 + [SimpleNamespace(h=28, w=28)] * 2
     assert _decode_workers(small) == 1 and _decode_workers(large) == (os.cpu_count() or 1)
+
+
+def test_a_new_run_from_an_old_runs_config_reads_the_dataset_as_it_is_now(tmp_path):
+    """An old run's config.yaml records data.about; training anew from it (a config file) reads today's files, where
+    the run's own commands (RunDir.load_config) keep what the run read and refuse a dataset changed since."""
+    import yaml
+
+    from convbn_cli.config import dump_config
+    from convbn_cli.runs.rundir import RunDir
+
+    root = write_folder(tmp_path / "shapes")
+    old = load_config(raw=copy.deepcopy(RAW), overrides=[f"data.dataset={root}"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(old))
+    draw("cross", 123).save(root / "train" / "cross" / "extra.png")
+    fresh = load_config(run / "config.yaml", log=lambda m: None, progress=False)
+    assert fresh.data.about.train_size == old.data.about.train_size + 1
+    assert fresh.data.about.content_hash != old.data.about.content_hash
+    kept = RunDir(run).load_config()
+    assert kept.data.about == old.data.about and yaml.safe_load((run / "config.yaml").read_text())["data"]["about"]
+
+
+# ---------------------------------------------------------------------- found by the review of the first version
+
+def test_a_sweep_shares_arrays_only_between_runs_that_read_the_dataset_alike(tmp_path):
+    from convbn_cli.data.load import dataset_key
+
+    root = write_folder(tmp_path / "pool", per_class=10, splits=(None,))
+    a = load_config(raw=copy.deepcopy(RAW), overrides=[f"data.dataset={root}", "data.test_split=0.2"])
+    b = load_config(raw=copy.deepcopy(RAW), overrides=[f"data.dataset={root}", "data.test_split=0.5"])
+    c = load_config(raw=copy.deepcopy(RAW), overrides=[f"data.dataset={root}", "data.test_split=0.2",
+                                                       "train.epochs=3"])
+    assert dataset_key(a) != dataset_key(b) and dataset_key(a) == dataset_key(c)
+    assert a.data.about.test_size != b.data.about.test_size
+
+
+def test_a_symbolic_link_moved_to_another_class_is_a_changed_dataset(tmp_path):
+    root = write_folder(tmp_path / "shapes", splits=(None,))
+    (root / "circle" / "link.png").symlink_to(root / "cross" / "12.png")
+    first = load(root, tmp_path)
+    (root / "circle" / "link.png").rename(root / "square" / "link.png")
+    log = []
+    again = load(root, tmp_path, log)
+    assert again.built and again.content_hash != first.content_hash
+    labels = {w: int(lab) for d in again.splits.values() for w, lab in zip(d.where, d.labels)}
+    assert labels["square/link.png"] == again.class_names.index("square")
+
+
+def test_copies_of_one_picture_fall_on_one_side_of_the_pool_split_and_a_new_row_moves_nothing(tmp_path):
+    root = write_folder(tmp_path / "pool", per_class=30, splits=(None,))
+    for k in range(10):
+        draw("circle", 0).save(root / "circle" / f"copy{k}.png")  # draw("circle", 0) is 0.png's picture
+    own = load(root, tmp_path, test_split=0.3)
+    sides = {split for split, d in own.splits.items() for w in d.where if w.startswith("circle/copy")
+             or w == "circle/0.png"}
+    assert len(sides) == 1
+    test_before = set(own.splits["test"].where)
+    draw("square", 999).save(root / "square" / "new.png")
+    assert test_before <= set(load(root, tmp_path, test_split=0.3).splits["test"].where)
+
+
+def test_the_validation_tail_holds_every_class_in_its_share(tmp_path):
+    root = tmp_path / "uneven"
+    for kind, count in (("circle", 100), ("square", 12), ("cross", 40)):
+        (root / kind).mkdir(parents=True)
+        for k in range(count):
+            draw(kind, 1000 * SHAPES[kind] + k).save(root / kind / f"{k}.png")
+    own = load(root, tmp_path, test_split=0.01)
+    labels = own.splits[TRAIN].labels
+    tail = labels[len(labels) - int(round(len(labels) * 0.1)):]
+    assert set(np.unique(tail)) == {0, 1, 2}
+    assert np.bincount(tail, minlength=3).tolist() == pytest.approx(
+        [0.1 * c for c in np.bincount(labels, minlength=3)], abs=1)
+
+
+def test_a_run_on_a_changed_dataset_is_refused_before_anything_is_decoded_or_cached(tmp_path):
+    root = write_folder(tmp_path / "shapes")
+    first = load(root, tmp_path)
+    manifest = next((tmp_path / "cache" / "own").glob("*/manifest.json"))
+    before = manifest.read_bytes()
+    draw("cross", 55).save(root / "train" / "circle" / "0.png")
+    log = []
+    with pytest.raises(DataError, match="its files changed since this run read them"):
+        load(root, tmp_path, log, expect_hash=first.content_hash)
+    assert manifest.read_bytes() == before and not any("decoding" in m for m in log)
+
+
+def test_arrays_are_capped_like_pictures_and_one_class_is_refused_before_decoding(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (12, 100, 100), np.uint8)
+    np.savez(tmp_path / "big.npz", x_train=x, y_train=np.arange(12) % 3, x_test=x[:3], y_test=np.arange(3))
+    assert load(tmp_path / "big.npz", tmp_path).image_shape == (64, 64, 1)
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    draw("circle", 1).save(tmp_path / "one" / "cat" / "1.png")
+    with pytest.raises(DataError, match="1 class \\(cat\\); a classifier needs at least two"):
+        load(tmp_path / "one", tmp_path)
+
+
+def test_a_csv_named_by_its_path_notices_a_test_csv_put_beside_it_and_a_named_picture_put_back(tmp_path):
+    folder = tmp_path / "csvset"
+    write_folder(folder / "images", per_class=4, splits=(None,))
+    rows = ["path,label"] + [f"images/{p.parent.name}/{p.name},{p.parent.name}"
+                             for p in sorted((folder / "images").rglob("*.png"))]
+    missing = folder / "images" / "cross" / "8.png"
+    missing.rename(tmp_path / "aside.png")
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    first = load(folder / "train.csv", tmp_path)
+    assert first.size(TRAIN) + first.size("test") == 11
+    (tmp_path / "aside.png").rename(missing)
+    again = load(folder / "train.csv", tmp_path)
+    assert again.built and again.size(TRAIN) + again.size("test") == 12
+    (folder / "test.csv").write_text("\n".join(rows[:4]) + "\n")
+    with_test = load(folder / "train.csv", tmp_path)
+    assert with_test.built and with_test.size("test") == 3
+
+
+def test_predict_reads_only_the_csv_it_is_given_not_the_test_csv_beside_it(tmp_path):
+    from convbn_cli.analysis.predict import load_pixel_csv
+
+    header = ",".join(f"pixel{i}" for i in range(16))
+    (tmp_path / "train.csv").write_text("label," + header + "\n" + "\n".join(f"{k % 2}," + ",".join(["9"] * 16)
+                                                                             for k in range(4)) + "\n")
+    (tmp_path / "test.csv").write_text(header + "\n" + ",".join(["200"] * 16) + "\n")
+    rows, x = load_pixel_csv(tmp_path / "train.csv", (4, 4, 1), "pad", 100)
+    assert rows == [f"train.csv:{line}" for line in range(2, 6)] and x.shape == (4, 4, 4) and (x == 9).all()
+    rows, x = load_pixel_csv(tmp_path / "test.csv", (4, 4, 1), "pad", 100)
+    assert rows == ["test.csv:2"] and (x == 200).all()

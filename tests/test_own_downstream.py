@@ -133,7 +133,7 @@ def test_the_digit_runs_exports_say_the_folders_class_names_and_predict_alike_aw
     tmp, root, run, cli = digits_run
     pictures = sorted((root / "three").iterdir())[:10] + sorted((root / "eight").iterdir())[:10]
     at_run = json.loads(cli("predict", run, *pictures, "--json").stdout)["predictions"]
-    for fmt, name in (("onnx", "model.onnx"), ("keras", "model.keras")):
+    for fmt, name in (("onnx", "model.onnx"), ("keras", "model.keras"), ("tflite", "model.tflite")):
         r = cli("export", run, "--format", fmt)
         assert r.exit_code == 0, r.output
         about = runtime.read(fmt, run / "export" / name).about
@@ -204,10 +204,10 @@ def test_every_export_format_normalizes_each_channel_inside_and_gives_the_runs_l
         opened = runtime.read(fmt, path)
         got = opened.predict(pixels)  # raw pixels 0-255 in
         assert np.abs(got - reference).max() < 1e-4, fmt
-        if fmt != "tflite":  # a .tflite says nothing about itself (formats/catalog.py)
-            assert opened.about["class_names"] == sorted(SHAPES) and opened.about["input"] == "pixels", fmt
-            assert np.allclose(opened.about["pixel_scale"], scale) and np.allclose(opened.about["pixel_offset"],
-                                                                                   offset)
+        # every format says what it is about, the .tflite in its flatbuffer's metadata (formats/runtime.py)
+        assert opened.about["class_names"] == sorted(SHAPES) and opened.about["input"] == "pixels", fmt
+        assert np.allclose(opened.about["pixel_scale"], scale) and np.allclose(opened.about["pixel_offset"],
+                                                                               offset)
     again = open_target(tmp_path / "export" / "model.keras")  # beside no run: convbn's reader of its Rescaling
     assert again.kind == "external" and again.pixel_contract()[1] == tuple(sorted(SHAPES))
 

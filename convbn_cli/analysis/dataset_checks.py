@@ -175,6 +175,13 @@ def _check_classes(counts: dict, names: list, imbalance: dict, batch_size: int) 
              f"'{r['smallest']}' ({r['smallest_images']:,})" for s, r in lopsided.items()], len(lopsided),
             {"threshold": IMBALANCE, "ratios": {s: float(r["ratio"]) for s, r in lopsided.items()}}))
     train = counts.get("train", [])
+    empty = [c for c in range(len(names)) if not any(n[c] for n in counts.values() if len(n) > c)]
+    if empty:  # labels 1..K (EMNIST letters) leave a class 0 with nothing: a logit the model learns never to give
+        out.append(DataFinding(
+            "empty_class", "warning",
+            f"{len(empty)} class(es) have no image in any split: {_few([repr(names[c]) for c in empty])} (labels "
+            "that skip numbers, e.g. 1..K instead of 0..K-1, leave such classes)",
+            _examples(f"{names[c]!r}: no images" for c in empty), len(empty), {"classes": [names[c] for c in empty]}))
     small = [c for c, n in enumerate(train) if 0 < n < batch_size]
     if small:
         shown = _few([f"'{names[c]}'" for c in small])

@@ -129,6 +129,8 @@ def load_pixel_csv(path: Path, shape: tuple, resize: str, most: int):
         raise DataError(f"{path}: a CSV of image paths; give predict the pictures (or their folder) instead")
     rows, images = [], []
     for split in listing.arrays.values():
+        if split.where != Path(path).name:  # a test.csv or val.csv the listing found beside a train.csv: not asked for
+            continue
         decoded = convert_arrays(split, tuple(shape), resize)
         rows += list(decoded.where)
         images.append(decoded.images.astype(np.float32))

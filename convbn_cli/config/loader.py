@@ -206,7 +206,7 @@ def dump_config(cfg) -> str:
 # --------------------------------------------------------------------------- validation
 
 def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, progress: bool = True,
-                on_dataset=None, read_dataset: bool = True) -> schema.Config:
+                on_dataset=None, read_dataset: bool = True, reread: bool | None = None) -> schema.Config:
     """Load, override and validate a config; raise ConfigError listing every problem.
 
     `raw` takes an already parsed mapping instead of a file. Shape checks that can be made before
@@ -214,12 +214,18 @@ def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, p
     the user's own dataset reads it first (from convbn's cache, or decoding it with `progress`, saying so to
     `log`), since its classes and image shape are part of the config (data.about); `on_dataset(own, cfg)` then sees
     what was read. `read_dataset=False`: the config as written, the user's dataset not read (nor the layers
-    planned, which need its classes and shape: `convbn configs` lists the built-in configs so).
+    planned, which need its classes and shape: `convbn configs` lists the built-in configs so). `reread` (the
+    default for a config file, not for `raw`): what a config says it read of the user's dataset (data.about, as a
+    run's config.yaml has it) is set aside and the dataset read as it is now: a new run from an old run's config
+    trains on today's files. A run's own config keeps it (RunDir.load_config: reread=False), so that commands
+    measuring the run refuse a dataset that changed since.
     """
     if raw is None:
         path = builtin.resolve(path)  # a file, or the name of a config that ships with convbn (`mnist_bn`)
         raw = read_yaml(path)
     raw = apply_overrides(raw, overrides)
+    if (path is not None if reread is None else reread) and isinstance(raw.get("data"), dict):
+        raw["data"].pop("about", None)
     out = raw.setdefault("output", {})
     if isinstance(out, dict) and out.get("name") is None and path is not None:
         out["name"] = _safe_name(Path(path).stem)

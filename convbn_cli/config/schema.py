@@ -313,7 +313,7 @@ class DatasetFacts(Strict):
     eval, predict, export and report know the classes, the image shape and the normalization without reading the
     dataset again (and can tell when it has changed since). Written by convbn; nothing to set by hand."""
 
-    class_names: Annotated[list[Annotated[str, Field(max_length=200)]], Field(min_length=2, max_length=10_000)]
+    class_names: Annotated[list[Annotated[str, Field(max_length=255)]], Field(min_length=2, max_length=10_000)]
     image_shape: Annotated[list[PosInt], Field(min_length=3, max_length=3)]
     mean: list[float]  # per channel, pixels in [0, 1], of the training images (`normalize: standardize`)
     std: list[Positive]

@@ -3,7 +3,8 @@ the user's own (own.load_own: checked against the content hash the run recorded)
 
 from __future__ import annotations
 
-from ..errors import DataError
+import json
+
 from .sources import fetch
 
 
@@ -13,14 +14,14 @@ def dataset_arrays(cfg, log=print, progress: bool = True) -> dict:
         return fetch(cfg.data.dataset, log=log, progress=progress)
     from .own.dataset import for_config
 
-    own = for_config(cfg, log=log, progress=progress)
-    recorded = cfg.data.about.content_hash
-    if own.content_hash != recorded:
-        raise DataError(f"data.dataset {cfg.own.path}: its files changed since this run read them (content "
-                        f"{own.content_hash[:12]}, the run's {recorded[:12]}); results would be for other images")
-    return own.arrays()
+    # files changed since the run read them: refused before anything is decoded (or the cache replaced)
+    return for_config(cfg, log=log, progress=progress, expect_hash=cfg.data.about.content_hash).arrays()
 
 
 def dataset_key(cfg) -> str:
-    """One string per dataset: what a sweep shares its arrays by."""
-    return cfg.data.dataset if cfg.own is None else f"{cfg.own.format}:{cfg.own.path}"
+    """One string per set of arrays: what a sweep shares them by. The user's own dataset's arrays depend on how it
+    is read (split, resize rule, shape, file limit), which sweeps may vary."""
+    if cfg.own is None:
+        return cfg.data.dataset
+    d = cfg.data
+    return json.dumps([cfg.own.format, cfg.own.path, d.test_split, d.resize, d.max_files, cfg.model.input_shape])

@@ -12,7 +12,7 @@ Where each export keeps what it says about itself:
     .keras      the archive member convbn.json (Keras reads only its own members)
     SavedModel  the "model" entry of convbn_export.json, the manifest of the files convbn wrote there
     .onnx       the model's metadata property "convbn"
-    .tflite     nothing (the run directory above it, if any, says it)
+    .tflite     the model's metadata entry "convbn" (a named buffer of the flatbuffer's Model table)
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def write_keras_metadata(path, about: dict) -> None:
 
 def read_metadata(path, onnx_meta: dict | None = None) -> dict:
     """What an export says about itself ({} when it says nothing or is not convbn's); never raises for a model
-    from elsewhere. `onnx_meta`: an ONNX model's metadata properties (its session's custom_metadata_map)."""
+    from elsewhere. `onnx_meta`: an ONNX model's metadata properties (its session's custom_metadata_map), or a
+    TFLite model's metadata entry (formats/runtime.tflite_metadata)."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -89,7 +90,7 @@ def read_metadata(path, onnx_meta: dict | None = None) -> dict:
                 if info.file_size > MAX_METADATA_BYTES:
                     return {}
                 about = parse_json(z.read(info), path, TargetError)
-        elif path.suffix == ".onnx" and onnx_meta is not None:
+        elif path.suffix in (".onnx", ".tflite") and onnx_meta is not None:
             about = parse_json(onnx_meta.get(METADATA_KEY, "{}"), path, TargetError)
         else:
             return {}

@@ -133,7 +133,8 @@ def read_tflite(path) -> Opened:
         interpreter.invoke()
         return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
-    return Opened("tflite", run, shape, classes, PIXELS_INPUT in inputs[0]["name"], read_metadata(path))
+    about = read_metadata(path, tflite_metadata(read_bytes(path, MAX_TFLITE_BYTES, "a TFLite model", TargetError)))
+    return Opened("tflite", run, shape, classes, PIXELS_INPUT in inputs[0]["name"], about)
 
 
 MAX_ONNX_ARENA_BYTES = 512 << 20  # all the memory an ONNX model may take while it runs (weights and tensors)
@@ -488,4 +489,41 @@ def write(model, fmt: str, path: Path, about: dict) -> None:
         saved = path.parent / "savedmodel"
         model.export(str(saved), format="tf_saved_model", verbose=False)
         with quiet_native():  # the converter's MLIR passes print to fd 2
-            path.write_bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert())
+            data = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
+        path.write_bytes(with_tflite_metadata(data, metadata_text(about)) if about else data)
+
+
+def with_tflite_metadata(data: bytes, text: str) -> bytes:
+    """The TFLite flatbuffer `data` with `text` as a metadata entry named METADATA_KEY: the Model table's list of
+    named buffers, which the interpreter passes over but for names of its own. Written with the schema classes
+    TensorFlow ships (tensorflow.lite.python.schema_py_generated) and flatbuffers, one of its dependencies: the
+    TFLite converter has no way to add metadata itself, and tflite-support is not installed."""
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(text.encode(), np.uint8)
+    model.buffers = list(model.buffers or []) + [buffer]
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_KEY, len(model.buffers) - 1
+    model.metadata = list(model.metadata or []) + [entry]
+    builder = flatbuffers.Builder(len(data) + len(text) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def tflite_metadata(data: bytes) -> dict:
+    """{METADATA_KEY: text} of a TFLite flatbuffer that has convbn's entry, else {} (a file from elsewhere, or one
+    whose tables do not parse: the interpreter has already verified the buffer it runs)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if entry.Name() == METADATA_KEY.encode():
+                return {METADATA_KEY: model.Buffers(entry.Buffer()).DataAsNumpy().tobytes().decode()}
+    except Exception:  # noqa: BLE001  a damaged table fails in struct, IndexError, UnicodeDecodeError, ...
+        return {}
+    return {}

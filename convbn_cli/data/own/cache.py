@@ -31,7 +31,7 @@ from ...errors import DataError
 from ...files import atomic_open, write_json_atomic
 from ...readers import check_zip, open_regular, read_json
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists every file: ~100 bytes each, 10 million at most
 MAX_CACHE_MEMBER_BYTES = 16 << 30  # one decoded split; data.max_files bounds it long before this
 HASH_CHUNK = 1 << 20
@@ -51,7 +51,7 @@ NO_STATE = (-1, -1, -1, -1, -1)  # a file that could not be stat'ed (a dangling 
 def tree_states(root: Path, files: list) -> dict:
     """relative name -> [size, mtime_ns, ctime_ns, inode, device] of what decides the cache: for a folder, every
     file under it but hidden ones (so an added file is noticed); for a single file (an .npz, a CSV), `files`,
-    the ones it was read from (a CSV of paths names its images)."""
+    the ones it was read from (a CSV of paths names its images), what lies beside it, and the folders of `files`."""
     names, states = _states(root, files)
     return {name: list(state) for name, state in zip(names, states.tolist())}
 
@@ -72,6 +72,13 @@ def _states(root: Path, files: list) -> tuple:
     names, paths = [], []
     if root.is_dir():
         _walk(str(root), "", names, paths)
+    else:  # a CSV, an .npz or an IDX file: what lies beside it (a test.csv or a t10k- file added), and the folders
+        # holding the files it names (a named picture put back changes its folder), by their own states
+        with os.scandir(root.parent) as it:
+            beside = sorted((e.name, e.path) for e in it if not e.name.startswith("."))
+        folders = sorted({os.path.dirname(str(p)) for p in files} | {str(root.parent)})
+        names += [name for name, _ in beside] + [relative(Path(f), root) + "/" for f in folders]
+        paths += [path for _, path in beside] + folders
     for path in files:
         names.append(relative(Path(path), root))
         paths.append(str(path))
@@ -115,13 +122,16 @@ def relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def content_hash(root: Path, files: list) -> str:
-    """sha256 over (relative name, sha256 of all the bytes) of every file, in name order (see the module's
-    docstring for why the whole content)."""
-    total = hashlib.sha256(f"convbn-own-{CACHE_VERSION}".encode())
+def content_hash(root: Path, files: list, listing: bytes = b"", progress: bool = False) -> str:
+    """sha256 over (relative name, sha256 of all the bytes) of every file, in name order, and `listing` (what
+    was made of them: names, splits, labels); see the module's docstring for why the whole content. A bar with an
+    ETA on a terminal's stderr: a folder of large photos takes minutes."""
+    from tqdm import tqdm
+
+    total = hashlib.sha256(f"convbn-own-{CACHE_VERSION}".encode() + listing)
     base = str(root if root.is_dir() else root.parent).rstrip(os.sep) + os.sep
     named = sorted((relative_name(str(p), base), str(p)) for p in files)
-    for name, path in named:
+    for name, path in tqdm(named, desc="hashing", unit="file", disable=None if progress else True, leave=False):
         total.update(name.encode("utf-8", "surrogateescape") + b"\0" + _file_digest(path))
     return total.hexdigest()
 

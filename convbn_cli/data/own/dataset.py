@@ -10,6 +10,7 @@ command that measures a run use alike.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from collections import Counter
@@ -19,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from ...errors import DataError
+from ...errors import ConvbnError, DataError
 from . import cache
 from .decode import Decoded, convert_arrays, decode_items, probe
 
@@ -80,22 +81,28 @@ def stderr_log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def for_config(cfg, log=stderr_log, progress: bool = True) -> OwnData:
+def for_config(cfg, log=stderr_log, progress: bool = True, expect_hash: Optional[str] = None) -> OwnData:
     """The user's dataset a config names (data.dataset, data.resize, data.test_split, data.max_files), in the
-    config's model.input_shape when it gives one."""
+    config's model.input_shape when it gives one; its mean and std per channel are those of the images training
+    learns from (data.max_train of them, less the validation images data.val_split holds out)."""
     from ..sources import cache_dir
 
     d, shape = cfg.data, cfg.model.input_shape
-    return load_own(cfg.own.path, cfg.own.format, resize=d.resize, shape=tuple(shape) if shape else None,
-                    test_split=d.test_split, max_files=d.max_files, cache_root=cache_dir(), log=log,
-                    progress=progress)
+    own = load_own(cfg.own.path, cfg.own.format, resize=d.resize, shape=tuple(shape) if shape else None,
+                   test_split=d.test_split, max_files=d.max_files, cache_root=cache_dir(), log=log,
+                   progress=progress, expect_hash=expect_hash)
+    if "val" not in own.splits:  # as data.pipeline.make_splits cuts them
+        n = min(own.size("train"), d.max_train or own.size("train"))
+        own.mean, own.std = channel_stats(own.splits["train"].images[: n - int(round(n * d.val_split))])
+    return own
 
 
 def load_own(path, fmt: str = "auto", *, resize: str = "pad", shape: Optional[tuple] = None,
              test_split: float = 0.2, max_files: int = 200_000, cache_root: Path, log=stderr_log,
-             progress: bool = True, workers: int = 0) -> OwnData:
+             progress: bool = True, workers: int = 0, expect_hash: Optional[str] = None) -> OwnData:
     """The dataset at `path` from convbn's cache under `cache_root` when its files are unchanged, else listed,
-    decoded (to `shape`, or the dataset's own) and cached. Bad input: one-line DataError naming the file."""
+    decoded (to `shape`, or the dataset's own) and cached. Bad input: one-line DataError naming the file.
+    `expect_hash`: the content a run read; other content is refused before anything is decoded or cached."""
     root = Path(path).expanduser()
     if not root.exists() and not root.is_symlink():
         raise DataError(f"data.dataset: {path}: no such file or directory")
@@ -107,12 +114,14 @@ def load_own(path, fmt: str = "auto", *, resize: str = "pad", shape: Optional[tu
     if manifest is not None:
         named = [] if root.is_dir() else [root.parent / f for f in manifest["files"]]
         if cache.states_digest(root, named) == manifest["states_digest"]:
+            _check_expected(root, manifest["content_hash"], expect_hash)
             return _from_cache(root, folder, manifest, log)
     from .listing import list_dataset  # (CSV and archive readers: not needed when the cache holds the dataset)
 
     listing = list_dataset(root, fmt, max_files)
     files = [Path(f) for f in listing.files]
-    digest = cache.content_hash(root, files)
+    digest = cache.content_hash(root, files, _listing_digest(listing), progress)
+    _check_expected(root, digest, expect_hash)
     named = [] if root.is_dir() else files
     states, states_digest = cache.tree_states(root, named), cache.states_digest(root, named)
     if manifest is not None and manifest.get("content_hash") == digest:
@@ -132,9 +141,25 @@ def load_own(path, fmt: str = "auto", *, resize: str = "pad", shape: Optional[tu
     try:
         cache.write(folder, meta, _flatten(own), states)
         log(f"[cache] {folder}")
-    except OSError as e:  # the data is good: use it anyway, just without a cache
-        log(f"  could not write the cache {folder}: {e.strerror or e}")
+    except (OSError, ConvbnError) as e:  # the data is good: use it anyway, just without a cache (a full disk)
+        log(f"  could not write the cache {folder}: {getattr(e, 'strerror', None) or e}")
     return own
+
+
+def _check_expected(root: Path, digest: str, expected: Optional[str]) -> None:
+    if expected is not None and digest != expected:
+        raise DataError(f"data.dataset {root}: its files changed since this run read them (content {digest[:12]}, "
+                        f"the run's {expected[:12]}); results would be for other images")
+
+
+def _listing_digest(listing) -> bytes:
+    """What the listing made of the files, beside their bytes: each image's name, split and label (a symbolic
+    link moved to another class folder keeps its target's bytes but changes its label), the class names and the
+    format."""
+    digest = hashlib.sha256(json.dumps([listing.format, list(listing.class_names)]).encode())
+    for item in sorted((i.where, i.split, int(i.label)) for i in listing.items):
+        digest.update(repr(item).encode("utf-8", "surrogateescape"))
+    return digest.digest()
 
 
 def _usable(manifest, fmt, resize, wanted, root, log):
@@ -180,6 +205,12 @@ def _build(listing, resize, shape, test_split, workers, progress, log) -> OwnDat
     the training images in a fixed order (by a hash of their names) so that the validation images, the last
     ones, are a sample of every class."""
     skipped = list(listing.skipped)
+    if set(listing.arrays) | {i.split for i in listing.items} == {"predict"}:  # Kaggle's test.csv alone
+        raise DataError(f"{listing.root}: no 'label' column: images without labels are for `convbn predict`, not "
+                        "for training (give the train.csv)")
+    if len(listing.class_names) < 2:
+        raise DataError(f"{listing.root}: {len(listing.class_names)} class ({', '.join(listing.class_names)}); a "
+                        "classifier needs at least two")
     if listing.arrays:
         shape = shape or _array_shape(listing.arrays)
         splits = {s: convert_arrays(a, shape, resize) for s, a in listing.arrays.items()}
@@ -199,16 +230,37 @@ def _build(listing, resize, shape, test_split, workers, progress, log) -> OwnDat
     for d in splits.values():
         skipped += d.problems
     splits = _split_pool(splits, test_split)
-    if set(splits) == {"predict"}:  # Kaggle's test.csv alone
-        raise DataError(f"{listing.root}: no 'label' column: images without labels are for `convbn predict`, not "
-                        "for training (give the train.csv)")
     if "train" not in splits or not len(splits["train"].labels):
         raise DataError(f"{listing.root}: no training images")
-    splits["train"] = _take(splits["train"], np.argsort(_name_keys(splits["train"].where), kind="stable"))
-    x = splits["train"].images.reshape(-1, shape[2]).astype(np.float64) / 255.0
-    mean, std = x.mean(0), np.maximum(x.std(0), 1e-3)  # a constant channel would divide by zero
+    splits["train"] = _take(splits["train"], _stratified_order(splits["train"]))
+    mean, std = channel_stats(splits["train"].images)
     return OwnData(listing.root, listing.format, list(listing.class_names), tuple(shape), resize, splits, skipped,
-                   "", [float(m) for m in mean], [float(s) for s in std], built=True)
+                   "", mean, std, built=True)
+
+
+def channel_stats(images: np.ndarray) -> tuple:
+    """Per-channel mean and std of uint8 images (N, H, W, C), pixels in [0, 1]; a constant channel gets a std of
+    1e-3 instead of 0 (it would divide by zero)."""
+    if not len(images):
+        return [0.0] * images.shape[-1], [1.0] * images.shape[-1]
+    x = images.reshape(-1, images.shape[-1])
+    mean = x.mean(0, dtype=np.float64) / 255.0
+    std = np.sqrt(np.maximum((x.astype(np.float64) ** 2).mean(0) / 255.0**2 - mean**2, 0))
+    return [float(m) for m in mean], [float(s) for s in np.maximum(std, 1e-3)]
+
+
+def _stratified_order(d: Decoded) -> np.ndarray:
+    """The training images in an order whose every tail holds each class in its share: within a class, images go
+    by their pixel hash (the same on every machine); across classes, by their rank's fraction of the class. So the
+    validation images, the last `data.val_split` of them, are a sample of every class (a class of 12 gives 1 at
+    10%), and copies of one picture sit side by side, on one side of the cut but for the one straddling it."""
+    keys = _pixel_keys(d.hashes)
+    place = np.empty(len(keys))
+    for c in np.unique(d.labels):
+        members = np.flatnonzero(d.labels == c)
+        ranked = members[np.argsort(keys[members], kind="stable")]
+        place[ranked] = (np.arange(len(ranked)) + 0.5) / len(ranked)
+    return np.lexsort((keys, place))
 
 
 THREADED_PIXELS = 256 * 256  # images this large (median) are decoded on every core, smaller ones on one
@@ -224,35 +276,37 @@ def _decode_workers(headers) -> int:
 
 def _array_shape(arrays: dict) -> tuple:
     images = next(iter(arrays.values())).images
-    h, w = images.shape[1:3]
-    return (h, w, 3 if images.ndim == 4 and images.shape[3] in (3, 4) else 1)
+    return (*_capped(*images.shape[1:3]), 3 if images.ndim == 4 and images.shape[3] in (3, 4) else 1)
 
 
 def _file_shape(headers) -> tuple:
     """The dataset's own image shape: its most common size (the longer side brought down to
     LARGEST_DEFAULT_SIDE, aspect kept), in colour when any image is."""
     (h, w), _ = Counter((hd.h, hd.w) for hd in headers).most_common(1)[0]
+    return (*_capped(h, w), 3 if any(hd.channels == 3 for hd in headers) else 1)
+
+
+def _capped(h: int, w: int) -> tuple:
     if max(h, w) > LARGEST_DEFAULT_SIDE:
         ratio = LARGEST_DEFAULT_SIDE / max(h, w)
         h, w = max(1, round(h * ratio)), max(1, round(w * ratio))
-    return (h, w, 3 if any(hd.channels == 3 for hd in headers) else 1)
+    return h, w
 
 
-def _name_keys(where) -> np.ndarray:
-    """A number in [0, 1) per image from a hash of its name: the same on every machine, and an added file moves
-    no other image between splits."""
-    return np.array([int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
-                                    "big") / 2.0**64 for w in where])
+def _pixel_keys(hashes: np.ndarray) -> np.ndarray:
+    """A number in [0, 1) per image from the hash of its pixels (decode.pixel_hash): the same on every machine,
+    an added file or CSV row moves no other image between splits, and copies of one picture land together."""
+    return np.array([int.from_bytes(bytes(h)[:8].ljust(8, b"\0"), "big") / 2.0**64 for h in hashes])
 
 
 def _split_pool(splits: dict, test_split: float) -> dict:
-    """A dataset given as one pool of labelled images: the images whose name keys fall below `test_split` are
-    the test set, the rest training images (with any the dataset names as such). A pool beside a test split of
-    the dataset's own is all training images."""
+    """A dataset given as one pool of labelled images: the images whose pixel keys fall below `test_split` are
+    the test set (so exact copies are all on one side), the rest training images (with any the dataset names as
+    such). A pool beside a test split of the dataset's own is all training images."""
     pool = splits.pop("pool", None)
     if pool is None:
         return splits
-    to_test = _name_keys(pool.where) < test_split if "test" not in splits else np.zeros(len(pool.labels), bool)
+    to_test = _pixel_keys(pool.hashes) < test_split if "test" not in splits else np.zeros(len(pool.labels), bool)
     splits["train"] = _join(splits.get("train"), _take(pool, np.flatnonzero(~to_test)))
     if to_test.any():
         splits["test"] = _take(pool, np.flatnonzero(to_test))
