@@ -93,7 +93,7 @@ def fetch_apart(dataset: str, session: Session, progress: bool) -> None:
 def dataset_reader(session: Session, progress: bool) -> dict:
     """load_config's keyword arguments for a command that trains: the user's own dataset is decoded with
     `progress`, and the first time (not from the cache) its data check is shown, as `convbn data check` gives it;
-    a dataset the check refuses (no training split, a class the training images lack, ...) stops here, exit 2."""
+    a dataset the check refuses (no training images; unreadable files under --strict) stops here, exit 2."""
 
     def seen(own, cfg) -> None:
         if not own.built:
