@@ -86,12 +86,8 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, pr
         if p.is_dir():
             for f in _pictures_in(p, suffixes, len(names)):
                 picture(f)
-        elif p.suffix.lower() in ARRAY_SUFFIXES:
-            x = load_array(p, (*size, channels), log)
-            names += [f"{p}[{i}]" for i in range(len(x))]
-            images.append(x)
-        elif p.suffix.lower() == ".csv":
-            rows, x = load_pixel_csv(p, (*size, channels), resize or "pad", MAX_INPUTS - len(names))
+        elif p.suffix.lower() in ARRAY_SUFFIXES + (".csv",):
+            rows, x = _arrays_of(p, (*size, channels), resize, MAX_INPUTS - len(names), log)
             names += rows
             images.append(x)
         elif p.suffix.lower() in suffixes:
@@ -104,6 +100,14 @@ def load_inputs(paths, size: tuple, invert: str = "auto", log=lambda m: None, pr
     if not images:  # every picture failed
         return names, np.zeros((0, *size, *((3,) if channels == 3 else ())), np.float32)
     return names, np.concatenate(images).astype(np.float32)
+
+
+def _arrays_of(path: Path, shape: tuple, resize, most: int, log) -> tuple:
+    """(names, pixels) of an array INPUT: an .npy/.npz (load_array), or a CSV of pixels (load_pixel_csv)."""
+    if path.suffix.lower() == ".csv":
+        return load_pixel_csv(path, shape, resize or "pad", most)
+    x = load_array(path, shape, log)
+    return [f"{path}[{i}]" for i in range(len(x))], x
 
 
 def _pictures_in(folder: Path, suffixes: tuple, before: int) -> list:
