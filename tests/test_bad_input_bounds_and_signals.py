@@ -200,6 +200,7 @@ def test_validate_prints_the_estimates(tmp_path):
 
 
 def test_failures_before_training_leave_no_run_directory(tmp_path, monkeypatch, synthetic):
+    import convbn_cli.data.sources as sources
     import convbn_cli.train.loop as loop
 
     cfg = load_config(raw=tiny_raw(tmp_path))
@@ -210,10 +211,10 @@ def test_failures_before_training_leave_no_run_directory(tmp_path, monkeypatch, 
     def too_deep(*a, **k):
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(loop, "fetch", no_data)
+    monkeypatch.setattr(sources, "fetch", no_data)  # where the trainer's data.load.dataset_arrays fetches
     with pytest.raises(DataError):
         train(cfg, log=lambda m: None, progress=False)
-    monkeypatch.setattr(loop, "fetch", lambda *a, **k: synthetic)
+    monkeypatch.setattr(sources, "fetch", lambda *a, **k: synthetic)
     monkeypatch.setattr(loop, "build_model", too_deep)
     r = CliRunner().invoke(main, ["train", str(_tiny_file(tmp_path))])
     assert r.exit_code == 2 and errors_of(r.output) == [

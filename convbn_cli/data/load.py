@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-from .sources import fetch
+from . import sources
 
 
 def dataset_arrays(cfg, log=print, progress: bool = True) -> dict:
     """x_train, y_train, x_test, y_test (and x_val, y_val for a dataset with a validation split of its own)."""
-    if cfg.own is None:
-        return fetch(cfg.data.dataset, log=log, progress=progress)
+    if cfg.own is None:  # (looked up at each call: tests stand a stub in for sources.fetch)
+        return sources.fetch(cfg.data.dataset, log=log, progress=progress)
     from .own.dataset import for_config
 
     # files changed since the run read them: refused before anything is decoded (or the cache replaced)
