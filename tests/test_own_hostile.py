@@ -1,6 +1,6 @@
 """The bad inputs of issue 37 as a user meets them: `convbn data check BAD` and `convbn train folder_cnn
 data.dataset=BAD`, each in a child process of its own. Every one ends with exactly one line on stderr naming the
-file (and the line, for a CSV), exit 2, no traceback, under 1 GiB of memory (the child's own peak, from wait4),
+file (and the line, for a CSV), exit 2, no traceback, under 1 GiB of memory (the child's own peak, its VmHWM),
 without waiting on a FIFO, and with nothing written inside the dataset's folder. One bad picture among good ones
 is skipped and counted instead: `data check` names it and warns (exit 1), `--strict` refuses (exit 2), and
 `train` still trains."""
@@ -38,16 +38,36 @@ class Ran:
     peak_rss: int  # bytes: the child's own peak resident set size
 
 
+# The child's own peak resident set (VmHWM: the high-water mark of the memory of the program it runs), read while
+# it runs and written by it as its last act where it exits through atexit. Not wait4's ru_maxrss: Linux carries
+# the parent's high-water mark across fork and exec into it, so a child of a pytest session grown to 2 GB
+# reported 2 GB whatever it did (seen in CI).
+PEAK_WRAPPER = r"""
+import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["CONVBN_TEST_PEAK_FILE"], "w") as f:
+        f.write(str(kb * 1024))
+atexit.register(peak)
+sys.argv[0] = "convbn"
+runpy.run_module("convbn_cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def convbn(*args, env: dict, timeout: float = TIMEOUT) -> Ran:
-    """`python -m convbn_cli ARGS` in a child process, reaped with os.wait4 to read its own peak RSS (the
-    RUSAGE_CHILDREN of this process would mix in every child the session ever had). Output goes to files, so a
-    chatty child never blocks on a full pipe; stdin is /dev/null, so nothing waits for a person either."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        child = subprocess.Popen([sys.executable, "-m", "convbn_cli", *map(str, args)], stdin=subprocess.DEVNULL,
-                                 stdout=out, stderr=err, env={**os.environ, **env})
-        deadline = time.monotonic() + timeout
+    """`python -m convbn_cli ARGS` in a child process that writes its own peak RSS as it exits (PEAK_WRAPPER).
+    Output goes to files, so a chatty child never blocks on a full pipe; stdin is /dev/null, so nothing waits for
+    a person either."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(suffix=".peak") as peak:
+        child = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, *map(str, args)], stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=err,
+                                 env={**os.environ, **env, "CONVBN_TEST_PEAK_FILE": peak.name})
+        deadline, seen = time.monotonic() + timeout, 0
         while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            seen = max(seen, _high_water(child.pid))  # as it runs: a training ends in os._exit, past atexit
+            pid, status, _ = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() > deadline:
@@ -59,8 +79,19 @@ def convbn(*args, env: dict, timeout: float = TIMEOUT) -> Ran:
         child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
         out.seek(0)
         err.seek(0)
+        written = Path(peak.name).read_text()
+        assert written or seen, f"convbn {' '.join(map(str, args))}: no measure of its peak memory"
         return Ran(child.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                   usage.ru_maxrss * 1024)  # Linux reports kilobytes
+                   max(int(written or 0), seen))
+
+
+def _high_water(pid: int) -> int:
+    """A running process's VmHWM in bytes (its peak resident set so far), 0 once it has gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 def tree(root: Path) -> dict:

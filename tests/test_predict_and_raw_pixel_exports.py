@@ -145,7 +145,8 @@ def test_predict_refuses_bad_inputs_in_one_line(run_copy, trained, tmp_path):
     with open(tmp_path / "huge.npy", "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
     cases = {tmp_path / "missing.png": "no such file or directory",
-             tmp_path / "notes.txt": "not an image (.png, .jpg, .jpeg), array (.npy, .npz) or directory",
+             tmp_path / "notes.txt": "not an image (.png, .jpg, .jpeg), array (.npy, .npz), CSV of pixels or "
+                                     "directory",
              tmp_path / "wrong.npy": "shape (2, 30, 30); expected (N, 28, 28)",
              empty: "no PNG/JPG/JPEG images in this directory",
              tmp_path / "huge.npy": "is more than 10,000 images"}

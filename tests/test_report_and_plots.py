@@ -123,9 +123,13 @@ def test_a_run_report_builds_its_model_once_and_loads_its_data_once(run_copy, mn
 
         return call
 
-    for name in ("build_model", "restore", "fetch"):  # what opening a run and loading its data call
+    import convbn_cli.data.load as load
+
+    for name in ("build_model", "restore"):  # what opening a run calls
         monkeypatch.setattr(target, name, counted(name, getattr(target, name)))
+    # what loading its data calls (data.load, for built-in datasets and the user's own alike)
+    monkeypatch.setattr(target, "dataset_arrays", counted("dataset_arrays", load.dataset_arrays))
     monkeypatch.setenv("CONVBN_DATA_DIR", str(mnist_cache))
     r = report(run_copy, batches=2)
     assert r["kind"] == "run" and (run_copy / "report.html").is_file()
-    assert counts == {"build_model": 1, "restore": 1, "fetch": 1}
+    assert counts == {"build_model": 1, "restore": 1, "dataset_arrays": 1}
