@@ -104,12 +104,13 @@ def read_keras(path) -> Opened:
 
 
 MAX_TFLITE_BYTES = 256 << 20
-def open_interpreter(path):
+def open_interpreter(path, data: bytes | None = None):
     """A TFLite interpreter with its tensors allocated, without the deprecation warning and the XNNPACK notice it
     prints (shown with --verbose). The file is read here, bounded, and handed over as bytes: TensorFlow verifies a
     flatbuffer given as bytes (FlatBufferModel::VerifyAndBuildFromBuffer) but not one given by path, and a
     truncated file given by path crashed the process (SIGSEGV)."""
-    data = read_bytes(path, MAX_TFLITE_BYTES, "a TFLite model of an MNIST-like conv net", TargetError)
+    if data is None:
+        data = read_bytes(path, MAX_TFLITE_BYTES, "a TFLite model of an MNIST-like conv net", TargetError)
     with quiet_native():
         interpreter = tf.lite.Interpreter(model_content=data)
         interpreter.allocate_tensors()
@@ -117,8 +118,9 @@ def open_interpreter(path):
 
 
 def read_tflite(path) -> Opened:
+    data = read_bytes(path, MAX_TFLITE_BYTES, "a TFLite model of an MNIST-like conv net", TargetError)
     try:
-        interpreter = open_interpreter(path)
+        interpreter = open_interpreter(path, data)  # the bytes read once: the interpreter's and the metadata's
     except (ValueError, RuntimeError, OSError) as e:
         raise TargetError(f"{path}: not a readable TFLite model ({_cut(e)})") from None
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
@@ -133,7 +135,7 @@ def read_tflite(path) -> Opened:
         interpreter.invoke()
         return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
-    about = read_metadata(path, tflite_metadata(read_bytes(path, MAX_TFLITE_BYTES, "a TFLite model", TargetError)))
+    about = read_metadata(path, tflite_metadata(data))
     return Opened("tflite", run, shape, classes, PIXELS_INPUT in inputs[0]["name"], about)
 
 

@@ -48,18 +48,22 @@ def entry_dir(cache_root: Path, root: Path, options: dict) -> Path:
 NO_STATE = (-1, -1, -1, -1, -1)  # a file that could not be stat'ed (a dangling link; the listing names it)
 
 
-def tree_states(root: Path, files: list) -> dict:
-    """relative name -> [size, mtime_ns, ctime_ns, inode, device] of what decides the cache: for a folder, every
-    file under it but hidden ones (so an added file is noticed); for a single file (an .npz, a CSV), `files`,
-    the ones it was read from (a CSV of paths names its images), what lies beside it, and the folders of `files`."""
+def states_and_digest(root: Path, files: list) -> tuple:
+    """(relative name -> [size, mtime_ns, ctime_ns, inode, device], states_digest) from one walk: what decides the
+    cache. For a folder, every file under it but hidden ones (so an added file is noticed); for a single file (an
+    .npz, a CSV), `files`, the ones it was read from (a CSV of paths names its images), what lies beside it, and
+    the folders of `files`."""
     names, states = _states(root, files)
-    return {name: list(state) for name, state in zip(names, states.tolist())}
+    return {n: list(st) for n, st in zip(names, states.tolist())}, _digest(names, states)
 
 
 def states_digest(root: Path, files: list) -> str:
-    """One sha256 over tree_states, in name order: what a later run compares, without building (or reading back
+    """One sha256 over those states, in name order: what a later run compares, without building (or reading back
     from JSON) a dictionary of every file."""
-    names, states = _states(root, files)
+    return _digest(*_states(root, files))
+
+
+def _digest(names: list, states) -> str:
     digest = hashlib.sha256("\0".join(names).encode("utf-8", "surrogateescape"))
     digest.update(states.tobytes())
     return digest.hexdigest()
@@ -158,7 +162,7 @@ def _file_digest(path: str) -> bytes:
 
 
 def changes(old: dict, new: dict) -> str:
-    """What differs between two tree_states, in words: '3 files changed, 1 added, 2 removed'."""
+    """What differs between two maps of file states, in words: '3 files changed, 1 added, 2 removed'."""
     changed = sum(1 for k in new if k in old and old[k] != new[k])
     added, removed = len(new.keys() - old.keys()), len(old.keys() - new.keys())
     parts = [f"{n} file{'s' if n != 1 else ''} {what}" for n, what in ((changed, "changed"), (added, "added"),

@@ -123,7 +123,7 @@ def load_own(path, fmt: str = "auto", *, resize: str = "pad", shape: Optional[tu
     digest = cache.content_hash(root, files, _listing_digest(listing), progress)
     _check_expected(root, digest, expect_hash)
     named = [] if root.is_dir() else files
-    states, states_digest = cache.tree_states(root, named), cache.states_digest(root, named)
+    states, states_digest = cache.states_and_digest(root, named)  # one walk for both
     if manifest is not None and manifest.get("content_hash") == digest:
         log(f"[cache] {root}: files touched or copied, content unchanged: the cache holds it")
         cache.write_manifest(folder, {**manifest, "states_digest": states_digest}, states)
