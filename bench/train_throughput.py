@@ -17,7 +17,10 @@ Contenders:
            issue 16; still its path under a tf.distribute strategy)
   convbn-bf16  `convbn` with train.precision: mixed_bfloat16 (bfloat16 compute, float32 variables and BN stats)
   keras    keras.Sequential with keras.layers.BatchNormalization, compile() with default settings, model.fit
-           on in-memory NumPy arrays - what a user would write by hand
+           on in-memory NumPy arrays - what a user would write by hand (Keras 3 on a CPU-only machine: no XLA, the
+           "auto" of jit_compile; BN as tf.nn.moments + tf.nn.batch_normalization, not TensorFlow's fused kernel)
+  keras-xla  the same with compile(jit_compile=True)
+  keras-spe  the same with compile(steps_per_execution=--per-call)
   torch    the same network in PyTorch eager mode on the CPU (only if torch is installed; never a dependency)
 """
 
@@ -158,10 +161,12 @@ def keras_layers(cfg):
     return out
 
 
-def keras_contender(cfg, arrays, steps):
+def keras_contender(cfg, arrays, steps, **compile_args):
+    """compile_args: what a user could change in compile() (jit_compile, steps_per_execution); none by default."""
     model = keras.Sequential(keras_layers(cfg))
     model.compile(optimizer=keras.optimizers.Adam(cfg.train.optimizer.lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+                  **compile_args)
     x = (arrays["x_train"][: steps * BATCH, :, :, None] / 255.0).astype(np.float32)
     y = arrays["y_train"][: steps * BATCH]
 
@@ -251,7 +256,7 @@ def bench(net, steps, rounds):
     return med
 
 
-CONTENDERS = ("convbn", "convbn-tfdata", "keras", "convbn-bf16", "torch")
+CONTENDERS = ("convbn", "convbn-tfdata", "keras", "keras-xla", "keras-spe", "convbn-bf16", "torch")
 SLOW_PHASE = 0.85  # a round whose probe is below this share of the median probe ran in a slow phase
 
 
@@ -263,11 +268,14 @@ def one_contender(net, name, steps, epochs=1) -> float:
     make = {"convbn": lambda: convbn_contender(cfg, arrays, steps),
             "convbn-tfdata": lambda: convbn_tfdata_contender(cfg, arrays, steps),
             "convbn-bf16": lambda: convbn_contender(cfg, arrays, steps, "mixed_bfloat16"),
-            "keras": lambda: keras_contender(cfg, arrays, steps), "torch": lambda: torch_contender(cfg, arrays, steps)}
+            "keras": lambda: keras_contender(cfg, arrays, steps),
+            "keras-xla": lambda: keras_contender(cfg, arrays, steps, jit_compile=True),
+            "keras-spe": lambda: keras_contender(cfg, arrays, steps, steps_per_execution=PER_CALL),
+            "torch": lambda: torch_contender(cfg, arrays, steps)}
     run = make[name]()
     run()  # warm-up: tracing, allocations
     t0 = time.perf_counter()
-    n = run(epochs) if name == "keras" else sum(run() for _ in range(epochs))
+    n = run(epochs) if name.startswith("keras") else sum(run() for _ in range(epochs))
     return n / (time.perf_counter() - t0)
 
 
@@ -322,7 +330,7 @@ def bench_processes(net, steps, rounds, contenders, epochs=1):
             print(f"  {name:13s} {med[name]:7.0f} images/s = {med[name] * flops / 1e9:5.1f} GFLOP/s   "
                   f"(rounds: {', '.join(f'{v:.0f}' for v in rates[name])})")
     if "keras" in med:
-        for name in ("convbn", "convbn-tfdata", "convbn-bf16", "torch"):
+        for name in ("convbn", "convbn-tfdata", "convbn-bf16", "keras-xla", "keras-spe", "torch"):
             if name in med:
                 print(f"  {name} / keras model.fit: {med[name] / med['keras']:.2f}x")
     return med
