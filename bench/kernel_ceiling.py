@@ -18,7 +18,10 @@ the probe's in the same round (bench/peak.training_flops: the products only), th
 The gap between the "+ BN" tier and convbn's step is what convbn's own code could still win; the tiers above it
 are TensorFlow's kernels at these tensor sizes.
 
-    python bench/kernel_ceiling.py --config configs/mnist_bn.yaml [--set KEY=VALUE ...] [--rounds 20]
+    python bench/kernel_ceiling.py --config configs/mnist_bn.yaml --set train.precision=float32 [KEY=VALUE ...]
+                                   [--rounds 20]
+
+(float32 only: the bare tiers are float32, and mnist_bn's `precision: auto` is bfloat16 on CPUs that have it.)
 """
 
 from __future__ import annotations

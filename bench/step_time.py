@@ -8,7 +8,9 @@ after round; each side's figure is the median over its calls, and the ratio is t
 
     python bench/step_time.py --config NEW.yaml [--set K=V ...] --against OLD.yaml [--against-set K=V ...]
                               [--rounds 30]
-    python bench/step_time.py --config configs/mnist_bn.yaml --set train.steps_per_execution=10 --against-peak
+    python bench/step_time.py --config configs/mnist_bn.yaml --set train.precision=float32 --against-peak
+
+(mnist_bn runs ten steps per call itself since issue 40, and `precision: auto` would measure a bfloat16 share.)
 
 `--against-peak` alternates the trainer's calls with bench/peak.py's matmul probe instead (float32, or bfloat16 for
 a bfloat16 trainer): the step's share of the matmul peak, each round's share taken from two calls a second apart.

@@ -8,7 +8,8 @@ slow phases: it is reported and left out of the medians, not silently mixed in. 
 contender in this one process instead (as before; PyTorch's OpenMP threads, spinning after their turn, then
 slow down the others: see BENCHMARKS.md "Steady training").
 
-    python bench/train_throughput.py [--net mnist_bn|classic|both] [--steps 60] [--rounds 5] [--same-process]
+    python bench/train_throughput.py [--net mnist_bn|classic|both] [--steps 100] [--rounds 7] [--same-process]
+                                     [--contenders convbn,keras,...] [--per-call 10]
 
 Contenders:
   convbn   convbn's trainer: FusedBatchNorm on conv layers, `--per-call` steps per compiled call (default 10), the
@@ -344,7 +345,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--same-process", action="store_true", help="every contender in this process (the old way)")
     ap.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up one (each process)")
-    ap.add_argument("--per-call", type=int, default=PER_CALL, help="convbn's training steps per compiled call")
+    ap.add_argument("--per-call", type=int, default=PER_CALL,
+                    help="training steps per compiled call (convbn's, and keras-spe's steps_per_execution)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for convbn")
     ap.add_argument("--contenders", default="convbn,keras,convbn-bf16,torch",
                     help="comma-separated, from: " + ", ".join(CONTENDERS))

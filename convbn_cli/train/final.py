@@ -1,10 +1,11 @@
 """The run's final model: which weights, BN statistics that do not lag, and one checkpoint that every command opens.
 
 Why this exists: BN's moving averages start at mean 0 / variance 1 and trail the weights. After a short run they
-still carry their start, whatever the decay: one epoch of mnist_bn on 5,000 images (35 steps) ended at 11-21% test
-accuracy with decay 0.9, 11.35% with 0.99 and 24-37% with 0.999 (3 seeds each), while the same weights gave 95.1-95.9%
-with each batch's own statistics. Even 0.9^35 = 2.5% of the initial variance 1 is many times the true variance of
-a first conv layer's output. So at the end of training:
+still carry their start, whatever the decay: one epoch of mnist_bn (its 'same'-padded form before issue 40) on 5,000
+images (35 steps) ended at 11-21% test accuracy with decay 0.9, 11.35% with 0.99 and 24-37% with 0.999 (3 seeds
+each), while the same weights gave 95.1-95.9% with each batch's own statistics (the current net: docs/design.md).
+Even 0.9^35 = 2.5% of the initial variance 1 is many times the true variance of a first conv layer's output.
+So at the end of training:
 
 1. The final weights are chosen: the EMA of the weights (train.ema), else the best epoch's checkpoint (the best
    validation accuracy as this final model would measure it, train/validation.py: each epoch's weights with

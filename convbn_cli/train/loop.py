@@ -573,8 +573,8 @@ def make_in_graph_steps(step, load, batch_size, train_cfg):
 
     What it saves, measured (BENCHMARKS.md, issue 16): per call, the Python dispatch of the step function and
     tf.data's iterator hand-off: mnist_fast's small net takes 29.3 ms a step at 10 steps per call against 33.8
-    ms at 1 (1.15x); for mnist_bn's 200-ms steps it is within noise. Keras' `steps_per_execution` does the same
-    for `model.fit`.
+    ms at 1 (1.15x); for the 'same'-padded mnist_bn's 100-200-ms steps it was within noise. Keras'
+    `steps_per_execution` does the same for `model.fit`.
     """
 
     @tf.function(jit_compile=train_cfg.jit_compile or None, reduce_retracing=True)
