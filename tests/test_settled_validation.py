@@ -48,6 +48,17 @@ def test_the_shown_validation_is_the_final_models_with_the_moving_one_beside_it_
     assert final_val({"val_acc": "x", "best_val_acc_moving": [1]}) == (None, None)  # damaged: missing
 
 
+def test_a_final_model_on_its_trained_statistics_shows_one_validation_figure():
+    """Without precise BN (or with it not kept) the final model is the best epoch's weights with their moving
+    statistics: the epoch's figure and the final evaluation are two measurements of one model (in bfloat16 they
+    differed by one image of 6,000), so no "(moving X)" beside it, and "which precise BN replaced" is not said."""
+    for bn in ({"mechanism": "none"}, {"mechanism": "precise_bn", "kept": False}):
+        results = {**RESULTS, "val_acc": 0.85383, "best_val_acc_moving": 0.854, "bn_statistics": bn}
+        assert final_val(results) == (0.85383, None)
+        assert final_val(results, same=True) == (0.85383, 0.85383)  # a sweep averages the one model's figure
+    assert final_val({**RESULTS, "val_acc": 0.85383, "best_val_acc_moving": 0.854}) == (0.85383, 0.854)  # replaced
+
+
 # --------------------------------------------------------------------------- the summaries
 
 def test_runs_and_compare_show_the_final_models_validation_labelled():

@@ -271,12 +271,18 @@ def moving_val_acc(row: dict):
 
 def final_val(results: dict, same: bool = False) -> tuple:
     """(validation accuracy of the run's final model, the best epoch's with the moving statistics or None where
-    they are the same) from results.json: what every summary shows. The final model's figure is what `convbn eval
+    they are the same, or where the final model kept its trained statistics: then both are one model's) from
+    results.json: what every summary shows. The final model's figure is what `convbn eval
     RUN --split val` gives (results' val_acc); a run from before it was recorded has best_val_acc only.
     `same=True` keeps the moving figure where it equals the final one (a sweep averages it over seeds, and hides
     it only where the means are the same); it stays None where it is beside the point or missing."""
     shown = _accuracy(results.get("val_acc", results.get("best_val_acc")))
     moving = _accuracy(results.get("best_val_acc_moving"))
+    bn = results.get("bn_statistics")
+    if shown is not None and isinstance(bn, dict) and (bn.get("mechanism") == "none" or bn.get("kept") is False):
+        # the final model kept its trained (moving) statistics: the epoch's figure and the final evaluation measure
+        # one model (in bfloat16 they can differ by an image), so the final one is its moving figure
+        moving = shown
     if shown is None or moving is None or "ema_val_acc" in results or (not same and abs(moving - shown) < 5e-5):
         moving = None  # (the EMA's final model is no epoch's weights: the epoch's moving figure is beside the point)
     return shown, moving
