@@ -104,13 +104,11 @@ def read_keras(path) -> Opened:
 
 
 MAX_TFLITE_BYTES = 256 << 20
-def open_interpreter(path, data: bytes | None = None):
+def open_interpreter(data: bytes):
     """A TFLite interpreter with its tensors allocated, without the deprecation warning and the XNNPACK notice it
-    prints (shown with --verbose). The file is read here, bounded, and handed over as bytes: TensorFlow verifies a
-    flatbuffer given as bytes (FlatBufferModel::VerifyAndBuildFromBuffer) but not one given by path, and a
-    truncated file given by path crashed the process (SIGSEGV)."""
-    if data is None:
-        data = read_bytes(path, MAX_TFLITE_BYTES, "a TFLite model of an MNIST-like conv net", TargetError)
+    prints (shown with --verbose). It is given the file's bytes (read bounded by read_tflite), never its path:
+    TensorFlow verifies a flatbuffer given as bytes (FlatBufferModel::VerifyAndBuildFromBuffer) but not one given
+    by path, and a truncated file given by path crashed the process (SIGSEGV)."""
     with quiet_native():
         interpreter = tf.lite.Interpreter(model_content=data)
         interpreter.allocate_tensors()
@@ -120,7 +118,7 @@ def open_interpreter(path, data: bytes | None = None):
 def read_tflite(path) -> Opened:
     data = read_bytes(path, MAX_TFLITE_BYTES, "a TFLite model of an MNIST-like conv net", TargetError)
     try:
-        interpreter = open_interpreter(path, data)  # the bytes read once: the interpreter's and the metadata's
+        interpreter = open_interpreter(data)  # the bytes read once: the interpreter's and the metadata's
     except (ValueError, RuntimeError, OSError) as e:
         raise TargetError(f"{path}: not a readable TFLite model ({_cut(e)})") from None
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
