@@ -61,7 +61,7 @@ def bare_network(cfg, tier: int):
             if tier >= 2 and p.bn is not None:
                 bn = (tf.Variable(tf.ones([p.channels])), tf.Variable(tf.zeros([p.channels])))
             layers.append((p, kernel, bias, bn))
-        elif t in ("pool", "global_pool", "flatten", "dropout"):
+        elif t in ("crop", "pool", "global_pool", "flatten", "dropout"):
             layers.append((p, None, None, None))
         else:
             raise SystemExit(f"kernel_ceiling: layer type {t!r} ({p.name}) is not rebuilt here")
@@ -75,6 +75,9 @@ def bare_network(cfg, tier: int):
                     h = tf.nn.max_pool2d(h, s.pool, s.pool, "VALID")
             elif s.type == "dense":
                 h = tf.matmul(h, kernel)
+            elif s.type == "crop":
+                (bh, bw) = s.border
+                h = h[:, bh:h.shape[1] - bh, bw:h.shape[2] - bw, :]
             elif s.type == "pool":
                 pool = tf.nn.max_pool2d if s.kind == "max" else tf.nn.avg_pool2d
                 h = pool(h, s.size, s.stride or s.size, s.padding.upper())

@@ -38,8 +38,9 @@ def part_of(name: str, op_type: str) -> str:
     return "loss, sums, loop"
 
 
-def read_trace(logdir: Path, steps: int):
-    """({op type: (ms per step, ops per step)}, {part: (ms per step, ops per step)}) from the profiler's trace."""
+def read_trace(logdir: Path, steps: int, kind=None):
+    """({op type: (ms per step, ops per step)}, {part: (ms per step, ops per step)}) from the profiler's trace;
+    `kind(name, op_type)`: the first table keyed by what it returns instead of by op type."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     path = max(logdir.rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
@@ -56,7 +57,8 @@ def read_trace(logdir: Path, steps: int):
                 continue
             name, op_type = full.rsplit(":", 1)
             ms = event.duration_ps / 1e9
-            for table, key in ((by_type, op_type), (by_part, part_of(name, op_type))):
+            first = kind(name, op_type) if kind else op_type
+            for table, key in ((by_type, first), (by_part, part_of(name, op_type))):
                 table[key][0] += ms / steps
                 table[key][1] += 1 / steps
     return by_type, by_part

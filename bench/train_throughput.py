@@ -10,6 +10,12 @@ slow down the others: see BENCHMARKS.md "Steady training").
 
     python bench/train_throughput.py [--net mnist_bn|classic|both] [--steps 100] [--rounds 7] [--same-process]
                                      [--contenders convbn,keras,...] [--per-call 10]
+    python bench/train_throughput.py --profile [--net mnist_bn] [--contenders convbn,keras] [--steps 100]
+
+`--profile`: instead of timing, each contender (a fresh process) trains its warm-up epoch, then one epoch under
+TensorFlow's profiler; the op time of each part of the network (convolutions, BN, pooling, ...) per step is printed
+side by side, with the wall time per step: where one step is faster than the other, and what each runs that the
+other does not (TensorFlow contenders only).
 
 Contenders:
   convbn   convbn's trainer: FusedBatchNorm on conv layers, `--per-call` steps per compiled call (default 10), the
@@ -28,6 +34,7 @@ Contenders:
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -141,24 +148,42 @@ def convbn_tfdata_contender(cfg, arrays, steps, precision="float32"):
 
 
 def keras_layers(cfg):
-    """The same network as plain Keras layers: Conv2D(use_bias) + BatchNormalization + ReLU, as people write it."""
+    """The same network as plain Keras layers: Conv2D + BatchNormalization + ReLU, as people write it (the conv's
+    bias only where the block has no BN; a block that pools before its BN as Conv2D, MaxPooling2D, BN, ReLU)."""
+    from convbn_cli.config import plan_layers
+
     out = [keras.Input((28, 28, 1))]
-    for s in cfg.model.layers:
-        if s.type == "conv":
-            out += [keras.layers.Conv2D(s.filters, tuple(s.kernel), padding=s.padding, use_bias=False),
-                    keras.layers.BatchNormalization(momentum=0.99), keras.layers.ReLU()]
+
+    def bn_act(p):
+        if p.bn is not None:
+            out.append(keras.layers.BatchNormalization(momentum=p.bn.decay, epsilon=p.bn.epsilon, center=p.bn.center,
+                                                       scale=p.bn.scale))
+        if p.spec.activation:
+            act = p.spec.activation
+            out.append(keras.layers.ReLU() if act == "relu" else keras.layers.Activation(act))
+
+    for p in plan_layers(cfg):
+        s = p.spec
+        if s.type == "crop":
+            out.append(keras.layers.Cropping2D(((s.border[0],) * 2, (s.border[1],) * 2)))
+        elif s.type == "conv":
+            out.append(keras.layers.Conv2D(s.filters, tuple(s.kernel), strides=tuple(s.stride), padding=s.padding,
+                                           dilation_rate=tuple(s.dilation), use_bias=p.use_bias))
+            if s.pool > 1:
+                out.append(keras.layers.MaxPooling2D(s.pool))
+            bn_act(p)
         elif s.type == "pool":
-            out.append(keras.layers.MaxPooling2D(tuple(s.size)))
+            pool = keras.layers.MaxPooling2D if s.kind == "max" else keras.layers.AveragePooling2D
+            out.append(pool(tuple(s.size), strides=tuple(s.stride or s.size), padding=s.padding))
+        elif s.type == "global_pool":
+            out.append(keras.layers.GlobalAveragePooling2D() if s.kind == "avg" else keras.layers.GlobalMaxPooling2D())
         elif s.type == "flatten":
             out.append(keras.layers.Flatten())
         elif s.type == "dropout":
             out.append(keras.layers.Dropout(s.rate))
         elif s.type == "dense":
-            if s.bn is not None:
-                out += [keras.layers.Dense(s.units, use_bias=False), keras.layers.BatchNormalization(momentum=0.99),
-                        keras.layers.ReLU()]
-            else:
-                out.append(keras.layers.Dense(s.units))
+            out.append(keras.layers.Dense(s.units, use_bias=p.use_bias))
+            bn_act(p)
     return out
 
 
@@ -185,7 +210,11 @@ def torch_contender(cfg, arrays, steps):
     torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
     layers, c, hw, flat = [], 1, 28, None
     for s in cfg.model.layers:
-        if s.type == "conv":
+        if s.type == "crop":
+            (bh, bw) = s.border
+            layers.append(nn.ZeroPad2d((-bw, -bw, -bh, -bh)))  # negative padding crops
+            hw -= 2 * bh
+        elif s.type == "conv":
             k = s.kernel[0]
             layers += [nn.Conv2d(c, s.filters, k, padding=k // 2 if s.padding == "same" else 0, bias=False),
                        nn.BatchNorm2d(s.filters, momentum=0.01, eps=1e-3), nn.ReLU()]
@@ -231,15 +260,15 @@ def measure(run):
     return n / (time.perf_counter() - t0)
 
 
-def bench(net, steps, rounds):
+def bench(net, steps, rounds, names):
     cfg = config(net)
     arrays = fake_mnist(steps * BATCH)
-    contenders = {"convbn": convbn_contender(cfg, arrays, steps), "keras": keras_contender(cfg, arrays, steps),
-                  "convbn-bf16": convbn_contender(cfg, arrays, steps, "mixed_bfloat16")}
-    try:
-        contenders["torch"] = torch_contender(cfg, arrays, steps)
-    except ImportError:
-        pass
+    contenders = {}
+    for name in names:
+        try:
+            contenders[name] = make_contender(name, cfg, arrays, steps)
+        except ImportError:  # torch not installed
+            pass
     for run in contenders.values():  # warm-up: tracing, allocations
         run()
     rates = {k: [] for k in contenders}
@@ -251,9 +280,10 @@ def bench(net, steps, rounds):
           f"trainable parameters), batch {BATCH}, {steps} steps x {rounds} alternating rounds")
     for name in contenders:
         print(f"  {name:7s} {med[name]:8.0f} images/s   (rounds: {', '.join(f'{r:.0f}' for r in rates[name])})")
-    for name in ("convbn", "convbn-bf16"):
-        print(f"  {name} / keras model.fit: {med[name] / med['keras']:.2f}x"
-              + (f";  {name} / torch eager: {med[name] / med['torch']:.2f}x" if "torch" in med else ""))
+    for name in contenders:
+        if name != "keras" and "keras" in med:
+            print(f"  {name} / keras model.fit: {med[name] / med['keras']:.2f}x"
+                  + (f";  {name} / torch eager: {med[name] / med['torch']:.2f}x" if "torch" in med else ""))
     return med
 
 
@@ -261,11 +291,8 @@ CONTENDERS = ("convbn", "convbn-tfdata", "keras", "keras-xla", "keras-spe", "con
 SLOW_PHASE = 0.85  # a round whose probe is below this share of the median probe ran in a slow phase
 
 
-def one_contender(net, name, steps, epochs=1) -> float:
-    """In a fresh process: build one contender, warm it up (one epoch: tracing, allocations), then time `epochs`
-    epochs of `steps` steps together; images/s over their total time."""
-    cfg = config(net, OVERRIDES if name.startswith("convbn") else ())
-    arrays = real_mnist(steps * BATCH)
+def make_contender(name, cfg, arrays, steps):
+    """The run() of contender `name` (CONTENDERS) on `cfg`'s network."""
     make = {"convbn": lambda: convbn_contender(cfg, arrays, steps),
             "convbn-tfdata": lambda: convbn_tfdata_contender(cfg, arrays, steps),
             "convbn-bf16": lambda: convbn_contender(cfg, arrays, steps, "mixed_bfloat16"),
@@ -273,11 +300,96 @@ def one_contender(net, name, steps, epochs=1) -> float:
             "keras-xla": lambda: keras_contender(cfg, arrays, steps, jit_compile=True),
             "keras-spe": lambda: keras_contender(cfg, arrays, steps, steps_per_execution=PER_CALL),
             "torch": lambda: torch_contender(cfg, arrays, steps)}
-    run = make[name]()
+    return make[name]()
+
+
+def one_contender(net, name, steps, epochs=1) -> float:
+    """In a fresh process: build one contender, warm it up (one epoch: tracing, allocations), then time `epochs`
+    epochs of `steps` steps together; images/s over their total time."""
+    cfg = config(net, OVERRIDES if name.startswith("convbn") else ())
+    run = make_contender(name, cfg, real_mnist(steps * BATCH), steps)
     run()  # warm-up: tracing, allocations
     t0 = time.perf_counter()
     n = run(epochs) if name.startswith("keras") else sum(run() for _ in range(epochs))
     return n / (time.perf_counter() - t0)
+
+
+def op_kind(name: str, op_type: str) -> str:
+    """What part of the network an op from the profiler's trace belongs to, for convbn's and Keras' graphs alike:
+    by op type where the type says it (fused kernels), by the layer in the op's name otherwise (Keras' BN is a
+    dozen elementwise ops under `batch_normalization/`, convbn's BN of a dense layer the same under `dense1_bn/`,
+    Keras' tracing adding `_1` to a layer's name)."""
+    low = name.lower()
+    if "conv2d" in op_type.lower():
+        return "convolutions (forward and gradients)"
+    if "batchnorm" in op_type.lower() or "batch_normalization" in low or re.search(r"_bn(_\d+)?(/|$)", low):
+        return "batch norm (forward and gradients)"
+    if "pool" in op_type.lower():
+        return "pooling"
+    if op_type in ("Relu", "ReluGrad") or "/re_lu" in low:
+        return "ReLU"
+    if "matmul" in op_type.lower():
+        return "dense layers (matmuls)"
+    if "adam" in low or "optimizer" in low:
+        return "optimizer (Adam)"
+    if op_type.startswith(("Iterator", "Prefetch")) or "gather" in op_type.lower():
+        return "feeding the batch"
+    return "loss, metrics, loop, the rest"
+
+
+def profile_contender(net, name, steps) -> dict:
+    """In a fresh process: one contender's warm-up epoch, then one epoch under the profiler; its op time per step
+    by op_kind and its wall time per step."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_profile import read_trace
+
+    if name == "torch":
+        raise SystemExit("--profile: torch is not a TensorFlow contender")
+    cfg = config(net, OVERRIDES if name.startswith("convbn") else ())
+    run = make_contender(name, cfg, real_mnist(steps * BATCH), steps)
+    run()
+    t0 = time.perf_counter()
+    run()
+    wall = (time.perf_counter() - t0) / steps * 1000
+    logdir = Path(tempfile.mkdtemp())
+    tf.profiler.experimental.start(str(logdir))
+    run()
+    tf.profiler.experimental.stop()
+    by_kind = {}
+    for op_type, (ms, n) in read_trace(logdir, steps, kind=op_kind)[0].items():
+        by_kind[op_type] = [ms, n]
+    return {"wall_ms": wall, "by_kind": by_kind}
+
+
+def profile_processes(net, steps, contenders):
+    import json
+    import subprocess
+
+    got = {}
+    for name in contenders:
+        out = subprocess.run([sys.executable, __file__, "--one", name, "--profile", "--net", net, "--steps",
+                              str(steps), "--per-call", str(PER_CALL), "--set", *OVERRIDES],
+                             capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            raise SystemExit(f"{name} failed: {out.stderr[-2000:]}")
+        got[name] = json.loads(out.stdout.splitlines()[-1])
+    kinds = sorted({k for g in got.values() for k in g["by_kind"]},
+                   key=lambda k: -max(g["by_kind"].get(k, [0, 0])[0] for g in got.values()))
+    print(f"\nnetwork: {net}, batch {BATCH}; op time per training step (ms, summed over TensorFlow's compute "
+          f"threads, so above the wall time), one profiled epoch of {steps} steps after a warm-up one and a timed "
+          "one, each contender in a fresh process")
+    print("| part | " + " | ".join(f"{c} ms (ops)" for c in got) + " |")
+    print("| --- |" + " ---: |" * len(got))
+    for k in kinds:
+        cells = [got[c]["by_kind"].get(k, [0.0, 0]) for c in got]
+        print(f"| {k} | " + " | ".join(f"{ms:.2f} ({n:.0f})" for ms, n in cells) + " |")
+    print("| all ops | " + " | ".join(f"{sum(v[0] for v in g['by_kind'].values()):.2f} "
+                                      f"({sum(v[1] for v in g['by_kind'].values()):.0f})" for g in got.values())
+          + " |")
+    print("| wall time per step (the timed epoch) | " + " | ".join(f"{g['wall_ms']:.2f}" for g in got.values())
+          + " |")
 
 
 def bench_processes(net, steps, rounds, contenders, epochs=1):
@@ -351,12 +463,17 @@ def main():
     ap.add_argument("--contenders", default="convbn,keras,convbn-bf16,torch",
                     help="comma-separated, from: " + ", ".join(CONTENDERS))
     ap.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)  # a child process: one contender
+    ap.add_argument("--profile", action="store_true",
+                    help="op time per part of the step, contenders side by side, instead of timing")
     args = ap.parse_args()
     import json
     import os
 
     PER_CALL = args.per_call
     OVERRIDES[:] = args.set
+    if args.one and args.profile:
+        print(json.dumps(profile_contender(args.net, args.one, args.steps)))
+        return
     if args.one:
         try:
             rate = one_contender(args.net, args.one, args.steps, args.epochs)
@@ -369,8 +486,10 @@ def main():
 
     print(f"{peak.cpu_info()}; TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPUs")
     for net in (["mnist_bn", "classic"] if args.net == "both" else [args.net]):
-        if args.same_process:
-            bench(net, args.steps, args.rounds)
+        if args.profile:
+            profile_processes(net, args.steps, [c for c in args.contenders.split(",") if c])
+        elif args.same_process:
+            bench(net, args.steps, args.rounds, [c for c in args.contenders.split(",") if c])
         else:
             bench_processes(net, args.steps, args.rounds, [c for c in args.contenders.split(",") if c], args.epochs)
 

@@ -20,8 +20,9 @@ from kernel_ceiling import bare_network  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.model import build_model  # noqa: E402
 
-LAYERS = [  # every kind of layer kernel_ceiling rebuilds: pooling inside a conv block, 'valid' padding, a stride,
-    # a pool layer, a dense layer with BN and one with a bias, a BN without its scale
+LAYERS = [  # every kind of layer kernel_ceiling rebuilds: a crop, pooling inside a conv block, 'valid' padding, a
+    # stride, a pool layer, a dense layer with BN and one with a bias, a BN without its scale
+    {"type": "crop", "border": [1, 2]},
     {"type": "conv", "filters": 8, "kernel": 3, "padding": "valid", "pool": 2},
     {"type": "conv", "filters": 16, "kernel": 3, "stride": 2, "bn": {"scale": False}},
     {"type": "pool", "kind": "avg", "size": 2},
@@ -32,7 +33,7 @@ LAYERS = [  # every kind of layer kernel_ceiling rebuilds: pooling inside a conv
 ]
 
 
-@pytest.mark.parametrize("layers", [LAYERS, LAYERS[:3] + [{"type": "global_pool"}, LAYERS[-1]]],
+@pytest.mark.parametrize("layers", [LAYERS, LAYERS[:4] + [{"type": "global_pool"}, LAYERS[-1]]],
                          ids=["flatten", "global_pool"])
 def test_kernel_ceiling_bn_tier_is_convbns_model_in_training_mode(tmp_path, layers):
     cfg = load_config(raw=tiny_raw(tmp_path, **{"model.layers": layers}))
@@ -59,3 +60,42 @@ def test_kernel_ceiling_bn_tier_is_convbns_model_in_training_mode(tmp_path, laye
     got = forward(x).numpy()
     assert got.shape == want.shape == (32, 10)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_train_throughput_keras_network_is_convbns_network(tmp_path):
+    """The Keras contender must train the network convbn trains: the same trainable parameters layer by layer
+    (BN's gamma and beta included) and the same output, for mnist_bn and for a net that crops its input."""
+    import keras
+    from train_throughput import config, keras_layers
+
+    cropped = tiny_raw(tmp_path, **{"model.layers": [{"type": "crop", "border": 3}, *LAYERS]})
+    for cfg in (config("mnist_bn"), load_config(raw=cropped)):
+        ours = build_model(cfg)
+        theirs = keras.Sequential(keras_layers(cfg))
+        assert sorted(int(np.prod(w.shape)) for w in theirs.trainable_weights) == \
+            sorted(int(np.prod(w.shape)) for w in ours.trainable_weights)
+        assert theirs.output_shape == ours.output_shape
+
+
+@pytest.mark.parametrize("name, op_type, kind", [
+    # names as TensorFlow's profiler traces them (train_throughput.py --profile), Keras' and convbn's
+    ("StatefulPartitionedCall/gradient_tape/sequential_1/batch_normalization_1/batchnorm/RsqrtGrad", "RsqrtGrad",
+     "batch norm"),
+    ("while/body/_1/gradient_tape/while/convbn_1/dense1_bn_1/batchnorm/RsqrtGrad", "RsqrtGrad", "batch norm"),
+    ("while/body/_1/gradient_tape/while/convbn_1/dense1_bn_1/moments/GatherV2", "GatherV2", "batch norm"),
+    ("while/body/_1/gradient_tape/while/convbn_1/conv1_bn_1/FusedBatchNormGradV3", "_MklNativeFusedBatchNormGradV3",
+     "batch norm"),
+    ("while/body/_1/gradient_tape/while/convbn_1/conv1_1/convolution/Conv2DBackpropFilter",
+     "_MklNativeConv2DBackpropFilter", "convolutions"),
+    ("StatefulPartitionedCall/gradient_tape/sequential_1/re_lu_1/ReluGrad", "ReluGrad", "ReLU"),
+    ("StatefulPartitionedCall/gradient_tape/sequential_1/dense_1/MatMul/MatMul", "_MklMatMul", "dense"),
+    ("while/body/_1/while/convbn_1/pool1_1/MaxPool2d", "_MklNativeMaxPool", "pooling"),
+    ("StatefulPartitionedCall/adam/Add_1", "AddV2", "optimizer"),
+    ("while/body/_1/while/GatherV2", "GatherV2", "feeding"),
+    ("while/body/_1/gradient_tape/while/categorical_crossentropy/softmax_cross_entropy_with_logits/mul", "Mul",
+     "loss"),
+])
+def test_train_throughput_profile_puts_each_op_in_its_part(name, op_type, kind):
+    from train_throughput import op_kind
+
+    assert op_kind(name, op_type).startswith(kind)

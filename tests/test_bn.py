@@ -212,6 +212,40 @@ def test_folding_keeps_the_bn_of_a_block_that_pools_before_it(tmp_path):
     np.testing.assert_allclose(folded(x, training=False), model(x, training=False), atol=1e-4)
 
 
+def test_a_crop_layer_drops_the_border_in_the_model_and_its_export(tmp_path):
+    """`{type: crop, border: b}` plans (and builds) the centre (28 - 2b)^2 of the image: pixels in the border change
+    nothing, one inside does; the BN after the conv still folds, and the folded model computes the same."""
+    from convbn_cli.config import plan_layers
+    from convbn_cli.errors import ConfigError
+    from convbn_cli.model.fold import standard_model
+
+    keras.utils.set_random_seed(0)
+    raw = tiny_raw(tmp_path)
+    raw["model"]["layers"].insert(0, {"type": "crop", "border": [2, 3]})
+    cfg = load_config(raw=raw)
+    plan = plan_layers(cfg)
+    assert [p.out_shape for p in plan[:2]] == [(24, 22, 1), (12, 11, 4)]
+    model = build_model(cfg)
+    assert tuple(model.get_layer(plan[0].name).output.shape[1:]) == (24, 22, 1)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(size=(8, 28, 28, 1)).astype(np.float32)
+    for _ in range(3):
+        model(x, training=True)  # moving statistics away from (0, 1)
+    border, inside = x.copy(), x.copy()
+    border[:, :2] = border[:, -2:] = border[:, :, :3] = border[:, :, -3:] = 0.5
+    inside[:, 2, 3:25] = 1.0 - inside[:, 2, 3:25]  # the first row of the centre
+    base = model(x, training=False).numpy()
+    np.testing.assert_array_equal(model(border, training=False).numpy(), base)
+    assert np.abs(model(inside, training=False).numpy() - base).max() > 1e-4  # ~7e-3: well above float noise
+    folded, folded_names, _ = standard_model(model, fold_bn=True)
+    assert "conv1_bn" in folded_names
+    np.testing.assert_allclose(folded(x, training=False), base, atol=1e-4)
+    raw["model"]["layers"][0]["border"] = 14
+    with pytest.raises(ConfigError, match=r"model.layers\[0\] \(crop1\): border 14x14 leaves nothing of its "
+                                          r"28x28 input"):
+        plan_layers(load_config(raw=raw))
+
+
 def test_the_runs_listing_names_a_block_that_pools_before_bn():
     from convbn_cli.runs.listing import architecture
 
@@ -219,6 +253,9 @@ def test_the_runs_listing_names_a_block_that_pools_before_bn():
             "model.layers[1].type": "conv", "model.layers[1].filters": 48, "model.layers[1].pool": 1,
             "model.layers[2].type": "flatten", "model.layers[3].type": "dense", "model.layers[3].units": 10}
     assert architecture(flat) == "c16p-c48-d10"
+    cropped = {"model.layers[0].type": "crop", "model.layers[0].border[0]": 3, "model.layers[0].border[1]": 3,
+               **{k.replace(f"[{i}]", f"[{i + 1}]"): v for i in (3, 2, 1, 0) for k, v in flat.items() if f"[{i}]" in k}}
+    assert architecture(cropped) == "cr3-c16p-c48-d10"
 
 
 @pytest.mark.parametrize("kernel, padding, size, pooled_size", [(3, "same", 28, 14), (2, "valid", 27, 13)])

@@ -62,7 +62,7 @@ BAD = [
       "padding, dilation, activation, bn, pool)"]),
     (with_changes(("model.layers[1].type", "convv")),
      ["model.layers[1].type: unknown layer type 'convv'; did you mean conv? (expected one of: conv, pool, dropout, "
-      "flatten, global_pool, dense)"]),
+      "flatten, global_pool, dense, crop)"]),
     (with_changes(("model.layers[0].bn", "7")),
      ["model.layers[0].bn: must be true, false or a mapping of BN settings, got 7"]),
     (with_changes(("model.layers[0].bn.center", "'yes'")),

@@ -20,6 +20,9 @@ def keras_layer(planned, data_format: str, dtype):
         return conv(spec.filters, tuple(spec.kernel), strides=tuple(spec.stride), padding=spec.padding,
                     dilation_rate=tuple(spec.dilation), use_bias=planned.use_bias, data_format=data_format,
                     name=name, dtype=dtype)
+    if spec.type == "crop":
+        (bh, bw) = spec.border
+        return keras.layers.Cropping2D(((bh, bh), (bw, bw)), data_format=data_format, name=name, dtype=dtype)
     if spec.type == "pool":
         pool = keras.layers.MaxPooling2D if spec.kind == "max" else keras.layers.AveragePooling2D
         return pool(tuple(spec.size), strides=tuple(spec.stride or spec.size), padding=spec.padding,

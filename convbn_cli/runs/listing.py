@@ -26,8 +26,8 @@ SORT_KEYS = {"run": "run", "date": "date", "test": "test_acc", "val": "val_acc",
 
 def architecture(config: dict) -> str:
     """The layers in one short word, `c12-p-c24-p-c48-g-d10`: c = conv (filters, `/2` for stride 2, `p` when it
-    pools before its BN), p = pool,
-    g = global pool, dr = dropout, d = dense (units); flatten is implied."""
+    pools before its BN), p = pool, g = global pool, dr = dropout, d = dense (units), cr = crop (its border);
+    flatten is implied."""
     parts, i = [], 0
     while f"{LAYER_KEYS}{i}].type" in config:
         at = f"{LAYER_KEYS}{i}]."
@@ -38,6 +38,8 @@ def architecture(config: dict) -> str:
             parts.append(f"c{config.get(at + 'filters')}{strided}" + ("p" if config.get(at + "pool", 1) != 1 else ""))
         elif kind == "dense":
             parts.append(f"d{config.get(at + 'units')}")
+        elif kind == "crop":
+            parts.append(f"cr{config.get(at + 'border[0]', config.get(at + 'border', 1))}")
         elif kind != "flatten":
             parts.append({"pool": "p", "global_pool": "g", "dropout": "dr"}.get(kind, str(kind)))
         i += 1
