@@ -8,8 +8,11 @@ batch statistics in every step and the trace subscriber itself (train/trace.py's
 call, sampling every `output.bn_trace` steps as in training. Rounds alternate: each side runs a block of calls that
 holds exactly one sample (`every` steps), the ratio is the median of the per-round ratios of the blocks' times.
 Not counted: the trace file's write once per epoch and its two pictures at the end of the run.
+`--tensorboard`: the trace side also writes each sample's TensorBoard summaries (train/events.py's TensorBoard
+subscriber listening to the trace, as in training, where TensorBoard is always on), to a temporary folder.
 
     python bench/bn_trace_cost.py [--config configs/mnist_bn.yaml] [--set KEY=VALUE ...] [--every N] [--rounds 10]
+                                  [--tensorboard]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_side(config, overrides, traced: bool):
+def make_side(config, overrides, traced: bool, tensorboard: bool = False):
     """(block(): seconds for one block of calls, description, steps per block) for one side."""
     import tensorflow as tf
 
@@ -45,6 +48,14 @@ def make_side(config, overrides, traced: bool):
     if traced:
         tracer = BNTrace()
         tracer.on_start(trainer)  # a fresh run: the subscriber's own set-up, nothing read from disk
+        if tensorboard:
+            from types import SimpleNamespace
+
+            from convbn_cli.train.events import TensorBoard
+
+            # its set-up reads only the config and the run's tensorboard folder: a temporary one
+            run = SimpleNamespace(tensorboard=Path(tempfile.mkdtemp()))
+            TensorBoard(bn_trace=tracer).on_start(SimpleNamespace(cfg=cfg, run=run))
     else:
         for bn in bn_layers(trainer.model):
             object.__delattr__(bn, ATTRIBUTE)  # before the first trace of the step: it keeps nothing
@@ -66,7 +77,7 @@ def make_side(config, overrides, traced: bool):
         trainer.sums["loss"].numpy()  # wait for the last call
         return time.perf_counter() - t0
 
-    label = "on" if traced else "off"
+    label = ("on, with TensorBoard's summaries" if tensorboard else "on") if traced else "off"
     return block, f"trace {label} ({Path(config).name} {' '.join(overrides)}, every {every} steps)", calls * k
 
 
@@ -76,6 +87,7 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--every", type=int, default=None, help="output.bn_trace (default: the config's)")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--tensorboard", action="store_true", help="the trace side writes TensorBoard's bn/ summaries")
     args = ap.parse_args()
     from convbn_cli.tf_setup import import_tensorflow
 
@@ -84,7 +96,8 @@ def main():
     from peak import cpu_info
 
     overrides = [*args.set, *([f"output.bn_trace={args.every}"] if args.every else [])]
-    sides = [make_side(args.config, overrides, traced=False), make_side(args.config, overrides, traced=True)]
+    sides = [make_side(args.config, overrides, traced=False),
+             make_side(args.config, overrides, traced=True, tensorboard=args.tensorboard)]
     for block, *_ in sides:  # warm-up: tracing and the first execution of every kernel
         block()
     times = [[], []]

@@ -124,6 +124,34 @@ def test_tensorboard_has_the_traces_lag_and_statistics_at_its_steps(tmp_path, sy
     assert len(kept) == 4 and not any(np.any(v) for v in kept)  # without the trace no step wrote them
 
 
+def test_tensorboard_writes_each_trace_sample_in_one_compiled_call(tmp_path):
+    """The ~5 summaries per BN layer of a sample go through one tf.function, traced once for the run: written
+    eagerly they cost ~10x more, inside the timed epochs (BENCHMARKS.md, "The BN trace's cost")."""
+    from types import SimpleNamespace
+
+    from convbn_cli.runs.bn_trace import QUANTITIES
+    from convbn_cli.train.events import TensorBoard
+
+    tracer = SimpleNamespace(listeners=[])
+    board = TensorBoard(bn_trace=tracer)
+    cfg = load_config(raw=tiny_raw(tmp_path))
+    board.on_start(SimpleNamespace(cfg=cfg, run=SimpleNamespace(tensorboard=tmp_path / "tb")))
+    assert tracer.listeners == [board.on_bn_sample]
+    rng = np.random.default_rng(0)
+    samples = {step: {n: {q: rng.uniform(0.5, 2.0, c).astype(np.float32) for q in QUANTITIES}
+                      for n, c in (("conv1_bn", 4), ("conv2_bn", 6))} for step in (20, 40, 60)}
+    for step, values in samples.items():
+        board.on_bn_sample(step, values)
+    assert board.write_bn_sample.experimental_get_tracing_count() == 1
+    board.train.flush()
+    events = _events(tmp_path / "tb" / "train")
+    for name in ("conv1_bn", "conv2_bn"):
+        assert sorted(events[f"bn/{name}/lag_mean"]) == [20, 40, 60]
+        written = events[f"bn/{name}/moving_variance"][40]
+        assert written[:, 2].sum() == len(samples[40][name]["moving_variance"])
+        assert written[-1, 1] == pytest.approx(samples[40][name]["moving_variance"].max(), rel=1e-6)
+
+
 def test_the_trace_across_a_resume_in_the_middle_of_an_epoch(tmp_path, synthetic):
     """Interrupted at step 22 of 32 (epoch 2), resumed: every step once, the numbers as if never interrupted. A
     sample past the checkpoint left in the file (a kill between the trace's write and the checkpoint) is dropped."""

@@ -161,6 +161,7 @@ class TensorBoard(Subscriber):
     moving_variance and batch_mean. The trace's own read of the device serves both."""
 
     train = val = None
+    write_bn_sample = None  # the compiled writer of one BN trace sample (on_start)
 
     def __init__(self, bn_trace=None):
         self.bn_trace = bn_trace
@@ -185,20 +186,33 @@ class TensorBoard(Subscriber):
             raise
         if self.bn_trace is not None:
             self.bn_trace.listeners.append(self.on_bn_sample)
+            # A sample's ~5 summaries per BN layer in one compiled call: run eagerly, tf.summary.histogram's
+            # bucketing goes op by op (~60 ms a sample for mnist_bn's five layers against ~6 ms traced once,
+            # BENCHMARKS.md "The BN trace's cost"), and the trace samples inside the timed epochs.
+            self.write_bn_sample = tf.function(self._write_bn_sample)
 
     def on_bn_sample(self, step, values):
         """One BN trace sample ({layer: {quantity: (C,)}} at `step`): the class docstring's bn/ tags."""
         if self.train is None:
             return
         sample = one_sample(step, values)
+        scalars, histograms = {}, {}
+        for name, arrays in values.items():
+            gaps = lag(sample, name)
+            for key in ("mean", "variance"):
+                scalars[f"bn/{name}/lag_{key}"] = np.float32(gaps[key][0])
+            for q in BN_HISTOGRAMS:
+                histograms[f"bn/{name}/{q}"] = arrays[q]
         # several summaries per sample fill the writer's queue: a write may flush, and meet a full disk, here
-        with writing(self.folder), self.train.as_default(step=step):
-            for name, arrays in values.items():
-                gaps = lag(sample, name)
-                for key in ("mean", "variance"):
-                    tf.summary.scalar(f"bn/{name}/lag_{key}", float(gaps[key][0]))
-                for q in BN_HISTOGRAMS:
-                    tf.summary.histogram(f"bn/{name}/{q}", arrays[q])
+        with writing(self.folder):
+            self.write_bn_sample(tf.constant(step, tf.int64), scalars, histograms)
+
+    def _write_bn_sample(self, step, scalars, histograms):
+        with self.train.as_default(step=step):
+            for tag, value in scalars.items():
+                tf.summary.scalar(tag, value)
+            for tag, value in histograms.items():
+                tf.summary.histogram(tag, value)
 
     def on_epoch_start(self, trainer, epoch):
         self.previous = dict(ZERO_SUMS)  # the sums restart with every epoch
