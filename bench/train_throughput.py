@@ -210,10 +210,11 @@ def torch_contender(cfg, arrays, steps):
     torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
     layers, c, hw, flat = [], 1, 28, None
     for s in cfg.model.layers:
+        if s.type == "crop" and s.border[0] != s.border[1] or s.type == "conv" and (s.pool > 1 or s.stride != [1, 1]):
+            raise ValueError("the torch contender builds square crops and stride-1 convs without in-block pooling")
         if s.type == "crop":
-            (bh, bw) = s.border
-            layers.append(nn.ZeroPad2d((-bw, -bw, -bh, -bh)))  # negative padding crops
-            hw -= 2 * bh
+            layers.append(nn.ZeroPad2d(-s.border[0]))  # negative padding crops
+            hw -= 2 * s.border[0]
         elif s.type == "conv":
             k = s.kernel[0]
             layers += [nn.Conv2d(c, s.filters, k, padding=k // 2 if s.padding == "same" else 0, bias=False),
@@ -283,7 +284,8 @@ def bench(net, steps, rounds, names):
     for name in contenders:
         if name != "keras" and "keras" in med:
             print(f"  {name} / keras model.fit: {med[name] / med['keras']:.2f}x"
-                  + (f";  {name} / torch eager: {med[name] / med['torch']:.2f}x" if "torch" in med else ""))
+                  + (f";  {name} / torch eager: {med[name] / med['torch']:.2f}x"
+                     if "torch" in med and name != "torch" else ""))
     return med
 
 
@@ -353,13 +355,11 @@ def profile_contender(net, name, steps) -> dict:
     t0 = time.perf_counter()
     run()
     wall = (time.perf_counter() - t0) / steps * 1000
-    logdir = Path(tempfile.mkdtemp())
-    tf.profiler.experimental.start(str(logdir))
-    run()
-    tf.profiler.experimental.stop()
-    by_kind = {}
-    for op_type, (ms, n) in read_trace(logdir, steps, kind=op_kind)[0].items():
-        by_kind[op_type] = [ms, n]
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        run()
+        tf.profiler.experimental.stop()
+        by_kind = {kind: [ms, n] for kind, (ms, n) in read_trace(Path(logdir), steps, kind=op_kind)[0].items()}
     return {"wall_ms": wall, "by_kind": by_kind}
 
 
@@ -368,7 +368,9 @@ def profile_processes(net, steps, contenders):
     import subprocess
 
     got = {}
-    for name in contenders:
+    if "torch" in contenders:
+        print("--profile: torch left out (TensorFlow's profiler sees TensorFlow contenders only)")
+    for name in [c for c in contenders if c != "torch"]:
         out = subprocess.run([sys.executable, __file__, "--one", name, "--profile", "--net", net, "--steps",
                               str(steps), "--per-call", str(PER_CALL), "--set", *OVERRIDES],
                              capture_output=True, text=True, timeout=1800)

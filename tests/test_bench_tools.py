@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from kernel_ceiling import bare_network  # noqa: E402
 
 from convbn_cli.config import load_config  # noqa: E402
-from convbn_cli.model import build_model  # noqa: E402
+from convbn_cli.model import bn_layers, build_model  # noqa: E402
 
 LAYERS = [  # every kind of layer kernel_ceiling rebuilds: a crop, pooling inside a conv block, 'valid' padding, a
     # stride, a pool layer, a dense layer with BN and one with a bias, a BN without its scale
@@ -63,18 +63,32 @@ def test_kernel_ceiling_bn_tier_is_convbns_model_in_training_mode(tmp_path, laye
 
 
 def test_train_throughput_keras_network_is_convbns_network(tmp_path):
-    """The Keras contender must train the network convbn trains: the same trainable parameters layer by layer
-    (BN's gamma and beta included) and the same output, for mnist_bn and for a net that crops its input."""
+    """The Keras contender must train the network convbn trains: the same weights layer by layer (BN's gamma and
+    beta only where the config keeps them), the same BN settings, and with convbn's weights copied in, the same
+    logits in inference, for mnist_bn and for a net that crops its input (and pools inside a block, strides, turns
+    a BN off and drops a BN's scale)."""
     import keras
     from train_throughput import config, keras_layers
 
+    from convbn_cli.config import plan_layers
+
     cropped = tiny_raw(tmp_path, **{"model.layers": [{"type": "crop", "border": 3}, *LAYERS]})
+    rng = np.random.default_rng(0)
     for cfg in (config("mnist_bn"), load_config(raw=cropped)):
         ours = build_model(cfg)
         theirs = keras.Sequential(keras_layers(cfg))
-        assert sorted(int(np.prod(w.shape)) for w in theirs.trainable_weights) == \
-            sorted(int(np.prod(w.shape)) for w in ours.trainable_weights)
-        assert theirs.output_shape == ours.output_shape
+        bns = [layer for layer in theirs.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        assert [(b.momentum, b.epsilon, b.center, b.scale) for b in bns] == \
+            [(p.bn.decay, p.bn.epsilon, p.bn.center, p.bn.scale) for p in plan_layers(cfg) if p.bn is not None]
+        x = rng.uniform(size=(16, 28, 28, 1)).astype("float32")
+        for _ in range(3):
+            ours(x, training=True)  # moving statistics away from (0, 1)
+        for bn in bn_layers(ours):  # gammas of both signs: a max-pool commutes only with an increasing BN
+            for v in (bn.gamma, bn.beta):
+                if v is not None:
+                    v.assign(rng.uniform(-1.5, 1.5, size=v.shape).astype("float32"))
+        theirs.set_weights(ours.get_weights())  # refused unless every weight's shape matches, in order
+        np.testing.assert_allclose(theirs(x, training=False), ours(x, training=False), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name, op_type, kind", [

@@ -256,6 +256,7 @@ def test_the_runs_listing_names_a_block_that_pools_before_bn():
     cropped = {"model.layers[0].type": "crop", "model.layers[0].border[0]": 3, "model.layers[0].border[1]": 3,
                **{k.replace(f"[{i}]", f"[{i + 1}]"): v for i in (3, 2, 1, 0) for k, v in flat.items() if f"[{i}]" in k}}
     assert architecture(cropped) == "cr3-c16p-c48-d10"
+    assert architecture({**cropped, "model.layers[0].border[1]": 2}) == "cr3x2-c16p-c48-d10"
 
 
 @pytest.mark.parametrize("kernel, padding, size, pooled_size", [(3, "same", 28, 14), (2, "valid", 27, 13)])

@@ -39,7 +39,9 @@ def architecture(config: dict) -> str:
         elif kind == "dense":
             parts.append(f"d{config.get(at + 'units')}")
         elif kind == "crop":
-            parts.append(f"cr{config.get(at + 'border[0]', config.get(at + 'border', 1))}")
+            bh = config.get(at + "border[0]", config.get(at + "border", 1))
+            bw = config.get(at + "border[1]", bh)
+            parts.append(f"cr{bh}" if bw == bh else f"cr{bh}x{bw}")
         elif kind != "flatten":
             parts.append({"pool": "p", "global_pool": "g", "dropout": "dr"}.get(kind, str(kind)))
         i += 1
