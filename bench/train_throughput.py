@@ -148,42 +148,23 @@ def convbn_tfdata_contender(cfg, arrays, steps, precision="float32"):
 
 
 def keras_layers(cfg):
-    """The same network as plain Keras layers: Conv2D + BatchNormalization + ReLU, as people write it (the conv's
-    bias only where the block has no BN; a block that pools before its BN as Conv2D, MaxPooling2D, BN, ReLU)."""
+    """The same network as plain Keras layers, as people write it: each planned layer's own Keras layer (Conv2D,
+    Dense, pooling, Cropping2D... as convbn's builder makes them, model/layers.py), then Keras'
+    BatchNormalization where convbn has its BN, then the activation (a block that pools before its BN: Conv2D,
+    MaxPooling2D, BN, ReLU)."""
     from convbn_cli.config import plan_layers
+    from convbn_cli.model.layers import keras_layer
 
     out = [keras.Input((28, 28, 1))]
-
-    def bn_act(p):
+    for p in plan_layers(cfg):
+        out.append(keras_layer(p, "channels_last", None))
+        if getattr(p.spec, "pool", 1) > 1:
+            out.append(keras.layers.MaxPooling2D(p.spec.pool))
         if p.bn is not None:
             out.append(keras.layers.BatchNormalization(momentum=p.bn.decay, epsilon=p.bn.epsilon, center=p.bn.center,
                                                        scale=p.bn.scale))
-        if p.spec.activation:
-            act = p.spec.activation
-            out.append(keras.layers.ReLU() if act == "relu" else keras.layers.Activation(act))
-
-    for p in plan_layers(cfg):
-        s = p.spec
-        if s.type == "crop":
-            out.append(keras.layers.Cropping2D(((s.border[0],) * 2, (s.border[1],) * 2)))
-        elif s.type == "conv":
-            out.append(keras.layers.Conv2D(s.filters, tuple(s.kernel), strides=tuple(s.stride), padding=s.padding,
-                                           dilation_rate=tuple(s.dilation), use_bias=p.use_bias))
-            if s.pool > 1:
-                out.append(keras.layers.MaxPooling2D(s.pool))
-            bn_act(p)
-        elif s.type == "pool":
-            pool = keras.layers.MaxPooling2D if s.kind == "max" else keras.layers.AveragePooling2D
-            out.append(pool(tuple(s.size), strides=tuple(s.stride or s.size), padding=s.padding))
-        elif s.type == "global_pool":
-            out.append(keras.layers.GlobalAveragePooling2D() if s.kind == "avg" else keras.layers.GlobalMaxPooling2D())
-        elif s.type == "flatten":
-            out.append(keras.layers.Flatten())
-        elif s.type == "dropout":
-            out.append(keras.layers.Dropout(s.rate))
-        elif s.type == "dense":
-            out.append(keras.layers.Dense(s.units, use_bias=p.use_bias))
-            bn_act(p)
+        if p.activation:
+            out.append(keras.layers.Activation(p.activation))
     return out
 
 
@@ -363,17 +344,23 @@ def profile_contender(net, name, steps) -> dict:
     return {"wall_ms": wall, "by_kind": by_kind}
 
 
+def run_child(name, net, steps, *extra):
+    """This script in a fresh process for one contender (`--one`): its finished subprocess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, __file__, "--one", name, "--net", net, "--steps", str(steps), *extra,
+                           "--per-call", str(PER_CALL), "--set", *OVERRIDES], capture_output=True, text=True,
+                          timeout=1800)
+
+
 def profile_processes(net, steps, contenders):
     import json
-    import subprocess
 
     got = {}
     if "torch" in contenders:
         print("--profile: torch left out (TensorFlow's profiler sees TensorFlow contenders only)")
     for name in [c for c in contenders if c != "torch"]:
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--profile", "--net", net, "--steps",
-                              str(steps), "--per-call", str(PER_CALL), "--set", *OVERRIDES],
-                             capture_output=True, text=True, timeout=1800)
+        out = run_child(name, net, steps, "--profile")
         if out.returncode != 0:
             raise SystemExit(f"{name} failed: {out.stderr[-2000:]}")
         got[name] = json.loads(out.stdout.splitlines()[-1])
@@ -396,7 +383,6 @@ def profile_processes(net, steps, contenders):
 
 def bench_processes(net, steps, rounds, contenders, epochs=1):
     import json
-    import subprocess
 
     import peak
 
@@ -410,9 +396,7 @@ def bench_processes(net, steps, rounds, contenders, epochs=1):
         order = available if r % 2 == 0 else available[::-1]
         got = {}
         for name in order:
-            out = subprocess.run([sys.executable, __file__, "--one", name, "--net", net, "--steps", str(steps),
-                                  "--epochs", str(epochs), "--per-call", str(PER_CALL), "--set", *OVERRIDES],
-                                 capture_output=True, text=True, timeout=1800)
+            out = run_child(name, net, steps, "--epochs", str(epochs))
             if out.returncode == 3:  # not installed (torch)
                 available.remove(name)
                 continue
