@@ -321,6 +321,53 @@ def test_flip_mirrors_about_half_the_images_and_keeps_the_other_draws(synthetic)
     assert not np.allclose(both[mirrored], plain[mirrored], atol=1e-2)
 
 
+def test_zoom_scales_each_image_about_its_centre_and_keeps_the_other_draws():
+    import tensorflow as tf
+
+    from convbn_cli.data.pipeline import augment
+
+    yy, xx = np.mgrid[0:28, 0:28] - 13.5
+    blob = np.exp(-(xx**2 + yy**2) / (2 * 3.0**2)) * 255  # a round blob at the centre, 3 px wide
+    x = tf.constant(np.repeat(blob[None, :, :, None], 64, 0), tf.float32)
+    seed = tf.constant([3, 4], tf.int64)
+
+    def spread_and_centre(batch):
+        m = batch.numpy()[..., 0]
+        w = m / m.sum(axis=(1, 2), keepdims=True)
+        cy, cx = (w * yy).sum(axis=(1, 2)), (w * xx).sum(axis=(1, 2))
+        spread = np.sqrt((w * ((yy - cy[:, None, None])**2 + (xx - cx[:, None, None])**2)).sum(axis=(1, 2)))
+        return spread, np.stack([cy, cx], 1)
+
+    s0, _ = spread_and_centre(x)
+    zoomed, _ = spread_and_centre(augment(x, 0.0, 0.0, seed, zoom=0.2))
+    ratio = zoomed / s0  # each blob's width scaled by the drawn factor, within [0.8, 1.2]
+    assert ratio.min() > 0.79 and ratio.max() < 1.21 and ratio.min() < 0.9 and ratio.max() > 1.1
+    np.testing.assert_allclose(augment(x, 0.1, 10, seed, zoom=0.0), augment(x, 0.1, 10, seed))  # off: unchanged
+    # with shifts too: each blob lands where the same seed's shift puts it without the zoom (scaled about the centre)
+    _, shifted = spread_and_centre(augment(x, 0.1, 10, seed))
+    _, both = spread_and_centre(augment(x, 0.1, 10, seed, zoom=0.2))
+    np.testing.assert_allclose(both, shifted, atol=0.05)
+    assert np.abs(shifted).max() > 1
+
+
+def test_config_zoom_reaches_the_training_batches(synthetic, tmp_path):
+    import tensorflow as tf
+
+    from conftest import tiny_raw
+    from convbn_cli.config import load_config
+    from convbn_cli.data.pipeline import batch_loader, make_splits
+
+    def first_batch(augment):
+        cfg = load_config(raw=tiny_raw(tmp_path, **{"data.augment": augment}))
+        load = batch_loader(make_splits(synthetic, cfg), cfg)
+        return load(tf.constant(0, tf.int64), tf.constant(0), tf.range(16))[0].numpy()
+
+    plain = first_batch({"shift": 0.1})
+    assert np.array_equal(plain, first_batch({"shift": 0.1, "zoom": 0.0}))
+    assert not np.allclose(plain, first_batch({"shift": 0.1, "zoom": 0.2}), atol=1e-2)
+    assert not np.allclose(first_batch(None), first_batch({"zoom": 0.2}), atol=1e-2)  # zoom alone augments
+
+
 def test_pipelines_do_not_autotune(synthetic):
     # tf.data's autotuning made the next epoch wait up to a minute for its optimization thread (BENCHMARKS.md)
     from conftest import tiny_raw

@@ -303,6 +303,7 @@ Layer = Annotated[
 class Augment(Strict):
     shift: In(0, 0.5) = 0.0  # largest random shift, as a fraction of height and width
     rotation: In(0, 180) = 0.0  # largest random rotation, degrees
+    zoom: In(0, 0.5) = 0.0  # largest random change of scale: each image scaled by a factor in [1 - zoom, 1 + zoom]
     flip: bool = False  # mirror half the images left-right (clothes: yes; digits: no, a mirrored 2 is not a 2)
 
 

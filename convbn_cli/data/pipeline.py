@@ -114,10 +114,10 @@ def batch_loader(splits: Splits, cfg: Config):
 
     def load(epoch, i, idx):
         x = tf.cast(tf.gather(x_all, idx), tf.float32)
-        if aug is not None and (aug.shift > 0 or aug.rotation > 0 or aug.flip):
+        if aug is not None and (aug.shift > 0 or aug.rotation > 0 or aug.zoom > 0 or aug.flip):
             # before normalizing, so that the uncovered border is filled with black (0), as in the images
             stateless = tf.stack([tf.cast(seed, tf.int64) * 100003 + tf.cast(epoch, tf.int64), tf.cast(i, tf.int64)])
-            x = augment(x, aug.shift, aug.rotation, stateless, aug.flip)
+            x = augment(x, aug.shift, aug.rotation, stateless, aug.flip, aug.zoom)
         return norm(x), tf.gather(y_all, idx)
 
     return load
@@ -147,9 +147,9 @@ def eval_dataset(splits: Splits, cfg: Config, split: str, batch_size: int | None
     return steady(ds.map(lambda a, b: (norm(a), b), num_parallel_calls=PARALLEL_CALLS).prefetch(PREFETCH))
 
 
-def augment(x, shift: float, rotation_deg: float, seed, flip: bool = False):
-    """Random shift and rotation (and with `flip`, a left-right mirror of half the images) of a batch (N, H, W, C),
-    from a stateless seed.
+def augment(x, shift: float, rotation_deg: float, seed, flip: bool = False, zoom: float = 0.0):
+    """Random shift, rotation and (with `zoom`) scaling about the centre, and with `flip` a left-right mirror of
+    half the images, of a batch (N, H, W, C), from a stateless seed.
 
     Keras' RandomTranslation/RandomRotation draw from a seed generator whose state a resumed run would
     not replay; this builds the same kind of affine transform from stateless draws and applies it with
@@ -164,6 +164,10 @@ def augment(x, shift: float, rotation_deg: float, seed, flip: bool = False):
     cx, cy = (w - 1) / 2, (h - 1) / 2
     # Output pixel (u, v) reads input R^-1 ((u, v) - c - d) + c: rotate about the centre, then shift by d.
     a0, a1, b0, b1 = cos, sin, -sin, cos
+    if zoom:  # scale by s about the centre: read the input at R^-1 (...) / s; a seed of its own, as for flips
+        scale = 1.0 + zoom * tf.random.stateless_uniform([n], seed=seed + tf.constant([0, 2 << 40], tf.int64),
+                                                          minval=-1.0, maxval=1.0)
+        a0, a1, b0, b1 = a0 / scale, a1 / scale, b0 / scale, b1 / scale
     if flip:  # read the input's x mirrored about the centre: x -> -x in the centred coordinates
         # a seed of its own, so that the shift and rotation draws are those of the same seed without flips
         mirror = tf.random.stateless_uniform([n], seed=seed + tf.constant([0, 1 << 40], tf.int64)) < 0.5
