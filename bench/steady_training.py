@@ -92,8 +92,8 @@ def main():
     from convbn_cli.data.pipeline import make_splits, train_dataset
     from convbn_cli.model import build_model
     from convbn_cli.train import distribute
-    from convbn_cli.train.loop import make_train_step
     from convbn_cli.train.optim import make_optimizer
+    from convbn_cli.train.steps import make_train_step
 
     cfg = load_config(ROOT / "configs" / "mnist_bn.yaml", [f"data.batch_size={BATCH}", "data.val_split=0",
                                                            "train.schedule.name=constant"])

@@ -19,7 +19,7 @@ other does not (TensorFlow contenders only).
 
 Contenders:
   convbn   convbn's trainer: FusedBatchNorm on conv layers, `--per-call` steps per compiled call (default 10), the
-           batches gathered inside the graph from the images in memory (train/loop.py, make_in_graph_steps)
+           batches gathered inside the graph from the images in memory (train/steps.py, make_in_graph_steps)
   convbn-tfdata  convbn's compiled step, one call per step, fed by its tf.data pipeline (the trainer before
            issue 16; still its path under a tf.distribute strategy)
   convbn-bf16  `convbn` with train.precision: mixed_bfloat16 (bfloat16 compute, float32 variables and BN stats)
@@ -52,8 +52,8 @@ import numpy as np  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.data.pipeline import batch_loader, epoch_order, make_splits, train_dataset  # noqa: E402
 from convbn_cli.model import build_model  # noqa: E402
-from convbn_cli.train.loop import make_in_graph_steps, make_train_step  # noqa: E402
 from convbn_cli.train.optim import make_optimizer  # noqa: E402
+from convbn_cli.train.steps import make_in_graph_steps, make_train_step  # noqa: E402
 
 BATCH = 128
 

@@ -315,7 +315,7 @@ REPLICAS = textwrap.dedent("""
     from convbn_cli.model.batch_trace import batch_variables, keep_batch_statistics
     from convbn_cli.model.bn import bn_layers
     from convbn_cli.train import distribute
-    from convbn_cli.train.loop import make_train_step
+    from convbn_cli.train.steps import make_train_step
     from convbn_cli.train.optim import make_optimizer
 
     def config(sync_bn):

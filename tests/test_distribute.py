@@ -27,7 +27,7 @@ ONE_STEP = textwrap.dedent("""
     from convbn_cli.config import load_config, plan_layers
     from convbn_cli.model import build_model
     from convbn_cli.train import distribute
-    from convbn_cli.train.loop import make_train_step
+    from convbn_cli.train.steps import make_train_step
     from convbn_cli.train.optim import make_optimizer
 
     DECAY = 0.5

@@ -38,6 +38,7 @@ from ..runs.provenance import provenance
 from ..runs.rundir import best_row, moving_val_acc
 from . import distribute, events, final
 from .optim import current_lr, make_optimizer
+from .steps import distributed_batches, make_in_graph_steps, make_train_step
 from .validation import unvalidated, validation_fields
 
 
@@ -392,7 +393,7 @@ class Trainer:
     def calls(self, epoch):
         """Run the epoch's training steps (from `skip` on), one compiled call at a time; yield the steps of each."""
         if self.train_steps is None:  # a tf.distribute strategy: its dataset hands each replica its slice
-            for x, y in _distributed(self.strategy, train_dataset(self.splits, self.cfg, epoch, self.skip,
+            for x, y in distributed_batches(self.strategy, train_dataset(self.splits, self.cfg, epoch, self.skip,
                                                                   self.global_batch)):
                 self.train_step(x, y)
                 yield 1
@@ -527,70 +528,3 @@ class Trainer:
         if self._stats_step != step:
             self._stats, self._stats_step = bn_statistics(self.model), step
         return self._stats
-
-
-def make_train_step(model, optimizer, train_cfg, strategy=None, global_batch=None):
-    """(train_step(x, y), sums): one compiled optimization step that also adds to running loss/accuracy sums.
-
-    Under a tf.distribute strategy each replica averages its per-example losses over the *global* batch
-    (tf.nn.compute_average_loss), so the gradients the optimizer all-reduces add up to the gradient of the
-    global batch's mean loss: the same step one device would take on the whole batch.
-    The sums live in variables (summed across replicas when read), so reading them every PROGRESS_EVERY
-    steps is the only host sync.
-    """
-    strategy = strategy or tf.distribute.get_strategy()
-    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=train_cfg.label_smoothing,
-                                                   reduction=None)
-    sums = {k: tf.Variable(0.0, dtype=tf.float64, trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                           aggregation=tf.VariableAggregation.SUM) for k in ("loss", "ce", "correct", "count")}
-
-    def replica_step(x, y):
-        with tf.GradientTape() as tape:
-            logits = model(x, training=True)  # BN: batch statistics, moving averages updated
-            per_example = loss_fn(tf.one_hot(y, tf.shape(logits)[-1]), logits)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch or tf.shape(y)[0])
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        sums["loss"].assign_add(tf.reduce_sum(tf.cast(per_example, tf.float64)))
-        if train_cfg.label_smoothing:  # the plain cross-entropy too, comparable with the validation loss
-            plain = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.cast(logits, tf.float32))
-            sums["ce"].assign_add(tf.reduce_sum(tf.cast(plain, tf.float64)))
-        sums["correct"].assign_add(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, tf.int32), y), tf.float64)))
-        sums["count"].assign_add(tf.cast(tf.shape(y)[0], tf.float64))
-
-    @tf.function(jit_compile=train_cfg.jit_compile or None, reduce_retracing=True)
-    def train_step(x, y):
-        strategy.run(replica_step, args=(x, y))
-
-    train_step.replica_step = replica_step
-    return train_step, sums
-
-
-def make_in_graph_steps(step, load, batch_size, train_cfg):
-    """train_steps(order, epoch, start, count): `count` training steps in one compiled call, from batch `start`
-    of the epoch whose image order is `order`; each batch is gathered, augmented and normalized inside the graph
-    (load, the tf.data pipeline's own batch function) from the dataset held in memory.
-
-    What it saves, measured (BENCHMARKS.md, issue 16): per call, the Python dispatch of the step function and
-    tf.data's iterator hand-off: mnist_fast's small net takes 29.3 ms a step at 10 steps per call against 33.8
-    ms at 1 (1.15x); for the 'same'-padded mnist_bn's 100-200-ms steps it was within noise. Keras'
-    `steps_per_execution` does the same for `model.fit`.
-    """
-
-    @tf.function(jit_compile=train_cfg.jit_compile or None, reduce_retracing=True)
-    def train_steps(order, epoch, start, count):
-        for i in tf.range(start, start + count):
-            x, y = load(epoch, i, order[i * batch_size:(i + 1) * batch_size])
-            step(x, y)
-
-    return train_steps
-
-
-def _distributed(strategy, dataset):
-    """Hand each replica its slice of every global batch (the dataset itself as it is, without a strategy)."""
-    if strategy.num_replicas_in_sync == 1 and getattr(strategy, "cluster_resolver", None) is None:
-        return dataset
-    options = tf.data.Options()
-    # the data are in memory, not in files: shard each global batch by elements across the workers
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return strategy.experimental_distribute_dataset(dataset.with_options(options))
