@@ -57,6 +57,13 @@ BAD = [
      ["model.layers[0].padding: must be one of 'same' or 'valid', got 'full'"]),
     (with_changes(("model.layers[0].kernel", "[5, 5, 5]")),
      ["model.layers[0].kernel: must be an integer or a list of 2 integers, got 3 items"]),
+    (with_changes(("model.layers[0].kernel", "0")), ["model.layers[0].kernel: must be >= 1, got 0"]),
+    (with_changes(("model.layers[0].stride", "'a'")),
+     ["model.layers[0].stride: must be an integer or a list of 2 integers, got 'a'"]),
+    (with_changes(("model.layers[0]", "{type: crop, border: [2, 0]}")),
+     ["model.layers[0].border: must be >= 1, got 0"]),
+    (with_changes(("model.layers[0]", "{type: crop, border: 2.5}")),
+     ["model.layers[0].border: must be an integer or a list of 2 integers, got 2.5"]),
     (with_changes(("model.layers[0].filterz", "3")),
      ["model.layers[0].filterz: unknown key; did you mean filters? (expected one of: type, filters, kernel, stride, "
       "padding, dilation, activation, bn, pool)"]),

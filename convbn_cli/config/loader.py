@@ -440,7 +440,7 @@ def _problem_line(err) -> str:
         else:
             n = ctx.get("actual_length")
             msg = f"must have {'at least %s' % lo if kind == 'too_short' else 'at most %s' % hi} items, got {n}"
-            if loc and loc[-1] in ("kernel", "stride", "dilation", "size"):
+            if loc and loc[-1] in _PAIR_KEYS:
                 msg = f"must be an integer or a list of 2 integers, got {n} items"
     else:  # anything else: pydantic's own words, on one line
         msg = " ".join(err["msg"].split())
@@ -449,4 +449,4 @@ def _problem_line(err) -> str:
     return f"{format_loc(loc)}: {msg}"
 
 
-_PAIR_KEYS = ("kernel", "stride", "dilation", "size")
+_PAIR_KEYS = ("kernel", "stride", "dilation", "size", "border")  # schema.IntPair's keys

@@ -57,8 +57,17 @@ PosInt = In(1, kind=int)
 
 
 def _pair(v):
-    # `kernel: 5` means 5x5; a two-element list gives height and width.
-    return [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
+    # `kernel: 5` means 5x5; a two-element list gives height and width. A bad single number is named as written
+    # (`kernel: must be >= 1, got 0`), not as the two list items it would have become.
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return [v, v]
+    if not isinstance(v, list):
+        shown = repr(v) if isinstance(v, str) else "true" if v is True else "false" if v is False else \
+            "null" if v is None else "a mapping" if isinstance(v, dict) else str(v)
+        raise ValueError(f"must be an integer or a list of 2 integers, got {shown}")
+    return v
 
 
 IntPair = Annotated[list[PosInt], BeforeValidator(_pair), Field(min_length=2, max_length=2)]
