@@ -1,7 +1,7 @@
 """What the BN trace (output.bn_trace, on by default) costs a training step: trace on against off, side by side in one
 process (this machine's speed drifts: BENCHMARKS.md), on mnist_bn's step by default.
 
-Both sides are convbn's own trainer (data in memory, the in-graph training call of train/loop.py; as
+Both sides are convbn's own trainer (data in memory, the in-graph training call of train/steps.py; as
 bench/step_time.py builds them). Off: the BN layers' batch-statistics variables removed before the step is traced,
 so the step keeps nothing (model/batch_trace.py's record is a no-op) and nothing is read. On: the layers keep their
 batch statistics in every step and the trace subscriber itself (train/trace.py's BNTrace) reads them after every

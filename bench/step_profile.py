@@ -1,6 +1,6 @@
 """Where a training step's time goes, op by op: TensorFlow's profiler over convbn's own compiled training call.
 
-Builds the config's trainer (data in memory, model, optimizer, the in-graph training call of train/loop.py), runs
+Builds the config's trainer (data in memory, model, optimizer, the in-graph training call of train/steps.py), runs
 a few calls to warm up, times `--calls` calls of `train.steps_per_execution` steps, then records as many again
 under `tf.profiler.experimental` and reads the trace (the XSpace protobuf TensorFlow writes) back: the time of
 every op executed on TensorFlow's compute threads, summed per op type and per part of the step (gathering the

@@ -2,7 +2,7 @@
 
 This machine's speed drifts by up to 2x over tens of seconds (BENCHMARKS.md), so two figures taken a minute
 apart cannot be compared. Here both trainers (convbn's own: data in memory, the in-graph training call of
-train/loop.py) are built in one process and their calls of `train.steps_per_execution` steps alternate, round
+train/steps.py) are built in one process and their calls of `train.steps_per_execution` steps alternate, round
 after round; each side's figure is the median over its calls, and the ratio is the median of the per-round ratios
 (each round's two calls ran within a second of each other).
 

@@ -77,7 +77,7 @@ def test_xla_compiles_the_step_not_the_loop_and_trains_the_same_weights(tmp_path
     # the loop gathers batches from the dataset in memory, a graph constant: under XLA a 4,000-image MNIST loop had
     # not finished its first call after four minutes, so only the step is compiled
     steps = make_in_graph_steps(lambda x, y: None, lambda e, i, idx: (idx, idx), 32, cfg.train)
-    assert not steps._jit_compile
+    assert not steps._jit_compile and steps.step._jit_compile
     # without dropout, whose masks come from XLA's own random numbers under XLA
     layers = [layer for layer in cfg.model.model_dump()["layers"] if layer["type"] != "dropout"]
     runs = [train(config(tmp_path, f"x{xla}", **{"train.steps_per_execution": 5, "train.jit_compile": xla,

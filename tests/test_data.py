@@ -326,28 +326,32 @@ def test_zoom_scales_each_image_about_its_centre_and_keeps_the_other_draws():
 
     from convbn_cli.data.pipeline import augment
 
-    yy, xx = np.mgrid[0:28, 0:28] - 13.5
-    blob = np.exp(-(xx**2 + yy**2) / (2 * 3.0**2)) * 255  # a round blob at the centre, 3 px wide
+    yy, xx = np.mgrid[0:28, 0:28] - 13.5  # pixel positions about the image's centre
+    blob = np.exp(-(xx**2 + (yy - 6) ** 2) / (2 * 2.0**2)) * 255  # a round blob 6 px below the centre, 2 px wide
     x = tf.constant(np.repeat(blob[None, :, :, None], 64, 0), tf.float32)
     seed = tf.constant([3, 4], tf.int64)
+    # the factor each image is scaled by: the draw augment makes from its seed, 1 + zoom * U(-1, 1)
+    scale = 1 + 0.2 * tf.random.stateless_uniform([64], seed=seed + tf.constant([0, 2 << 40], tf.int64),
+                                                  minval=-1.0, maxval=1.0).numpy()
+    assert scale.min() < 0.9 and scale.max() > 1.1
 
-    def spread_and_centre(batch):
-        m = batch.numpy()[..., 0]
-        w = m / m.sum(axis=(1, 2), keepdims=True)
+    def centre_and_spread(batch):
+        w = batch.numpy()[..., 0] / batch.numpy()[..., 0].sum(axis=(1, 2), keepdims=True)
         cy, cx = (w * yy).sum(axis=(1, 2)), (w * xx).sum(axis=(1, 2))
-        spread = np.sqrt((w * ((yy - cy[:, None, None])**2 + (xx - cx[:, None, None])**2)).sum(axis=(1, 2)))
-        return spread, np.stack([cy, cx], 1)
+        spread = np.sqrt((w * ((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2)).sum(axis=(1, 2)))
+        return np.stack([cy, cx], 1), spread
 
-    s0, _ = spread_and_centre(x)
-    zoomed, _ = spread_and_centre(augment(x, 0.0, 0.0, seed, zoom=0.2))
-    ratio = zoomed / s0  # each blob's width scaled by the drawn factor, within [0.8, 1.2]
-    assert ratio.min() > 0.79 and ratio.max() < 1.21 and ratio.min() < 0.9 and ratio.max() > 1.1
-    np.testing.assert_allclose(augment(x, 0.1, 10, seed, zoom=0.0), augment(x, 0.1, 10, seed))  # off: unchanged
-    # with shifts too: each blob lands where the same seed's shift puts it without the zoom (scaled about the centre)
-    _, shifted = spread_and_centre(augment(x, 0.1, 10, seed))
-    _, both = spread_and_centre(augment(x, 0.1, 10, seed, zoom=0.2))
-    np.testing.assert_allclose(both, shifted, atol=0.05)
-    assert np.abs(shifted).max() > 1
+    # zoom alone: each blob's distance from the centre and its width grow by the image's own factor (s > 1: larger)
+    at, width = centre_and_spread(augment(x, 0.0, 0.0, seed, zoom=0.2))
+    np.testing.assert_allclose(np.hypot(*at.T) / 6, scale, atol=0.01)
+    np.testing.assert_allclose(width / centre_and_spread(x)[1], scale, atol=0.03)
+    # with shifts and rotations: they are the same seed's as without the zoom, which scales about the centre, so
+    # each blob lands (s - 1) times its rotated offset away from where it lands without the zoom
+    rotated, _ = centre_and_spread(augment(x, 0.0, 30, seed))
+    plain, _ = centre_and_spread(augment(x, 0.1, 30, seed))
+    zoomed, _ = centre_and_spread(augment(x, 0.1, 30, seed, zoom=0.2))
+    np.testing.assert_allclose(zoomed - plain, (scale[:, None] - 1) * rotated, atol=0.05)
+    assert np.abs(plain - rotated).max() > 1 and np.abs(rotated[:, 1]).max() > 1  # shifted and rotated indeed
 
 
 def test_config_zoom_reaches_the_training_batches(synthetic, tmp_path):

@@ -56,6 +56,22 @@ Positive = In(0, lo_open=True)
 PosInt = In(1, kind=int)
 
 
+def type_name(v) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def shown_value(v) -> str:
+    """A value from the config as an error message shows it: short, in YAML's words ('got true', 'got a list')."""
+    if isinstance(v, (dict, list)):
+        return type_name(v)
+    if isinstance(v, str):
+        return repr(v if len(v) <= 40 else v[:37] + "...")
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    return str(v)
+
+
 def _pair(v):
     # `kernel: 5` means 5x5; a two-element list gives height and width. A bad single number is named as written
     # (`kernel: must be >= 1, got 0`), not as the two list items it would have become.
@@ -64,9 +80,7 @@ def _pair(v):
             raise ValueError(f"must be >= 1, got {v}")
         return [v, v]
     if not isinstance(v, list):
-        shown = repr(v) if isinstance(v, str) else "true" if v is True else "false" if v is False else \
-            "null" if v is None else "a mapping" if isinstance(v, dict) else str(v)
-        raise ValueError(f"must be an integer or a list of 2 integers, got {shown}")
+        raise ValueError(f"must be an integer or a list of 2 integers, got {shown_value(v)}")
     return v
 
 

@@ -393,8 +393,8 @@ class Trainer:
     def calls(self, epoch):
         """Run the epoch's training steps (from `skip` on), one compiled call at a time; yield the steps of each."""
         if self.train_steps is None:  # a tf.distribute strategy: its dataset hands each replica its slice
-            for x, y in distributed_batches(self.strategy, train_dataset(self.splits, self.cfg, epoch, self.skip,
-                                                                  self.global_batch)):
+            batches = train_dataset(self.splits, self.cfg, epoch, self.skip, self.global_batch)
+            for x, y in distributed_batches(self.strategy, batches):
                 self.train_step(x, y)
                 yield 1
             return
