@@ -420,14 +420,13 @@ def _problem_line(err) -> str:
     elif kind == "string_pattern_mismatch":
         msg = f"may contain only letters, digits, '.', '_' and '-', got {shown_value(value)}"
     elif kind in ("too_short", "too_long"):
-        lo, hi = ctx.get("min_length"), ctx.get("max_length")
-        if kind == "too_short" and not hi:
+        lo, hi, n = ctx.get("min_length"), ctx.get("max_length"), ctx.get("actual_length")
+        if loc and loc[-1] in _PAIR_KEYS:
+            msg = f"must be an integer or a list of 2 integers, got {n} item{'' if n == 1 else 's'}"
+        elif kind == "too_short" and not hi:
             msg = f"must have at least {lo} item(s)"
         else:
-            n = ctx.get("actual_length")
             msg = f"must have {'at least %s' % lo if kind == 'too_short' else 'at most %s' % hi} items, got {n}"
-            if loc and loc[-1] in _PAIR_KEYS:
-                msg = f"must be an integer or a list of 2 integers, got {n} items"
     else:  # anything else: pydantic's own words, on one line
         msg = " ".join(err["msg"].split())
     if len(loc) >= 2 and isinstance(loc[-1], int) and loc[-2] in _PAIR_KEYS:
