@@ -21,7 +21,6 @@ from ..errors import ConfigError, ConvbnError
 from ..readers import read_bytes
 from . import builtin, schema
 from .plan import plan_layers
-from .schema import shown_value, type_name
 
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB; the shipped configs are under 1 KB
 MAX_NESTING = 32  # mappings and lists inside each other (a config needs 4)
@@ -105,7 +104,7 @@ def parse_config_text(text, where, empty="empty file") -> dict:
     if raw is None:
         raise ConfigError([f"{where}: {empty}; expected a mapping with at least a `model:` section"])
     if not isinstance(raw, dict):
-        raise ConfigError([f"{where}: the top level must be a mapping, got {type_name(raw)}"])
+        raise ConfigError([f"{where}: the top level must be a mapping, got {_type_name(raw)}"])
     return raw
 
 
@@ -293,6 +292,21 @@ def _clean_loc(loc):
     return out
 
 
+def _type_name(v) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _got(v) -> str:
+    if isinstance(v, (dict, list)):
+        return _type_name(v)
+    if isinstance(v, str):
+        return repr(v if len(v) <= 40 else v[:37] + "...")
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    return str(v)
+
+
 def _model_at(loc):
     """The pydantic model class found at `loc` (for listing the keys it accepts); None if unknown."""
     cls = schema.Config
@@ -397,28 +411,30 @@ def _problem_line(err) -> str:
         msg = str(ctx.get("error", err["msg"]))
     elif kind == "literal_error":
         options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        msg = f"must be one of {ctx.get('expected')}, got {shown_value(value)}" + _did_you_mean(value, options)
+        msg = f"must be one of {ctx.get('expected')}, got {_got(value)}" + _did_you_mean(value, options)
     elif kind == "union_tag_invalid":
         loc = loc + ["type"]
-        msg = (f"unknown layer type {shown_value(ctx.get('tag'))}" + _did_you_mean(ctx.get("tag"), schema.LAYER_CLASSES)
+        msg = (f"unknown layer type {_got(ctx.get('tag'))}" + _did_you_mean(ctx.get("tag"), schema.LAYER_CLASSES)
                + f" (expected one of: {', '.join(schema.LAYER_CLASSES)})")
     elif kind == "union_tag_not_found":
         loc = loc + ["type"]
         msg = f"required key missing (one of: {', '.join(schema.LAYER_CLASSES)})"
     elif kind in ("model_type", "model_attributes_type", "dict_type"):
-        msg = f"must be a mapping, got {shown_value(value)}"
+        msg = f"must be a mapping, got {_got(value)}"
+    elif kind == "list_type" and loc and loc[-1] in _PAIR_KEYS:
+        msg = f"must be an integer or a list of 2 integers, got {_got(value)}"
     elif kind == "list_type":
-        msg = f"must be a list, got {shown_value(value)}"
+        msg = f"must be a list, got {_got(value)}"
     elif kind in ("int_type", "int_from_float"):
-        msg = f"must be an integer, got {shown_value(value)}"
+        msg = f"must be an integer, got {_got(value)}"
     elif kind == "float_type":
-        msg = f"must be a number, got {shown_value(value)}"
+        msg = f"must be a number, got {_got(value)}"
     elif kind == "bool_type":
-        msg = f"must be true or false, got {shown_value(value)}"
+        msg = f"must be true or false, got {_got(value)}"
     elif kind == "string_type":
-        msg = f"must be a string, got {shown_value(value)}"
+        msg = f"must be a string, got {_got(value)}"
     elif kind == "string_pattern_mismatch":
-        msg = f"may contain only letters, digits, '.', '_' and '-', got {shown_value(value)}"
+        msg = f"may contain only letters, digits, '.', '_' and '-', got {_got(value)}"
     elif kind in ("too_short", "too_long"):
         lo, hi, n = ctx.get("min_length"), ctx.get("max_length"), ctx.get("actual_length")
         if loc and loc[-1] in _PAIR_KEYS:

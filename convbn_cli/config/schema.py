@@ -56,32 +56,9 @@ Positive = In(0, lo_open=True)
 PosInt = In(1, kind=int)
 
 
-def type_name(v) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def shown_value(v) -> str:
-    """A value from the config as an error message shows it: short, in YAML's words ('got true', 'got a list')."""
-    if isinstance(v, (dict, list)):
-        return type_name(v)
-    if isinstance(v, str):
-        return repr(v if len(v) <= 40 else v[:37] + "...")
-    if isinstance(v, bool) or v is None:
-        return {True: "true", False: "false", None: "null"}[v]
-    return str(v)
-
-
 def _pair(v):
-    # `kernel: 5` means 5x5; a two-element list gives height and width. A bad single number is named as written
-    # (`kernel: must be >= 1, got 0`), not as the two list items it would have become.
-    if isinstance(v, int) and not isinstance(v, bool):
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return [v, v]
-    if not isinstance(v, list):
-        raise ValueError(f"must be an integer or a list of 2 integers, got {shown_value(v)}")
-    return v
+    # `kernel: 5` means 5x5; a two-element list gives height and width.
+    return [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 IntPair = Annotated[list[PosInt], BeforeValidator(_pair), Field(min_length=2, max_length=2)]
