@@ -86,6 +86,14 @@ BAD = [
     (with_changes(("train.optimizer.lr", "-0.1")), ["train.optimizer.lr: must be in (0, 100], got -0.1"]),
     (with_changes(("train.optimizer.name", "rmsprop")),
      ["train.optimizer.name: must be one of 'sgd', 'momentum', 'adam' or 'adamw', got 'rmsprop'"]),
+    # a key the optimizer does not use is refused, not ignored (a PyTorch user's SGD with momentum)
+    (with_changes(("train.optimizer", "{name: sgd, momentum: 0.9}")),
+     ["train.optimizer: sgd does not use momentum (name: momentum does): remove it, or write name: momentum for "
+      "SGD with momentum"]),
+    (with_changes(("train.optimizer", "{name: adam, nesterov: true}")),
+     ["train.optimizer: adam does not use nesterov (name: momentum does): remove it"]),
+    (with_changes(("train.optimizer", "{name: momentum, beta_1: 0.7, beta_2: 0.9}")),
+     ["train.optimizer: momentum does not use beta_1, beta_2 (name: adam and adamw do): remove them"]),
     (with_changes(("train.schedule", "cosine")), ["train.schedule: must be a mapping, got 'cosine'"]),
     (with_changes(("output.name", "'a/b'")),
      ["output.name: may contain only letters, digits, '.', '_' and '-', got 'a/b'"]),
@@ -223,3 +231,32 @@ def test_no_did_you_mean_for_something_unlike_every_option():
     with pytest.raises(ConfigError) as e:
         load_config("mnist_bn", ["train.optimizer.name=rmsprop"])
     assert "did you mean" not in e.value.problems[0]
+
+
+def test_a_config_holds_only_the_keys_its_optimizer_uses_and_older_runs_configs_still_load(tmp_path):
+    """A run's config.yaml used to hold every optimizer key with its default (momentum: 0.9 under sgd and adam):
+    the dump now keeps the optimizer's own keys, and what convbn wrote before still loads as the run's config."""
+    from convbn_cli.config import dump_config
+    from convbn_cli.runs.rundir import RunDir, RunDirError
+    from convbn_cli.runs.sweepdir import run_config
+
+    common = {"name", "lr", "weight_decay"}
+    for name, own in (("sgd", set()), ("momentum", {"momentum", "nesterov"}), ("adam", {"beta_1", "beta_2"}),
+                      ("adamw", {"beta_1", "beta_2"})):
+        cfg = load_config(raw=with_changes(("train.optimizer.name", name)))
+        dumped = yaml.safe_load(dump_config(cfg))
+        assert set(dumped.get("train")["optimizer"]) == common | own, name  # .get: the tiers' pattern
+        assert load_config(raw=dumped).model_dump() == cfg.model_dump()  # the dump is a config a user may reuse
+
+    older = with_changes(("train.optimizer", "{name: sgd, lr: 0.1, weight_decay: 0.0, momentum: 0.9, "
+                                             "nesterov: false, beta_1: 0.9, beta_2: 0.999}"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    assert RunDir(run).load_config().train.optimizer.model_dump() == {"name": "sgd", "lr": 0.1, "weight_decay": 0.0}
+    plan = {"runs": [{"name": "a", "config": yaml.safe_dump(older)}]}
+    assert run_config(tmp_path, plan, 0).train.optimizer.name == "sgd"
+    with pytest.raises(RunDirError, match="sgd does not use beta_1"):
+        RunDir(run).load_config(["train.optimizer.beta_1=0.5"])  # a key set now is checked like a user's
+    # the same file as a user's config is refused: its momentum would not be used
+    assert "sgd does not use momentum" in " ".join(problems(older))

@@ -206,7 +206,8 @@ def dump_config(cfg) -> str:
 # --------------------------------------------------------------------------- validation
 
 def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, progress: bool = True,
-                on_dataset=None, read_dataset: bool = True, reread: bool | None = None) -> schema.Config:
+                on_dataset=None, read_dataset: bool = True, reread: bool | None = None,
+                written_by_convbn: bool = False) -> schema.Config:
     """Load, override and validate a config; raise ConfigError listing every problem.
 
     `raw` takes an already parsed mapping instead of a file. Shape checks that can be made before
@@ -218,11 +219,15 @@ def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, p
     default for a config file, not for `raw`): what a config says it read of the user's dataset (data.about, as a
     run's config.yaml has it) is set aside and the dataset read as it is now: a new run from an old run's config
     trains on today's files. A run's own config keeps it (RunDir.load_config: reread=False), so that commands
-    measuring the run refuse a dataset that changed since.
+    measuring the run refuse a dataset that changed since. `written_by_convbn`: a config convbn wrote (a run's
+    config.yaml, a sweep's plan), whose optimizer keys that its optimizer does not use are dropped before the
+    check that refuses them in a user's config: convbn wrote every key, with its default, until that check came.
     """
     if raw is None:
         path = builtin.resolve(path)  # a file, or the name of a config that ships with convbn (`mnist_bn`)
         raw = read_yaml(path)
+    if written_by_convbn and isinstance(raw.get("train"), dict):
+        schema.OptimizerConfig.drop_unused(raw["train"].get("optimizer"))
     raw = apply_overrides(raw, overrides)
     if (path is not None if reread is None else reread) and isinstance(raw.get("data"), dict):
         raw["data"].pop("about", None)

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     create_model,
+    model_serializer,
     model_validator,
 )
 
@@ -375,13 +376,51 @@ class ModelConfig(Strict):
 
 
 class OptimizerConfig(Strict):
+    """The optimizer. A key that `name` does not use is an error, not ignored: `{name: sgd, momentum: 0.9}` (a
+    PyTorch user's SGD with momentum) would otherwise train plain SGD without a word; TF1's and convbn's SGD with
+    momentum is `name: momentum`. A run's config.yaml holds only the keys its optimizer used."""
+
     name: Literal["sgd", "momentum", "adam", "adamw"] = "adam"
     lr: In(0, 100, lo_open=True) = 1e-3
     weight_decay: Fraction = 0.0  # decoupled weight decay (Keras optimizers' `weight_decay`)
     momentum: Fraction = 0.9  # for `momentum`
-    nesterov: bool = False
+    nesterov: bool = False  # for `momentum`
     beta_1: Fraction = 0.9  # adam, adamw: decay of the gradient's moving average (Keras' default)
     beta_2: Fraction = 0.999  # adam, adamw: decay of the squared gradient's moving average
+
+    # the keys only some optimizers use; name, lr and weight_decay are everyone's
+    OWN_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sgd": (), "momentum": ("momentum", "nesterov"), "adam": ("beta_1", "beta_2"), "adamw": ("beta_1", "beta_2")}
+
+    @classmethod
+    def unused_keys(cls, name) -> tuple[str, ...]:
+        own = cls.OWN_KEYS.get(name, ()) if isinstance(name, str) else ()
+        return tuple(dict.fromkeys(k for keys in cls.OWN_KEYS.values() for k in keys if k not in own))
+
+    @model_validator(mode="after")
+    def _no_unused_keys(self):
+        given = [k for k in self.unused_keys(self.name) if k in self.model_fields_set]
+        if not given:
+            return self
+        groups = {}  # the optimizers that use a key -> the keys given
+        for key in given:
+            groups.setdefault(tuple(n for n, keys in self.OWN_KEYS.items() if key in keys), []).append(key)
+        which = "; ".join(f"{', '.join(keys)} (name: {' and '.join(users)} {'does' if len(users) == 1 else 'do'})"
+                          for users, keys in groups.items())
+        hint = ", or write name: momentum for SGD with momentum" if self.name == "sgd" and "momentum" in given else ""
+        raise ValueError(f"{self.name} does not use {which}: remove {'it' if len(given) == 1 else 'them'}{hint}")
+
+    @model_serializer(mode="wrap")
+    def _used_keys_only(self, handler):
+        return {k: v for k, v in handler(self).items() if k not in self.unused_keys(self.name)}
+
+    @classmethod
+    def drop_unused(cls, raw) -> None:
+        """Take the keys `name` does not use out of a raw optimizer mapping, in place: configs that convbn wrote
+        before it checked them (a run's config.yaml, a sweep's plan) held every key with its default."""
+        if isinstance(raw, dict):
+            for key in cls.unused_keys(raw.get("name", cls.model_fields["name"].default)):
+                raw.pop(key, None)
 
 
 class ScheduleConfig(Strict):

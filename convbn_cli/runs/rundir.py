@@ -168,7 +168,8 @@ class RunDir:
     def load_config(self, overrides=()):
         """The run's resolved config (with `overrides` laid over it); a broken file is a RunDirError."""
         try:
-            return load_config(self.config, overrides, reread=False)  # its data.about: what the run read
+            # its data.about: what the run read
+            return load_config(self.config, overrides, reread=False, written_by_convbn=True)
         except ConfigError as e:
             where = "" if e.problems[0].startswith(str(self.config)) else f"{self.config}: "
             raise RunDirError(where + "; ".join(e.problems)) from None
