@@ -235,8 +235,10 @@ def test_no_did_you_mean_for_something_unlike_every_option():
 
 def test_a_config_holds_only_the_keys_its_optimizer_uses_and_older_runs_configs_still_load(tmp_path):
     """A run's config.yaml used to hold every optimizer key with its default (momentum: 0.9 under sgd and adam):
-    the dump now keeps the optimizer's own keys, and what convbn wrote before still loads as the run's config."""
+    the dump now keeps the optimizer's own keys, and a mapping with every key (what convbn wrote before) is read
+    as its run trained, wherever it is read."""
     from convbn_cli.config import dump_config
+    from convbn_cli.runs.listing import differing_keys, summarize
     from convbn_cli.runs.rundir import RunDir, RunDirError
     from convbn_cli.runs.sweepdir import run_config
 
@@ -248,15 +250,34 @@ def test_a_config_holds_only_the_keys_its_optimizer_uses_and_older_runs_configs_
         assert set(dumped.get("train")["optimizer"]) == common | own, name  # .get: the tiers' pattern
         assert load_config(raw=dumped).model_dump() == cfg.model_dump()  # the dump is a config a user may reuse
 
-    older = with_changes(("train.optimizer", "{name: sgd, lr: 0.1, weight_decay: 0.0, momentum: 0.9, "
-                                             "nesterov: false, beta_1: 0.9, beta_2: 0.999}"))
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump(older))
-    assert RunDir(run).load_config().train.optimizer.model_dump() == {"name": "sgd", "lr": 0.1, "weight_decay": 0.0}
-    plan = {"runs": [{"name": "a", "config": yaml.safe_dump(older)}]}
-    assert run_config(tmp_path, plan, 0).train.optimizer.name == "sgd"
-    with pytest.raises(RunDirError, match="sgd does not use beta_1"):
-        RunDir(run).load_config(["train.optimizer.beta_1=0.5"])  # a key set now is checked like a user's
-    # the same file as a user's config is refused: its momentum would not be used
-    assert "sgd does not use momentum" in " ".join(problems(older))
+    every_key = "lr: 0.1, weight_decay: 0.0, momentum: 0.9, nesterov: false, beta_1: 0.9, beta_2: 0.999"
+    for name, kept in (("sgd", {"name": "sgd", "lr": 0.1, "weight_decay": 0.0}),
+                       ("adam", {"name": "adam", "lr": 0.1, "weight_decay": 0.0, "beta_1": 0.9, "beta_2": 0.999})):
+        older = yaml.safe_load(dump_config(load_config(raw=with_changes(("train.optimizer.name", name)))))
+        older.get("train")["optimizer"] = yaml.safe_load(f"{{name: {name}, {every_key}}}")  # as convbn wrote it
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(older))
+        assert RunDir(run).load_config().train.optimizer.model_dump() == kept
+        assert run_config(tmp_path, {"runs": [{"name": "a", "config": yaml.safe_dump(older)}]}, 0) \
+            .train.optimizer.model_dump() == kept
+        assert load_config(run / "config.yaml").train.optimizer.model_dump() == kept  # a new run from it
+        with pytest.raises(RunDirError, match=f"{name} does not use nesterov"):
+            RunDir(run).load_config(["train.optimizer.nesterov=true"])  # a key set now is checked like a user's
+        new = tmp_path / f"{name}_new"
+        new.mkdir()
+        (new / "config.yaml").write_text(dump_config(load_config(raw=older)))
+        assert differing_keys([summarize(run), summarize(new)]) == []  # `convbn runs` sees the same optimizer
+
+
+def test_switching_optimizer_by_override_drops_the_files_keys_for_the_old_one():
+    """mnist_fast sets adam's betas: `train.optimizer.name=sgd` switches to plain SGD (the betas go with adam, the
+    learning rate stays); a key set by an override is still checked, in either order."""
+    for name, own in (("sgd", set()), ("momentum", {"momentum", "nesterov"}), ("adamw", {"beta_1", "beta_2"})):
+        cfg = load_config("mnist_fast", [f"train.optimizer.name={name}"])
+        assert set(cfg.train.optimizer.model_dump()) == {"name", "lr", "weight_decay"} | own
+        assert cfg.train.optimizer.lr == 0.03 and (name != "adamw" or cfg.train.optimizer.beta_1 == 0.7)
+    for overrides in (["train.optimizer.name=sgd", "train.optimizer.momentum=0.9"],
+                      ["train.optimizer.momentum=0.9", "train.optimizer.name=sgd"]):
+        with pytest.raises(ConfigError, match="sgd does not use momentum"):
+            load_config("mnist_fast", overrides)

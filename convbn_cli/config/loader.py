@@ -136,7 +136,7 @@ def parse_key(key: str) -> list:
 
 def apply_overrides(raw: dict, overrides) -> dict:
     """Set `key=value` pairs in the raw config; values are YAML scalars (`0.9`, `true`, `[3, 3]`, `null`)."""
-    problems = []
+    problems, given = [], set()  # given: the keys the overrides set
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -167,10 +167,22 @@ def apply_overrides(raw: dict, overrides) -> dict:
             elif not isinstance(node, dict):
                 problems.append(f"override {item!r}: {format_loc(parts[:-1])}: is not a mapping")
                 continue
+            if parts == ["train", "optimizer", "name"] and value != node.get("name"):
+                _switch_optimizer(node, value, given)
             node[last] = value
+            given.add(tuple(parts))
     if problems:
         raise ConfigError(problems)
     return raw
+
+
+def _switch_optimizer(node: dict, name, given: set) -> None:
+    """`train.optimizer.name=sgd` on a config written for adam: the file's keys that only other optimizers use (its
+    betas) go, as the user switched optimizer; a key an override sets stays, to be checked like any other."""
+    if name in schema.OptimizerConfig.OWN_KEYS:
+        for key in schema.OptimizerConfig.unused_keys(name):
+            if ("train", "optimizer", key) not in given:
+                node.pop(key, None)
 
 
 def _step(node, part, create):
@@ -199,15 +211,15 @@ _FlowListDumper.add_representer(
 
 
 def dump_config(cfg) -> str:
-    """The resolved config as YAML (every default filled in): what validate prints and runs record."""
+    """The resolved config as YAML (every default filled in; of the optimizer's keys, those it uses): what validate
+    prints and runs record."""
     return yaml.dump(cfg.model_dump(mode="json"), Dumper=_FlowListDumper, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- validation
 
 def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, progress: bool = True,
-                on_dataset=None, read_dataset: bool = True, reread: bool | None = None,
-                written_by_convbn: bool = False) -> schema.Config:
+                on_dataset=None, read_dataset: bool = True, reread: bool | None = None) -> schema.Config:
     """Load, override and validate a config; raise ConfigError listing every problem.
 
     `raw` takes an already parsed mapping instead of a file. Shape checks that can be made before
@@ -219,16 +231,12 @@ def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, p
     default for a config file, not for `raw`): what a config says it read of the user's dataset (data.about, as a
     run's config.yaml has it) is set aside and the dataset read as it is now: a new run from an old run's config
     trains on today's files. A run's own config keeps it (RunDir.load_config: reread=False), so that commands
-    measuring the run refuse a dataset that changed since. `written_by_convbn`: a config convbn wrote (a run's
-    config.yaml, a sweep's plan), whose optimizer keys that its optimizer does not use are dropped before the
-    check that refuses them in a user's config: convbn wrote every key, with its default, until that check came.
+    measuring the run refuse a dataset that changed since.
     """
     if raw is None:
         path = builtin.resolve(path)  # a file, or the name of a config that ships with convbn (`mnist_bn`)
         raw = read_yaml(path)
-    if written_by_convbn and isinstance(raw.get("train"), dict):
-        schema.OptimizerConfig.drop_unused(raw["train"].get("optimizer"))
-    raw = apply_overrides(raw, overrides)
+    raw = apply_overrides(schema.OptimizerConfig.as_trained(raw), overrides)
     if (path is not None if reread is None else reread) and isinstance(raw.get("data"), dict):
         raw["data"].pop("about", None)
     out = raw.setdefault("output", {})

@@ -397,6 +397,19 @@ class OptimizerConfig(Strict):
         own = cls.OWN_KEYS.get(name, ()) if isinstance(name, str) else ()
         return tuple(dict.fromkeys(k for keys in cls.OWN_KEYS.values() for k in keys if k not in own))
 
+    @classmethod
+    def as_trained(cls, config: dict) -> dict:
+        """A raw config (before overrides) with its optimizer as its run trained: an optimizer mapping that holds
+        every key is from a config.yaml (or a sweep's plan) that convbn wrote before it checked the keys, when it
+        wrote them all with their defaults, and its optimizer used only its own; those it did not use are taken out
+        (in place). Anything else stays as it is, to be checked."""
+        train = config.get("train")
+        raw = train.get("optimizer") if isinstance(train, dict) else None
+        if isinstance(raw, dict) and set(cls.model_fields) <= set(raw):
+            for key in cls.unused_keys(raw["name"]):
+                del raw[key]
+        return config
+
     @model_validator(mode="after")
     def _no_unused_keys(self):
         given = [k for k in self.unused_keys(self.name) if k in self.model_fields_set]
@@ -413,14 +426,6 @@ class OptimizerConfig(Strict):
     @model_serializer(mode="wrap")
     def _used_keys_only(self, handler):
         return {k: v for k, v in handler(self).items() if k not in self.unused_keys(self.name)}
-
-    @classmethod
-    def drop_unused(cls, raw) -> None:
-        """Take the keys `name` does not use out of a raw optimizer mapping, in place: configs that convbn wrote
-        before it checked them (a run's config.yaml, a sweep's plan) held every key with its default."""
-        if isinstance(raw, dict):
-            for key in cls.unused_keys(raw.get("name", cls.model_fields["name"].default)):
-                raw.pop(key, None)
 
 
 class ScheduleConfig(Strict):
