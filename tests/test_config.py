@@ -94,6 +94,10 @@ BAD = [
      ["train.optimizer: adam does not use nesterov (name: momentum does): remove it"]),
     (with_changes(("train.optimizer", "{name: momentum, beta_1: 0.7, beta_2: 0.9}")),
      ["train.optimizer: momentum does not use beta_1, beta_2 (name: adam and adamw do): remove them"]),
+    (with_changes(("train.schedule", "{name: constant, warmup: 0.1}")),
+     ["train.schedule: constant does not use warmup (name: cosine does): remove it"]),
+    (with_changes(("train.schedule", "{name: cosine, pct_start: 0.3, div_factor: 10}")),
+     ["train.schedule: cosine does not use pct_start, div_factor (name: one_cycle does): remove them"]),
     (with_changes(("train.schedule", "cosine")), ["train.schedule: must be a mapping, got 'cosine'"]),
     (with_changes(("output.name", "'a/b'")),
      ["output.name: may contain only letters, digits, '.', '_' and '-', got 'a/b'"]),
@@ -250,18 +254,26 @@ def test_a_config_holds_only_the_keys_its_optimizer_uses_and_older_runs_configs_
         assert set(dumped.get("train")["optimizer"]) == common | own, name  # .get: the tiers' pattern
         assert load_config(raw=dumped).model_dump() == cfg.model_dump()  # the dump is a config a user may reuse
 
-    every_key = "lr: 0.1, weight_decay: 0.0, momentum: 0.9, nesterov: false, beta_1: 0.9, beta_2: 0.999"
-    for name, kept in (("sgd", {"name": "sgd", "lr": 0.1, "weight_decay": 0.0}),
-                       ("adam", {"name": "adam", "lr": 0.1, "weight_decay": 0.0, "beta_1": 0.9, "beta_2": 0.999})):
+    every_key = ("lr: 0.1, weight_decay: 0.0, momentum: 0.9, nesterov: false, beta_1: 0.9, beta_2: 0.999",
+                 "warmup: 0.0, pct_start: 0.3, div_factor: 25.0, final_div_factor: 10000.0")
+    for name, schedule, kept in (
+            ("sgd", "cosine", ({"name": "sgd", "lr": 0.1, "weight_decay": 0.0}, {"name": "cosine", "warmup": 0.0})),
+            ("adam", "one_cycle", ({"name": "adam", "lr": 0.1, "weight_decay": 0.0, "beta_1": 0.9, "beta_2": 0.999},
+                                   {"name": "one_cycle", "pct_start": 0.3, "div_factor": 25.0,
+                                    "final_div_factor": 10000.0}))):
         older = yaml.safe_load(dump_config(load_config(raw=with_changes(("train.optimizer.name", name)))))
-        older.get("train")["optimizer"] = yaml.safe_load(f"{{name: {name}, {every_key}}}")  # as convbn wrote it
+        older.get("train").update(optimizer=yaml.safe_load(f"{{name: {name}, {every_key[0]}}}"),  # as convbn
+                                  schedule=yaml.safe_load(f"{{name: {schedule}, {every_key[1]}}}"))  # wrote it
+
+        def as_trained(cfg):
+            return cfg.train.optimizer.model_dump(), cfg.train.schedule.model_dump()
+
         run = tmp_path / name
         run.mkdir()
         (run / "config.yaml").write_text(yaml.safe_dump(older))
-        assert RunDir(run).load_config().train.optimizer.model_dump() == kept
-        assert run_config(tmp_path, {"runs": [{"name": "a", "config": yaml.safe_dump(older)}]}, 0) \
-            .train.optimizer.model_dump() == kept
-        assert load_config(run / "config.yaml").train.optimizer.model_dump() == kept  # a new run from it
+        assert as_trained(RunDir(run).load_config()) == kept
+        assert as_trained(run_config(tmp_path, {"runs": [{"name": "a", "config": yaml.safe_dump(older)}]}, 0)) == kept
+        assert as_trained(load_config(run / "config.yaml")) == kept  # a new run from it
         with pytest.raises(RunDirError, match=f"{name} does not use nesterov"):
             RunDir(run).load_config(["train.optimizer.nesterov=true"])  # a key set now is checked like a user's
         new = tmp_path / f"{name}_new"
@@ -272,7 +284,7 @@ def test_a_config_holds_only_the_keys_its_optimizer_uses_and_older_runs_configs_
 
 def test_switching_optimizer_by_override_drops_the_files_keys_for_the_old_one():
     """mnist_fast sets adam's betas: `train.optimizer.name=sgd` switches to plain SGD (the betas go with adam, the
-    learning rate stays); a key set by an override is still checked, in either order."""
+    learning rate stays); a key set by an override is still checked, in either order. The same for the schedule."""
     for name, own in (("sgd", set()), ("momentum", {"momentum", "nesterov"}), ("adamw", {"beta_1", "beta_2"})):
         cfg = load_config("mnist_fast", [f"train.optimizer.name={name}"])
         assert set(cfg.train.optimizer.model_dump()) == {"name", "lr", "weight_decay"} | own
@@ -281,3 +293,5 @@ def test_switching_optimizer_by_override_drops_the_files_keys_for_the_old_one():
                       ["train.optimizer.momentum=0.9", "train.optimizer.name=sgd"]):
         with pytest.raises(ConfigError, match="sgd does not use momentum"):
             load_config("mnist_fast", overrides)
+    assert load_config("mnist_fast", ["train.schedule.name=cosine"]).train.schedule.model_dump() == \
+        {"name": "cosine", "warmup": 0.0}  # its one-cycle pct_start goes with the one-cycle schedule

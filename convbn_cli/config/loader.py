@@ -167,8 +167,9 @@ def apply_overrides(raw: dict, overrides) -> dict:
             elif not isinstance(node, dict):
                 problems.append(f"override {item!r}: {format_loc(parts[:-1])}: is not a mapping")
                 continue
-            if parts == ["train", "optimizer", "name"] and value != node.get("name"):
-                _switch_optimizer(node, value, given)
+            if len(parts) == 3 and parts[0] == "train" and parts[1] in schema.NAMED_CHOICES and last == "name" \
+                    and value != node.get("name"):
+                _switch_choice(parts[1], node, value, given)
             node[last] = value
             given.add(tuple(parts))
     if problems:
@@ -176,12 +177,14 @@ def apply_overrides(raw: dict, overrides) -> dict:
     return raw
 
 
-def _switch_optimizer(node: dict, name, given: set) -> None:
+def _switch_choice(section: str, node: dict, name, given: set) -> None:
     """`train.optimizer.name=sgd` on a config written for adam: the file's keys that only other optimizers use (its
-    betas) go, as the user switched optimizer; a key an override sets stays, to be checked like any other."""
-    if name in schema.OptimizerConfig.OWN_KEYS:
-        for key in schema.OptimizerConfig.unused_keys(name):
-            if ("train", "optimizer", key) not in given:
+    betas) go, as the user switched optimizer (the same for train.schedule); a key an override sets stays, to be
+    checked like any other."""
+    choice = schema.NAMED_CHOICES[section]
+    if name in choice.OWN_KEYS:
+        for key in choice.unused_keys(name):
+            if ("train", section, key) not in given:
                 node.pop(key, None)
 
 
@@ -236,7 +239,7 @@ def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, p
     if raw is None:
         path = builtin.resolve(path)  # a file, or the name of a config that ships with convbn (`mnist_bn`)
         raw = read_yaml(path)
-    raw = apply_overrides(schema.OptimizerConfig.as_trained(raw), overrides)
+    raw = apply_overrides(schema.as_trained(raw), overrides)
     if (path is not None if reread is None else reread) and isinstance(raw.get("data"), dict):
         raw["data"].pop("about", None)
     out = raw.setdefault("output", {})

@@ -375,11 +375,44 @@ class ModelConfig(Strict):
     layers: Annotated[list[Layer], Field(min_length=1)]
 
 
-class OptimizerConfig(Strict):
-    """The optimizer. A key that `name` does not use is an error, not ignored: `{name: sgd, momentum: 0.9}` (a
-    PyTorch user's SGD with momentum) would otherwise train plain SGD without a word; TF1's and convbn's SGD with
-    momentum is `name: momentum`. A run's config.yaml holds only the keys its optimizer used."""
+class NamedChoice(Strict):
+    """A section whose `name` picks what takes which keys. A key the choice does not use is an error, not ignored:
+    `{name: sgd, momentum: 0.9}` (a PyTorch user's SGD with momentum) would train plain SGD, `{name: constant,
+    warmup: 0.1}` warm up nothing, without a word. A run's config.yaml holds only the keys its choice used."""
 
+    OWN_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {}  # name (each subclass's field) -> the keys only it uses
+    HINTS: ClassVar[dict[tuple[str, str], str]] = {}  # (name, key given) -> what the user may have meant
+
+    @classmethod
+    def unused_keys(cls, name) -> tuple[str, ...]:
+        own = cls.OWN_KEYS.get(name, ()) if isinstance(name, str) else ()
+        return tuple(dict.fromkeys(k for keys in cls.OWN_KEYS.values() for k in keys if k not in own))
+
+    @classmethod
+    def as_trained(cls, raw) -> None:
+        """A raw mapping (before overrides) as its run trained, in place: one with every key is a config convbn
+        wrote before it checked them (all, with defaults; only the choice's own used); the others are taken out."""
+        if isinstance(raw, dict) and set(cls.model_fields) <= set(raw):
+            for key in cls.unused_keys(raw["name"]):
+                del raw[key]
+
+    @model_validator(mode="after")
+    def _no_unused_keys(self):
+        given = [k for k in self.unused_keys(self.name) if k in self.model_fields_set]
+        if given:  # grouped by the choices that use them: "beta_1, beta_2 (name: adam and adamw do)"
+            users = {k: tuple(n for n, keys in self.OWN_KEYS.items() if k in keys) for k in given}
+            which = "; ".join(f"{', '.join(k for k in given if users[k] == u)} (name: {' and '.join(u)} "
+                              f"{'does' if len(u) == 1 else 'do'})" for u in dict.fromkeys(users.values()))
+            hints = "".join(self.HINTS.get((self.name, key), "") for key in given)
+            raise ValueError(f"{self.name} does not use {which}: remove {'it' if len(given) == 1 else 'them'}{hints}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _used_keys_only(self, handler):
+        return {k: v for k, v in handler(self).items() if k not in self.unused_keys(self.name)}
+
+
+class OptimizerConfig(NamedChoice):
     name: Literal["sgd", "momentum", "adam", "adamw"] = "adam"
     lr: In(0, 100, lo_open=True) = 1e-3
     weight_decay: Fraction = 0.0  # decoupled weight decay (Keras optimizers' `weight_decay`)
@@ -388,52 +421,30 @@ class OptimizerConfig(Strict):
     beta_1: Fraction = 0.9  # adam, adamw: decay of the gradient's moving average (Keras' default)
     beta_2: Fraction = 0.999  # adam, adamw: decay of the squared gradient's moving average
 
-    # the keys only some optimizers use; name, lr and weight_decay are everyone's
-    OWN_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "sgd": (), "momentum": ("momentum", "nesterov"), "adam": ("beta_1", "beta_2"), "adamw": ("beta_1", "beta_2")}
-
-    @classmethod
-    def unused_keys(cls, name) -> tuple[str, ...]:
-        own = cls.OWN_KEYS.get(name, ()) if isinstance(name, str) else ()
-        return tuple(dict.fromkeys(k for keys in cls.OWN_KEYS.values() for k in keys if k not in own))
-
-    @classmethod
-    def as_trained(cls, config: dict) -> dict:
-        """A raw config (before overrides) with its optimizer as its run trained: an optimizer mapping that holds
-        every key is from a config.yaml (or a sweep's plan) that convbn wrote before it checked the keys, when it
-        wrote them all with their defaults, and its optimizer used only its own; those it did not use are taken out
-        (in place). Anything else stays as it is, to be checked."""
-        train = config.get("train")
-        raw = train.get("optimizer") if isinstance(train, dict) else None
-        if isinstance(raw, dict) and set(cls.model_fields) <= set(raw):
-            for key in cls.unused_keys(raw["name"]):
-                del raw[key]
-        return config
-
-    @model_validator(mode="after")
-    def _no_unused_keys(self):
-        given = [k for k in self.unused_keys(self.name) if k in self.model_fields_set]
-        if not given:
-            return self
-        groups = {}  # the optimizers that use a key -> the keys given
-        for key in given:
-            groups.setdefault(tuple(n for n, keys in self.OWN_KEYS.items() if key in keys), []).append(key)
-        which = "; ".join(f"{', '.join(keys)} (name: {' and '.join(users)} {'does' if len(users) == 1 else 'do'})"
-                          for users, keys in groups.items())
-        hint = ", or write name: momentum for SGD with momentum" if self.name == "sgd" and "momentum" in given else ""
-        raise ValueError(f"{self.name} does not use {which}: remove {'it' if len(given) == 1 else 'them'}{hint}")
-
-    @model_serializer(mode="wrap")
-    def _used_keys_only(self, handler):
-        return {k: v for k, v in handler(self).items() if k not in self.unused_keys(self.name)}
+    OWN_KEYS = {"sgd": (), "momentum": ("momentum", "nesterov"), "adam": ("beta_1", "beta_2"),
+                "adamw": ("beta_1", "beta_2")}
+    HINTS = {("sgd", "momentum"): ", or write name: momentum for SGD with momentum"}
 
 
-class ScheduleConfig(Strict):
+class ScheduleConfig(NamedChoice):
     name: Literal["constant", "cosine", "one_cycle"] = "constant"
     warmup: Fraction = 0.0  # cosine: fraction of all steps spent in linear warm-up
     pct_start: In(0, 1, lo_open=True, hi_open=True) = 0.25  # one_cycle: fraction of steps rising to the peak lr
     div_factor: In(1) = 25.0  # one_cycle: start lr = lr / div_factor
     final_div_factor: In(1) = 1e4  # one_cycle: final lr = start lr / final_div_factor
+
+    OWN_KEYS = {"constant": (), "cosine": ("warmup",), "one_cycle": ("pct_start", "div_factor", "final_div_factor")}
+
+
+NAMED_CHOICES = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig}  # train.<key>: NamedChoice sections
+
+
+def as_trained(config: dict) -> dict:
+    """A raw config with each NamedChoice section as its run trained (NamedChoice.as_trained), in place."""
+    train = config.get("train")
+    for key, cls in NAMED_CHOICES.items():
+        cls.as_trained(train.get(key) if isinstance(train, dict) else None)
+    return config
 
 
 # Batches precise BN averages the statistics over unless told otherwise (train.precise_bn, `convbn recalibrate`,

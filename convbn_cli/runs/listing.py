@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ..config.loader import read_yaml
-from ..config.schema import OptimizerConfig
+from ..config.schema import as_trained
 from ..errors import ConfigError, ConvbnError
 from .rundir import RunDir, RunDirError, best_row, final_val, moving_val_acc
 
@@ -103,7 +103,7 @@ def summarize(path: Path, root: Path | None = None) -> dict:
     """One run's line: name, date, dataset, epochs, best validation and test accuracy, time, status, config."""
     run = RunDir(path)
     try:
-        config = flatten(OptimizerConfig.as_trained(read_yaml(run.config)))  # an older run's: as it trained
+        config = flatten(as_trained(read_yaml(run.config)))  # an older run's: as it trained
     except ConfigError as e:
         raise RunDirError(e.problems[0]) from None
     results = run.read_results()
