@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import sys
 
 import pytest
@@ -12,7 +13,7 @@ from own_data import SHAPES
 
 from conftest import CONFIGS, own_dataset_for, run_cli
 from convbn_cli.cli import main
-from convbn_cli.config import ConfigError, load_config, plan_layers
+from convbn_cli.config import ConfigError, dump_config, load_config, plan_layers
 from convbn_cli.config.loader import apply_overrides, parse_key
 
 BASE = {
@@ -86,18 +87,25 @@ BAD = [
     (with_changes(("train.optimizer.lr", "-0.1")), ["train.optimizer.lr: must be in (0, 100], got -0.1"]),
     (with_changes(("train.optimizer.name", "rmsprop")),
      ["train.optimizer.name: must be one of 'sgd', 'momentum', 'adam' or 'adamw', got 'rmsprop'"]),
-    # a key the optimizer does not use is refused, not ignored (a PyTorch user's SGD with momentum)
+    # a key the optimizer or schedule does not use is refused, not ignored (a PyTorch user's SGD with momentum)
     (with_changes(("train.optimizer", "{name: sgd, momentum: 0.9}")),
-     ["train.optimizer: sgd does not use momentum (name: momentum does): remove it, or write name: momentum for "
+     ["train.optimizer: 'sgd' does not use momentum ('momentum' does): remove it, or write name: momentum for "
       "SGD with momentum"]),
+    (with_changes(("train.optimizer", "{name: sgd, nesterov: true}")),
+     ["train.optimizer: 'sgd' does not use nesterov ('momentum' does): remove it, or write name: momentum for "
+      "SGD with momentum"]),
+    (with_changes(("train.optimizer", "{name: sgd, momentum: 0.9, beta_1: 0.5}")),  # 'momentum' refuses beta_1 too
+     ["train.optimizer: 'sgd' does not use momentum ('momentum' does); beta_1 ('adam' and 'adamw' do): remove them"]),
     (with_changes(("train.optimizer", "{name: adam, nesterov: true}")),
-     ["train.optimizer: adam does not use nesterov (name: momentum does): remove it"]),
+     ["train.optimizer: 'adam' does not use nesterov ('momentum' does): remove it"]),
     (with_changes(("train.optimizer", "{name: momentum, beta_1: 0.7, beta_2: 0.9}")),
-     ["train.optimizer: momentum does not use beta_1, beta_2 (name: adam and adamw do): remove them"]),
+     ["train.optimizer: 'momentum' does not use beta_1, beta_2 ('adam' and 'adamw' do): remove them"]),
+    (with_changes(("train.optimizer", "{momentum: 0.5}")),  # no name: adam's
+     ["train.optimizer: 'adam' does not use momentum ('momentum' does): remove it"]),
     (with_changes(("train.schedule", "{name: constant, warmup: 0.1}")),
-     ["train.schedule: constant does not use warmup (name: cosine does): remove it"]),
+     ["train.schedule: 'constant' does not use warmup ('cosine' does): remove it"]),
     (with_changes(("train.schedule", "{name: cosine, pct_start: 0.3, div_factor: 10}")),
-     ["train.schedule: cosine does not use pct_start, div_factor (name: one_cycle does): remove them"]),
+     ["train.schedule: 'cosine' does not use pct_start, div_factor ('one_cycle' does): remove them"]),
     (with_changes(("train.schedule", "cosine")), ["train.schedule: must be a mapping, got 'cosine'"]),
     (with_changes(("output.name", "'a/b'")),
      ["output.name: may contain only letters, digits, '.', '_' and '-', got 'a/b'"]),
@@ -237,49 +245,71 @@ def test_no_did_you_mean_for_something_unlike_every_option():
     assert "did you mean" not in e.value.problems[0]
 
 
-def test_a_config_holds_only_the_keys_its_optimizer_uses_and_older_runs_configs_still_load(tmp_path):
-    """A run's config.yaml used to hold every optimizer key with its default (momentum: 0.9 under sgd and adam):
-    the dump now keeps the optimizer's own keys, and a mapping with every key (what convbn wrote before) is read
-    as its run trained, wherever it is read."""
-    from convbn_cli.config import dump_config
+OLDER = [  # optimizer and schedule as convbn wrote them before it checked their keys -> what the run trained
+    # every key (since 27868aa): the values each choice uses are not the defaults, so a wrong drop shows
+    ("{name: sgd, lr: 0.1, weight_decay: 0.0, momentum: 0.9, nesterov: false, beta_1: 0.9, beta_2: 0.999}",
+     "{name: cosine, warmup: 0.1, pct_start: 0.25, div_factor: 25.0, final_div_factor: 10000.0}",
+     {"name": "sgd", "lr": 0.1, "weight_decay": 0.0}, {"name": "cosine", "warmup": 0.1}),
+    ("{name: adam, lr: 0.1, weight_decay: 0.0, momentum: 0.9, nesterov: false, beta_1: 0.8, beta_2: 0.99}",
+     "{name: one_cycle, warmup: 0.0, pct_start: 0.3, div_factor: 10.0, final_div_factor: 100.0}",
+     {"name": "adam", "lr": 0.1, "weight_decay": 0.0, "beta_1": 0.8, "beta_2": 0.99},
+     {"name": "one_cycle", "pct_start": 0.3, "div_factor": 10.0, "final_div_factor": 100.0}),
+    # before adam's betas were keys (8f801a2 to 27868aa)
+    ("{name: adam, lr: 0.1, weight_decay: 0.0, momentum: 0.9, nesterov: false}",
+     "{name: constant, warmup: 0.0, pct_start: 0.25, div_factor: 25.0, final_div_factor: 10000.0}",
+     {"name": "adam", "lr": 0.1, "weight_decay": 0.0, "beta_1": 0.9, "beta_2": 0.999}, {"name": "constant"}),
+]
+
+
+@pytest.mark.parametrize("optimizer,schedule,optimizer_kept,schedule_kept", OLDER)
+def test_a_runs_config_written_with_every_key_still_loads_as_it_trained(tmp_path, optimizer, schedule,
+                                                                        optimizer_kept, schedule_kept):
+    """Until convbn refused unused optimizer and schedule keys it wrote them all (momentum: 0.9 under adam): a run's
+    own config is read as it trained wherever convbn reads it (its commands, resume, a sweep's plan, `convbn runs`,
+    a new run from its config.yaml), before overrides; the same keys in a config of the user's are refused."""
     from convbn_cli.runs.listing import differing_keys, summarize
     from convbn_cli.runs.rundir import RunDir, RunDirError
     from convbn_cli.runs.sweepdir import run_config
 
+    def trained(cfg):
+        return cfg.train.optimizer.model_dump(), cfg.train.schedule.model_dump()
+
+    older = yaml.safe_load(dump_config(load_config(raw=copy.deepcopy(BASE))))
+    older.get("train").update(optimizer=yaml.safe_load(optimizer), schedule=yaml.safe_load(schedule))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    kept = (optimizer_kept, schedule_kept)
+    assert trained(RunDir(run).load_config()) == kept
+    assert trained(run_config(tmp_path, {"runs": [{"name": "a", "config": yaml.safe_dump(older)}]}, 0)) == kept
+    (run / "run.json").write_text("{}")  # what a run that started has
+    assert trained(load_config(run / "config.yaml")) == kept  # `convbn train runs/x/1/config.yaml`
+    with pytest.raises(RunDirError, match="does not use nesterov"):
+        RunDir(run).load_config(["train.optimizer.nesterov=true"])  # a key set now is checked like a user's
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "config.yaml").write_text(dump_config(RunDir(run).load_config()))
+    dropped = {f"train.{section}.{k}" for section, written, used in (("optimizer", optimizer, optimizer_kept),
+                                                                      ("schedule", schedule, schedule_kept))
+               for k in set(yaml.safe_load(written)) - set(used)}
+    assert dropped and not dropped & set(differing_keys([summarize(run), summarize(new)]))  # `convbn runs`
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(ConfigError, match="does not use momentum, nesterov"):
+        load_config(tmp_path / "mine.yaml")  # outside a run: the user's, checked
+
+
+def test_a_config_holds_only_the_keys_its_choices_use():
     common = {"name", "lr", "weight_decay"}
-    for name, own in (("sgd", set()), ("momentum", {"momentum", "nesterov"}), ("adam", {"beta_1", "beta_2"}),
-                      ("adamw", {"beta_1", "beta_2"})):
-        cfg = load_config(raw=with_changes(("train.optimizer.name", name)))
+    for section, name, keys in (("optimizer", "sgd", common),
+                                ("optimizer", "momentum", common | {"momentum", "nesterov"}),
+                                ("optimizer", "adam", common | {"beta_1", "beta_2"}),
+                                ("optimizer", "adamw", common | {"beta_1", "beta_2"}),
+                                ("schedule", "constant", {"name"}), ("schedule", "cosine", {"name", "warmup"}),
+                                ("schedule", "one_cycle", {"name", "pct_start", "div_factor", "final_div_factor"})):
+        cfg = load_config(raw=with_changes((f"train.{section}.name", name)))
         dumped = yaml.safe_load(dump_config(cfg))
-        assert set(dumped.get("train")["optimizer"]) == common | own, name  # .get: the tiers' pattern
+        assert set(dumped.get("train")[section]) == keys, name  # .get: not a training (conftest's TIERS)
         assert load_config(raw=dumped).model_dump() == cfg.model_dump()  # the dump is a config a user may reuse
-
-    every_key = ("lr: 0.1, weight_decay: 0.0, momentum: 0.9, nesterov: false, beta_1: 0.9, beta_2: 0.999",
-                 "warmup: 0.0, pct_start: 0.3, div_factor: 25.0, final_div_factor: 10000.0")
-    for name, schedule, kept in (
-            ("sgd", "cosine", ({"name": "sgd", "lr": 0.1, "weight_decay": 0.0}, {"name": "cosine", "warmup": 0.0})),
-            ("adam", "one_cycle", ({"name": "adam", "lr": 0.1, "weight_decay": 0.0, "beta_1": 0.9, "beta_2": 0.999},
-                                   {"name": "one_cycle", "pct_start": 0.3, "div_factor": 25.0,
-                                    "final_div_factor": 10000.0}))):
-        older = yaml.safe_load(dump_config(load_config(raw=with_changes(("train.optimizer.name", name)))))
-        older.get("train").update(optimizer=yaml.safe_load(f"{{name: {name}, {every_key[0]}}}"),  # as convbn
-                                  schedule=yaml.safe_load(f"{{name: {schedule}, {every_key[1]}}}"))  # wrote it
-
-        def as_trained(cfg):
-            return cfg.train.optimizer.model_dump(), cfg.train.schedule.model_dump()
-
-        run = tmp_path / name
-        run.mkdir()
-        (run / "config.yaml").write_text(yaml.safe_dump(older))
-        assert as_trained(RunDir(run).load_config()) == kept
-        assert as_trained(run_config(tmp_path, {"runs": [{"name": "a", "config": yaml.safe_dump(older)}]}, 0)) == kept
-        assert as_trained(load_config(run / "config.yaml")) == kept  # a new run from it
-        with pytest.raises(RunDirError, match=f"{name} does not use nesterov"):
-            RunDir(run).load_config(["train.optimizer.nesterov=true"])  # a key set now is checked like a user's
-        new = tmp_path / f"{name}_new"
-        new.mkdir()
-        (new / "config.yaml").write_text(dump_config(load_config(raw=older)))
-        assert differing_keys([summarize(run), summarize(new)]) == []  # `convbn runs` sees the same optimizer
 
 
 def test_switching_optimizer_by_override_drops_the_files_keys_for_the_old_one():
@@ -289,9 +319,18 @@ def test_switching_optimizer_by_override_drops_the_files_keys_for_the_old_one():
         cfg = load_config("mnist_fast", [f"train.optimizer.name={name}"])
         assert set(cfg.train.optimizer.model_dump()) == {"name", "lr", "weight_decay"} | own
         assert cfg.train.optimizer.lr == 0.03 and (name != "adamw" or cfg.train.optimizer.beta_1 == 0.7)
-    for overrides in (["train.optimizer.name=sgd", "train.optimizer.momentum=0.9"],
-                      ["train.optimizer.momentum=0.9", "train.optimizer.name=sgd"]):
-        with pytest.raises(ConfigError, match="sgd does not use momentum"):
-            load_config("mnist_fast", overrides)
     assert load_config("mnist_fast", ["train.schedule.name=cosine"]).train.schedule.model_dump() == \
         {"name": "cosine", "warmup": 0.0}  # its one-cycle pct_start goes with the one-cycle schedule
+    for overrides, message in (
+            (["train.optimizer.name=sgd", "train.optimizer.momentum=0.9"], "'sgd' does not use momentum"),
+            (["train.optimizer.momentum=0.9", "train.optimizer.name=sgd"], "'sgd' does not use momentum"),
+            (["train.optimizer={name: adam, nesterov: true}", "train.optimizer.name=sgd"],
+             "'sgd' does not use nesterov"),
+            (["train.schedule.warmup=0.1", "train.schedule.name=constant"], "'constant' does not use warmup"),
+            (["train.schedule.name=constant", "train.schedule.warmup=0.1"], "'constant' does not use warmup"),
+            (["train.optimizer.name=[sgd]"], "train.optimizer.name: must be one of"),
+            (["train.schedule.name={a: 1}"], "train.schedule.name: must be one of")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config("mnist_fast", overrides)
+    with pytest.raises(ConfigError, match="'adam' does not use momentum"):  # naming the default switches nothing
+        load_config(raw=with_changes(("train.optimizer", "{momentum: 0.5}")), overrides=["train.optimizer.name=adam"])

@@ -167,25 +167,44 @@ def apply_overrides(raw: dict, overrides) -> dict:
             elif not isinstance(node, dict):
                 problems.append(f"override {item!r}: {format_loc(parts[:-1])}: is not a mapping")
                 continue
-            if len(parts) == 3 and parts[0] == "train" and parts[1] in schema.NAMED_CHOICES and last == "name" \
-                    and value != node.get("name"):
+            if len(parts) == 3 and parts[0] == "train" and parts[1] in schema.NAMED_CHOICES and last == "name":
                 _switch_choice(parts[1], node, value, given)
             node[last] = value
-            given.add(tuple(parts))
+            given.update([tuple(parts)] + [(*parts, k) for k in (value if isinstance(value, dict) else ())])
     if problems:
         raise ConfigError(problems)
     return raw
 
 
 def _switch_choice(section: str, node: dict, name, given: set) -> None:
-    """`train.optimizer.name=sgd` on a config written for adam: the file's keys that only other optimizers use (its
+    """`train.optimizer.name=sgd` on a config written for adam: the file's keys that only other optimizers take (its
     betas) go, as the user switched optimizer (the same for train.schedule); a key an override sets stays, to be
     checked like any other."""
     choice = schema.NAMED_CHOICES[section]
-    if name in choice.OWN_KEYS:
+    before = node.get("name", choice.model_fields["name"].default)
+    if isinstance(name, str) and name in choice.OWN_KEYS and name != before:
         for key in choice.unused_keys(name):
             if ("train", section, key) not in given:
                 node.pop(key, None)
+
+
+def as_trained(config: dict) -> dict:
+    """A config convbn wrote (a run's config.yaml, a sweep's plan) as its run trained, in place: until convbn
+    checked them, it wrote every optimizer and schedule key, used or not; those its choice did not use go."""
+    train = config.get("train")
+    for key, choice in schema.NAMED_CHOICES.items():
+        raw = train.get(key) if isinstance(train, dict) else None
+        if isinstance(raw, dict):
+            for unused in choice.unused_keys(raw.get("name", choice.model_fields["name"].default)):
+                raw.pop(unused, None)
+    return config
+
+
+def _in_a_run(path) -> bool:
+    """Whether a config file is a run directory's config.yaml (run.json beside it: runs/rundir.py's layout), which
+    convbn wrote: `convbn train runs/x/1/config.yaml` starts a new run from an old one's config."""
+    path = Path(path)
+    return path.name == "config.yaml" and (path.parent / "run.json").is_file()
 
 
 def _step(node, part, create):
@@ -214,15 +233,16 @@ _FlowListDumper.add_representer(
 
 
 def dump_config(cfg) -> str:
-    """The resolved config as YAML (every default filled in; of the optimizer's keys, those it uses): what validate
-    prints and runs record."""
+    """The resolved config as YAML (every default filled in; of the optimizer's and the schedule's keys, those they
+    use): what validate prints and runs record."""
     return yaml.dump(cfg.model_dump(mode="json"), Dumper=_FlowListDumper, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- validation
 
 def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, progress: bool = True,
-                on_dataset=None, read_dataset: bool = True, reread: bool | None = None) -> schema.Config:
+                on_dataset=None, read_dataset: bool = True, reread: bool | None = None,
+                written_by_convbn: bool | None = None) -> schema.Config:
     """Load, override and validate a config; raise ConfigError listing every problem.
 
     `raw` takes an already parsed mapping instead of a file. Shape checks that can be made before
@@ -234,12 +254,15 @@ def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, p
     default for a config file, not for `raw`): what a config says it read of the user's dataset (data.about, as a
     run's config.yaml has it) is set aside and the dataset read as it is now: a new run from an old run's config
     trains on today's files. A run's own config keeps it (RunDir.load_config: reread=False), so that commands
-    measuring the run refuse a dataset that changed since.
+    measuring the run refuse a dataset that changed since. `written_by_convbn` (the default: for a run directory's
+    config.yaml): a config convbn wrote, read as its run trained (as_trained) before the overrides.
     """
     if raw is None:
         path = builtin.resolve(path)  # a file, or the name of a config that ships with convbn (`mnist_bn`)
         raw = read_yaml(path)
-    raw = apply_overrides(schema.as_trained(raw), overrides)
+    if written_by_convbn or (written_by_convbn is None and path is not None and _in_a_run(path)):
+        as_trained(raw)
+    raw = apply_overrides(raw, overrides)
     if (path is not None if reread is None else reread) and isinstance(raw.get("data"), dict):
         raw["data"].pop("about", None)
     out = raw.setdefault("output", {})

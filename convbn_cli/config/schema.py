@@ -380,31 +380,24 @@ class NamedChoice(Strict):
     `{name: sgd, momentum: 0.9}` (a PyTorch user's SGD with momentum) would train plain SGD, `{name: constant,
     warmup: 0.1}` warm up nothing, without a word. A run's config.yaml holds only the keys its choice used."""
 
-    OWN_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {}  # name (each subclass's field) -> the keys only it uses
-    HINTS: ClassVar[dict[tuple[str, str], str]] = {}  # (name, key given) -> what the user may have meant
+    OWN_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {}  # each `name` -> its keys that not every choice takes
+    HINT: ClassVar[tuple] = ()  # (name, other, text): said when every key given to `name` is one `other` takes
 
     @classmethod
     def unused_keys(cls, name) -> tuple[str, ...]:
         own = cls.OWN_KEYS.get(name, ()) if isinstance(name, str) else ()
         return tuple(dict.fromkeys(k for keys in cls.OWN_KEYS.values() for k in keys if k not in own))
 
-    @classmethod
-    def as_trained(cls, raw) -> None:
-        """A raw mapping (before overrides) as its run trained, in place: one with every key is a config convbn
-        wrote before it checked them (all, with defaults; only the choice's own used); the others are taken out."""
-        if isinstance(raw, dict) and set(cls.model_fields) <= set(raw):
-            for key in cls.unused_keys(raw["name"]):
-                del raw[key]
-
     @model_validator(mode="after")
     def _no_unused_keys(self):
         given = [k for k in self.unused_keys(self.name) if k in self.model_fields_set]
-        if given:  # grouped by the choices that use them: "beta_1, beta_2 (name: adam and adamw do)"
-            users = {k: tuple(n for n, keys in self.OWN_KEYS.items() if k in keys) for k in given}
-            which = "; ".join(f"{', '.join(k for k in given if users[k] == u)} (name: {' and '.join(u)} "
+        if given:  # grouped by the choices that take them: "beta_1, beta_2 ('adam' and 'adamw' do)"
+            users = {k: tuple(repr(n) for n, keys in self.OWN_KEYS.items() if k in keys) for k in given}
+            which = "; ".join(f"{', '.join(k for k in given if users[k] == u)} ({' and '.join(u)} "
                               f"{'does' if len(u) == 1 else 'do'})" for u in dict.fromkeys(users.values()))
-            hints = "".join(self.HINTS.get((self.name, key), "") for key in given)
-            raise ValueError(f"{self.name} does not use {which}: remove {'it' if len(given) == 1 else 'them'}{hints}")
+            name, other, text = self.HINT or (None, None, "")
+            hint = text if name == self.name and set(given) <= set(self.OWN_KEYS[other]) else ""
+            raise ValueError(f"{self.name!r} does not use {which}: remove {'it' if len(given) == 1 else 'them'}{hint}")
         return self
 
     @model_serializer(mode="wrap")
@@ -423,7 +416,7 @@ class OptimizerConfig(NamedChoice):
 
     OWN_KEYS = {"sgd": (), "momentum": ("momentum", "nesterov"), "adam": ("beta_1", "beta_2"),
                 "adamw": ("beta_1", "beta_2")}
-    HINTS = {("sgd", "momentum"): ", or write name: momentum for SGD with momentum"}
+    HINT = ("sgd", "momentum", ", or write name: momentum for SGD with momentum")
 
 
 class ScheduleConfig(NamedChoice):
@@ -437,14 +430,6 @@ class ScheduleConfig(NamedChoice):
 
 
 NAMED_CHOICES = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig}  # train.<key>: NamedChoice sections
-
-
-def as_trained(config: dict) -> dict:
-    """A raw config with each NamedChoice section as its run trained (NamedChoice.as_trained), in place."""
-    train = config.get("train")
-    for key, cls in NAMED_CHOICES.items():
-        cls.as_trained(train.get(key) if isinstance(train, dict) else None)
-    return config
 
 
 # Batches precise BN averages the statistics over unless told otherwise (train.precise_bn, `convbn recalibrate`,

@@ -13,8 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from ..config.loader import read_yaml
-from ..config.schema import as_trained
+from ..config.loader import as_trained, read_yaml
 from ..errors import ConfigError, ConvbnError
 from .rundir import RunDir, RunDirError, best_row, final_val, moving_val_acc
 

@@ -1,7 +1,7 @@
 """The run directory, `runs/<name>/<n>/`: what a training run writes and where (the one place that knows).
 
-    config.yaml                  the resolved config (every default filled in; of the optimizer's keys, those it
-                                 uses); every command rebuilds the model from it
+    config.yaml                  the resolved config (every default filled in; of the optimizer's and schedule's
+                                 keys, those they use); every command rebuilds the model from it
     checkpoints/ckpt-<step>      the last `keep_checkpoints` checkpoints, named by training step
     checkpoints/best/ckpt-<step> the checkpoint with the best validation accuracy so far
     checkpoints/recalibrated/ckpt-<n>  precise-BN checkpoints (n = 1, 2, ...), each with a .source file naming
@@ -169,7 +169,8 @@ class RunDir:
     def load_config(self, overrides=()):
         """The run's resolved config (with `overrides` laid over it); a broken file is a RunDirError."""
         try:
-            return load_config(self.config, overrides, reread=False)  # its data.about: what the run read
+            # its data.about: what the run read; its optimizer and schedule as they trained
+            return load_config(self.config, overrides, reread=False, written_by_convbn=True)
         except ConfigError as e:
             where = "" if e.problems[0].startswith(str(self.config)) else f"{self.config}: "
             raise RunDirError(where + "; ".join(e.problems)) from None

@@ -107,7 +107,8 @@ def run_config(path, plan: dict, i: int):
     a problem (broken YAML, a Python tag, deep nesting, null, an invalid config) is one line naming the run."""
     where = f"{Path(path) / PLAN}: runs[{i}].config"
     try:
-        return load_config(raw=parse_config_text(plan["runs"][i]["config"], where, empty="empty"))
+        return load_config(raw=parse_config_text(plan["runs"][i]["config"], where, empty="empty"),
+                           written_by_convbn=True)
     except ConfigError as e:
         lines = e.lines if e.lines[0].startswith(where) else [f"{where}: {line}" for line in e.lines]
         raise RunDirError("; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")) from None
