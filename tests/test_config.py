@@ -293,9 +293,24 @@ def test_a_runs_config_written_with_every_key_still_loads_as_it_trained(tmp_path
                                                                       ("schedule", schedule, schedule_kept))
                for k in set(yaml.safe_load(written)) - set(used)}
     assert dropped and not dropped & set(differing_keys([summarize(run), summarize(new)]))  # `convbn runs`
-    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(older))
+    mine = tmp_path / "mine" / "config.yaml"  # outside a run (no run.json beside it): the user's, checked
+    mine.parent.mkdir()
+    mine.write_text(yaml.safe_dump(older))
     with pytest.raises(ConfigError, match="does not use momentum, nesterov"):
-        load_config(tmp_path / "mine.yaml")  # outside a run: the user's, checked
+        load_config(mine)
+
+
+def test_a_sweep_may_fix_a_key_that_only_its_swept_choices_take(tmp_path):
+    """`name=adam,adamw beta_2=0.99` on an sgd config: every run is valid, though the fixed keys alone are not."""
+    from convbn_cli.train.sweep import plan
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(with_changes(("train.optimizer", "{name: sgd, lr: 0.1}"))))
+    runs = plan(config, ["train.optimizer.name=adam,adamw", "train.optimizer.beta_2=0.99"])["runs"]
+    assert [yaml.safe_load(r["config"]).get("train")["optimizer"] for r in runs] == [
+        {"name": n, "lr": 0.1, "weight_decay": 0.0, "beta_1": 0.9, "beta_2": 0.99} for n in ("adam", "adamw")]
+    with pytest.raises(ConfigError, match="'sgd' does not use beta_2"):  # a key no run can take: still refused
+        plan(config, ["train.optimizer.name=sgd,momentum", "train.optimizer.beta_2=0.99"])
 
 
 def test_a_config_holds_only_the_keys_its_choices_use():
@@ -326,11 +341,15 @@ def test_switching_optimizer_by_override_drops_the_files_keys_for_the_old_one():
             (["train.optimizer.momentum=0.9", "train.optimizer.name=sgd"], "'sgd' does not use momentum"),
             (["train.optimizer={name: adam, nesterov: true}", "train.optimizer.name=sgd"],
              "'sgd' does not use nesterov"),
+            (["train={epochs: 1, optimizer: {momentum: 0.9}}", "train.optimizer.name=sgd"],  # set two levels down
+             "'sgd' does not use momentum"),
             (["train.schedule.warmup=0.1", "train.schedule.name=constant"], "'constant' does not use warmup"),
             (["train.schedule.name=constant", "train.schedule.warmup=0.1"], "'constant' does not use warmup"),
             (["train.optimizer.name=[sgd]"], "train.optimizer.name: must be one of"),
             (["train.schedule.name={a: 1}"], "train.schedule.name: must be one of")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config("mnist_fast", overrides)
+    back = load_config("mnist_fast", ["train.optimizer.name=sgd", "train.optimizer.name=adam"]).train.optimizer
+    assert (back.beta_1, back.beta_2) == (0.7, 0.9)  # named back to the file's: its betas stay
     with pytest.raises(ConfigError, match="'adam' does not use momentum"):  # naming the default switches nothing
         load_config(raw=with_changes(("train.optimizer", "{momentum: 0.5}")), overrides=["train.optimizer.name=adam"])

@@ -136,7 +136,8 @@ def parse_key(key: str) -> list:
 
 def apply_overrides(raw: dict, overrides) -> dict:
     """Set `key=value` pairs in the raw config; values are YAML scalars (`0.9`, `true`, `[3, 3]`, `null`)."""
-    problems, given = [], set()  # given: the keys the overrides set
+    problems, given = [], set()  # given: every key the overrides set, nested ones included
+    names = {section: _choice_name(raw, section) for section in schema.NAMED_CHOICES}  # the file's, before them
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -167,36 +168,51 @@ def apply_overrides(raw: dict, overrides) -> dict:
             elif not isinstance(node, dict):
                 problems.append(f"override {item!r}: {format_loc(parts[:-1])}: is not a mapping")
                 continue
-            if len(parts) == 3 and parts[0] == "train" and parts[1] in schema.NAMED_CHOICES and last == "name":
-                _switch_choice(parts[1], node, value, given)
             node[last] = value
-            given.update([tuple(parts)] + [(*parts, k) for k in (value if isinstance(value, dict) else ())])
+            given.update(_paths(tuple(parts), value))
     if problems:
         raise ConfigError(problems)
+    _switch_choices(raw, names, given)
     return raw
 
 
-def _switch_choice(section: str, node: dict, name, given: set) -> None:
+def _paths(prefix: tuple, value):
+    """The key `prefix` and every key under it in `value` (an override may set a whole mapping)."""
+    yield prefix
+    for key, inner in (value.items() if isinstance(value, dict) else ()):
+        yield from _paths((*prefix, key), inner)
+
+
+def _choice_section(raw: dict, section: str) -> dict | None:
+    train = raw.get("train")
+    node = train.get(section) if isinstance(train, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+def _choice_name(raw: dict, section: str):
+    node, default = _choice_section(raw, section), schema.NAMED_CHOICES[section].model_fields["name"].default
+    return default if node is None else node.get("name", default)
+
+
+def _switch_choices(raw: dict, names: dict, given: set) -> None:
     """`train.optimizer.name=sgd` on a config written for adam: the file's keys that only other optimizers take (its
-    betas) go, as the user switched optimizer (the same for train.schedule); a key an override sets stays, to be
-    checked like any other."""
-    choice = schema.NAMED_CHOICES[section]
-    before = node.get("name", choice.model_fields["name"].default)
-    if isinstance(name, str) and name in choice.OWN_KEYS and name != before:
-        for key in choice.unused_keys(name):
-            if ("train", section, key) not in given:
-                node.pop(key, None)
+    betas) go, as the user switched optimizer (the same for train.schedule); a key an override set stays, to be
+    checked like any other. Against the file's name (`names`): naming it again, or back, switches nothing."""
+    for section, choice in schema.NAMED_CHOICES.items():
+        node, name = _choice_section(raw, section), _choice_name(raw, section)
+        if node is not None and isinstance(name, str) and name in choice.OWN_KEYS and name != names[section]:
+            for key in choice.unused_keys(name):
+                if ("train", section, key) not in given:
+                    node.pop(key, None)
 
 
 def as_trained(config: dict) -> dict:
     """A config convbn wrote (a run's config.yaml, a sweep's plan) as its run trained, in place: until convbn
     checked them, it wrote every optimizer and schedule key, used or not; those its choice did not use go."""
-    train = config.get("train")
-    for key, choice in schema.NAMED_CHOICES.items():
-        raw = train.get(key) if isinstance(train, dict) else None
-        if isinstance(raw, dict):
-            for unused in choice.unused_keys(raw.get("name", choice.model_fields["name"].default)):
-                raw.pop(unused, None)
+    for section, choice in schema.NAMED_CHOICES.items():
+        node = _choice_section(config, section)
+        for unused in choice.unused_keys(_choice_name(config, section)) if node is not None else ():
+            node.pop(unused, None)
     return config
 
 
@@ -254,8 +270,9 @@ def load_config(path=None, overrides=(), *, raw: dict | None = None, log=None, p
     default for a config file, not for `raw`): what a config says it read of the user's dataset (data.about, as a
     run's config.yaml has it) is set aside and the dataset read as it is now: a new run from an old run's config
     trains on today's files. A run's own config keeps it (RunDir.load_config: reread=False), so that commands
-    measuring the run refuse a dataset that changed since. `written_by_convbn` (the default: for a run directory's
-    config.yaml): a config convbn wrote, read as its run trained (as_trained) before the overrides.
+    measuring the run refuse a dataset that changed since. `written_by_convbn`: a config convbn wrote, read as its
+    run trained (as_trained) before the overrides; None (the default): True for a config.yaml with run.json beside
+    it, a run's own.
     """
     if raw is None:
         path = builtin.resolve(path)  # a file, or the name of a config that ships with convbn (`mnist_bn`)

@@ -89,8 +89,14 @@ def plan(config, specs, seeds: int = 1) -> dict:
     if count > MAX_RUNS:
         sizes = " x ".join(str(len(v)) for _, v in axes)
         raise ConfigError([f"{sizes} combinations x {seeds} seeds is {count} runs, more than {MAX_RUNS}"])
-    base = load_config(config, fixed)
     combos = list(itertools.product(*[[(k, v) for v in values] for k, values in axes])) or [()]
+    try:
+        base = load_config(config, fixed)
+    except ConfigError as e:  # a fixed key may need a swept one (beta_2=0.99 with name=adam,adamw on an sgd config)
+        try:
+            base = load_config(config, fixed + [f"{k}={v}" for k, v in combos[0]])
+        except ConfigError:
+            raise e from None
     runs, problems = [], []
     for combo in combos:
         for i in range(seeds):
