@@ -211,8 +211,9 @@ def as_trained(config: dict) -> dict:
     checked them, it wrote every optimizer and schedule key, used or not; those its choice did not use go."""
     for section, choice in schema.NAMED_CHOICES.items():
         node = _choice_section(config, section)
-        for unused in choice.unused_keys(_choice_name(config, section)) if node is not None else ():
-            node.pop(unused, None)
+        if node is not None:
+            for unused in choice.unused_keys(_choice_name(config, section)):
+                node.pop(unused, None)
     return config
 
 
