@@ -354,6 +354,70 @@ def test_zoom_scales_each_image_about_its_centre_and_keeps_the_other_draws():
     assert np.abs(plain - rotated).max() > 1 and np.abs(rotated[:, 1]).max() > 1  # shifted and rotated indeed
 
 
+def _elastic_field(shape, alpha, sigma, seed):
+    """(N, H, W, 2) displacements, rows then columns: the uniform draws, blurred by a Gaussian (zeros beyond the
+    border), times alpha."""
+    import tensorflow as tf
+
+    u = tf.random.stateless_uniform([*shape, 2], seed=seed + tf.constant([0, 3 << 40], tf.int64),
+                                    minval=-1.0, maxval=1.0).numpy().astype(np.float64)
+    r = int(np.ceil(3 * sigma))
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    g /= g.sum()
+    u = np.apply_along_axis(lambda v: np.convolve(v, g, "same"), 1, u)
+    return alpha * np.apply_along_axis(lambda v: np.convolve(v, g, "same"), 2, u)
+
+
+def _elastic_reference(x, alpha, sigma, seed):
+    """Simard's elastic distortion in plain numpy, pixel by pixel, from the same uniform draws: the field blurred
+    by a Gaussian (zeros beyond the border), and each output pixel a bilinear read of the input at its own position
+    plus alpha times the field, black outside the image."""
+    n, h, w, c = x.shape
+    u = _elastic_field((n, h, w), alpha, sigma, seed)
+
+    def pixel(b, yy, xx):
+        return x[b, yy, xx] if 0 <= yy < h and 0 <= xx < w else np.zeros(c)
+
+    out = np.zeros((n, h, w, c))
+    for b, i, j in np.ndindex(n, h, w):
+        sy, sx = i + u[b, i, j, 0], j + u[b, i, j, 1]
+        y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+        fy, fx = sy - y0, sx - x0
+        out[b, i, j] = ((1 - fy) * ((1 - fx) * pixel(b, y0, x0) + fx * pixel(b, y0, x0 + 1))
+                        + fy * ((1 - fx) * pixel(b, y0 + 1, x0) + fx * pixel(b, y0 + 1, x0 + 1)))
+    return out, u
+
+
+def test_elastic_moves_each_pixel_by_a_smooth_random_field_of_its_own_per_axis(synthetic):
+    import tensorflow as tf
+
+    from convbn_cli.data.pipeline import elastic
+
+    x = tf.constant(synthetic["x_train"][:3, :, :, None], tf.float32)
+    seed = tf.constant([3, 4], tf.int64)
+    np.testing.assert_array_equal(elastic(x, 0.0, 4.0, seed), x)  # alpha 0: the images themselves
+    got = elastic(x, 34.0, 4.0, seed).numpy()
+    want, field = _elastic_reference(x.numpy().astype(np.float64), 34.0, 4.0, seed)
+    np.testing.assert_allclose(got, want, atol=0.05)  # pixels 0-255: float32 bilinear reads
+    assert np.abs(got - x.numpy()).max() > 50  # and the digits did move
+    assert 0.5 < field.std() < 3 and np.abs(field).max() < 10  # Simard's 34 and 4: moves of a pixel or two
+    # the two axes move independently (Keras 3.15's elastic_transform draws both from one seed: all along a diagonal)
+    many = _elastic_field((256, 28, 28), 34.0, 4.0, seed)
+    assert abs(np.corrcoef(many[..., 0].ravel(), many[..., 1].ravel())[0, 1]) < 0.1
+    # a smooth field: neighbours move nearly alike, unlike the uniform noise it is blurred from
+    assert np.abs(np.diff(field, axis=2)).mean() < 0.2 * np.abs(field).mean()
+    # a ramp image reads back the field itself where nothing falls outside: output = position + displacement
+    ramp = tf.constant(np.tile(np.arange(28.0)[None, :, None], (28, 1, 1))[None].repeat(3, 0), tf.float32)
+    moved = elastic(ramp, 34.0, 4.0, seed).numpy()[..., 0] - ramp.numpy()[..., 0]
+    rows, cols = np.arange(28)[None, :, None] + field[..., 0], np.arange(28)[None, None, :] + field[..., 1]
+    inside = (rows >= 0) & (rows <= 27) & (cols >= 0) & (cols <= 27)
+    assert inside.mean() > 0.8
+    np.testing.assert_allclose(moved[inside], field[..., 1][inside], atol=1e-3)
+    # another seed, another field; the same seed, the same images (a resumed run replays them)
+    assert not np.allclose(elastic(x, 34.0, 4.0, seed + 1), got, atol=1)
+    np.testing.assert_array_equal(elastic(x, 34.0, 4.0, seed), got)
+
+
 def test_config_zoom_reaches_the_training_batches(synthetic, tmp_path):
     import tensorflow as tf
 
@@ -370,6 +434,18 @@ def test_config_zoom_reaches_the_training_batches(synthetic, tmp_path):
     assert np.array_equal(plain, first_batch({"shift": 0.1, "zoom": 0.0}))
     assert not np.allclose(plain, first_batch({"shift": 0.1, "zoom": 0.2}), atol=1e-2)
     assert not np.allclose(first_batch(None), first_batch({"zoom": 0.2}), atol=1e-2)  # zoom alone augments
+    # an elastic distortion comes first, and the shift's draws stay those of the same seed without it
+    elastic = {"alpha": 34, "sigma": 4}
+    assert not np.allclose(first_batch(None), first_batch({"elastic": elastic}), atol=1e-2)  # elastic alone augments
+    from convbn_cli.data.pipeline import augment
+    from convbn_cli.data.pipeline import elastic as warp
+
+    cfg = load_config(raw=tiny_raw(tmp_path, **{"data.augment": {"shift": 0.1, "elastic": elastic}}))
+    seed = tf.stack([tf.constant(cfg.train.seed, tf.int64) * 100003, tf.constant(0, tf.int64)])
+    images = tf.constant(synthetic["x_train"][:16, :, :, None], tf.float32)  # the first batch: images 0-15
+    want = augment(warp(images, 34.0, 4.0, seed), 0.1, 0.0, seed)
+    got = first_batch({"shift": 0.1, "elastic": elastic})
+    np.testing.assert_allclose(got, want.numpy() / 255.0, atol=1e-5)
 
 
 def test_pipelines_do_not_autotune(synthetic):

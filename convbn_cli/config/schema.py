@@ -301,11 +301,19 @@ Layer = Annotated[
 ]
 
 
+class Elastic(Strict):
+    """Elastic distortion (Simard, Steinkraus and Platt 2003): each pixel moved by a random field, smoothed."""
+
+    alpha: In(0, 100) = 34.0  # the field's scale, pixels (Simard's MNIST values: alpha 34, sigma 4)
+    sigma: In(0.5, 20) = 4.0  # the Gaussian smoothing's standard deviation, pixels: larger is smoother
+
+
 class Augment(Strict):
     shift: In(0, 0.5) = 0.0  # largest random shift, as a fraction of height and width
     rotation: In(0, 180) = 0.0  # largest random rotation, degrees
     zoom: In(0, 0.5) = 0.0  # largest random change of scale: each image scaled by a factor in [1 - zoom, 1 + zoom]
     flip: bool = False  # mirror half the images left-right (clothes: yes; digits: no, a mirrored 2 is not a 2)
+    elastic: Optional[Elastic] = None  # {alpha, sigma}: an elastic distortion before the shift and rotation
 
 
 def _plain_path(v: str) -> str:

@@ -114,9 +114,11 @@ def batch_loader(splits: Splits, cfg: Config):
 
     def load(epoch, i, idx):
         x = tf.cast(tf.gather(x_all, idx), tf.float32)
-        if aug is not None and (aug.shift > 0 or aug.rotation > 0 or aug.zoom > 0 or aug.flip):
+        if aug is not None and (aug.shift > 0 or aug.rotation > 0 or aug.zoom > 0 or aug.flip or aug.elastic):
             # before normalizing, so that the uncovered border is filled with black (0), as in the images
             stateless = tf.stack([tf.cast(seed, tf.int64) * 100003 + tf.cast(epoch, tf.int64), tf.cast(i, tf.int64)])
+            if aug.elastic is not None:
+                x = elastic(x, aug.elastic.alpha, aug.elastic.sigma, stateless)
             x = augment(x, aug.shift, aug.rotation, stateless, aug.flip, aug.zoom)
         return norm(x), tf.gather(y_all, idx)
 
@@ -181,6 +183,43 @@ def augment(x, shift: float, rotation_deg: float, seed, flip: bool = False, zoom
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=x, transforms=transforms, output_shape=tf.shape(x)[1:3], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
+def elastic(x, alpha: float, sigma: float, seed):
+    """Simard et al.'s elastic distortion of a batch (N, H, W, C) from a stateless seed: output pixel p reads the
+    input at p + alpha * (G_sigma * U), U uniform in [-1, 1] per pixel and axis, G_sigma a Gaussian blur; what
+    falls outside reads black (0), bilinearly.
+
+    Written here because neither library does it as needed: keras.ops.image.elastic_transform (Keras 3.15) draws
+    the x and y fields from one seed (every pixel moves along the diagonal) and loops over a static batch in
+    Python; TensorFlow has no dense warp since tensorflow-addons was retired.
+    """
+    n, h, w, c = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2], tf.shape(x)[3]
+    # a seed of its own, as for zoom and flips, so that the affine draws stay those of the same seed without it
+    field = tf.random.stateless_uniform([n, h, w, 2], seed=seed + tf.constant([0, 3 << 40], tf.int64),
+                                        minval=-1.0, maxval=1.0)
+    radius = max(1, int(math.ceil(3 * sigma)))
+    g = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    g = tf.constant(g / g.sum(), tf.float32)
+    k = tf.tile(g[:, None, None, None], [1, 1, 2, 1])  # separable: down the rows, then along them, per axis
+    field = tf.nn.depthwise_conv2d(field, k, [1, 1, 1, 1], "SAME")
+    field = tf.nn.depthwise_conv2d(field, tf.transpose(k, [1, 0, 2, 3]), [1, 1, 1, 1], "SAME") * alpha
+    # bilinear reads from the image framed by one black pixel; coordinates clipped onto that frame read black
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    gy, gx = tf.meshgrid(tf.range(hf), tf.range(wf), indexing="ij")
+    sy = tf.clip_by_value(gy + field[..., 0], -1.0, hf) + 1.0
+    sx = tf.clip_by_value(gx + field[..., 1], -1.0, wf) + 1.0
+    y0, x0 = tf.minimum(tf.floor(sy), hf), tf.minimum(tf.floor(sx), wf)
+    wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
+    y0, x0 = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
+    flat = tf.reshape(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), [n, (h + 2) * (w + 2), c])
+
+    def read(yy, xx):
+        return tf.reshape(tf.gather(flat, tf.reshape(yy * (w + 2) + xx, [n, -1]), batch_dims=1), [n, h, w, c])
+
+    top = read(y0, x0) * (1 - wx) + read(y0, x0 + 1) * wx
+    bottom = read(y0 + 1, x0) * (1 - wx) + read(y0 + 1, x0 + 1) * wx
+    return top * (1 - wy) + bottom * wy
 
 
 def calibration_batches(splits: Splits, cfg: Config, batches: int | None):
