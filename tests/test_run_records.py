@@ -67,7 +67,7 @@ def test_the_end_of_a_run_says_what_happened_and_what_to_do_next(run):
     text = "\n".join(lines)
     assert f"best epoch {best['epoch']}; final model {results['final_checkpoint']}: validation accuracy " \
            f"{results['val_acc']:.2%}" in text
-    assert f"see {result.run_dir}: curves.png, confusion_matrix.png, metrics.csv, run.json" in text
+    assert f"see {result.run_dir}: curves.png, confusion_matrix.png, train_batch.png, metrics.csv, run.json" in text
     assert f"next: convbn eval {result.run_dir} | convbn report {result.run_dir} | convbn inspect-bn " \
            f"{result.run_dir}" in text
 
@@ -86,12 +86,50 @@ def test_curves_and_confusion_matrix_are_drawn(run, tmp_path):
     result, _ = run
     assert_png_not_blank(result.run_dir / "curves.png")
     assert_png_not_blank(result.run_dir / "confusion_matrix.png")
+    assert_png_not_blank(result.run_dir / "train_batch.png")
     from convbn_cli.data.registry import FASHION_MNIST
     from convbn_cli.present.plots import confusion_matrix
 
     out = tmp_path / "fashion.png"
     confusion_matrix(np.eye(10, dtype=int) * 7, FASHION_MNIST.class_names, out, "class names")
     assert_png_not_blank(out)
+
+
+def test_the_training_batch_picture_shows_the_first_batch_as_training_gives_it(tmp_path, synthetic, monkeypatch):
+    """train_batch.png's images: the first batch of epoch 0 from the training pipeline itself, augmented, mapped
+    back to pixels (also from standardized inputs), with its labels; drawn in grey or colour, any class names."""
+    from convbn_cli.data.pipeline import make_splits, pixels_of, train_dataset
+    from convbn_cli.present.plots import training_batch
+    from convbn_cli.train import loop
+
+    augment = {"shift": 0.1, "rotation": 10, "elastic": {"alpha": 34, "sigma": 4}}
+    gathered = []  # how many images each call augments: one batch, not the epoch (it runs as a run starts)
+
+    def counting(splits, cfg, loader=loop.batch_loader):
+        load = loader(splits, cfg)
+        return lambda epoch, i, idx: (gathered.append(len(idx)), load(epoch, i, idx))[1]
+
+    monkeypatch.setattr(loop, "batch_loader", counting)
+    for normalize in ("scale", "standardize"):
+        cfg = load_config(raw=tiny_raw(tmp_path, **{"data.augment": augment, "data.normalize": normalize}))
+        trainer = loop.Trainer(cfg, None, [])
+        trainer.splits, trainer.global_batch = make_splits(synthetic, cfg), cfg.data.batch_size
+        pixels, labels = trainer.first_batch(count=12)
+        images, want = next(iter(train_dataset(trainer.splits, cfg, epoch=0)))
+        np.testing.assert_allclose(pixels, pixels_of(cfg)(images[:12]).numpy(), atol=1e-3)
+        np.testing.assert_array_equal(labels, want[:12])
+        assert pixels.shape == (12, 28, 28, 1) and -1 < pixels.min() and pixels.max() < 256
+        order = np.asarray(trainer.splits.x_train, np.float32)[..., 0][np.asarray(
+            loop.epoch_order(trainer.splits.size("train"), 32, cfg.train.seed, 0)[:12])]
+        assert np.abs(pixels[..., 0] - order).mean() > 5  # augmented, not the stored images
+        plain = loop.Trainer(load_config(raw=tiny_raw(tmp_path, **{"data.normalize": normalize})), None, [])
+        plain.splits, plain.global_batch = trainer.splits, trainer.global_batch
+        np.testing.assert_allclose(plain.first_batch(count=12)[0][..., 0], order, atol=1e-3)  # no augmentation
+    assert gathered == [32] * 4
+    colour = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3))
+    training_batch(colour, [0, 1, 2, 1, 0], ["a class name longer than fourteen letters", "b", "c"],
+                   tmp_path / "colour.png", "colour")
+    assert_png_not_blank(tmp_path / "colour.png", min_size=(100, 300))
 
 
 # --------------------------------------------------------------------------- early stopping

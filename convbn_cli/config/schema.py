@@ -533,7 +533,7 @@ class OutputConfig(Strict):
         = None
     keep_checkpoints: In(1, 1000, kind=int) = 3
     log_every_steps: In(1, 1_000_000, kind=int) = 20  # TensorBoard: training loss and learning rate every N steps
-    plots: bool = True  # curves.png after every epoch and confusion_matrix.png at the end
+    plots: bool = True  # train_batch.png at the start, curves.png after every epoch, confusion_matrix.png at the end
     # bn_trace.npz: each BN layer's batch and moving statistics every N steps (more often in an epoch of fewer than
     # 20 x N steps); null: off. Costs one read of the statistics per sample (bench/bn_trace_cost.py)
     bn_trace: Optional[In(1, 1_000_000, kind=int)] = 20

@@ -1,5 +1,5 @@
-"""Pictures of a run: training curves and the confusion matrix (matplotlib, files only; no display needed).
-Each PNG is written atomically, so a viewer never sees half a picture."""
+"""Pictures of a run: training curves, the confusion matrix and a training batch (matplotlib, files only; no
+display needed). Each PNG is written atomically, so a viewer never sees half a picture."""
 
 from __future__ import annotations
 
@@ -145,6 +145,30 @@ def confusion_matrix(confusion, class_names, path, title: str = "") -> None:
     errors = int(confusion.sum() - np.trace(confusion))
     ax.set_title(f"{title}\n{errors} mistakes of {int(confusion.sum())}; numbers: counts (diagonal: % right)"
                  if title else f"{errors} mistakes of {int(confusion.sum())}", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def training_batch(pixels, labels, class_names, path, title: str = "", columns: int = 8) -> None:
+    """Images as training gives them to the model, augmentation and all (pixels 0-255, (N, H, W, C)), each with
+    its class: what a shift, a rotation or an elastic distortion does is seen at a glance, not read off numbers.
+    One mosaic in one axes (a grid of axes takes several times as long to draw, at the start of every run)."""
+    plt = _pyplot()
+    pixels = np.clip(np.asarray(pixels, np.float32), 0, 255).astype(np.uint8)
+    n, h, w, c = pixels.shape
+    rows, gap, caption = -(-n // columns), max(2, w // 14), max(8, h // 3)  # caption: a strip above each image
+    mosaic = np.full((rows * (h + caption + gap), columns * (w + gap), c), 255, np.uint8)
+    fig, ax = plt.subplots(figsize=(1.3 * columns, 1.45 * rows + 0.5))
+    for k, (image, label) in enumerate(zip(pixels, labels)):
+        top, left = (k // columns) * (h + caption + gap) + caption, (k % columns) * (w + gap)
+        mosaic[top:top + h, left:left + w] = image
+        name = str(class_names[int(label)])
+        ax.text(left + w / 2, top - 1, name if len(name) <= 14 else name[:13] + "\u2026", ha="center", va="bottom",
+                fontsize=8)
+    ax.imshow(mosaic[..., 0] if c == 1 else mosaic, cmap="gray" if c == 1 else None, vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 

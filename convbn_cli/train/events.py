@@ -19,7 +19,7 @@ docstring says what each attribute is and which phase sets it; tests/test_traine
 subscriber here and final.py to it). Attributes are read, never set; the trainer changes through its methods:
     read:  cfg, run, model, optimizer, precision, epochs, steps, global_batch, metrics, restored, start_epoch,
            epoch, skip, done_in_epoch, last_chunk, last_sums, stop_reason, last_test, log
-    call:  read_sums(), current_lr(), bn_statistics(), request_stop(reason), interrupt(signum),
+    call:  read_sums(), current_lr(), bn_statistics(), first_batch(), request_stop(reason), interrupt(signum),
            stopped_after_training(signum)
 """
 
@@ -38,7 +38,7 @@ from .. import signals
 from ..errors import ConvbnError, WriteError
 from ..files import writing
 from ..present.bn_trace import lag
-from ..present.plots import confusion_matrix, curves
+from ..present.plots import confusion_matrix, curves, training_batch
 from ..present.reports import duration, plural
 from ..runs.bn_trace import one_sample
 from ..runs.rundir import final_val
@@ -317,7 +317,7 @@ class Console(Subscriber):
             self.log(f"BN statistics: {where}: {before['moving_acc']:.2%} / {before['batch_acc']:.2%}")
             self.log(f"test: {test}  ({results['checkpoint']})")
         self.log(end_of_run_line(results))
-        pictures = "curves.png, confusion_matrix.png, " if trainer.cfg.output.plots else ""
+        pictures = "curves.png, confusion_matrix.png, train_batch.png, " if trainer.cfg.output.plots else ""
         self.log(f"see {run}: {pictures}metrics.csv, run.json")
         self.log(f"next: convbn eval {run} | convbn report {run} | convbn inspect-bn {run} | convbn diagnose {run} "
                  f"| convbn export {run} --fold-bn")
@@ -480,9 +480,32 @@ class EarlyStopping(Subscriber):
             trainer.log(why)
 
 
+def augmentation(aug) -> str:
+    """data.augment in words: "shift 0.08, rotation 8, elastic (alpha 34, sigma 4)"; "" for none."""
+    def value(v):
+        return f"({', '.join(f'{k} {value(x)}' for k, x in v.items())})" if isinstance(v, dict) else f"{v:g}" \
+            if isinstance(v, float) else str(v).lower()
+
+    if aug is None:
+        return ""
+    unset = type(aug)().model_dump()
+    return ", ".join(f"{k} {value(v)}" for k, v in aug.model_dump().items() if v != unset[k])
+
+
 class Plots(Subscriber):
-    """curves.png (losses, accuracies and learning rate, per step where steps.jsonl has them), redrawn after every
-    epoch, and confusion_matrix.png (test split, with the dataset's class names) at the end."""
+    """train_batch.png (the first training batch as the model gets it: what the augmentation does) when a run
+    starts, curves.png (losses, accuracies and learning rate, per step where steps.jsonl has them), redrawn after
+    every epoch, and confusion_matrix.png (test split, with the dataset's class names) at the end."""
+
+    def on_start(self, trainer):
+        if trainer.restored is None:  # a resumed run drew it when it started
+            pixels, labels = trainer.first_batch()
+            picture = io.BytesIO()
+            what = augmentation(trainer.cfg.data.augment)
+            training_batch(pixels, labels, trainer.cfg.dataset.class_names, picture,
+                           title=f"{trainer.run.path}: the first training batch"
+                                 + (f", augmented ({what})" if what else " (no augmentation)"))
+            trainer.run.write_file("train_batch.png", picture.getvalue())
 
     def on_epoch_end(self, trainer, row):
         try:

@@ -25,7 +25,15 @@ from .. import signals
 from ..config import plan_layers
 from ..config.schema import Config
 from ..data.load import dataset_arrays
-from ..data.pipeline import batch_loader, epoch_order, eval_dataset, make_splits, steps_per_epoch, train_dataset
+from ..data.pipeline import (
+    batch_loader,
+    epoch_order,
+    eval_dataset,
+    make_splits,
+    pixels_of,
+    steps_per_epoch,
+    train_dataset,
+)
 from ..errors import EXIT_DIVERGED, ConvbnError, Stopped
 from ..files import tensorflow_write_error
 from ..model import Evaluator, build_model
@@ -474,6 +482,13 @@ class Trainer:
 
     def current_lr(self) -> float:
         return current_lr(self.optimizer)
+
+    def first_batch(self, count: int = 32):
+        """(pixels, labels): the first `count` images of the run's first training batch (epoch 0, batch 0) as the
+        model gets them, augmented, and mapped back to pixels 0-255, (N, H, W, C); with their labels (numpy)."""
+        batch = epoch_order(self.splits.size("train"), self.global_batch, self.cfg.train.seed, 0)[:self.global_batch]
+        images, labels = batch_loader(self.splits, self.cfg)(0, tf.constant(0, tf.int64), batch)
+        return pixels_of(self.cfg)(images[:count]).numpy(), labels[:count].numpy()
 
     def check_finite(self, step):
         loss = self.read_sums()["loss"]
