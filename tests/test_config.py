@@ -237,6 +237,30 @@ def test_a_near_miss_gets_a_did_you_mean(override, hint):
     assert hint in e.value.problems[0]
 
 
+@pytest.mark.parametrize("override,says", [
+    # `momentum` is Keras' and PyTorch's name for decay, not a near miss of renorm_momentum (which does nothing
+    # without renorm): the value tells whose it is
+    ("model.bn.momentum=0.1", "model.bn.momentum: unknown key; convbn calls the moving statistics' update weight "
+                              "decay (TF1's name): Keras' momentum is the same number (0.99 is decay: 0.99), "
+                              "PyTorch's is 1 - decay (0.1 is decay: 0.9); 0.1 reads as PyTorch's: write decay: 0.9"),
+    ("model.layers[0].bn.momentum=0.99", "0.99 reads as Keras': write decay: 0.99"),
+    ("model.bn.momentum=fast", "PyTorch's is 1 - decay (0.1 is decay: 0.9)"),
+    ("model.bn.affine=false", "model.bn.affine: unknown key; PyTorch's affine: false is center: false and scale: "
+                              "false here (no beta, no gamma)"),
+    ("model.bn.track_running_stats=true", "convbn always keeps the moving statistics"),
+    ("model.layers[0].bn.fused=true", "model.layers[0].bn.fused: unknown key; write impl: fused"),
+    ("model.bn.axis=1", "the channel axis follows model.data_format"),
+    ("model.bn.synchronized=true", "distribute.sync_bn"),
+])
+def test_bn_settings_by_keras_or_pytorch_names_say_what_they_are_here(override, says):
+    from convbn_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config("mnist_bn", [override])
+    assert says in e.value.problems[0] and "renorm_momentum" not in e.value.problems[0]
+    assert len(e.value.problems) == 1 and "\n" not in e.value.problems[0]
+
+
 def test_no_did_you_mean_for_something_unlike_every_option():
     from convbn_cli.errors import ConfigError
 

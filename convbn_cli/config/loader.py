@@ -414,12 +414,16 @@ def _did_you_mean(word, options) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _unknown_key(raw_loc, loc) -> str:
+def _unknown_key(raw_loc, loc, value=None) -> str:
     """"unknown key", with the near miss among its neighbours, or else the full dotted key(s) it is the last part of
-    (`epochs=2` -> train.epochs, as other tools take bare names), and the keys accepted where it was given."""
+    (`epochs=2` -> train.epochs, as other tools take bare names), and the keys accepted where it was given; in a BN
+    section, what Keras' or PyTorch's name for a setting is here (before any near miss: `momentum` is not
+    renorm_momentum)."""
     holder = _model_at(raw_loc[:-1])
     known = [k for k in holder.model_fields] if holder is not None else []
     word = loc[-1] if loc else ""
+    if holder in (schema.BNSettings, schema.BNOverride) and word in _FOREIGN_BN:
+        return f"unknown key; {_FOREIGN_BN[word](value)}"
     hint = _did_you_mean(word, known)
     if not hint and isinstance(word, str):
         here = format_loc(loc)
@@ -427,6 +431,29 @@ def _unknown_key(raw_loc, loc) -> str:
         hint = f"; did you mean {' or '.join(full)}?" if full else ""
     return "unknown key" + hint + (f" (expected one of: {', '.join(known)})" if known else "")
 
+
+def _momentum(value) -> str:
+    # Keras' momentum is the old statistics' weight (decay itself), PyTorch's the new batch's (1 - decay): a value
+    # below a half can only be PyTorch's (a decay under 0.5 forgets the statistics within a couple of steps)
+    said = ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
+        said = (f"; {value:g} reads as PyTorch's: write decay: {1 - value:g}" if value < 0.5 else
+                f"; {value:g} reads as Keras': write decay: {value:g}")
+    return ("convbn calls the moving statistics' update weight decay (TF1's name): Keras' momentum is the same "
+            f"number (0.99 is decay: 0.99), PyTorch's is 1 - decay (0.1 is decay: 0.9){said}")
+
+
+# BN settings by the names Keras, PyTorch or TF1 give them: what each is in convbn (value -> advice)
+_FOREIGN_BN = {
+    "momentum": _momentum,
+    "affine": lambda v: "PyTorch's affine: false is center: false and scale: false here (no beta, no gamma)",
+    "track_running_stats": lambda v: "convbn always keeps the moving statistics and normalizes with them at "
+                                     "inference (PyTorch's track_running_stats: true); there is no switch",
+    "axis": lambda v: "BN normalizes each channel over the batch and the image (height, width); the channel axis "
+                      "follows model.data_format",
+    "fused": lambda v: "write impl: fused (TensorFlow's fused kernel), keras or auto",
+    "synchronized": lambda v: "synchronized BN across replicas is distribute.sync_bn",
+}
 
 # what other tools call a setting convbn names otherwise (Ultralytics' `batch` and `lr0`, Keras' `learning_rate`)
 _LEAF_ALIASES = {"batch": "batch_size", "lr0": "lr", "learning_rate": "lr"}
@@ -461,7 +488,7 @@ def _problem_line(err) -> str:
     loc = _clean_loc(err["loc"])
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
-        msg = _unknown_key(err["loc"], loc)
+        msg = _unknown_key(err["loc"], loc, err.get("input"))
     elif kind == "missing":
         msg = "required key missing"
     elif kind == "value_error":
