@@ -448,6 +448,24 @@ def test_config_zoom_reaches_the_training_batches(synthetic, tmp_path):
     np.testing.assert_allclose(got, want.numpy() / 255.0, atol=1e-5)
 
 
+def test_unaugmented_calibration_batches_are_the_same_images_as_they_are(synthetic, tmp_path):
+    import tensorflow as tf
+
+    from conftest import tiny_raw
+    from convbn_cli.config import load_config
+    from convbn_cli.data.pipeline import calibration_batches, epoch_order, make_splits
+
+    cfg = load_config(raw=tiny_raw(tmp_path, **{"data.augment": {"shift": 0.1, "elastic": {"alpha": 20}}}))
+    splits = make_splits(synthetic, cfg)
+    (usual, y1), = calibration_batches(splits, cfg, 1)
+    (plain, y2), = calibration_batches(splits, cfg, 1, augmented=False)
+    order = epoch_order(splits.size("train"), cfg.data.batch_size, cfg.train.seed, cfg.train.epochs)[:32]
+    np.testing.assert_allclose(plain.numpy() * 255, tf.gather(splits.x_train, order).numpy(), atol=1e-3)
+    np.testing.assert_array_equal(y1, y2)  # the same images, in the same order
+    assert np.abs(usual.numpy() - plain.numpy()).mean() > 0.02  # the usual ones are augmented
+    assert cfg.data.augment is not None  # the run's config is left as it was
+
+
 def test_pipelines_do_not_autotune(synthetic):
     # tf.data's autotuning made the next epoch wait up to a minute for its optimization thread (BENCHMARKS.md)
     from conftest import tiny_raw

@@ -1,6 +1,6 @@
 """Options a target's kind would silently ignore are one-line errors (exit 2) before any work: recalibrate's
---full, --split and --checkpoint and export's --checkpoint on an ONNX model (no run: --batches of --data's
-images); --layout on anything but an ONNX model (runs/target.open_target, cli/models.py). Fast: nothing is
+--full, --split, --checkpoint and --unaugmented and export's --checkpoint on an ONNX model (no run: --batches of
+--data's images); --layout on anything but an ONNX model (runs/target.open_target, cli/models.py). Fast: nothing is
 opened, the refusal comes first (the files here are empty)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from convbn_cli.runs.target import open_target
     (["recalibrate", "m.onnx", "--full"], "--full"),
     (["recalibrate", "m.onnx", "--split", "test"], "--split"),
     (["recalibrate", "m.onnx", "--checkpoint", "latest"], "--checkpoint"),
+    (["recalibrate", "m.onnx", "--unaugmented"], "--unaugmented"),
     (["export", "m.onnx", "--format", "onnx", "--fold-bn", "--checkpoint", "420"], "--checkpoint"),
     (["recalibrate", "m.keras", "--layout", "NCHW"], "--layout"),
     (["export", "m.keras", "--layout", "NHWC"], "--layout")])

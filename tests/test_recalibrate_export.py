@@ -88,6 +88,31 @@ def test_recalibration_recovers_accuracy_and_keeps_the_original(lagging, mnist):
     assert again["after"]["accuracy"] == r["after"]["accuracy"]  # same batches, same statistics
 
 
+def test_recalibrating_on_unaugmented_images_gives_their_statistics(tmp_path, mnist):
+    """`--unaugmented`: the new moving statistics are those of the calibration batches' images as they are, not as
+    augmentation changed them (checked against conv1's output over those images); by default, the augmented
+    ones (which differ: the elastic distortion here moves every stroke)."""
+    from convbn_cli.data.pipeline import epoch_order
+
+    cfg, result = lagging_run(tmp_path, mnist, **{"data.augment": {"rotation": 20, "elastic": {"alpha": 34,
+                                                                                               "sigma": 4}}})
+    plain = recalibrate(result.run_dir, which="latest", batches=3, data=mnist, split="test", augmented=False)
+    usual = recalibrate(result.run_dir, which="latest", batches=3, data=mnist, split="test")
+    assert (plain["augmented"], usual["augmented"]) == (False, True)
+    splits = make_splits(mnist, cfg)
+    order = epoch_order(splits.size("train"), cfg.data.batch_size, cfg.train.seed, cfg.train.epochs)
+    images = normalizer(cfg)(tf.gather(splits.x_train, order[:3 * cfg.data.batch_size]))
+    model = open_target(plain["checkpoint"]).model
+    conv1 = model.get_layer("conv1")
+    outs = [conv1(b).numpy().astype(np.float64) for b in tf.split(images, 3)]
+    want = np.mean([o.mean((0, 1, 2)) for o in outs], 0)
+    np.testing.assert_allclose(model.get_layer("conv1_bn").moving_mean.numpy(), want, rtol=1e-4, atol=1e-5)
+    augmented = open_target(usual["checkpoint"]).model.get_layer("conv1_bn").moving_mean.numpy()
+    assert np.abs(augmented - want).max() > 10 * np.abs(plain["layers"]["conv1_bn"][2] - want).max()
+    lines = CliRunner().invoke(main, ["recalibrate", str(result.run_dir), "--unaugmented", "--batches", "3"]).output
+    assert "over 3 unaugmented batches" in lines
+
+
 def test_precise_bn_option_at_the_end_of_training(tmp_path, mnist):
     raw = tiny_raw(tmp_path, **{"data.max_train": 1000, "data.max_test": 500, "model.bn": {"decay": 0.999},
                                 "train.epochs": 1, "train.precise_bn": {"batches": 20}})

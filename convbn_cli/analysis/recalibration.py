@@ -20,7 +20,8 @@ from ..runs.target import onnx_file, opened
 
 def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHES, split=None, data=None,
                 data_source=None,
-                scale=1 / 255, progress=False, output=None, force=False, layout=None, log=lambda m: None) -> dict:
+                scale=1 / 255, progress=False, output=None, force=False, layout=None, augmented=True,
+                log=lambda m: None) -> dict:
     """Recalibrate the BN statistics of a model (precise BN); evaluate before and after; save the result.
 
     Args:
@@ -28,6 +29,8 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
             model, convbn's export or from anywhere (saved as a new NAME-recalibrated[-k].keras beside it).
         which: a run directory's checkpoint ("best", "latest", "recalibrated", "ema" or a training step).
         batches: training batches to average the statistics over; None: one pass over the training split.
+        augmented: a run's training batches with its data.augment (as training made them); False: the same images
+            unaugmented, as inference sees images (a model from elsewhere: --data's images, never augmented).
         split: where to report accuracy ("val" or "test"; default val if the run has one).
         data: the run's dataset arrays (Keras' mnist.npz layout); fetched when None.
         data_source: for a .keras model from outside convbn: "mnist", "fashion_mnist" or an .npz with x and y
@@ -37,7 +40,8 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
             input layout where the graph does not say.
 
     Returns:
-        source, checkpoint (what was written), split, batches (how many were averaged), before/after
+        source, checkpoint (what was written), split, batches (how many were averaged), augmented (whether they
+        were; None: the model's training had no augmentation, or it comes from elsewhere), before/after
         ({loss, accuracy, ...}), layers
         ({name: (old mean, old var, new mean, new var)}) and source_step.
     """
@@ -51,7 +55,7 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
                           "it under a free name, a run's into its checkpoints/recalibrated/")
     t = opened(target, which)
     d = t.eval_data(batches, split=split, data=data, data_source=data_source, scale=scale, log=log,
-                    progress=progress)
+                    progress=progress, augmented=augmented)
     evaluate = Evaluator(t.model, d.num_classes)
 
     def measure():
@@ -61,7 +65,9 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
     changes = recalibrate_model(t.model, d.calibration, progress=progress)
     after = measure()
     saved = save_recalibrated(t.model, t.run, t.source) if t.kind == "checkpoint" else _save_beside(t)
+    augmentation = t.config is not None and t.config.data.augment is not None  # else there is none to leave out
     return {"source": t.source, "checkpoint": saved, "split": d.split, "batches": changes.batches,
+            "augmented": augmented if augmentation else None,
             "before": before, "after": after, "layers": changes, "source_step": checkpoint_step(t.source)}
 
 

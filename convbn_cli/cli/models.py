@@ -273,6 +273,9 @@ def diagnose_cmd(session: Session, targets, which, data, batches, scale, layout,
 @checkpoint_option
 @batches_option
 @click.option("--full", is_flag=True, help="One whole pass over the training split instead of --batches.")
+@click.option("--unaugmented", is_flag=True,
+              help="A run's training images without its data.augment: inference sees unaugmented images, and "
+                   "strong augmentation leaves statistics of other images.")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None,
               help="Where to report accuracy before and after (default: val if the run has one, else test).")
 @data_option
@@ -284,22 +287,23 @@ def diagnose_cmd(session: Session, targets, which, data, batches, scale, layout,
 @click.option("--force", is_flag=True, help="For an ONNX TARGET: replace an existing --output file.")
 @no_progress_option
 @pass_session
-def recalibrate(session: Session, target, which, batches, full, split, data, scale, layout, output, force,
-                no_progress):
+def recalibrate(session: Session, target, which, batches, full, unaugmented, split, data, scale, layout, output,
+                force, no_progress):
     """Precise BN: recompute every BN layer's moving mean and variance with the weights frozen.
 
     The result is a new checkpoint in the run's checkpoints/recalibrated/, or for a .keras TARGET a new
     NAME-recalibrated.keras beside it, for an ONNX TARGET (with --data) a new NAME-recalibrated.onnx; the original
     is never changed.
     """
-    _refuse_ignored(target, {"--full": full, "--split": split, "--checkpoint": which != "best"}, {"--layout": layout})
+    _refuse_ignored(target, {"--full": full, "--split": split, "--checkpoint": which != "best",
+                             "--unaugmented": unaugmented}, {"--layout": layout})
     session.tensorflow(target, data=data, runnable_only=_onnx(target))
     from ..analysis.recalibration import recalibrate as run_recalibrate
     from ..present.reports import RecalibrateReport
 
     r = run_recalibrate(target, which=which, batches=None if full else batches, split=split, data_source=data,
                         scale=scale, progress=session.progress(no_progress), output=output, force=force,
-                        layout=layout, log=session.say)
+                        layout=layout, augmented=not unaugmented, log=session.say)
     click.echo(RecalibrateReport(r).render())
 
 

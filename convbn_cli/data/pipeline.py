@@ -222,11 +222,15 @@ def elastic(x, alpha: float, sigma: float, seed):
     return top * (1 - wy) + bottom * wy
 
 
-def calibration_batches(splits: Splits, cfg: Config, batches: int | None):
+def calibration_batches(splits: Splits, cfg: Config, batches: int | None, augmented: bool = True):
     """N training batches for precise BN (None: one pass over the training split), in a fixed order of their own.
 
     The order is the one the training pipeline would give in epoch `train.epochs` (one past the last), so it
-    is reproducible and its augmentation, if any, is the training one.
+    is reproducible and its augmentation, if any, is the training one; `augmented=False`: the same images as they
+    are (inference sees unaugmented images, and strong augmentation moves the statistics BN keeps: `convbn
+    recalibrate --unaugmented`, BENCHMARKS.md).
     """
+    if not augmented and cfg.data.augment is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": None})})
     ds = train_dataset(splits, cfg, epoch=cfg.train.epochs)
     return ds if batches is None else ds.take(batches)

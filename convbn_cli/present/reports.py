@@ -131,7 +131,8 @@ class RecalibrateReport:
     def render(self) -> str:
         r = self.result
         return "\n".join([
-            f"recalibrated {len(r['layers'])} BN layer(s) of {r['source']} over {r['batches']} batches",
+            f"recalibrated {len(r['layers'])} BN layer(s) of {r['source']} over {r['batches']} "
+            f"{ {True: 'augmented ', False: 'unaugmented '}.get(r.get('augmented'), '')}batches",
             f"{r['split']} accuracy: before {r['before']['accuracy']:.2%} (loss {r['before']['loss']:.4f}), "
             f"after {r['after']['accuracy']:.2%} (loss {r['after']['loss']:.4f})",
             f"saved {r['checkpoint']}"])

@@ -90,11 +90,12 @@ class Target:
                 *pixel_affine(cfg.dataset, cfg.data.normalize))
 
     def eval_data(self, batches: Optional[int], *, split=None, data=None, data_source=None, scale=1 / 255,
-                  log=lambda m: None, progress=False) -> EvalData:
+                  log=lambda m: None, progress=False, augmented: bool = True) -> EvalData:
         """What to measure this model on and calibrate it with, decided here once for every command.
 
         A run's model: the images of `split` (default: val if the run has one, else test), normalized as in
-        training, and `batches` training batches as training makes them (None: one pass); its config says which
+        training, and `batches` training batches as training makes them (None: one pass; `augmented=False`: without
+        data.augment); its config says which
         data (`data_source` is for models without one). A model from elsewhere: --data's (`data_source`, pixels
         times `scale`), `batches` batches of 128 of each.
         """
@@ -111,7 +112,8 @@ class Target:
         if splits.size(split) == 0:
             raise TargetError(f"the run's config holds out no {split} split (data.val_split is 0)")
         pixels = getattr(splits, f"x_{split}")
-        calibration = calibration_batches(splits, cfg, batches)  # streamed: a full pass is the whole training split
+        # streamed: a full pass is the whole training split
+        calibration = calibration_batches(splits, cfg, batches, augmented)
         # measured in whole batches (BN's batch statistics need them): a split smaller than one training batch (the
         # user's own small dataset) is one batch of all its images, not zero batches measured as 0% accuracy
         batch = max(2, min(cfg.data.batch_size, splits.size(split)))
