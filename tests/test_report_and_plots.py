@@ -28,11 +28,13 @@ def test_a_run_report_opens_in_a_browser_with_every_picture(run_copy, cli, brows
     page = run_copy / "report.html"
     assert f"report written to {page}" in r.output
     text = page.read_text()
-    for section in ("Results", "Training curves", "Test confusion matrix", "BN parameters per channel", "Diagnose",
-                    "Config", "Provenance"):
+    for section in ("Results", "Training curves", "Test confusion matrix", "What the model trained on",
+                    "BN parameters per channel", "Diagnose", "Config", "Provenance"):
         assert f"<h2>{section}</h2>" in text
-    # curves, confusion, BN parameters; the BN trace and its heat map, the activations, per feature map vs activation
-    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', text)) == 7
+    # curves, confusion, the first training batch, BN parameters; the BN trace and its heat map, the activations,
+    # per feature map vs activation
+    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', text)) == 8
+    assert '<img alt="the first training batch"' in text
     assert "http://" not in text and "https://" not in text  # nothing to fetch: opens offline
     assert re.search(r'<div class="verdict (healthy|problems)">diagnose: [^<]+</div>', text)
     shot = tmp_path / "shot.png"

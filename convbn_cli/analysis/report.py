@@ -1,7 +1,8 @@
 """`convbn report`: what a run (or a sweep) did, as one self-contained HTML page to look at rather than read.
 
 A run's page: the results and how the BN statistics were settled, the curves, the test confusion matrix, the
-per-channel BN parameters of every layer, the diagnose verdict with its findings, the config and the provenance.
+first training batch as the model got it, the per-channel BN parameters of every layer, the diagnose verdict with
+its findings, the config and the provenance.
 A sweep's page: the summary picture and table, and every run's curves side by side. The pictures are the same
 matplotlib figures the run writes, embedded as PNG bytes, so the page needs no network and no other file
 (present/html.py draws the page).
@@ -16,7 +17,7 @@ from ..errors import ConvbnError
 from ..files import write_text_atomic
 from ..present import html
 from ..present.inspection import plot as plot_bn
-from ..present.plots import confusion_matrix, curves, sweep_summary
+from ..present.plots import confusion_matrix, curves, sweep_summary, training_batch
 from ..present.reports import DiagnoseReport, plural
 from ..readers import read_text
 from ..runs.rundir import RunDir, RunDirError
@@ -62,7 +63,7 @@ def measure(run: RunDir, *, batches: int, log) -> dict:
     buf = io.BytesIO()
     confusion_matrix(test["confusion"], t.config.dataset.class_names, buf,
                      title=f"test accuracy {test['accuracy']:.2%} ({test['images']} images)")
-    pictures = {"confusion": buf.getvalue()}
+    pictures = {"confusion": buf.getvalue(), "train_batch": _first_batch(t)}
     bn = inspect_bn(t)
     buf = io.BytesIO()
     plot_bn(bn, buf)
@@ -75,6 +76,17 @@ def measure(run: RunDir, *, batches: int, log) -> dict:
             "findings": [f.to_json() for f in found["findings"]], "passed": found.get("passed", []),
             "bn_layers": {name: {"channels": layer["channels"], "impl": layer["impl"]}
                           for name, layer in bn["layers"].items()}}
+
+
+def _first_batch(t) -> bytes:
+    """The run's first training batch as its training drew it (train_batch.png), drawn again from its config and
+    data: the same images as the run's file, whether or not output.plots wrote one."""
+    from ..data.pipeline import first_batch
+
+    pixels, labels = first_batch(t.splits(), t.config)
+    buf = io.BytesIO()
+    training_batch(pixels, labels, t.config.dataset.class_names, buf, t.config.data.augment)
+    return buf.getvalue()
 
 
 def sweep_report(path, *, log=lambda m: None) -> dict:

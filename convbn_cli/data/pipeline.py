@@ -222,6 +222,16 @@ def elastic(x, alpha: float, sigma: float, seed):
     return top * (1 - wy) + bottom * wy
 
 
+def first_batch(splits: Splits, cfg: Config, count: int = 32, batch_size: int | None = None):
+    """(pixels, labels): the first `count` images of a run's first training batch (epoch 0, batch 0, of
+    `batch_size`, default data.batch_size; under a strategy the global batch) as the model gets them, augmented,
+    mapped back to pixels 0-255, (N, H, W, C), and their labels, as numpy arrays (train_batch.png)."""
+    bs = batch_size or cfg.data.batch_size
+    batch = epoch_order(splits.size("train"), bs, cfg.train.seed, 0)[:bs]
+    images, labels = batch_loader(splits, cfg)(0, tf.constant(0, tf.int64), batch)
+    return pixels_of(cfg)(images[:count]).numpy(), labels[:count].numpy()
+
+
 def calibration_batches(splits: Splits, cfg: Config, batches: int | None, augmented: bool = True):
     """N training batches for precise BN (None: one pass over the training split), in a fixed order of their own.
 

@@ -128,6 +128,8 @@ def run_body(r: dict) -> str:
 {picture(r['pictures'].get('curves'), 'training curves')}
 <h2>Test confusion matrix</h2>
 {picture(r['pictures'].get('confusion'), 'confusion matrix')}
+<h2>What the model trained on</h2>
+{picture(r['pictures'].get('train_batch'), 'the first training batch')}
 <h2>BN parameters per channel</h2>
 <p class=sub>{layers}</p>
 {picture(r['pictures'].get('bn'), 'per-channel BN parameters')}

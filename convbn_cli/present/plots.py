@@ -149,10 +149,26 @@ def confusion_matrix(confusion, class_names, path, title: str = "") -> None:
     _save(fig, path)
 
 
-def training_batch(pixels, labels, class_names, path, title: str = "", columns: int = 8) -> None:
-    """Images as training gives them to the model, augmentation and all (pixels 0-255, (N, H, W, C)), each with
-    its class: what a shift, a rotation or an elastic distortion does is seen at a glance, not read off numbers.
-    One mosaic in one axes (a grid of axes takes several times as long to draw, at the start of every run)."""
+def _augmentation(aug) -> str:
+    """data.augment in words: "shift 0.08, rotation 8, elastic (alpha 34, sigma 4)"; "" for none."""
+    def value(v):
+        return f"({', '.join(f'{k} {value(x)}' for k, x in v.items())})" if isinstance(v, dict) else f"{v:g}" \
+            if isinstance(v, float) else str(v).lower()
+
+    if aug is None:
+        return ""
+    unset = type(aug)().model_dump()
+    return ", ".join(f"{k} {value(v)}" for k, v in aug.model_dump().items() if v != unset[k])
+
+
+def training_batch(pixels, labels, class_names, path, augment=None, where: str = "", columns: int = 8) -> None:
+    """Images as training gives them to the model (pipeline.first_batch: pixels 0-255, (N, H, W, C)), each with its
+    class, titled with the run (`where`) and its data.augment (`augment`): what a shift, a rotation or an elastic
+    distortion does is seen at a glance, not read off numbers. One mosaic in one axes (a grid of axes takes
+    several times as long to draw, at the start of every run)."""
+    what = _augmentation(augment)
+    title = (f"{where}: " if where else "") + "the first training batch" + (
+        f", augmented ({what})" if what else " (no augmentation)")
     plt = _pyplot()
     pixels = np.clip(np.asarray(pixels, np.float32), 0, 255).astype(np.uint8)
     n, h, w, c = pixels.shape

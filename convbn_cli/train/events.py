@@ -480,18 +480,6 @@ class EarlyStopping(Subscriber):
             trainer.log(why)
 
 
-def augmentation(aug) -> str:
-    """data.augment in words: "shift 0.08, rotation 8, elastic (alpha 34, sigma 4)"; "" for none."""
-    def value(v):
-        return f"({', '.join(f'{k} {value(x)}' for k, x in v.items())})" if isinstance(v, dict) else f"{v:g}" \
-            if isinstance(v, float) else str(v).lower()
-
-    if aug is None:
-        return ""
-    unset = type(aug)().model_dump()
-    return ", ".join(f"{k} {value(v)}" for k, v in aug.model_dump().items() if v != unset[k])
-
-
 class Plots(Subscriber):
     """train_batch.png (the first training batch as the model gets it: what the augmentation does) when a run
     starts, curves.png (losses, accuracies and learning rate, per step where steps.jsonl has them), redrawn after
@@ -501,10 +489,8 @@ class Plots(Subscriber):
         if trainer.restored is None:  # a resumed run drew it when it started
             pixels, labels = trainer.first_batch()
             picture = io.BytesIO()
-            what = augmentation(trainer.cfg.data.augment)
-            training_batch(pixels, labels, trainer.cfg.dataset.class_names, picture,
-                           title=f"{trainer.run.path}: the first training batch"
-                                 + (f", augmented ({what})" if what else " (no augmentation)"))
+            training_batch(pixels, labels, trainer.cfg.dataset.class_names, picture, trainer.cfg.data.augment,
+                           where=str(trainer.run.path))
             trainer.run.write_file("train_batch.png", picture.getvalue())
 
     def on_epoch_end(self, trainer, row):

@@ -29,8 +29,8 @@ from ..data.pipeline import (
     batch_loader,
     epoch_order,
     eval_dataset,
+    first_batch,
     make_splits,
-    pixels_of,
     steps_per_epoch,
     train_dataset,
 )
@@ -484,11 +484,9 @@ class Trainer:
         return current_lr(self.optimizer)
 
     def first_batch(self, count: int = 32):
-        """(pixels, labels): the first `count` images of the run's first training batch (epoch 0, batch 0) as the
-        model gets them, augmented, and mapped back to pixels 0-255, (N, H, W, C); with their labels (numpy)."""
-        batch = epoch_order(self.splits.size("train"), self.global_batch, self.cfg.train.seed, 0)[:self.global_batch]
-        images, labels = batch_loader(self.splits, self.cfg)(0, tf.constant(0, tf.int64), batch)
-        return pixels_of(self.cfg)(images[:count]).numpy(), labels[:count].numpy()
+        """(pixels, labels): the first `count` images of the run's first training batch as the model gets them
+        (pipeline.first_batch)."""
+        return first_batch(self.splits, self.cfg, count, self.global_batch)
 
     def check_finite(self, step):
         loss = self.read_sums()["loss"]
