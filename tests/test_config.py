@@ -244,7 +244,10 @@ def test_a_near_miss_gets_a_did_you_mean(override, hint):
                               "decay (TF1's name): Keras' momentum is the same number (0.99 is decay: 0.99), "
                               "PyTorch's is 1 - decay (0.1 is decay: 0.9); 0.1 reads as PyTorch's: write decay: 0.9"),
     ("model.layers[0].bn.momentum=0.99", "0.99 reads as Keras': write decay: 0.99"),
-    ("model.bn.momentum=fast", "PyTorch's is 1 - decay (0.1 is decay: 0.9)"),
+    # $: the line ends there (no value advice for a value that is no momentum; 1 - 1e-7 not rounded to 1)
+    ("model.bn.momentum=fast", "PyTorch's is 1 - decay (0.1 is decay: 0.9)$"),
+    ("model.bn.momentum=true", "PyTorch's is 1 - decay (0.1 is decay: 0.9)$"),
+    ("model.bn.momentum=0.0000001", "1e-07 reads as PyTorch's: write decay: 0.9999999$"),
     ("model.bn.affine=false", "model.bn.affine: unknown key; PyTorch's affine: false is center: false and scale: "
                               "false here (no beta, no gamma)"),
     ("model.bn.track_running_stats=true", "convbn always keeps the moving statistics"),
@@ -257,8 +260,9 @@ def test_bn_settings_by_keras_or_pytorch_names_say_what_they_are_here(override, 
 
     with pytest.raises(ConfigError) as e:
         load_config("mnist_bn", [override])
-    assert says in e.value.problems[0] and "renorm_momentum" not in e.value.problems[0]
-    assert len(e.value.problems) == 1 and "\n" not in e.value.problems[0]
+    line = e.value.problems[0]
+    assert (line.endswith(says[:-1]) if says.endswith("$") else says in line) and "renorm_momentum" not in line
+    assert len(e.value.problems) == 1 and "\n" not in line
 
 
 def test_no_did_you_mean_for_something_unlike_every_option():

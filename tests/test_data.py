@@ -466,6 +466,29 @@ def test_unaugmented_calibration_batches_are_the_same_images_as_they_are(synthet
     assert cfg.data.augment is not None  # the run's config is left as it was
 
 
+@pytest.mark.parametrize("augment, changes", [
+    (None, False), ({}, False), ({"shift": 0, "rotation": 0}, False), ({"shift": 0.1}, True),
+    ({"flip": True}, True), ({"zoom": 0.1}, True), ({"elastic": {}}, True)])
+def test_augments_says_whether_training_changes_its_images(tmp_path, augment, changes):
+    """pipeline.augments: what the training batches and recalibrate's augmented/unaugmented line go by."""
+    from conftest import tiny_raw
+    from convbn_cli.config import load_config
+    from convbn_cli.data.pipeline import augments
+
+    cfg = load_config(raw=tiny_raw(tmp_path, **{"data.augment": augment}))
+    assert augments(cfg) is changes
+
+
+def test_an_elastic_distortion_of_nothing_is_refused(tmp_path):
+    from conftest import tiny_raw
+    from convbn_cli.config import load_config
+    from convbn_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=tiny_raw(tmp_path, **{"data.augment": {"elastic": {"alpha": 0}}}))
+    assert e.value.problems == ["data.augment.elastic.alpha: must be in (0, 100], got 0"]
+
+
 def test_pipelines_do_not_autotune(synthetic):
     # tf.data's autotuning made the next epoch wait up to a minute for its optimization thread (BENCHMARKS.md)
     from conftest import tiny_raw

@@ -30,6 +30,16 @@ def test_an_option_the_target_would_ignore_is_one_line(tmp_path, monkeypatch, ar
     assert len(r.output.strip().splitlines()) == 1
 
 
+def test_the_api_refuses_unaugmented_for_an_onnx_model(tmp_path):
+    """recalibrate(augmented=False) on an ONNX model (no run, no augmentation to leave out): refused, not ignored,
+    as the CLI's --unaugmented is."""
+    from convbn_cli.analysis.recalibration import recalibrate
+
+    (tmp_path / "m.onnx").write_bytes(b"")
+    with pytest.raises(TargetError, match="--unaugmented .augmented=False. is for a run's model"):
+        recalibrate(str(tmp_path / "m.onnx"), augmented=False)
+
+
 @pytest.mark.parametrize("name", ["m.tflite", "ckpt-1"])
 def test_layout_is_refused_for_a_target_that_is_not_onnx(tmp_path, name):
     (tmp_path / ("ckpt-1.index" if name == "ckpt-1" else name)).write_bytes(b"")

@@ -20,6 +20,7 @@ from convbn_cli.analysis.recalibration import recalibrate  # noqa: E402
 from convbn_cli.cli import main  # noqa: E402
 from convbn_cli.config import load_config  # noqa: E402
 from convbn_cli.data.pipeline import make_splits, normalizer  # noqa: E402
+from convbn_cli.errors import TargetError  # noqa: E402
 from convbn_cli.export import export  # noqa: E402
 from convbn_cli.model import (  # noqa: E402
     FusedBatchNorm,
@@ -88,7 +89,7 @@ def test_recalibration_recovers_accuracy_and_keeps_the_original(lagging, mnist):
     assert again["after"]["accuracy"] == r["after"]["accuracy"]  # same batches, same statistics
 
 
-def test_recalibrating_on_unaugmented_images_gives_their_statistics(tmp_path, mnist):
+def test_recalibrating_on_unaugmented_images_gives_their_statistics(tmp_path, mnist, mnist_cache):
     """`--unaugmented`: the new moving statistics are those of the calibration batches' images as they are, not as
     augmentation changed them (checked against conv1's output over those images); by default, the augmented
     ones (which differ: the elastic distortion here moves every stroke)."""
@@ -109,8 +110,22 @@ def test_recalibrating_on_unaugmented_images_gives_their_statistics(tmp_path, mn
     np.testing.assert_allclose(model.get_layer("conv1_bn").moving_mean.numpy(), want, rtol=1e-4, atol=1e-5)
     augmented = open_target(usual["checkpoint"]).model.get_layer("conv1_bn").moving_mean.numpy()
     assert np.abs(augmented - want).max() > 10 * np.abs(plain["layers"]["conv1_bn"][2] - want).max()
-    lines = CliRunner().invoke(main, ["recalibrate", str(result.run_dir), "--unaugmented", "--batches", "3"]).output
+    runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
+    lines = runner.invoke(main, ["recalibrate", str(result.run_dir), "--unaugmented", "--batches", "3"]).output
     assert "over 3 unaugmented batches" in lines
+    # a model from elsewhere has only --data's images, never augmented: refused, not ignored
+    outside = export(result.run_dir, "keras", output=str(tmp_path / "outside.keras"))["path"]
+    with pytest.raises(TargetError, match="is for a run's model"):
+        recalibrate(outside, data_source="mnist", augmented=False)
+
+
+def test_unaugmented_on_a_run_that_augments_nothing_says_so(lagging, mnist_cache):
+    _, result = lagging
+    runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
+    r = runner.invoke(main, ["recalibrate", str(result.run_dir), "--unaugmented", "--batches", "2"])
+    assert r.exit_code == 0, r.output
+    assert "over 2 batches" in r.output and "augmented" not in r.output.splitlines()[0]
+    assert "(--unaugmented: the run's training augments nothing" in r.output
 
 
 def test_precise_bn_option_at_the_end_of_training(tmp_path, mnist):

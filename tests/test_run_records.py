@@ -134,6 +134,36 @@ def test_the_training_batch_picture_shows_the_first_batch_as_training_gives_it(t
     assert_png_not_blank(tmp_path / "colour.png", min_size=(100, 300))
 
 
+def test_the_training_batch_picture_is_drawn_when_a_run_starts_not_when_it_resumes(tmp_path):
+    """events.Plots: train_batch.png when training starts from the beginning (a run, or a --resume that found no
+    checkpoint); a resumed run keeps the picture of its start (its first batch is that start's), and one resumed
+    from before the picture existed does not name it at the end."""
+    from types import SimpleNamespace
+
+    from convbn_cli.train.events import Console, Plots
+
+    cfg = load_config(raw=tiny_raw(tmp_path, **{"output.plots": True}))
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1))
+    lines = []
+    for restored, name in ((None, "fresh"), ("ckpt-40", "resumed")):
+        run = RunDir.create_at(tmp_path / name)
+        trainer = SimpleNamespace(restored=restored, cfg=cfg, run=run, first_batch=lambda: (pixels, [0, 1, 2, 3]))
+        Plots().on_start(trainer)
+        assert (run.path / "train_batch.png").is_file() == (restored is None)
+        # the end-of-run line names the pictures there are
+        (run.path / "curves.png").write_bytes(b"")
+        (run.path / "confusion_matrix.png").write_bytes(b"")
+        Console(lines.append).on_finish(trainer, {"test_loss": 0.1, "test_acc": 0.9, "checkpoint": "ckpt-40",
+                                                  "final_checkpoint": "ckpt-40", "wall_time_s": 9.0,
+                                                  "bn_statistics": {"mechanism": "none",
+                                                                    "before": {"split": "val", "moving_acc": 0.9,
+                                                                               "batch_acc": 0.9}}})
+    assert_png_not_blank(tmp_path / "fresh" / "train_batch.png", min_size=(100, 300))
+    seen = [line for line in lines if line.startswith("see ")]
+    assert seen[0].endswith("fresh: curves.png, confusion_matrix.png, train_batch.png, metrics.csv, run.json")
+    assert seen[1].endswith("resumed: curves.png, confusion_matrix.png, metrics.csv, run.json")
+
+
 # --------------------------------------------------------------------------- early stopping
 
 def _stopping(tmp_path, name):

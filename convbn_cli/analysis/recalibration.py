@@ -7,6 +7,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from ..config.schema import PRECISE_BN_BATCHES
+from ..data.pipeline import augments
 from ..errors import TargetError
 from ..files import staged
 from ..formats import runtime
@@ -30,7 +31,8 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
         which: a run directory's checkpoint ("best", "latest", "recalibrated", "ema" or a training step).
         batches: training batches to average the statistics over; None: one pass over the training split.
         augmented: a run's training batches with its data.augment (as training made them); False: the same images
-            unaugmented, as inference sees images (a model from elsewhere: --data's images, never augmented).
+            unaugmented, as inference sees images (a run's model only: a model from elsewhere has --data's images,
+            never augmented, and False is refused rather than ignored).
         split: where to report accuracy ("val" or "test"; default val if the run has one).
         data: the run's dataset arrays (Keras' mnist.npz layout); fetched when None.
         data_source: for a .keras model from outside convbn: "mnist", "fashion_mnist" or an .npz with x and y
@@ -41,11 +43,16 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
 
     Returns:
         source, checkpoint (what was written), split, batches (how many were averaged), augmented (whether they
-        were; None: the model's training had no augmentation, or it comes from elsewhere), before/after
+        were; None where training augmented nothing, or for a model from elsewhere), before/after
         ({loss, accuracy, ...}), layers
         ({name: (old mean, old var, new mean, new var)}) and source_step.
     """
+    unaugmented_is_for_runs = TargetError(
+        f"{target}: --unaugmented (augmented=False) is for a run's model: a model from elsewhere is calibrated on "
+        "--data's images as they are")
     if onnx_file(target) is not None:
+        if not augmented:
+            raise unaugmented_is_for_runs
         from .onnx_doctor import recalibrate_onnx
 
         return recalibrate_onnx(onnx_file(target), data=data_source, batches=batches, scale=scale, layout=layout,
@@ -54,6 +61,8 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
         raise TargetError("--output and --force are for ONNX models; a Keras model's recalibrated copy goes beside "
                           "it under a free name, a run's into its checkpoints/recalibrated/")
     t = opened(target, which)
+    if not augmented and t.config is None:
+        raise unaugmented_is_for_runs
     d = t.eval_data(batches, split=split, data=data, data_source=data_source, scale=scale, log=log,
                     progress=progress, augmented=augmented)
     evaluate = Evaluator(t.model, d.num_classes)
@@ -65,9 +74,8 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
     changes = recalibrate_model(t.model, d.calibration, progress=progress)
     after = measure()
     saved = save_recalibrated(t.model, t.run, t.source) if t.kind == "checkpoint" else _save_beside(t)
-    augmentation = t.config is not None and t.config.data.augment is not None  # else there is none to leave out
     return {"source": t.source, "checkpoint": saved, "split": d.split, "batches": changes.batches,
-            "augmented": augmented if augmentation else None,
+            "augmented": augmented if t.config is not None and augments(t.config) else None,
             "before": before, "after": after, "layers": changes, "source_step": checkpoint_step(t.source)}
 
 

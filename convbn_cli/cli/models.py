@@ -305,6 +305,8 @@ def recalibrate(session: Session, target, which, batches, full, unaugmented, spl
                         scale=scale, progress=session.progress(no_progress), output=output, force=force,
                         layout=layout, augmented=not unaugmented, log=session.say)
     click.echo(RecalibrateReport(r).render())
+    if unaugmented and r["augmented"] is None:  # said, not silently accepted: the flag changed nothing
+        click.echo("(--unaugmented: the run's training augments nothing, so its batches were unaugmented anyway)")
 
 
 @click.command("export")

@@ -437,8 +437,9 @@ def _momentum(value) -> str:
     # below a half can only be PyTorch's (a decay under 0.5 forgets the statistics within a couple of steps)
     said = ""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
-        said = (f"; {value:g} reads as PyTorch's: write decay: {1 - value:g}" if value < 0.5 else
-                f"; {value:g} reads as Keras': write decay: {value:g}")
+        whose, decay = ("PyTorch's", 1 - value) if value < 0.5 else ("Keras'", value)
+        shown = f"{decay:.12g}"  # short, but never rounded up to "1", which decay refuses
+        said = f"; {value!r} reads as {whose}: write decay: {shown if float(shown) < 1 else repr(decay)}"
     return ("convbn calls the moving statistics' update weight decay (TF1's name): Keras' momentum is the same "
             f"number (0.99 is decay: 0.99), PyTorch's is 1 - decay (0.1 is decay: 0.9){said}")
 

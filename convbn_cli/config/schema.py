@@ -304,7 +304,7 @@ Layer = Annotated[
 class Elastic(Strict):
     """Elastic distortion (Simard, Steinkraus and Platt 2003): each pixel moved by a random field, smoothed."""
 
-    alpha: In(0, 100) = 34.0  # the field's scale, pixels (Simard's MNIST values: alpha 34, sigma 4)
+    alpha: In(0, 100, lo_open=True) = 34.0  # the field's scale, pixels (Simard's MNIST values: alpha 34, sigma 4)
     sigma: In(0.5, 20) = 4.0  # the Gaussian smoothing's standard deviation, pixels: larger is smoother
 
 

@@ -103,6 +103,12 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
         .astype(np.int32)
 
 
+def augments(cfg: Config) -> bool:
+    """Whether training augments its images: a data.augment that changes something (`{shift: 0}` does not)."""
+    aug = cfg.data.augment
+    return aug is not None and bool(aug.shift > 0 or aug.rotation > 0 or aug.zoom > 0 or aug.flip or aug.elastic)
+
+
 def batch_loader(splits: Splits, cfg: Config):
     """load(epoch, i, idx) -> (images, labels): training batch `i` of `epoch` made of the images `idx`
     (gathered, augmented from a stateless seed of (seed, epoch, i), normalized). The tf.data pipeline and the
@@ -114,7 +120,7 @@ def batch_loader(splits: Splits, cfg: Config):
 
     def load(epoch, i, idx):
         x = tf.cast(tf.gather(x_all, idx), tf.float32)
-        if aug is not None and (aug.shift > 0 or aug.rotation > 0 or aug.zoom > 0 or aug.flip or aug.elastic):
+        if augments(cfg):
             # before normalizing, so that the uncovered border is filled with black (0), as in the images
             stateless = tf.stack([tf.cast(seed, tf.int64) * 100003 + tf.cast(epoch, tf.int64), tf.cast(i, tf.int64)])
             if aug.elastic is not None:
@@ -240,7 +246,7 @@ def calibration_batches(splits: Splits, cfg: Config, batches: int | None, augmen
     are (inference sees unaugmented images, and strong augmentation moves the statistics BN keeps: `convbn
     recalibrate --unaugmented`, BENCHMARKS.md).
     """
-    if not augmented and cfg.data.augment is not None:
+    if not augmented and augments(cfg):
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": None})})
     ds = train_dataset(splits, cfg, epoch=cfg.train.epochs)
     return ds if batches is None else ds.take(batches)
