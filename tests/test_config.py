@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 import sys
 
@@ -381,3 +382,87 @@ def test_switching_optimizer_by_override_drops_the_files_keys_for_the_old_one():
     assert (back.beta_1, back.beta_2) == (0.7, 0.9)  # named back to the file's: its betas stay
     with pytest.raises(ConfigError, match="'adam' does not use momentum"):  # naming the default switches nothing
         load_config(raw=with_changes(("train.optimizer", "{momentum: 0.5}")), overrides=["train.optimizer.name=adam"])
+
+
+# --------------------------------------------------------------------------- renorm's keys without renorm
+
+RENORM_REFUSED = [  # BN settings that only renorm uses, given where nothing would: one line each, not ignored
+    ({"model.bn": {"renorm_momentum": 0.9}},
+     "model.bn.renorm_momentum: used only with renorm: true, and no BN layer with renorm takes it from model.bn: "
+     "remove it, or set model.bn.renorm: true"),
+    ({"model.bn": {"renorm_clipping": {"rmax": 2.0}}}, "model.bn.renorm_clipping: used only with renorm: true"),
+    ({"model.layers[2].bn": {"renorm_momentum": 0.9}},
+     "model.layers[2].bn.renorm_momentum: used only with renorm: true, and this layer's BN has renorm off: remove "
+     "it, or set renorm: true"),
+    ({"model.bn": {"renorm": True}, "model.layers[2].bn": {"renorm": False, "renorm_momentum": 0.9}},
+     "model.layers[2].bn.renorm_momentum: used only with renorm: true"),
+    # every layer with renorm sets its own: model.bn's is used by none
+    ({"model.bn": {"renorm_momentum": 0.9}, "model.layers[0].bn": {"renorm": True, "renorm_momentum": 0.5}},
+     "model.bn.renorm_momentum: used only with renorm: true, and no BN layer with renorm takes it"),
+]
+
+
+@pytest.mark.parametrize("changes,problem", RENORM_REFUSED)
+def test_renorm_keys_that_nothing_uses_are_refused(changes, problem):
+    with pytest.raises(ConfigError) as e:
+        load_config(raw=with_changes(*((k, json.dumps(v)) for k, v in changes.items())))
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(problem), e.value.problems
+
+
+USED = {"model.bn.renorm_momentum": 0.9, "model.bn.renorm_clipping": None}  # as renorm uses them, defaults too
+
+
+@pytest.mark.parametrize("changes,kept", [
+    ({"model.bn": {"renorm": True, "renorm_momentum": 0.9}}, USED),
+    ({"model.bn": {"renorm_momentum": 0.9}, "model.layers[2].bn": {"renorm": True}}, USED),  # the one with renorm
+    # renorm everywhere but in one layer: the others take model.bn's
+    ({"model.bn": {"renorm": True, "renorm_momentum": 0.9}, "model.layers[0].bn": {"renorm": False}}, USED),
+    ({"model.bn": {"renorm_clipping": None}}, {}),  # no clipping asked: nothing to refuse, nothing written
+    ({"model.bn": {"renorm_momentum": 0.99}}, {}),  # the default, as model_dump() writes it: loads, not written
+    ({}, {}),
+])
+def test_renorm_keys_are_kept_where_renorm_uses_them_and_written_only_there(changes, kept):
+    from convbn_cli.runs.listing import flatten
+
+    cfg = load_config(raw=with_changes(*((k, json.dumps(v)) for k, v in changes.items())))
+    dumped = yaml.safe_load(dump_config(cfg))
+    written = {k: v for k, v in flatten(dumped).items() if k.rsplit(".", 1)[-1].startswith("renorm_")}
+    assert written == kept
+    assert load_config(raw=dumped).model_dump() == cfg.model_dump()  # the dump is a config a user may reuse
+
+
+def test_a_runs_config_with_every_renorm_key_loads_as_it_trained_and_renorm_switches_by_override(tmp_path):
+    """convbn wrote model.bn's renorm keys into every run's config.yaml (renorm_momentum: 0.99 without renorm):
+    read as the run trained wherever convbn knows it wrote them; a copy elsewhere is checked. Turning renorm off by
+    an override drops the file's keys for it; a key the file had unused already, or one an override sets, stays
+    and is refused."""
+    from convbn_cli.runs.rundir import RunDir
+
+    older = yaml.safe_load(dump_config(load_config(raw=copy.deepcopy(BASE))))
+    older["model"]["bn"].update(renorm=False, renorm_momentum=0.5, renorm_clipping=None)
+    older["model"]["layers"][2]["bn"] = {"decay": 0.9, "renorm_momentum": 0.7}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    (run / "run.json").write_text("{}")
+    for cfg in (RunDir(run).load_config(), load_config(run / "config.yaml")):
+        assert cfg.model.bn.renorm_momentum == 0.99 and cfg.model.layers[2].bn.renorm_momentum is None
+        assert cfg.model.layers[2].bn.decay == 0.9
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(older))
+    with pytest.raises(ConfigError, match=r"model.layers\[2\].bn.renorm_momentum: used only with renorm"):
+        load_config(mine)
+
+    on = with_changes(("model.bn", "{renorm: true, renorm_momentum: 0.9, renorm_clipping: {rmax: 2.0}}"),
+                      ("model.layers[2].bn", "{renorm_momentum: 0.8}"))
+    off = apply_overrides(copy.deepcopy(on), ["model.bn.renorm=false"])
+    assert "renorm_momentum" not in off["model"]["bn"] and "renorm_clipping" not in off["model"]["bn"]
+    assert off["model"]["layers"][2]["bn"] is True  # left empty: model.bn's settings
+    assert load_config(raw=off).model.bn.renorm is False
+    back = apply_overrides(copy.deepcopy(on), ["model.bn.renorm=true"])  # naming it again drops nothing
+    assert back == on
+    with pytest.raises(ConfigError, match=r"model.bn.renorm_momentum: used only with renorm"):
+        load_config(raw=apply_overrides(copy.deepcopy(on), ["model.bn.renorm=false", "model.bn.renorm_momentum=0.8"]))
+    unused = with_changes(("model.bn", "{renorm_momentum: 0.9}"))  # unused in the file already: still an error
+    with pytest.raises(ConfigError, match=r"model.bn.renorm_momentum: used only with renorm"):
+        load_config(raw=apply_overrides(unused, ["model.bn.renorm=false"]))

@@ -20,7 +20,7 @@ from ..data import registry
 from ..errors import ConfigError, ConvbnError
 from ..readers import read_bytes
 from . import builtin, schema
-from .plan import plan_layers
+from .plan import plan_layers, unused_renorm_keys
 
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB; the shipped configs are under 1 KB
 MAX_NESTING = 32  # mappings and lists inside each other (a config needs 4)
@@ -138,6 +138,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
     """Set `key=value` pairs in the raw config; values are YAML scalars (`0.9`, `true`, `[3, 3]`, `null`)."""
     problems, given = [], set()  # given: every key the overrides set, nested ones included
     names = {section: _choice_name(raw, section) for section in schema.NAMED_CHOICES}  # the file's, before them
+    unused = set(_unused_renorm(raw)) if overrides else set()  # the file's renorm keys nothing used before them
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -173,6 +174,9 @@ def apply_overrides(raw: dict, overrides) -> dict:
     if problems:
         raise ConfigError(problems)
     _switch_choices(raw, names, given)
+    if any(path[-1] == "renorm" for path in given):  # renorm turned off by an override: the file's keys for it go
+        for path in set(_unused_renorm(raw)) - unused - given:  # (not those unused already: they stay errors)
+            _drop(raw, path)
     return raw
 
 
@@ -208,13 +212,24 @@ def _switch_choices(raw: dict, names: dict, given: set) -> None:
 
 def as_trained(config: dict) -> dict:
     """A config convbn wrote (a run's config.yaml, a sweep's plan) as its run trained, in place: until convbn
-    checked them, it wrote every optimizer and schedule key, used or not; those its choice did not use go."""
+    checked them, it wrote every optimizer and schedule key, used or not, and BN's renorm keys; those unused go."""
     for section, choice in schema.NAMED_CHOICES.items():
         node = _choice_section(config, section)
         if node is not None:
             for unused in choice.unused_keys(_choice_name(config, section)):
                 node.pop(unused, None)
+    for path in _unused_renorm(config):
+        _drop(config, path)
     return config
+
+
+def _unused_renorm(config: dict) -> list:
+    """unused_renorm_keys of a raw config's model; none where the model is not valid (the validation that follows
+    reports its problems, with every other)."""
+    try:
+        return unused_renorm_keys(schema.ModelConfig.model_validate(config.get("model")))
+    except ValidationError:
+        return []
 
 
 def _in_a_run(path) -> bool:
@@ -250,9 +265,27 @@ _FlowListDumper.add_representer(
 
 
 def dump_config(cfg) -> str:
-    """The resolved config as YAML (every default filled in; of the optimizer's and the schedule's keys, those they
-    use): what validate prints and runs record."""
-    return yaml.dump(cfg.model_dump(mode="json"), Dumper=_FlowListDumper, sort_keys=False)
+    """The resolved config as YAML (every default filled in; of the optimizer's and the schedule's keys, and of
+    BN's renorm keys, those used): what validate prints and runs record."""
+    data = cfg.model_dump(mode="json")
+    for path in unused_renorm_keys(cfg.model):
+        _drop(data, path)
+    return yaml.dump(data, Dumper=_FlowListDumper, sort_keys=False)
+
+
+def _drop(config: dict, path: tuple) -> None:
+    """Remove the key at `path` (from unused_renorm_keys) where it is; a layer's `bn:` left empty is `bn: true`."""
+    node = config
+    for part in path[:-1]:
+        ok = isinstance(node, dict) and part in node if isinstance(part, str) else \
+            isinstance(node, list) and 0 <= part < len(node)
+        if not ok:
+            return
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+        if not node and path[-2] == "bn" and path[1] == "layers":
+            config["model"]["layers"][path[2]]["bn"] = True
 
 
 # --------------------------------------------------------------------------- validation

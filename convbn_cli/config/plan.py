@@ -152,6 +152,7 @@ def plan_layers(cfg: schema.Config) -> list[PlannedLayer]:
         shape = out
     if not problems:
         problems += _last_layer_problems(cfg) or _size_problems(cfg, plan)
+    problems += _renorm_problems(cfg.model)
     if cfg.train.early_stopping is not None and cfg.data.val_split == 0:
         problems.append("train.early_stopping: needs a validation split to watch (data.val_split > 0)")
     if problems:
@@ -241,6 +242,44 @@ def _bn_problems(layer: PlannedLayer, where: str, step: TrainingBatch) -> list[s
     if layer.bn.renorm and layer.bn.moving_variance == "unbiased":
         problems.append(f"{where}.bn.moving_variance: unbiased is not available with renorm (Keras' renorm keeps "
                         "its own moving statistics)")
+    return problems
+
+
+RENORM_KEYS = ("renorm_momentum", "renorm_clipping")  # BN settings that only `renorm: true` uses
+
+
+def unused_renorm_keys(model: schema.ModelConfig) -> list[tuple]:
+    """The key paths of the renorm settings no BN layer uses: a layer's own where its BN has renorm off, and
+    model.bn's where no BN layer with renorm takes them from there (none has renorm, or each sets its own). Like
+    an optimizer key its choice does not use, such a key would be ignored without a word: `renorm_momentum: 0.9`
+    trains plain BN. A run's config.yaml holds only the used ones (loader.dump_config)."""
+    unused, taken = [], set()
+    for i, spec in enumerate(model.layers):
+        own = spec.bn if spec.has_bn else None
+        if own is None:
+            continue
+        renorm = model.bn.renorm if own.renorm is None else own.renorm
+        for key in RENORM_KEYS:
+            if getattr(own, key) is not None:
+                if not renorm:
+                    unused.append(("model", "layers", i, "bn", key))
+            elif renorm:
+                taken.add(key)
+    return unused + [("model", "bn", key) for key in RENORM_KEYS if key not in taken]
+
+
+def _renorm_problems(model: schema.ModelConfig) -> list[str]:
+    """The renorm settings given that nothing would use. model.bn's at their defaults are no problem: what a
+    config's model_dump() holds (every key, renorm_momentum: 0.99 too) stays a config that loads."""
+    problems = []
+    for path in unused_renorm_keys(model):
+        key = path[-1]
+        if path[1] == "layers":
+            problems.append(f"model.layers[{path[2]}].bn.{key}: used only with renorm: true, and this layer's BN "
+                            "has renorm off: remove it, or set renorm: true")
+        elif getattr(model.bn, key) != schema.BNSettings.model_fields[key].default:
+            problems.append(f"model.bn.{key}: used only with renorm: true, and no BN layer with renorm takes it "
+                            "from model.bn: remove it, or set model.bn.renorm: true")
     return problems
 
 
