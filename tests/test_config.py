@@ -388,17 +388,23 @@ def test_switching_optimizer_by_override_drops_the_files_keys_for_the_old_one():
 
 RENORM_REFUSED = [  # BN settings that only renorm uses, given where nothing would: one line each, not ignored
     ({"model.bn": {"renorm_momentum": 0.9}},
-     "model.bn.renorm_momentum: used only with renorm: true, and no BN layer with renorm takes it from model.bn: "
-     "remove it, or set model.bn.renorm: true"),
+     "model.bn.renorm_momentum: used only with renorm: true, and no BN layer has renorm: remove it, or set "
+     "model.bn.renorm: true"),
     ({"model.bn": {"renorm_clipping": {"rmax": 2.0}}}, "model.bn.renorm_clipping: used only with renorm: true"),
     ({"model.layers[2].bn": {"renorm_momentum": 0.9}},
      "model.layers[2].bn.renorm_momentum: used only with renorm: true, and this layer's BN has renorm off: remove "
      "it, or set renorm: true"),
     ({"model.bn": {"renorm": True}, "model.layers[2].bn": {"renorm": False, "renorm_momentum": 0.9}},
      "model.layers[2].bn.renorm_momentum: used only with renorm: true"),
-    # every layer with renorm sets its own: model.bn's is used by none
+    # every layer with renorm sets its own: model.bn's is used by none, and can only go
     ({"model.bn": {"renorm_momentum": 0.9}, "model.layers[0].bn": {"renorm": True, "renorm_momentum": 0.5}},
-     "model.bn.renorm_momentum: used only with renorm: true, and no BN layer with renorm takes it"),
+     "model.bn.renorm_momentum: used only with renorm: true, and no BN layer with renorm takes it from model.bn "
+     "(each sets its own): remove it"),
+    ({"model.bn": {"renorm": True, "renorm_momentum": 0.9}, "model.layers[0].bn": {"renorm": False},
+      "model.layers[2].bn": {"renorm": False}}, "model.bn.renorm_momentum: used only with renorm: true, and every BN "
+                                                "layer turns renorm off: remove it"),
+    ({"model.bn": {"renorm_momentum": 0.9}, "model.layers[0].bn": False, "model.layers[2].bn": False},
+     "model.bn.renorm_momentum: used only with renorm: true, and the model has no BN layer: remove it"),
 ]
 
 
@@ -466,3 +472,14 @@ def test_a_runs_config_with_every_renorm_key_loads_as_it_trained_and_renorm_swit
     unused = with_changes(("model.bn", "{renorm_momentum: 0.9}"))  # unused in the file already: still an error
     with pytest.raises(ConfigError, match=r"model.bn.renorm_momentum: used only with renorm"):
         load_config(raw=apply_overrides(unused, ["model.bn.renorm=false"]))
+    # the same by any override of the model: its layers' BN removed; a layer counted from the end
+    assert "renorm_momentum" not in apply_overrides(copy.deepcopy(on), ["model.layers[0].bn=false",
+                                                                        "model.layers[2].bn=false"])["model"]["bn"]
+    with pytest.raises(ConfigError, match=r"model.layers\[2\].bn.renorm_momentum: used only with renorm"):
+        load_config(raw=apply_overrides(copy.deepcopy(on), ["model.layers[-3].bn.renorm=false",
+                                                            "model.bn.renorm=false",
+                                                            "model.layers[-3].bn.renorm_momentum=0.4"]))
+    # a file that does not validate as it is (fixed by an override): nothing of it is dropped, its unused key stays
+    broken = with_changes(("model.bn", "{renorm_momentum: 0.9}"), ("model.layers[0].filters", "0"))
+    with pytest.raises(ConfigError, match=r"model.bn.renorm_momentum: used only with renorm"):
+        load_config(raw=apply_overrides(broken, ["model.layers[0].filters=8", "model.bn.renorm=false"]))

@@ -150,9 +150,8 @@ def test_the_training_batch_picture_is_drawn_when_a_run_starts_not_when_it_resum
         trainer = SimpleNamespace(restored=restored, cfg=cfg, run=run, first_batch=lambda: (pixels, [0, 1, 2, 3]))
         Plots().on_start(trainer)
         assert (run.path / "train_batch.png").is_file() == (restored is None)
-        # the end-of-run line names the pictures there are
+        # the end-of-run line names the pictures there are, and confusion_matrix.png, drawn right after it
         (run.path / "curves.png").write_bytes(b"")
-        (run.path / "confusion_matrix.png").write_bytes(b"")
         Console(lines.append).on_finish(trainer, {"test_loss": 0.1, "test_acc": 0.9, "checkpoint": "ckpt-40",
                                                   "final_checkpoint": "ckpt-40", "wall_time_s": 9.0,
                                                   "bn_statistics": {"mechanism": "none",

@@ -80,7 +80,8 @@ def measure(run: RunDir, *, batches: int, log) -> dict:
 
 def _first_batch(t) -> bytes:
     """The run's first training batch as its training drew it (train_batch.png), drawn again from its config and
-    data: the same images as the run's file, whether or not output.plots wrote one."""
+    data, whether or not output.plots wrote one: the same images as the run's file, but for a run trained under a
+    strategy with several replicas, whose first batch was the global one (the replicas are not recorded)."""
     from ..data.pipeline import first_batch
 
     pixels, labels = first_batch(t.splits(), t.config)

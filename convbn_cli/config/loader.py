@@ -138,7 +138,7 @@ def apply_overrides(raw: dict, overrides) -> dict:
     """Set `key=value` pairs in the raw config; values are YAML scalars (`0.9`, `true`, `[3, 3]`, `null`)."""
     problems, given = [], set()  # given: every key the overrides set, nested ones included
     names = {section: _choice_name(raw, section) for section in schema.NAMED_CHOICES}  # the file's, before them
-    unused = set(_unused_renorm(raw)) if overrides else set()  # the file's renorm keys nothing used before them
+    unused = _unused_renorm(raw) if overrides else None  # the file's renorm keys nothing used before them
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -153,9 +153,10 @@ def apply_overrides(raw: dict, overrides) -> dict:
         except yaml.YAMLError as e:
             problems.append(f"override {item!r}: value is not valid YAML: {_yaml_problem(e)}")
             continue
-        node = raw
+        node, where = raw, []  # where: the key's path with list positions counted from 0 (layers[-1]: its number)
         for depth, part in enumerate(parts[:-1]):
             nxt = parts[depth + 1]
+            where.append(part % len(node) if isinstance(part, int) and isinstance(node, list) and node else part)
             node, err = _step(node, part, create={} if isinstance(nxt, str) else None)
             if err:
                 problems.append(f"override {item!r}: {format_loc(parts[:depth + 1])}: {err}")
@@ -170,12 +171,15 @@ def apply_overrides(raw: dict, overrides) -> dict:
                 problems.append(f"override {item!r}: {format_loc(parts[:-1])}: is not a mapping")
                 continue
             node[last] = value
-            given.update(_paths(tuple(parts), value))
+            where.append(last % len(node) if isinstance(last, int) else last)
+            given.update(_paths(tuple(where), value))
     if problems:
         raise ConfigError(problems)
     _switch_choices(raw, names, given)
-    if any(path[-1] == "renorm" for path in given):  # renorm turned off by an override: the file's keys for it go
-        for path in set(_unused_renorm(raw)) - unused - given:  # (not those unused already: they stay errors)
+    if unused is not None and any(path[0] == "model" for path in given):
+        # renorm turned off by an override (or its layers removed): the file's keys for it go; not those unused in
+        # the file already, nor those an override set: they stay errors (a file that does not validate: none go)
+        for path in set(_unused_renorm(raw) or ()) - set(unused) - given:
             _drop(raw, path)
     return raw
 
@@ -218,18 +222,18 @@ def as_trained(config: dict) -> dict:
         if node is not None:
             for unused in choice.unused_keys(_choice_name(config, section)):
                 node.pop(unused, None)
-    for path in _unused_renorm(config):
+    for path in _unused_renorm(config) or ():
         _drop(config, path)
     return config
 
 
-def _unused_renorm(config: dict) -> list:
-    """unused_renorm_keys of a raw config's model; none where the model is not valid (the validation that follows
+def _unused_renorm(config: dict) -> list | None:
+    """unused_renorm_keys of a raw config's model; None where the model is not valid (the validation that follows
     reports its problems, with every other)."""
     try:
         return unused_renorm_keys(schema.ModelConfig.model_validate(config.get("model")))
     except ValidationError:
-        return []
+        return None
 
 
 def _in_a_run(path) -> bool:

@@ -272,14 +272,21 @@ def _renorm_problems(model: schema.ModelConfig) -> list[str]:
     """The renorm settings given that nothing would use. model.bn's at their defaults are no problem: what a
     config's model_dump() holds (every key, renorm_momentum: 0.99 too) stays a config that loads."""
     problems = []
+    renorms = [model.bn.renorm if spec.bn.renorm is None else spec.bn.renorm
+               for spec in model.layers if spec.has_bn and spec.bn is not None]
+    # what to do about a model.bn key: turn renorm on where it is off everywhere; else each BN with renorm sets its
+    # own (or there is no BN layer at all), and the key can only go
+    why = ("the model has no BN layer: remove it" if not renorms else
+           "no BN layer with renorm takes it from model.bn (each sets its own): remove it" if any(renorms) else
+           "every BN layer turns renorm off: remove it" if model.bn.renorm else
+           "no BN layer has renorm: remove it, or set model.bn.renorm: true")
     for path in unused_renorm_keys(model):
         key = path[-1]
         if path[1] == "layers":
             problems.append(f"model.layers[{path[2]}].bn.{key}: used only with renorm: true, and this layer's BN "
                             "has renorm off: remove it, or set renorm: true")
         elif getattr(model.bn, key) != schema.BNSettings.model_fields[key].default:
-            problems.append(f"model.bn.{key}: used only with renorm: true, and no BN layer with renorm takes it "
-                            "from model.bn: remove it, or set model.bn.renorm: true")
+            problems.append(f"model.bn.{key}: used only with renorm: true, and {why}")
     return problems
 
 
