@@ -47,22 +47,19 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
         ({loss, accuracy, ...}), layers
         ({name: (old mean, old var, new mean, new var)}) and source_step.
     """
-    unaugmented_is_for_runs = TargetError(
-        f"{target}: --unaugmented (augmented=False) is for a run's model: a model from elsewhere is calibrated on "
-        "--data's images as they are")
     if onnx_file(target) is not None:
         if not augmented:
-            raise unaugmented_is_for_runs
+            raise _unaugmented_is_for_runs(target)
         from .onnx_doctor import recalibrate_onnx
 
-        return recalibrate_onnx(onnx_file(target), data=data_source, batches=batches, scale=scale, layout=layout,
-                                output=output, force=force, log=log)
+        return {**recalibrate_onnx(onnx_file(target), data=data_source, batches=batches, scale=scale,
+                                   layout=layout, output=output, force=force, log=log), "augmented": None}
     if output is not None or force:
         raise TargetError("--output and --force are for ONNX models; a Keras model's recalibrated copy goes beside "
                           "it under a free name, a run's into its checkpoints/recalibrated/")
     t = opened(target, which)
     if not augmented and t.config is None:
-        raise unaugmented_is_for_runs
+        raise _unaugmented_is_for_runs(target)
     d = t.eval_data(batches, split=split, data=data, data_source=data_source, scale=scale, log=log,
                     progress=progress, augmented=augmented)
     evaluate = Evaluator(t.model, d.num_classes)
@@ -77,6 +74,11 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
     return {"source": t.source, "checkpoint": saved, "split": d.split, "batches": changes.batches,
             "augmented": augmented if t.config is not None and augments(t.config) else None,
             "before": before, "after": after, "layers": changes, "source_step": checkpoint_step(t.source)}
+
+
+def _unaugmented_is_for_runs(target) -> TargetError:
+    return TargetError(f"{target}: --unaugmented (augmented=False) is for a run's model: a model from elsewhere is "
+                       "calibrated on --data's images as they are")
 
 
 def _save_beside(t) -> str:

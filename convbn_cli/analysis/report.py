@@ -58,7 +58,7 @@ def measure(run: RunDir, *, batches: int, log) -> dict:
     except ConvbnError as e:
         raise RunDirError(f"{run.path}: nothing to report yet ({e})") from None
     t = open_target(run.path, "best")
-    log(f"report of {run.path}: curves, test confusion matrix, BN parameters, diagnose")
+    log(f"report of {run.path}: curves, test confusion matrix, the first training batch, BN parameters, diagnose")
     test = evaluate(t, split="test")
     buf = io.BytesIO()
     confusion_matrix(test["confusion"], t.config.dataset.class_names, buf,

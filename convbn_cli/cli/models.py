@@ -274,8 +274,8 @@ def diagnose_cmd(session: Session, targets, which, data, batches, scale, layout,
 @batches_option
 @click.option("--full", is_flag=True, help="One whole pass over the training split instead of --batches.")
 @click.option("--unaugmented", is_flag=True,
-              help="A run's training images without its data.augment: inference sees unaugmented images, and "
-                   "strong augmentation leaves statistics of other images.")
+              help="Calibrate on the run's training images without its data.augment (default: augmented, as "
+                   "training made them), as inference sees images; a run's model only.")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None,
               help="Where to report accuracy before and after (default: val if the run has one, else test).")
 @data_option
@@ -295,8 +295,10 @@ def recalibrate(session: Session, target, which, batches, full, unaugmented, spl
     NAME-recalibrated.keras beside it, for an ONNX TARGET (with --data) a new NAME-recalibrated.onnx; the original
     is never changed.
     """
-    _refuse_ignored(target, {"--full": full, "--split": split, "--checkpoint": which != "best",
-                             "--unaugmented": unaugmented}, {"--layout": layout})
+    if unaugmented and _onnx(target):  # before TensorFlow: known from the name
+        raise ConvbnError(f"{target}: --unaugmented is for a run's model: an ONNX model has no run, and is calibrated "
+                          "on --data's images as they are")
+    _refuse_ignored(target, {"--full": full, "--split": split, "--checkpoint": which != "best"}, {"--layout": layout})
     session.tensorflow(target, data=data, runnable_only=_onnx(target))
     from ..analysis.recalibration import recalibrate as run_recalibrate
     from ..present.reports import RecalibrateReport
@@ -351,8 +353,9 @@ def export_cmd(session: Session, target, fmt, fold_bn, output, force, no_preproc
               help="Batches of images the diagnose checks of a run use.")
 @pass_session
 def report_cmd(session: Session, target, output, force, batches):
-    """One self-contained HTML page of a run (results, curves, confusion matrix, per-channel BN, diagnose
-    verdict, config, provenance) or of a sweep (summary and every run's curves); opens in any browser, offline."""
+    """One self-contained HTML page of a run (results, curves, confusion matrix, the first training batch,
+    per-channel BN, diagnose verdict, config, provenance) or of a sweep (summary and every run's curves); opens in
+    any browser, offline."""
     from ..analysis.report import report, report_kind
 
     path = Path(target)

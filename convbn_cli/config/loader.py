@@ -281,9 +281,9 @@ def _drop(config: dict, path: tuple) -> None:
     """Remove the key at `path` (from unused_renorm_keys) where it is; a layer's `bn:` left empty is `bn: true`."""
     node = config
     for part in path[:-1]:
-        ok = isinstance(node, dict) and part in node if isinstance(part, str) else \
-            isinstance(node, list) and 0 <= part < len(node)
-        if not ok:
+        if isinstance(part, str) and not (isinstance(node, dict) and part in node):
+            return
+        if isinstance(part, int) and not (isinstance(node, list) and 0 <= part < len(node)):
             return
         node = node[part]
     if isinstance(node, dict):

@@ -152,8 +152,9 @@ def confusion_matrix(confusion, class_names, path, title: str = "") -> None:
 def _augmentation(aug) -> str:
     """data.augment in words: "shift 0.08, rotation 8, elastic (alpha 34, sigma 4)"; "" for none."""
     def value(v):
-        return f"({', '.join(f'{k} {value(x)}' for k, x in v.items())})" if isinstance(v, dict) else f"{v:g}" \
-            if isinstance(v, float) else str(v).lower()
+        if isinstance(v, dict):  # elastic: "(alpha 34, sigma 4)"
+            return f"({', '.join(f'{k} {value(x)}' for k, x in v.items())})"
+        return f"{v:g}" if isinstance(v, float) else str(v).lower()
 
     if aug is None:
         return ""

@@ -124,6 +124,9 @@ class InspectReport:
         return text
 
 
+BATCHES_OF = {True: "augmented ", False: "unaugmented "}  # recalibrate's `augmented`; None: nothing to say
+
+
 @dataclass
 class RecalibrateReport:
     result: dict
@@ -132,7 +135,7 @@ class RecalibrateReport:
         r = self.result
         return "\n".join([
             f"recalibrated {len(r['layers'])} BN layer(s) of {r['source']} over {r['batches']} "
-            f"{ {True: 'augmented ', False: 'unaugmented '}.get(r.get('augmented'), '')}batches",
+            f"{BATCHES_OF.get(r.get('augmented'), '')}batches",
             f"{r['split']} accuracy: before {r['before']['accuracy']:.2%} (loss {r['before']['loss']:.4f}), "
             f"after {r['after']['accuracy']:.2%} (loss {r['after']['loss']:.4f})",
             f"saved {r['checkpoint']}"])

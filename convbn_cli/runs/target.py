@@ -95,9 +95,8 @@ class Target:
 
         A run's model: the images of `split` (default: val if the run has one, else test), normalized as in
         training, and `batches` training batches as training makes them (None: one pass; `augmented=False`: without
-        data.augment); its config says which
-        data (`data_source` is for models without one). A model from elsewhere: --data's (`data_source`, pixels
-        times `scale`), `batches` batches of 128 of each.
+        data.augment); its config says which data (`data_source` is for models without one). A model from
+        elsewhere: --data's (`data_source`, pixels times `scale`), `batches` batches of 128 of each.
         """
         if self.config is None:
             if data_source is None:

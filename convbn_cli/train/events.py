@@ -317,11 +317,13 @@ class Console(Subscriber):
             self.log(f"BN statistics: {where}: {before['moving_acc']:.2%} / {before['batch_acc']:.2%}")
             self.log(f"test: {test}  ({results['checkpoint']})")
         self.log(end_of_run_line(results))
-        # confusion_matrix.png is drawn right after this (Plots.on_finish); of the others, those there are (a run
-        # resumed from before train_batch.png has none)
-        pictures = "".join(f"{name}, " for name in ("curves.png", "confusion_matrix.png", "train_batch.png")
-                           if trainer.cfg.output.plots and (name == "confusion_matrix.png"
-                                                            or (trainer.run.path / name).is_file()))
+        pictures = ""
+        if trainer.cfg.output.plots:
+            # confusion_matrix.png is drawn right after this (Plots.on_finish); of the others, those there are (a
+            # run resumed from before train_batch.png has none)
+            for name in ("curves.png", "confusion_matrix.png", "train_batch.png"):
+                if name == "confusion_matrix.png" or (trainer.run.path / name).is_file():
+                    pictures += f"{name}, "
         self.log(f"see {run}: {pictures}metrics.csv, run.json")
         self.log(f"next: convbn eval {run} | convbn report {run} | convbn inspect-bn {run} | convbn diagnose {run} "
                  f"| convbn export {run} --fold-bn")
