@@ -248,17 +248,21 @@ def _bn_problems(layer: PlannedLayer, where: str, step: TrainingBatch) -> list[s
 RENORM_KEYS = ("renorm_momentum", "renorm_clipping")  # BN settings that only `renorm: true` uses
 
 
+def _bn_layers_renorm(model: schema.ModelConfig):
+    """(index, the layer's own `bn:` settings, whether its BN has renorm) of every layer with BN."""
+    for i, spec in enumerate(model.layers):
+        own = spec.bn if spec.has_bn else None
+        if own is not None:
+            yield i, own, model.bn.renorm if own.renorm is None else own.renorm
+
+
 def unused_renorm_keys(model: schema.ModelConfig) -> list[tuple]:
     """The key paths of the renorm settings no BN layer uses: a layer's own where its BN has renorm off, and
     model.bn's where no BN layer with renorm takes them from there (none has renorm, or each sets its own). Like
     an optimizer key its choice does not use, such a key would be ignored without a word: `renorm_momentum: 0.9`
     trains plain BN. A run's config.yaml holds only the used ones (loader.dump_config)."""
     unused, taken = [], set()
-    for i, spec in enumerate(model.layers):
-        own = spec.bn if spec.has_bn else None
-        if own is None:
-            continue
-        renorm = model.bn.renorm if own.renorm is None else own.renorm
+    for i, own, renorm in _bn_layers_renorm(model):
         for key in RENORM_KEYS:
             if getattr(own, key) is not None:
                 if not renorm:
@@ -272,8 +276,7 @@ def _renorm_problems(model: schema.ModelConfig) -> list[str]:
     """The renorm settings given that nothing would use. model.bn's at their defaults are no problem: what a
     config's model_dump() holds (every key, renorm_momentum: 0.99 too) stays a config that loads."""
     problems = []
-    renorms = [model.bn.renorm if spec.bn.renorm is None else spec.bn.renorm
-               for spec in model.layers if spec.has_bn and spec.bn is not None]
+    renorms = [renorm for _, _, renorm in _bn_layers_renorm(model)]
     # what to do about a model.bn key: turn renorm on where it is off everywhere; else each BN with renorm sets its
     # own (or there is no BN layer at all), and the key can only go
     why = ("the model has no BN layer: remove it" if not renorms else

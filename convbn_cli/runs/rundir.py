@@ -1,7 +1,7 @@
 """The run directory, `runs/<name>/<n>/`: what a training run writes and where (the one place that knows).
 
     config.yaml                  the resolved config (every default filled in; of the optimizer's and schedule's
-                                 keys, those they use); every command rebuilds the model from it
+                                 keys and BN's renorm keys, those used); every command rebuilds the model from it
     checkpoints/ckpt-<step>      the last `keep_checkpoints` checkpoints, named by training step
     checkpoints/best/ckpt-<step> the checkpoint with the best validation accuracy so far
     checkpoints/recalibrated/ckpt-<n>  precise-BN checkpoints (n = 1, 2, ...), each with a .source file naming
