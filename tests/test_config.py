@@ -437,6 +437,30 @@ def test_renorm_keys_are_kept_where_renorm_uses_them_and_written_only_there(chan
     assert load_config(raw=dumped).model_dump() == cfg.model_dump()  # the dump is a config a user may reuse
 
 
+@pytest.mark.parametrize("precise", [{"batches": 50, "when": "auto"}, {"batches": 200, "when": "always"}])
+def test_a_runs_precise_bn_from_before_its_augmented_key_calibrates_as_it_trained(tmp_path, precise):
+    """Until train.precise_bn.augmented, precise BN calibrated on augmented images: a run's config.yaml without the
+    key reads true wherever convbn reads it (its commands and resume, a sweep's plan, a new run from it); a copy
+    elsewhere, and any new config, get the new default (false), and every config.yaml written now says which."""
+    from convbn_cli.runs.rundir import RunDir
+    from convbn_cli.runs.sweepdir import run_config
+
+    older = yaml.safe_load(dump_config(load_config(raw=copy.deepcopy(BASE))))
+    assert older["train"]["precise_bn"]["augmented"] is False  # written now: said
+    older["train"]["precise_bn"] = precise
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    (run / "run.json").write_text("{}")
+    for cfg in (RunDir(run).load_config(), load_config(run / "config.yaml"),
+                run_config(tmp_path, {"runs": [{"name": "a", "config": yaml.safe_dump(older)}]}, 0)):
+        assert cfg.train.precise_bn.model_dump() == {**precise, "augmented": True}
+    assert RunDir(run).load_config(["train.precise_bn.augmented=false"]).train.precise_bn.augmented is False
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(older))
+    assert load_config(mine).train.precise_bn.augmented is False
+
+
 def test_a_runs_config_with_every_renorm_key_loads_as_it_trained_and_renorm_switches_by_override(tmp_path):
     """convbn wrote model.bn's renorm keys into every run's config.yaml (renorm_momentum: 0.99 without renorm):
     read as the run trained wherever convbn knows it wrote them; a copy elsewhere is checked. Turning renorm off by

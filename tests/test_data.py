@@ -455,15 +455,21 @@ def test_unaugmented_calibration_batches_are_the_same_images_as_they_are(synthet
     from convbn_cli.config import load_config
     from convbn_cli.data.pipeline import calibration_batches, epoch_order, make_splits
 
-    cfg = load_config(raw=tiny_raw(tmp_path, **{"data.augment": {"shift": 0.1, "elastic": {"alpha": 20}}}))
+    raw = tiny_raw(tmp_path, **{"data.augment": {"shift": 0.1, "elastic": {"alpha": 20}}})
+    cfg = load_config(raw=raw)
     splits = make_splits(synthetic, cfg)
-    (usual, y1), = calibration_batches(splits, cfg, 1)
+    (usual, y1), = calibration_batches(splits, cfg, 1, augmented=True)
     (plain, y2), = calibration_batches(splits, cfg, 1, augmented=False)
     order = epoch_order(splits.size("train"), cfg.data.batch_size, cfg.train.seed, cfg.train.epochs)[:32]
     np.testing.assert_allclose(plain.numpy() * 255, tf.gather(splits.x_train, order).numpy(), atol=1e-3)
     np.testing.assert_array_equal(y1, y2)  # the same images, in the same order
     assert np.abs(usual.numpy() - plain.numpy()).mean() > 0.02  # the usual ones are augmented
     assert cfg.data.augment is not None  # the run's config is left as it was
+    # unasked, as train.precise_bn.augmented says: false by default (also with precise BN off: the EMA's), or true
+    for precise, want in (("auto", plain), ("off", plain), ({"augmented": True}, usual)):
+        settled = load_config(raw={**raw, "train": {**raw["train"], "precise_bn": precise}})
+        (got, _), = calibration_batches(splits, settled, 1)
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
 @pytest.mark.parametrize("augment, changes", [

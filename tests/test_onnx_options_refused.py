@@ -1,7 +1,7 @@
 """Options a target's kind would silently ignore are one-line errors (exit 2) before any work: recalibrate's
---full, --split, --checkpoint and --unaugmented and export's --checkpoint on an ONNX model (no run: --batches of
---data's images); --layout on anything but an ONNX model (runs/target.open_target, cli/models.py). Fast: nothing is
-opened, the refusal comes first (the files here are empty)."""
+--full, --split, --checkpoint and --augmented/--unaugmented and export's --checkpoint on an ONNX model (no run:
+--batches of --data's images); --layout on anything but an ONNX model (runs/target.open_target, cli/models.py).
+Fast: nothing is opened, the refusal comes first (the files here are empty)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from convbn_cli.runs.target import open_target
     (["recalibrate", "m.onnx", "--split", "test"], "--split"),
     (["recalibrate", "m.onnx", "--checkpoint", "latest"], "--checkpoint"),
     (["recalibrate", "m.onnx", "--unaugmented"], "--unaugmented"),
+    (["recalibrate", "m.onnx", "--augmented"], "--augmented"),
     (["export", "m.onnx", "--format", "onnx", "--fold-bn", "--checkpoint", "420"], "--checkpoint"),
     (["recalibrate", "m.keras", "--layout", "NCHW"], "--layout"),
     (["export", "m.keras", "--layout", "NHWC"], "--layout")])
@@ -30,14 +31,15 @@ def test_an_option_the_target_would_ignore_is_one_line(tmp_path, monkeypatch, ar
     assert len(r.output.strip().splitlines()) == 1
 
 
-def test_the_api_refuses_unaugmented_for_an_onnx_model(tmp_path):
-    """recalibrate(augmented=False) on an ONNX model (no run, no augmentation to leave out): refused, not ignored,
-    as the CLI's --unaugmented is."""
+@pytest.mark.parametrize("augmented, flag", [(False, "--unaugmented"), (True, "--augmented")])
+def test_the_api_refuses_augmented_either_way_for_an_onnx_model(tmp_path, augmented, flag):
+    """recalibrate(augmented=False or True) on an ONNX model (no run, no augmentation to leave out or keep): refused,
+    not ignored, as the CLI's flags are."""
     from convbn_cli.analysis.recalibration import recalibrate
 
     (tmp_path / "m.onnx").write_bytes(b"")
-    with pytest.raises(TargetError, match="--unaugmented .augmented=False. is for a run's model"):
-        recalibrate(str(tmp_path / "m.onnx"), augmented=False)
+    with pytest.raises(TargetError, match=f"{flag} .augmented={augmented}. is for a run's model"):
+        recalibrate(str(tmp_path / "m.onnx"), augmented=augmented)
 
 
 @pytest.mark.parametrize("name", ["m.tflite", "ckpt-1"])

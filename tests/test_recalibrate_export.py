@@ -90,16 +90,19 @@ def test_recalibration_recovers_accuracy_and_keeps_the_original(lagging, mnist):
 
 
 def test_recalibrating_on_unaugmented_images_gives_their_statistics(tmp_path, mnist, mnist_cache):
-    """`--unaugmented`: the new moving statistics are those of the calibration batches' images as they are, not as
-    augmentation changed them (checked against conv1's output over those images); by default, the augmented
-    ones (which differ: the elastic distortion here moves every stroke)."""
+    """`--unaugmented`, and by default (the run's train.precise_bn.augmented: false): the new moving statistics are
+    those of the calibration batches' images as they are, not as augmentation changed them (checked against conv1's
+    output over those images); `--augmented`: the augmented ones (which differ: the elastic distortion here moves
+    every stroke)."""
     from convbn_cli.data.pipeline import epoch_order
 
     cfg, result = lagging_run(tmp_path, mnist, **{"data.augment": {"rotation": 20, "elastic": {"alpha": 34,
                                                                                                "sigma": 4}}})
     plain = recalibrate(result.run_dir, which="latest", batches=3, data=mnist, split="test", augmented=False)
-    usual = recalibrate(result.run_dir, which="latest", batches=3, data=mnist, split="test")
-    assert (plain["augmented"], usual["augmented"]) == (False, True)
+    usual = recalibrate(result.run_dir, which="latest", batches=3, data=mnist, split="test", augmented=True)
+    default = recalibrate(result.run_dir, which="latest", batches=3, data=mnist, split="test")
+    assert (plain["augmented"], usual["augmented"], default["augmented"]) == (False, True, False)
+    np.testing.assert_array_equal(default["layers"]["conv1_bn"][2], plain["layers"]["conv1_bn"][2])
     splits = make_splits(mnist, cfg)
     order = epoch_order(splits.size("train"), cfg.data.batch_size, cfg.train.seed, cfg.train.epochs)
     images = normalizer(cfg)(tf.gather(splits.x_train, order[:3 * cfg.data.batch_size]))
@@ -115,17 +118,19 @@ def test_recalibrating_on_unaugmented_images_gives_their_statistics(tmp_path, mn
     assert "over 3 unaugmented batches" in lines
     # a model from elsewhere has only --data's images, never augmented: refused, not ignored
     outside = export(result.run_dir, "keras", output=str(tmp_path / "outside.keras"))["path"]
-    with pytest.raises(TargetError, match="is for a run's model"):
-        recalibrate(outside, data_source="mnist", augmented=False)
+    for augmented in (False, True):
+        with pytest.raises(TargetError, match="is for a run's model"):
+            recalibrate(outside, data_source="mnist", augmented=augmented)
 
 
 def test_unaugmented_on_a_run_that_augments_nothing_says_so(lagging, mnist_cache):
     _, result = lagging
     runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
-    r = runner.invoke(main, ["recalibrate", str(result.run_dir), "--unaugmented", "--batches", "2"])
-    assert r.exit_code == 0, r.output
-    assert "over 2 batches" in r.output and "augmented" not in r.output.splitlines()[0]
-    assert "(--unaugmented: the run's training augments nothing" in r.output
+    for flag in ("--unaugmented", "--augmented"):
+        r = runner.invoke(main, ["recalibrate", str(result.run_dir), flag, "--batches", "2"])
+        assert r.exit_code == 0, r.output
+        assert "over 2 batches" in r.output and "augmented" not in r.output.splitlines()[0]
+        assert f"({flag}: the run's training augments nothing" in r.output
 
 
 def test_precise_bn_option_at_the_end_of_training(tmp_path, mnist):
@@ -134,6 +139,32 @@ def test_precise_bn_option_at_the_end_of_training(tmp_path, mnist):
     result = train(load_config(raw=raw), data=mnist, log=lambda m: None, progress=False)
     res = json.loads((result.run_dir / "results.json").read_text())
     assert "recalibrated/ckpt-1" in res["checkpoint"] and res["test_acc"] > res["before_precise_bn"]["test_acc"]
+
+
+@pytest.mark.parametrize("settle, says", [
+    ({"train.precise_bn": {"batches": 3, "when": "always"}}, "over 3 unaugmented training batches"),
+    ({"train.precise_bn": {"batches": 3}, "train.ema": {"decay": 0.9}}, "BN recomputed over 3 unaugmented batches")])
+def test_training_settles_bn_on_the_training_images_as_they_are(tmp_path, mnist, settle, says):
+    """Precise BN at the end of training (and the EMA's recompute) calibrates on the training images without
+    data.augment, as inference sees them (train.precise_bn.augmented: false): the final model's statistics are those
+    of conv1's output over exactly those images; results.json and the run's last lines say which."""
+    from convbn_cli.data.pipeline import epoch_order
+
+    lines = []
+    raw = tiny_raw(tmp_path, **{"data.max_train": 1000, "data.max_test": 200, "train.epochs": 1,
+                                "data.augment": {"rotation": 20, "elastic": {"alpha": 34, "sigma": 4}}, **settle})
+    cfg = load_config(raw=raw)
+    result = train(cfg, data=mnist, log=lines.append, progress=False)
+    bn = json.loads((result.run_dir / "results.json").read_text())["bn_statistics"]
+    assert bn["augmented"] is False and bn["batches"] == 3 and bn.get("kept", True)
+    assert any(says in line for line in lines), lines
+    splits = make_splits(mnist, cfg)
+    order = epoch_order(splits.size("train"), cfg.data.batch_size, cfg.train.seed, cfg.train.epochs)
+    images = normalizer(cfg)(tf.gather(splits.x_train, order[:3 * cfg.data.batch_size]))
+    model = open_target(result.run_dir).model
+    outs = [model.get_layer("conv1")(b).numpy().astype(np.float64) for b in tf.split(images, 3)]
+    want = np.mean([o.mean((0, 1, 2)) for o in outs], 0)
+    np.testing.assert_allclose(model.get_layer("conv1_bn").moving_mean.numpy(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_folded_model_matches_and_has_no_bn_layers(lagging, mnist):

@@ -127,6 +127,10 @@ def test_bn_statistics_settled_by_says_what_it_means():
     assert html.settled_by({"mechanism": "precise_bn", "batches": 42, "kept": False}).endswith(
         "not kept, as it did not help: the moving statistics stayed")
     assert html.settled_by({}) == "-"
+    # which images (results.json's bn_statistics.augmented): said where training augmented anything
+    for augmented, words in ((False, "(3 unaugmented batches)"), (True, "(3 augmented batches)"),
+                             (None, "(3 batches)")):
+        assert html.settled_by({"mechanism": "ema", "batches": 3, "augmented": augmented}).endswith(words)
 
 
 # --------------------------------------------------------------------------- the pictures

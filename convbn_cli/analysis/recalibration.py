@@ -7,7 +7,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from ..config.schema import PRECISE_BN_BATCHES
-from ..data.pipeline import augments
+from ..data.pipeline import augments, calibration_augmented
 from ..errors import TargetError
 from ..files import staged
 from ..formats import runtime
@@ -21,7 +21,7 @@ from ..runs.target import onnx_file, opened
 
 def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHES, split=None, data=None,
                 data_source=None,
-                scale=1 / 255, progress=False, output=None, force=False, layout=None, augmented=True,
+                scale=1 / 255, progress=False, output=None, force=False, layout=None, augmented: bool | None = None,
                 log=lambda m: None) -> dict:
     """Recalibrate the BN statistics of a model (precise BN); evaluate before and after; save the result.
 
@@ -30,9 +30,10 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
             model, convbn's export or from anywhere (saved as a new NAME-recalibrated[-k].keras beside it).
         which: a run directory's checkpoint ("best", "latest", "recalibrated", "ema" or a training step).
         batches: training batches to average the statistics over; None: one pass over the training split.
-        augmented: a run's training batches with its data.augment (as training made them); False: the same images
-            unaugmented, as inference sees images (a run's model only: a model from elsewhere has --data's images,
-            never augmented, and False is refused rather than ignored).
+        augmented: True: a run's training batches with its data.augment; False: the same images as they are, as
+            inference sees them; None: as the run's train.precise_bn.augmented says, what its training's precise BN
+            did (false unless set; true for a run from before that key). A run's model only: a model from
+            elsewhere has --data's images, never augmented, and True or False is refused rather than ignored.
         split: where to report accuracy ("val" or "test"; default val if the run has one).
         data: the run's dataset arrays (Keras' mnist.npz layout); fetched when None.
         data_source: for a .keras model from outside convbn: "mnist", "fashion_mnist" or an .npz with x and y
@@ -48,8 +49,8 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
         ({name: (old mean, old var, new mean, new var)}) and source_step.
     """
     if onnx_file(target) is not None:
-        if not augmented:
-            raise _unaugmented_is_for_runs(target)
+        if augmented is not None:
+            raise _augmented_is_for_runs(target, augmented)
         from .onnx_doctor import recalibrate_onnx
 
         return {**recalibrate_onnx(onnx_file(target), data=data_source, batches=batches, scale=scale,
@@ -58,8 +59,10 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
         raise TargetError("--output and --force are for ONNX models; a Keras model's recalibrated copy goes beside "
                           "it under a free name, a run's into its checkpoints/recalibrated/")
     t = opened(target, which)
-    if not augmented and t.config is None:
-        raise _unaugmented_is_for_runs(target)
+    if augmented is not None and t.config is None:
+        raise _augmented_is_for_runs(target, augmented)
+    if t.config is not None and augmented is None:
+        augmented = calibration_augmented(t.config)
     d = t.eval_data(batches, split=split, data=data, data_source=data_source, scale=scale, log=log,
                     progress=progress, augmented=augmented)
     evaluate = Evaluator(t.model, d.num_classes)
@@ -76,8 +79,9 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
             "before": before, "after": after, "layers": changes, "source_step": checkpoint_step(t.source)}
 
 
-def _unaugmented_is_for_runs(target) -> TargetError:
-    return TargetError(f"{target}: --unaugmented (augmented=False) is for a run's model: a model from elsewhere is "
+def _augmented_is_for_runs(target, augmented: bool) -> TargetError:
+    flag = "--augmented" if augmented else "--unaugmented"
+    return TargetError(f"{target}: {flag} (augmented={augmented}) is for a run's model: a model from elsewhere is "
                        "calibrated on --data's images as they are")
 
 

@@ -273,9 +273,10 @@ def diagnose_cmd(session: Session, targets, which, data, batches, scale, layout,
 @checkpoint_option
 @batches_option
 @click.option("--full", is_flag=True, help="One whole pass over the training split instead of --batches.")
-@click.option("--unaugmented", is_flag=True,
-              help="Calibrate on the run's training images without its data.augment (default: augmented, as "
-                   "training made them), as inference sees images; a run's model only.")
+@click.option("--augmented/--unaugmented", default=None,
+              help="Calibrate on the run's training images with its data.augment, or as they are, as inference sees "
+                   "them (default: as the run's train.precise_bn.augmented says: unaugmented unless set; augmented "
+                   "for a run from before that key); a run's model only.")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None,
               help="Where to report accuracy before and after (default: val if the run has one, else test).")
 @data_option
@@ -287,7 +288,7 @@ def diagnose_cmd(session: Session, targets, which, data, batches, scale, layout,
 @click.option("--force", is_flag=True, help="For an ONNX TARGET: replace an existing --output file.")
 @no_progress_option
 @pass_session
-def recalibrate(session: Session, target, which, batches, full, unaugmented, split, data, scale, layout, output,
+def recalibrate(session: Session, target, which, batches, full, augmented, split, data, scale, layout, output,
                 force, no_progress):
     """Precise BN: recompute every BN layer's moving mean and variance with the weights frozen.
 
@@ -295,8 +296,9 @@ def recalibrate(session: Session, target, which, batches, full, unaugmented, spl
     NAME-recalibrated.keras beside it, for an ONNX TARGET (with --data) a new NAME-recalibrated.onnx; the original
     is never changed.
     """
-    if unaugmented and _onnx(target):  # before TensorFlow: known from the name
-        raise ConvbnError(f"{target}: --unaugmented is for a run's model: an ONNX model has no run, and is calibrated "
+    flag = {True: "--augmented", False: "--unaugmented"}.get(augmented)
+    if flag and _onnx(target):  # before TensorFlow: known from the name
+        raise ConvbnError(f"{target}: {flag} is for a run's model: an ONNX model has no run, and is calibrated "
                           "on --data's images as they are")
     _refuse_ignored(target, {"--full": full, "--split": split, "--checkpoint": which != "best"}, {"--layout": layout})
     session.tensorflow(target, data=data, runnable_only=_onnx(target))
@@ -305,10 +307,10 @@ def recalibrate(session: Session, target, which, batches, full, unaugmented, spl
 
     r = run_recalibrate(target, which=which, batches=None if full else batches, split=split, data_source=data,
                         scale=scale, progress=session.progress(no_progress), output=output, force=force,
-                        layout=layout, augmented=not unaugmented, log=session.say)
+                        layout=layout, augmented=augmented, log=session.say)
     click.echo(RecalibrateReport(r).render())
-    if unaugmented and r["augmented"] is None:  # said, not silently accepted: the flag changed nothing
-        click.echo("(--unaugmented: the run's training augments nothing, so its batches were unaugmented anyway)")
+    if flag and r["augmented"] is None:  # said, not silently accepted: the flag changed nothing
+        click.echo(f"({flag}: the run's training augments nothing, so its batches were unaugmented anyway)")
 
 
 @click.command("export")

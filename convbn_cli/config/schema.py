@@ -451,11 +451,14 @@ class PreciseBN(Strict):
 
     when: "always", or "auto": only when the moving statistics measurably lag (validation accuracy with them
     below the accuracy with each batch's own statistics by more than the noise of the comparison), and kept only
-    if it does not lower that accuracy (train/final.py).
+    if it does not lower that accuracy (train/final.py). augmented: the training images with data.augment; false
+    (the default, also for the EMA's): as they are, as inference sees them (BENCHMARKS.md: about equal after
+    light augmentation, far better after strong). A run's config.yaml from before this key reads true, as it trained.
     """
 
     batches: In(1, 1_000_000, kind=int) = PRECISE_BN_BATCHES  # training batches to average the BN statistics over
     when: Literal["auto", "always"] = "always"
+    augmented: bool = False
 
 
 def _precise_switch(v):

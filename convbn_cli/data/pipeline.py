@@ -238,14 +238,22 @@ def first_batch(splits: Splits, cfg: Config, count: int = 32, batch_size: int | 
     return pixels_of(cfg)(images[:count]).numpy(), labels[:count].numpy()
 
 
-def calibration_batches(splits: Splits, cfg: Config, batches: int | None, augmented: bool = True):
+def calibration_augmented(cfg: Config) -> bool:
+    """Whether precise BN calibrates on augmented training images: train.precise_bn.augmented (false where
+    precise BN is off: the EMA's recompute)."""
+    return cfg.train.precise_bn is not None and cfg.train.precise_bn.augmented
+
+
+def calibration_batches(splits: Splits, cfg: Config, batches: int | None, augmented: bool | None = None):
     """N training batches for precise BN (None: one pass over the training split), in a fixed order of their own.
 
-    The order is the one the training pipeline would give in epoch `train.epochs` (one past the last), so it
-    is reproducible and its augmentation, if any, is the training one; `augmented=False`: the same images as they
-    are (inference sees unaugmented images, and strong augmentation moves the statistics BN keeps: `convbn
-    recalibrate --unaugmented`, BENCHMARKS.md).
+    The order is the one the training pipeline would give in epoch `train.epochs` (one past the last), so it is
+    reproducible. `augmented` (None: calibration_augmented) True: with the training augmentation, if any; False:
+    the same images as they are (inference sees unaugmented images, and strong augmentation moves the statistics
+    BN keeps: BENCHMARKS.md, "Elastic distortions, and BN statistics of unaugmented images").
     """
+    if augmented is None:
+        augmented = calibration_augmented(cfg)
     if not augmented and augments(cfg):
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": None})})
     ds = train_dataset(splits, cfg, epoch=cfg.train.epochs)

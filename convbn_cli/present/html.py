@@ -12,6 +12,7 @@ import json
 from ..runs.rundir import final_val
 from ..runs.sweepdir import finite  # a results.json number, or None: a field of the wrong type shows as missing
 from .bn_activations import report_sections
+from .reports import BATCHES_OF
 
 STYLE = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
@@ -160,7 +161,7 @@ def settled_by(bn: dict) -> str:
     text = SETTLED_BY.get(mechanism, mechanism)
     batches = of_type(bn.get("batches"), int)
     if mechanism != "none" and batches is not None:
-        text += f" ({batches} batches)"
+        text += f" ({batches} {BATCHES_OF.get(bn.get('augmented'), '')}batches)"
     if mechanism == "precise_bn" and bn.get("kept") is False:
         text += "; not kept, as it did not help: the moving statistics stayed"
     return text

@@ -124,7 +124,9 @@ class InspectReport:
         return text
 
 
-BATCHES_OF = {True: "augmented ", False: "unaugmented "}  # recalibrate's `augmented`; None: nothing to say
+# which images precise BN calibrated on (recalibrate's and results.json's bn_statistics `augmented`); None:
+# training augments nothing, so nothing to say
+BATCHES_OF = {True: "augmented ", False: "unaugmented "}
 
 
 @dataclass

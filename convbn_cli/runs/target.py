@@ -90,13 +90,14 @@ class Target:
                 *pixel_affine(cfg.dataset, cfg.data.normalize))
 
     def eval_data(self, batches: Optional[int], *, split=None, data=None, data_source=None, scale=1 / 255,
-                  log=lambda m: None, progress=False, augmented: bool = True) -> EvalData:
+                  log=lambda m: None, progress=False, augmented: bool | None = None) -> EvalData:
         """What to measure this model on and calibrate it with, decided here once for every command.
 
         A run's model: the images of `split` (default: val if the run has one, else test), normalized as in
-        training, and `batches` training batches as training makes them (None: one pass; `augmented=False`: without
-        data.augment); its config says which data (`data_source` is for models without one). A model from
-        elsewhere: --data's (`data_source`, pixels times `scale`), `batches` batches of 128 of each.
+        training, and `batches` training batches as precise BN takes them (None: one pass; `augmented`: with
+        data.augment or without, None: as train.precise_bn says); its config says which data (`data_source` is for
+        models without one). A model from elsewhere: --data's (`data_source`, pixels times `scale`), `batches`
+        batches of 128 of each.
         """
         if self.config is None:
             if data_source is None:

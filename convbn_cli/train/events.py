@@ -39,7 +39,7 @@ from ..errors import ConvbnError, WriteError
 from ..files import writing
 from ..present.bn_trace import lag
 from ..present.plots import confusion_matrix, curves, training_batch
-from ..present.reports import duration, plural
+from ..present.reports import BATCHES_OF, duration, plural
 from ..runs.bn_trace import one_sample
 from ..runs.rundir import final_val
 from .trace import BNTrace
@@ -304,11 +304,12 @@ class Console(Subscriber):
             raw = results["before_ema"]
             self.log(f"test (raw weights): loss {raw['test_loss']:.4f}, accuracy {raw['test_acc']:.2%}  ({run})")
             self.log(f"EMA of the weights (decay {trainer.cfg.train.ema.decay:g}), BN recomputed over {bn['batches']} "
-                     f"batches: test {test}  ({results['checkpoint']})")
+                     f"{BATCHES_OF.get(bn.get('augmented'), '')}batches: test {test}  ({results['checkpoint']})")
         elif bn["mechanism"] == "precise_bn":
             self.log(f"BN statistics: {where}: {before['moving_acc']:.2%} / {before['batch_acc']:.2%}")
             outcome = "kept" if bn["kept"] else "not kept: it did not help"
-            self.log(f"precise BN ({bn['trigger']}) over {bn['batches']} training batches: {after['moving_acc']:.2%} "
+            self.log(f"precise BN ({bn['trigger']}) over {bn['batches']} {BATCHES_OF.get(bn.get('augmented'), '')}"
+                     f"training batches: {after['moving_acc']:.2%} "
                      f"with the moving statistics ({outcome})")
             earlier = results.get("before_precise_bn")
             self.log(f"test: {test}" + (f" (before precise BN: {earlier['test_acc']:.2%})" if earlier else "")

@@ -17,7 +17,9 @@ So at the end of training:
    larger than the comparison's noise means the statistics lag.
 4. Precise BN (model/precise_bn.py) recomputes them for the final weights: always for the EMA (its weights never ran
    a training step), with `train.precise_bn: always`, and with `auto` (the default) when step 3 found a lag; `auto`
-   keeps the result only if it does not lower the moving-statistics accuracy it is judged by.
+   keeps the result only if it does not lower the moving-statistics accuracy it is judged by. It calibrates on the
+   training images as they are (train.precise_bn.augmented: false, the default), not as data.augment changed them:
+   inference sees them so, and statistics averaged over strongly augmented images cost accuracy (BENCHMARKS.md).
 5. The final model is saved where it belongs (checkpoints/ema/, checkpoints/recalibrated/, or it is the best
    checkpoint itself) and named in results.json ("final_checkpoint"); `--checkpoint best` opens exactly that, so
    the summary's test accuracy is the accuracy of the model the next command opens.
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..data.pipeline import calibration_batches, eval_dataset
+from ..data.pipeline import augments, calibration_augmented, calibration_batches, eval_dataset
 from ..model import Evaluator, build_model, recalibrate_model
 from ..model.bn import restore_statistics, snapshot_statistics
 from ..runs.checkpoints import restore, save_ema, save_recalibrated
@@ -129,7 +131,9 @@ def settle(cfg, run, splits, model, optimizer, *, precision: str, latest: str, b
         n = cfg.train.ema_bn_batches if ema else precise.batches
         changes = recalibrate_model(final, calibration_batches(splits, cfg, n), progress=progress)
         after = measure_gap(final, splits, cfg, batch_acc=before.batch_acc)
-        record.update(batches=changes.batches, after=after.to_json())
+        # which images: train.precise_bn.augmented where training augments anything, else nothing to say
+        record.update(batches=changes.batches, after=after.to_json(),
+                      augmented=calibration_augmented(cfg) if augments(cfg) else None)
         if not ema and precise.when == "auto" and after.moving_acc < before.moving_acc:
             restore_statistics(trained_stats)  # it did not help: the trained statistics stay
             record["kept"], test_before = False, None
