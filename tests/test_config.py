@@ -442,6 +442,7 @@ def test_a_runs_precise_bn_from_before_its_augmented_key_calibrates_as_it_traine
     """Until train.precise_bn.augmented, precise BN calibrated on augmented images: a run's config.yaml without the
     key reads true wherever convbn reads it (its commands and resume, a sweep's plan, a new run from it); a copy
     elsewhere, and any new config, get the new default (false), and every config.yaml written now says which."""
+    from convbn_cli.config.schema import PRECISE_BN_BATCHES
     from convbn_cli.runs.rundir import RunDir
     from convbn_cli.runs.sweepdir import run_config
 
@@ -459,6 +460,14 @@ def test_a_runs_precise_bn_from_before_its_augmented_key_calibrates_as_it_traine
     mine = tmp_path / "mine.yaml"
     mine.write_text(yaml.safe_dump(older))
     assert load_config(mine).train.precise_bn.augmented is False
+    # precise BN off under an EMA: its recompute calibrated on augmented images too; without the EMA nothing did
+    older["train"].update(precise_bn=None, ema={"decay": 0.99})
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    cfg = RunDir(run).load_config()
+    assert cfg.train.precise_bn.augmented is True and cfg.train.ema_bn_batches == PRECISE_BN_BATCHES
+    older["train"]["ema"] = None
+    (run / "config.yaml").write_text(yaml.safe_dump(older))
+    assert RunDir(run).load_config().train.precise_bn is None
 
 
 def test_a_runs_config_with_every_renorm_key_loads_as_it_trained_and_renorm_switches_by_override(tmp_path):

@@ -318,3 +318,33 @@ def test_workers_of_onnx_and_keras_models_mixed_are_refused_in_one_line(healthy,
     for targets in ([str(tmp_path / "w.onnx"), str(src)], [str(src), str(tmp_path / "w.onnx")]):
         out = CliRunner().invoke(main, ["diagnose", *targets, "--data", str(tmp_path / "d.npz")])
         assert out.exit_code == 2 and "not both" in out.output and "Traceback" not in out.output, out.output
+
+
+def test_the_decay_checks_hold_the_moving_statistics_against_the_batches_training_averaged(tmp_path, mnist,
+                                                                                            monkeypatch):
+    """Precise BN calibrates on unaugmented images by default, but the moving statistics averaged augmented ones:
+    measured against the unaugmented statistics, the augmentation's offset reads as noise (a settled run, decay 0.9
+    over 19 batches of 32 at a learning rate annealed to ~0, would look like the average of a few images: a false
+    decay_too_fast). diagnose measures them against the batches as training made them."""
+    from conftest import tiny_raw
+    from convbn_cli.analysis import diagnose as module
+    from convbn_cli.analysis.decay_checks import noise_by_layer
+    from convbn_cli.analysis.findings import Context
+    from convbn_cli.config import load_config
+    from convbn_cli.train import train
+
+    raw = tiny_raw(tmp_path, **{"data.max_train": 3000, "data.max_test": 500, "train.epochs": 3,
+                                "train.precise_bn": "off", "train.schedule": {"name": "one_cycle"},
+                                "data.augment": {"shift": 0.4, "zoom": 0.5, "rotation": 90,
+                                                 "elastic": {"alpha": 34, "sigma": 4}}})
+    result = train(load_config(raw=raw), data=mnist, log=lambda m: None, progress=False)
+    made = []
+    monkeypatch.setattr(module, "Context", lambda *a, **k: made.append(Context(*a, **k)) or made[-1])
+    module.diagnose(result.run_dir, data=None, batches=20)
+    ctx = made[0]
+    assert ctx.training_calibration is not None  # the run augments: both sets, each for its measurement
+    as_trained = {name: r["images_equivalent"] for name, r in noise_by_layer(ctx).items()}
+    assert min(as_trained.values()) > 100, as_trained  # an average of hundreds of images, as the decay makes it
+    ctx.training_calibration, ctx._measured = None, {}
+    unaugmented = {name: r["images_equivalent"] for name, r in noise_by_layer(ctx).items()}
+    assert min(unaugmented.values()) < 0.2 * min(as_trained.values()), unaugmented  # the false reading avoided

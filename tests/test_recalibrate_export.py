@@ -116,6 +116,14 @@ def test_recalibrating_on_unaugmented_images_gives_their_statistics(tmp_path, mn
     runner = CliRunner(env={"CONVBN_DATA_DIR": str(mnist_cache)})
     lines = runner.invoke(main, ["recalibrate", str(result.run_dir), "--unaugmented", "--batches", "3"]).output
     assert "over 3 unaugmented batches" in lines
+    lines = runner.invoke(main, ["recalibrate", str(result.run_dir), "--augmented", "--batches", "3"]).output
+    assert "over 3 augmented batches" in lines
+    # a run from before train.precise_bn.augmented, whose precise BN calibrated on augmented images: by default so
+    config = result.run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("precise_bn: null", "precise_bn: {batches: 50, when: auto}"))
+    older = recalibrate(result.run_dir, which="latest", batches=3, data=mnist, split="test")
+    assert older["augmented"] is True
+    np.testing.assert_array_equal(older["layers"]["conv1_bn"][2], usual["layers"]["conv1_bn"][2])
     # a model from elsewhere has only --data's images, never augmented: refused, not ignored
     outside = export(result.run_dir, "keras", output=str(tmp_path / "outside.keras"))["path"]
     for augmented in (False, True):

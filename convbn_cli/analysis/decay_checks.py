@@ -129,7 +129,7 @@ def subbatch_means(ctx) -> dict:
 
     if "subbatch_means" not in ctx._measured:
         own = getattr(ctx, "subbatch_means", None)  # a context of another format (ONNX) measures them its own way
-        ctx._measured["subbatch_means"] = own() if own is not None else in_precise_bn(ctx, measure)
+        ctx._measured["subbatch_means"] = own() if own is not None else in_precise_bn(ctx, measure, as_trained=True)
     return ctx._measured["subbatch_means"]
 
 

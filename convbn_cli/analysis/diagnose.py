@@ -106,7 +106,7 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, layo
     n = batches * d.batch_size  # batches of the training size (a model from elsewhere: of 128)
     ctx = Context(t.model, d.num_classes, d.images[:n], d.labels[:n], d.batch_size, d.calibration, _steps(t),
                   t.config, t.kind, scale=None if t.config is not None else scale, workers=others,
-                  target_name=str(target))
+                  target_name=str(target), training_calibration=d.as_trained)
     log(f"diagnosing {t.source}: {len(bn_layers(t.model))} BN layer(s), {len(ctx.images)} images; measuring with "
         "the moving statistics, each batch's own and an in-memory precise BN ...")
     passed = []

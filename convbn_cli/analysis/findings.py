@@ -59,6 +59,9 @@ class Context:
     _measured: dict = field(default_factory=dict)  # accuracies by BN mode, each measured once
     scale_mismatch: bool = False  # set by check_input_scale: the statistics look stale because the inputs are off
     suggested_scale: float | None = None  # and the --scale it names
+    # the same training images as training made them (augmented, where `calibration` is not): what the moving
+    # statistics averaged, so what the decay checks measure their lag and noise against; None: `calibration` is
+    training_calibration: object = None
 
     def batches(self):
         n = len(self.images)
@@ -110,15 +113,20 @@ def evaluate_bn(ctx, bn_stats):
     return ctx._measured[bn_stats]
 
 
-def in_precise_bn(ctx, fn):
+def in_precise_bn(ctx, fn, as_trained: bool = False):
     """fn() run with the statistics an in-memory precise BN gives (computed once); the model's own are put back
-    afterwards: nothing is written."""
+    afterwards: nothing is written. `as_trained`: over ctx.training_calibration, the batches the moving statistics
+    averaged (where training augments, precise BN's own batches are unaugmented: the difference is the
+    augmentation's, not a lag)."""
+    batches, key = ctx.calibration, "precise_stats"
+    if as_trained and ctx.training_calibration is not None:
+        batches, key = ctx.training_calibration, "precise_stats_as_trained"
     saved = snapshot_statistics(ctx.model)
     try:
-        if "precise_stats" not in ctx._measured:
-            recalibrate_model(ctx.model, ctx.calibration)
-            ctx._measured["precise_stats"] = snapshot_statistics(ctx.model)
-        restore_statistics(ctx._measured["precise_stats"])
+        if key not in ctx._measured:
+            recalibrate_model(ctx.model, batches)
+            ctx._measured[key] = snapshot_statistics(ctx.model)
+        restore_statistics(ctx._measured[key])
         return fn()
     finally:
         restore_statistics(saved)
@@ -132,13 +140,14 @@ def precise_bn_accuracy(ctx) -> float:
 
 
 def precise_statistics(ctx) -> dict:
-    """{BN layer name: (mean, variance)} float64 that an in-memory precise BN computes (nothing written)."""
+    """{BN layer name: (mean, variance)} float64 that an in-memory precise BN computes over the batches training
+    averaged (nothing written): what the decay checks hold the moving statistics against."""
     def read():
         return {bn.name: (np.asarray(bn.moving_mean.numpy(), np.float64),
                           np.asarray(bn.moving_variance.numpy(), np.float64)) for bn in ctx.bns}
 
     if "precise_by_layer" not in ctx._measured:
-        ctx._measured["precise_by_layer"] = in_precise_bn(ctx, read)
+        ctx._measured["precise_by_layer"] = in_precise_bn(ctx, read, as_trained=True)
     return ctx._measured["precise_by_layer"]
 
 

@@ -218,9 +218,12 @@ def as_trained(config: dict) -> dict:
     """A config convbn wrote (a run's config.yaml, a sweep's plan) as its run trained, in place: until convbn
     checked them, it wrote every optimizer and schedule key, used or not, and BN's renorm keys; those unused go.
     Until train.precise_bn.augmented, precise BN calibrated on augmented images: a precise_bn without it says so."""
-    precise = config.get("train", {}).get("precise_bn") if isinstance(config.get("train"), dict) else None
-    if isinstance(precise, dict):
-        precise.setdefault("augmented", True)
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    if isinstance(train.get("precise_bn"), dict):
+        train["precise_bn"].setdefault("augmented", True)
+    elif "precise_bn" in train and train["precise_bn"] is None and train.get("ema") is not None:
+        # the EMA's recompute too; under train.ema precise_bn's other keys change nothing (its defaults are the EMA's)
+        train["precise_bn"] = {"augmented": True}
     for section, choice in schema.NAMED_CHOICES.items():
         node = _choice_section(config, section)
         if node is not None:

@@ -453,7 +453,7 @@ class PreciseBN(Strict):
     below the accuracy with each batch's own statistics by more than the noise of the comparison), and kept only
     if it does not lower that accuracy (train/final.py). augmented: the training images with data.augment; false
     (the default, also for the EMA's): as they are, as inference sees them (BENCHMARKS.md: about equal after
-    light augmentation, far better after strong). A run's config.yaml from before this key reads true, as it trained.
+    light augmentation, far better after strong). An older run's config.yaml reads true (loader.as_trained).
     """
 
     batches: In(1, 1_000_000, kind=int) = PRECISE_BN_BATCHES  # training batches to average the BN statistics over

@@ -33,6 +33,9 @@ class EvalData:
     num_classes: int
     split: str = "--data"  # where the images come from
     pixels: Optional[np.ndarray] = None  # the same images as pixels 0-255, when the model's normalization is known
+    # a run's training batches as training made them (augmented), where `calibration` holds them otherwise: what
+    # the moving statistics averaged (findings.Context.training_calibration); None: `calibration` is that
+    as_trained: object = None
 
 
 def external_data(model, data, batches: int, scale: float, log=lambda m: None, batch_size: int = 128):

@@ -161,7 +161,7 @@ def settled_by(bn: dict) -> str:
     text = SETTLED_BY.get(mechanism, mechanism)
     batches = of_type(bn.get("batches"), int)
     if mechanism != "none" and batches is not None:
-        text += f" ({batches} {BATCHES_OF.get(bn.get('augmented'), '')}batches)"
+        text += f" ({batches} {BATCHES_OF.get(of_type(bn.get('augmented'), bool), '')}batches)"
     if mechanism == "precise_bn" and bn.get("kept") is False:
         text += "; not kept, as it did not help: the moving statistics stayed"
     return text
