@@ -328,8 +328,8 @@ def test_the_decay_checks_hold_the_moving_statistics_against_the_batches_trainin
     decay_too_fast). diagnose measures them against the batches as training made them."""
     from conftest import tiny_raw
     from convbn_cli.analysis import diagnose as module
-    from convbn_cli.analysis.decay_checks import noise_by_layer
-    from convbn_cli.analysis.findings import Context
+    from convbn_cli.analysis.decay_checks import decay_checked, noise_by_layer
+    from convbn_cli.analysis.findings import Context, precise_bn_accuracy
     from convbn_cli.config import load_config
     from convbn_cli.train import train
 
@@ -345,6 +345,9 @@ def test_the_decay_checks_hold_the_moving_statistics_against_the_batches_trainin
     assert ctx.training_calibration is not None  # the run augments: both sets, each for its measurement
     as_trained = {name: r["images_equivalent"] for name, r in noise_by_layer(ctx).items()}
     assert min(as_trained.values()) > 100, as_trained  # an average of hundreds of images, as the decay makes it
+    # the decay it trained with, over its steps, leaves statistics as good as the training batches' precise BN
+    check = decay_checked(ctx, 0.9, 282)
+    assert check["ok"] and check["accuracy_precise_bn"] == precise_bn_accuracy(ctx, as_trained=True), check
     ctx.training_calibration, ctx._measured = None, {}
     unaugmented = {name: r["images_equivalent"] for name, r in noise_by_layer(ctx).items()}
     assert min(unaugmented.values()) < 0.2 * min(as_trained.values()), unaugmented  # the false reading avoided

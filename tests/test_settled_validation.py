@@ -129,7 +129,8 @@ def test_bn_statistics_settled_by_says_what_it_means():
     assert html.settled_by({}) == "-"
     # which images (results.json's bn_statistics.augmented): said where training augmented anything
     for augmented, words in ((False, "(3 unaugmented batches)"), (True, "(3 augmented batches)"),
-                             (None, "(3 batches)"), ([1], "(3 batches)"), ({}, "(3 batches)")):  # hand-edited
+                             (None, "(3 batches)"), ([1], "(3 batches)"), ({}, "(3 batches)"),  # hand-edited
+                             (1, "(3 batches)"), (0, "(3 batches)")):
         assert html.settled_by({"mechanism": "ema", "batches": 3, "augmented": augmented}).endswith(words)
 
 

@@ -102,7 +102,7 @@ def diagnose(target, *, which="best", data=None, batches=20, scale=1 / 255, layo
     why = same_layout([t.model] + [m for _, m in others]) if others else None
     if why:
         raise TargetError(f"{', '.join([str(target), *map(str, workers)])}: not workers of one model: {why}")
-    d = t.eval_data(batches, data_source=data, scale=scale, log=log)
+    d = t.eval_data(batches, data_source=data, scale=scale, log=log, as_trained=True)
     n = batches * d.batch_size  # batches of the training size (a model from elsewhere: of 128)
     ctx = Context(t.model, d.num_classes, d.images[:n], d.labels[:n], d.batch_size, d.calibration, _steps(t),
                   t.config, t.kind, scale=None if t.config is not None else scale, workers=others,

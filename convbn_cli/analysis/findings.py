@@ -132,11 +132,14 @@ def in_precise_bn(ctx, fn, as_trained: bool = False):
         restore_statistics(saved)
 
 
-def precise_bn_accuracy(ctx) -> float:
-    """Accuracy after an in-memory precise BN (nothing written)."""
-    if "precise" not in ctx._measured:
-        ctx._measured["precise"] = in_precise_bn(ctx, lambda: Evaluator(ctx.model, ctx.num_classes)(dataset_of(ctx)))
-    return ctx._measured["precise"]["accuracy"]
+def precise_bn_accuracy(ctx, as_trained: bool = False) -> float:
+    """Accuracy after an in-memory precise BN (nothing written): what recalibrating gives, or `as_trained`, with
+    the statistics of the batches training averaged (what the best decay could leave: in_precise_bn)."""
+    key = "precise_as_trained" if as_trained and ctx.training_calibration is not None else "precise"
+    if key not in ctx._measured:
+        ctx._measured[key] = in_precise_bn(ctx, lambda: Evaluator(ctx.model, ctx.num_classes)(dataset_of(ctx)),
+                                           as_trained=as_trained)
+    return ctx._measured[key]["accuracy"]
 
 
 def precise_statistics(ctx) -> dict:

@@ -276,7 +276,7 @@ def diagnose_cmd(session: Session, targets, which, data, batches, scale, layout,
 @click.option("--augmented/--unaugmented", default=None,
               help="Calibrate on the run's training images with its data.augment, or as they are, as inference sees "
                    "them (default: as the run's train.precise_bn.augmented says: unaugmented unless set; augmented "
-                   "for a run from before that key with precise BN or an EMA on); a run's model only.")
+                   "for a run from before that key with precise BN on); a run's model only.")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None,
               help="Where to report accuracy before and after (default: val if the run has one, else test).")
 @data_option

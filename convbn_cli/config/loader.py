@@ -221,9 +221,8 @@ def as_trained(config: dict) -> dict:
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     if isinstance(train.get("precise_bn"), dict):
         train["precise_bn"].setdefault("augmented", True)
-    elif "precise_bn" in train and train["precise_bn"] is None and train.get("ema") is not None:
-        # the EMA's recompute too; under train.ema precise_bn's other keys change nothing (its defaults are the EMA's)
-        train["precise_bn"] = {"augmented": True}
+    # (an older run with train.ema and precise BN off recomputed its EMA's statistics on augmented images too, but
+    # its `precise_bn: null` is what convbn writes today: nothing tells it apart, and it resumes unaugmented)
     for section, choice in schema.NAMED_CHOICES.items():
         node = _choice_section(config, section)
         if node is not None:

@@ -90,14 +90,15 @@ class Target:
                 *pixel_affine(cfg.dataset, cfg.data.normalize))
 
     def eval_data(self, batches: Optional[int], *, split=None, data=None, data_source=None, scale=1 / 255,
-                  log=lambda m: None, progress=False, augmented: bool | None = None) -> EvalData:
+                  log=lambda m: None, progress=False, augmented: bool | None = None,
+                  as_trained: bool = False) -> EvalData:
         """What to measure this model on and calibrate it with, decided here once for every command.
 
         A run's model: the images of `split` (default: val if the run has one, else test), normalized as in
         training, and `batches` training batches as precise BN takes them (None: one pass; `augmented`: with
-        data.augment or without, None: as train.precise_bn says); its config says which data (`data_source` is for
-        models without one). A model from elsewhere: --data's (`data_source`, pixels times `scale`), `batches`
-        batches of 128 of each.
+        data.augment or without, None: as train.precise_bn says; `as_trained`: also as training made them, where
+        that differs: EvalData.as_trained); its config says which data (`data_source` is for models without one).
+        A model from elsewhere: --data's (`data_source`, pixels times `scale`), `batches` batches of 128 of each.
         """
         if self.config is None:
             if data_source is None:
@@ -116,7 +117,8 @@ class Target:
         augmented = calibration_augmented(cfg) if augmented is None else augmented
         calibration = calibration_batches(splits, cfg, batches, augmented)
         # and as training made them, where they differ (what the moving statistics averaged)
-        trained = None if augmented or not augments(cfg) else calibration_batches(splits, cfg, batches, True)
+        trained = None if augmented or not augments(cfg) or not as_trained else \
+            calibration_batches(splits, cfg, batches, True)
         # measured in whole batches (BN's batch statistics need them): a split smaller than one training batch (the
         # user's own small dataset) is one batch of all its images, not zero batches measured as 0% accuracy
         batch = max(2, min(cfg.data.batch_size, splits.size(split)))
