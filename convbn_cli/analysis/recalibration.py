@@ -7,7 +7,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from ..config.schema import PRECISE_BN_BATCHES
-from ..data.pipeline import augments, calibration_augmented
+from ..data.pipeline import calibrated_on
 from ..errors import TargetError
 from ..files import staged
 from ..formats import runtime
@@ -61,8 +61,6 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
     t = opened(target, which)
     if augmented is not None and t.config is None:
         raise _augmented_is_for_runs(target, augmented)
-    if t.config is not None and augmented is None:
-        augmented = calibration_augmented(t.config)
     d = t.eval_data(batches, split=split, data=data, data_source=data_source, scale=scale, log=log,
                     progress=progress, augmented=augmented)
     evaluate = Evaluator(t.model, d.num_classes)
@@ -75,7 +73,7 @@ def recalibrate(target, *, which="best", batches: int | None = PRECISE_BN_BATCHE
     after = measure()
     saved = save_recalibrated(t.model, t.run, t.source) if t.kind == "checkpoint" else _save_beside(t)
     return {"source": t.source, "checkpoint": saved, "split": d.split, "batches": changes.batches,
-            "augmented": augmented if t.config is not None and augments(t.config) else None,
+            "augmented": calibrated_on(t.config, augmented) if t.config is not None else None,
             "before": before, "after": after, "layers": changes, "source_step": checkpoint_step(t.source)}
 
 

@@ -244,6 +244,14 @@ def calibration_augmented(cfg: Config) -> bool:
     return cfg.train.precise_bn is not None and cfg.train.precise_bn.augmented
 
 
+def calibrated_on(cfg: Config, augmented: bool | None = None) -> bool | None:
+    """What to say of precise BN's batches: whether they are augmented (`augmented`, None: calibration_augmented),
+    or None where training augments nothing (they are the images as they are either way)."""
+    if not augments(cfg):
+        return None
+    return calibration_augmented(cfg) if augmented is None else augmented
+
+
 def calibration_batches(splits: Splits, cfg: Config, batches: int | None, augmented: bool | None = None):
     """N training batches for precise BN (None: one pass over the training split), in a fixed order of their own.
 

@@ -17,7 +17,7 @@ import tensorflow as tf
 from ..config.schema import PRECISE_BN_BATCHES, Config
 from ..data.external import EvalData, external_data
 from ..data.load import dataset_arrays
-from ..data.pipeline import augments, calibration_augmented, calibration_batches, make_splits, normalizer, pixels_of
+from ..data.pipeline import calibrated_on, calibration_batches, make_splits, normalizer, pixels_of
 from ..data.registry import pixel_affine
 from ..errors import TargetError
 from ..formats import runtime
@@ -114,11 +114,10 @@ class Target:
             raise TargetError(f"the run's config holds out no {split} split (data.val_split is 0)")
         pixels = getattr(splits, f"x_{split}")
         # streamed: a full pass is the whole training split
-        augmented = calibration_augmented(cfg) if augmented is None else augmented
         calibration = calibration_batches(splits, cfg, batches, augmented)
         # and as training made them, where they differ (what the moving statistics averaged)
-        trained = None if augmented or not augments(cfg) or not as_trained else \
-            calibration_batches(splits, cfg, batches, True)
+        differ = as_trained and calibrated_on(cfg, augmented) is False
+        trained = calibration_batches(splits, cfg, batches, True) if differ else None
         # measured in whole batches (BN's batch statistics need them): a split smaller than one training batch (the
         # user's own small dataset) is one batch of all its images, not zero batches measured as 0% accuracy
         batch = max(2, min(cfg.data.batch_size, splits.size(split)))

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..data.pipeline import augments, calibration_augmented, calibration_batches, eval_dataset
+from ..data.pipeline import calibrated_on, calibration_batches, eval_dataset
 from ..model import Evaluator, build_model, recalibrate_model
 from ..model.bn import restore_statistics, snapshot_statistics
 from ..runs.checkpoints import restore, save_ema, save_recalibrated
@@ -131,9 +131,7 @@ def settle(cfg, run, splits, model, optimizer, *, precision: str, latest: str, b
         n = cfg.train.ema_bn_batches if ema else precise.batches
         changes = recalibrate_model(final, calibration_batches(splits, cfg, n), progress=progress)
         after = measure_gap(final, splits, cfg, batch_acc=before.batch_acc)
-        # which images: train.precise_bn.augmented where training augments anything, else nothing to say
-        record.update(batches=changes.batches, after=after.to_json(),
-                      augmented=calibration_augmented(cfg) if augments(cfg) else None)
+        record.update(batches=changes.batches, after=after.to_json(), augmented=calibrated_on(cfg))
         if not ema and precise.when == "auto" and after.moving_acc < before.moving_acc:
             restore_statistics(trained_stats)  # it did not help: the trained statistics stay
             record["kept"], test_before = False, None
